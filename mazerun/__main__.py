@@ -1,0 +1,3 @@
+from mazerun.cli import main
+
+main()

@@ -1,0 +1,130 @@
+"""Structured configs: the schema every composed `run` config is checked against, once, early.
+
+Hydra composes YAML groups (``env``, ``policy``, ``runner``, ``algorithm``...) into one tree;
+:func:`validate` turns that tree into the plain dataclasses below, with one-line errors that
+name the key and say how to fix it. Nothing past this module reads OmegaConf objects.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mazerun.errors import MazerunError
+
+
+@dataclass
+class EnvConfig:
+    name: str = "LunarLander-v3"
+    """A gymnasium id (MiniGrid/BabyAI ids included); removed v2 ids map to v3."""
+
+
+@dataclass
+class PolicyConfig:
+    name: str = "heuristic"
+    """heuristic | random | torch_policy (``bot`` and ``lunar_lander_heuristics`` are heuristic)."""
+    epsilon: float = 0.0
+    """Share of actions replaced by random ones, for noisy datasets."""
+    deterministic: bool = True
+    """torch_policy: greedy actions (argmax / mean); false samples from the policy."""
+
+
+@dataclass
+class DatasetConfig:
+    dir_or_file: Any = None
+    """A trajectory_data directory, a record file, or a list of either; default: newest under outputs/."""
+
+
+@dataclass
+class RunnerConfig:
+    type: str = "parallel"
+    """sequential (one process) or parallel (episodes spread over worker processes)."""
+    n_episodes: int = 50
+    n_workers: Optional[int] = None
+    """Worker processes for the parallel runner; default: the number of cores."""
+    max_episode_steps: Optional[int] = None
+    """Time limit per episode; default: the env's own."""
+    seed: int = 0
+    """Episode i is seeded seed + i, whatever the number of workers."""
+    render: bool = False
+    record_video: bool = False
+    record_trajectory: bool = True
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+
+
+@dataclass
+class RunConfig:
+    """The whole composed config of one `run` invocation."""
+
+    env: EnvConfig = field(default_factory=EnvConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    algorithm: Any = None
+    """None rolls out a policy; a mapping with a ``name`` trains that algorithm."""
+    input_dir: Optional[str] = None
+    """An earlier run (or checkpoint file) to start from or to roll out."""
+    device: str = "auto"
+    model: Any = None
+    wrappers: Any = None
+    critic: Any = None
+
+    @property
+    def trains(self) -> bool:
+        return self.algorithm is not None
+
+
+RUNNER_TYPES = ("sequential", "parallel")
+HEURISTIC_ALIASES = ("heuristic", "lunar_lander_heuristics", "bot")
+POLICY_NAMES = (*HEURISTIC_ALIASES, "random", "torch_policy")
+
+
+def _one_line(error: OmegaConfBaseException) -> str:
+    message = str(getattr(error, "msg", None) or error).splitlines()[0]
+    key = getattr(error, "full_key", None)
+    return f"invalid config at {key}: {message}" if key else f"invalid config: {message}"
+
+
+def validate(cfg: DictConfig | dict) -> RunConfig:
+    """Check a composed config against the schema and the rules between keys."""
+    if isinstance(cfg, DictConfig):
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise MazerunError(f"{missing[0]} must be set (e.g. {missing[0]}=<value> on the command line)")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+        config: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as error:
+        raise MazerunError(f"{_one_line(error)}; fix that override or YAML key") from None
+    _check_rollout(config)
+    return config
+
+
+def _check_rollout(config: RunConfig) -> None:
+    runner = config.runner
+    if runner.type not in RUNNER_TYPES:
+        raise MazerunError(f"runner.type={runner.type!r} is unknown; use runner=sequential or runner=parallel")
+    if runner.n_episodes <= 0:
+        raise MazerunError(f"runner.n_episodes={runner.n_episodes} must be at least 1")
+    if runner.n_workers is not None and runner.n_workers <= 0:
+        raise MazerunError(f"runner.n_workers={runner.n_workers} must be at least 1 (or null for all cores)")
+    if runner.max_episode_steps is not None and runner.max_episode_steps <= 0:
+        raise MazerunError(
+            f"runner.max_episode_steps={runner.max_episode_steps} must be at least 1 (or null for the env's limit)"
+        )
+    if runner.seed < 0:
+        raise MazerunError(f"runner.seed={runner.seed} must be >= 0")
+    policy = config.policy
+    if policy.name not in POLICY_NAMES:
+        raise MazerunError(f"policy.name={policy.name!r} is unknown; choose one of {', '.join(POLICY_NAMES)}")
+    if not 0.0 <= policy.epsilon <= 1.0:
+        raise MazerunError(f"policy.epsilon={policy.epsilon} must lie in [0, 1]")
+
+
+def worker_count(runner: RunnerConfig) -> int:
+    """Workers for the parallel runner: as asked, else one per core, never more than episodes."""
+    wanted = runner.n_workers or os.cpu_count() or 1
+    return max(1, min(wanted, runner.n_episodes))

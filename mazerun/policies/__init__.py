@@ -1,0 +1,26 @@
+"""Acting policies: scripted experts, random, and (from a checkpoint) trained networks."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+
+from mazerun.config import HEURISTIC_ALIASES, PolicyConfig
+from mazerun.policies.base import EpsilonGreedyPolicy, Policy, RandomPolicy
+from mazerun.policies.heuristic import heuristic_for
+
+__all__ = ["Policy", "build_policy"]
+
+
+def build_policy(
+    config: PolicyConfig, env_id: str, action_space: gym.Space, *, input_dir: str | None = None
+) -> Policy:
+    """The policy named by ``config`` for ``env_id``, with epsilon-greedy noise when asked."""
+    if config.name in HEURISTIC_ALIASES:
+        policy = heuristic_for(env_id)
+    elif config.name == "random":
+        policy = RandomPolicy(action_space)
+    else:
+        raise ValueError(f"policy {config.name!r} cannot be built here")
+    if config.epsilon > 0:
+        policy = EpsilonGreedyPolicy(policy, action_space, config.epsilon)
+    return policy
