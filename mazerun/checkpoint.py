@@ -1,0 +1,189 @@
+"""Self-describing checkpoints that load with ``torch.load(path, weights_only=True)``.
+
+A checkpoint holds the model weights plus everything needed to rebuild and use the model
+without the training config: the model config, the environment's spaces and id, the
+algorithm name, the mission vocabulary (BabyAI) and algorithm state (``extra``, e.g. an
+optimizer ``state_dict`` and step counters).
+
+``weights_only`` loading refuses arbitrary pickled objects, so nothing but tensors and
+plain containers/scalars is stored: spaces go through :func:`space_to_dict`. MiniGrid's
+``MissionSpace`` wraps a mission generator function that cannot be stored; it comes back
+as a :class:`gymnasium.spaces.Text` placeholder that accepts any printable ASCII mission.
+"""
+
+from __future__ import annotations
+
+import io
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from minigrid.core.mission import MissionSpace
+
+from mazerun.errors import MazerunError
+from mazerun.records import atomic_write_bytes
+
+CHECKPOINT_FORMAT_VERSION = 1
+"""Bumped whenever the checkpoint layout changes incompatibly."""
+
+CHECKPOINT_MARKER = "mazerun-checkpoint"
+"""Stored under ``"format"`` to tell our checkpoints from other ``.pt`` files."""
+
+CHECKPOINT_NAMES = ("best.pt", "last.pt")
+"""Files looked for, in order, when a run directory is given instead of a file."""
+
+MISSION_MAX_LENGTH = 512
+"""Longest mission the placeholder space accepts; BabyAI missions are far shorter."""
+
+
+def space_to_dict(space: gym.Space) -> dict[str, Any]:
+    """Describe a Discrete, Box, Dict or MiniGrid mission space with plain Python values."""
+    if isinstance(space, gym.spaces.Discrete):
+        return {"type": "discrete", "n": int(space.n), "start": int(space.start)}
+    if isinstance(space, gym.spaces.Box):
+        return {
+            "type": "box",
+            "low": space.low.tolist(),
+            "high": space.high.tolist(),
+            "shape": list(space.shape),
+            "dtype": str(space.dtype),
+        }
+    if isinstance(space, gym.spaces.Dict):
+        return {"type": "dict", "spaces": {key: space_to_dict(sub) for key, sub in space.spaces.items()}}
+    if isinstance(space, MissionSpace):
+        return {"type": "mission"}
+    raise MazerunError(
+        f"cannot store a {type(space).__name__} space in a checkpoint; "
+        "use an environment whose spaces are Discrete, Box or Dict of those"
+    )
+
+
+def space_from_dict(description: dict[str, Any]) -> gym.Space:
+    """Rebuild the space described by :func:`space_to_dict` (missions become a ``Text`` placeholder)."""
+    kind = description["type"]
+    if kind == "discrete":
+        return gym.spaces.Discrete(description["n"], start=description["start"])
+    if kind == "box":
+        dtype = np.dtype(description["dtype"])
+        return gym.spaces.Box(
+            low=np.asarray(description["low"], dtype=dtype),
+            high=np.asarray(description["high"], dtype=dtype),
+            shape=tuple(description["shape"]),
+            dtype=dtype,
+        )
+    if kind == "dict":
+        return gym.spaces.Dict({key: space_from_dict(sub) for key, sub in description["spaces"].items()})
+    if kind == "mission":
+        return gym.spaces.Text(max_length=MISSION_MAX_LENGTH, charset=string.printable)
+    raise ValueError(f"unknown space type {kind!r}")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint; tensors are on the CPU."""
+
+    model_state: dict[str, torch.Tensor]
+    model_config: dict
+    observation_space: gym.Space
+    action_space: gym.Space
+    env_id: str
+    algorithm: str
+    vocabulary: list[str] | None
+    extra: dict
+    format_version: int
+    path: Path
+
+
+def save_checkpoint(
+    path: Path,
+    *,
+    model_state: dict[str, torch.Tensor],
+    model_config: dict,
+    observation_space: gym.Space,
+    action_space: gym.Space,
+    env_id: str,
+    algorithm: str,
+    vocabulary: list[str] | None = None,
+    extra: dict | None = None,
+) -> None:
+    """Write a checkpoint atomically, so a crash mid-save never leaves a truncated ``best.pt``.
+
+    ``model_config`` and ``extra`` must hold only tensors and plain dicts, lists, tuples,
+    str, int, float, bool and None; anything else raises ``TypeError`` here rather than
+    at load time.
+    """
+    payload = {
+        "format": CHECKPOINT_MARKER,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "model_state": model_state,
+        "model_config": model_config,
+        "observation_space": space_to_dict(observation_space),
+        "action_space": space_to_dict(action_space),
+        "env_id": env_id,
+        "algorithm": algorithm,
+        "vocabulary": None if vocabulary is None else list(vocabulary),
+        "extra": {} if extra is None else extra,
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    try:
+        torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    except Exception as error:
+        raise TypeError(f"checkpoint content is not loadable with weights_only=True: {error}") from error
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def _checkpoint_file(path_or_run_dir: str | Path) -> Path:
+    """The checkpoint file itself, or ``best.pt`` / ``last.pt`` inside a run directory."""
+    path = Path(path_or_run_dir)
+    if not path.exists():
+        raise MazerunError(
+            f"checkpoint {path} does not exist; pass a checkpoint file (.pt) or a training run's output directory"
+        )
+    if path.is_file():
+        return path
+    for name in CHECKPOINT_NAMES:
+        if (path / name).is_file():
+            return path / name
+    entries = sorted(entry.name for entry in path.iterdir())
+    listing = ", ".join(entries[:8]) + (f", ... ({len(entries) - 8} more)" if len(entries) > 8 else "")
+    raise MazerunError(
+        f"no checkpoint (best.pt or last.pt) in {path} (it holds: {listing or 'nothing'}); "
+        "pass a training run's output directory"
+    )
+
+
+def load_checkpoint(path_or_run_dir: str | Path) -> Checkpoint:
+    """Load a checkpoint file, or the ``best.pt`` (else ``last.pt``) of a run directory."""
+    path = _checkpoint_file(path_or_run_dir)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise MazerunError(
+            f"cannot read checkpoint {path} ({type(error).__name__}); it is corrupt or not a "
+            "mazerun checkpoint: pass a best.pt or last.pt written by mazerun training"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_MARKER:
+        raise MazerunError(f"{path} is not a mazerun checkpoint; pass a best.pt or last.pt written by mazerun training")
+    version = payload.get("format_version")
+    if version != CHECKPOINT_FORMAT_VERSION:
+        raise MazerunError(
+            f"{path} has checkpoint format version {version}, this mazerun reads version "
+            f"{CHECKPOINT_FORMAT_VERSION}; use the mazerun release that wrote it or train again"
+        )
+    return Checkpoint(
+        model_state=payload["model_state"],
+        model_config=payload["model_config"],
+        observation_space=space_from_dict(payload["observation_space"]),
+        action_space=space_from_dict(payload["action_space"]),
+        env_id=payload["env_id"],
+        algorithm=payload["algorithm"],
+        vocabulary=payload["vocabulary"],
+        extra=payload["extra"],
+        format_version=version,
+        path=path,
+    )

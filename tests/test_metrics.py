@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mazerun.metrics import MetricsLogger, format_table, read_metrics_csv
+
+
+def test_format_table_matches_maze_layout():
+    table = format_table(96, [("train", "discrete_accuracy", 0.948), ("train", "status", "ok")])
+    lines = table.splitlines()
+    assert lines[0] == f" step|{'path':<72}|    value"
+    assert lines[1] == f"=====|{'=' * 72}|========="
+    assert lines[2] == f"   96|{'train     discrete_accuracy':<72}|    0.948"
+    assert lines[3] == f"   96|{'train     status':<72}|       ok"
+    assert len({len(line) for line in lines}) == 1
+    assert [line.index("|") for line in lines] == [5] * 4
+
+
+def test_format_table_widens_columns_for_large_cells():
+    table = format_table(1234567, [("eval", "x" * 80, 123456789.0)])
+    lines = table.splitlines()
+    assert len({len(line) for line in lines}) == 1
+    assert lines[2] == f"1234567|eval      {'x' * 80}|123456789.000"
+    assert lines[0].startswith("   step|path")
+
+
+def test_logger_writes_tensorboard_csv_and_console(tmp_path: Path):
+    printed: list[str] = []
+    with MetricsLogger(tmp_path, print_fn=printed.append) as logger:
+        logger.log(1, {"loss": 0.5, "discrete_accuracy": 0.25}, group="train")
+        logger.log(2, {"loss": 0.125}, group="train")
+        logger.log(2, {"mean_return": -3.5}, group="eval")
+
+    event_files = list(tmp_path.glob("events.out.tfevents.*"))
+    assert len(event_files) == 1
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"train/loss", "train/discrete_accuracy", "eval/mean_return"}
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 0.5), (2, 0.125)]
+    assert [(e.step, e.value) for e in events.Scalars("eval/mean_return")] == [(2, -3.5)]
+
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[0] == "step,group,metric,value"
+    assert read_metrics_csv(tmp_path / "metrics.csv") == [
+        {"step": 1, "group": "train", "metric": "loss", "value": 0.5},
+        {"step": 1, "group": "train", "metric": "discrete_accuracy", "value": 0.25},
+        {"step": 2, "group": "train", "metric": "loss", "value": 0.125},
+        {"step": 2, "group": "eval", "metric": "mean_return", "value": -3.5},
+    ]
+
+    assert len(printed) == 3
+    assert printed[0] == format_table(1, [("train", "loss", 0.5), ("train", "discrete_accuracy", 0.25)])
+    assert "   2|eval      mean_return" in printed[2]
+
+
+def test_csv_is_complete_before_close_and_appended_on_resume(tmp_path: Path):
+    logger = MetricsLogger(tmp_path, tensorboard=False, console=False)
+    logger.log(10, {"loss": 1.0}, group="train")
+    # Readable while the logger is still open, as after a Ctrl-C.
+    assert read_metrics_csv(tmp_path / "metrics.csv") == [
+        {"step": 10, "group": "train", "metric": "loss", "value": 1.0}
+    ]
+    logger.close()
+    logger.close()
+    assert not list(tmp_path.glob("events.out.tfevents.*"))
+
+    with MetricsLogger(tmp_path, tensorboard=False, console=False) as resumed:
+        resumed.log(11, {"loss": 0.75}, group="train")
+    text = (tmp_path / "metrics.csv").read_text()
+    assert text.count("step,group,metric,value") == 1
+    assert [row["value"] for row in read_metrics_csv(tmp_path / "metrics.csv")] == [1.0, 0.75]
+
+
+def test_console_false_prints_nothing(tmp_path: Path):
+    printed: list[str] = []
+    with MetricsLogger(tmp_path, tensorboard=False, console=False, print_fn=printed.append) as logger:
+        logger.log(0, {"loss": 2.0}, group="train")
+    assert printed == []
+    assert read_metrics_csv(tmp_path / "metrics.csv")[0]["value"] == pytest.approx(2.0)
