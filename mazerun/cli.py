@@ -29,9 +29,9 @@ def execute(config: RunConfig, run_dir: Path) -> None:
 
         train(config, run_dir)
     else:
-        from mazerun.rollout import rollout
+        from mazerun.rollout import run_rollout
 
-        rollout(config.env.name, config.policy, config.runner, run_dir, input_dir=config.input_dir)
+        run_rollout(config, run_dir)
 
 
 CONFIG_GROUPS = ("env", "policy", "runner", "algorithm", "model", "wrappers", "critic")

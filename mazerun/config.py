@@ -17,10 +17,14 @@ from omegaconf.errors import OmegaConfBaseException
 from mazerun.errors import MazerunError
 
 
+DEFAULT_ENV_ID = "LunarLander-v3"
+
+
 @dataclass
 class EnvConfig:
-    name: str = "LunarLander-v3"
-    """A gymnasium id (MiniGrid/BabyAI ids included); removed v2 ids map to v3."""
+    name: Optional[str] = None
+    """A gymnasium id (MiniGrid/BabyAI ids included); removed v2 ids map to v3. None: the env
+    of the input (records, input_dir checkpoint), else LunarLander-v3."""
 
 
 @dataclass
@@ -54,6 +58,14 @@ class RunnerConfig:
     record_video: bool = False
     record_trajectory: bool = True
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    eval_repeats: int = 10
+    """Training: episodes per evaluation rollout (deterministic actions, fixed seeds)."""
+    n_envs: int = 16
+    """PPO: environments stepped side by side."""
+    vector: str = "sync"
+    """PPO: sync (one process; fastest for cheap envs) or async (one process per env)."""
+    critic_burn_in_epochs: int = 0
+    """PPO fine-tuning: first iterations train only the critic, the policy frozen."""
 
 
 @dataclass
@@ -82,25 +94,59 @@ HEURISTIC_ALIASES = ("heuristic", "lunar_lander_heuristics", "bot")
 POLICY_NAMES = (*HEURISTIC_ALIASES, "random", "torch_policy")
 
 
-def _one_line(error: OmegaConfBaseException) -> str:
-    message = str(getattr(error, "msg", None) or error).splitlines()[0]
-    key = getattr(error, "full_key", None)
-    return f"invalid config at {key}: {message}" if key else f"invalid config: {message}"
-
-
 def validate(cfg: DictConfig | dict) -> RunConfig:
     """Check a composed config against the schema and the rules between keys."""
     if isinstance(cfg, DictConfig):
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             raise MazerunError(f"{missing[0]} must be set (e.g. {missing[0]}=<value> on the command line)")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
-        config: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except OmegaConfBaseException as error:
-        raise MazerunError(f"{_one_line(error)}; fix that override or YAML key") from None
+    config: RunConfig = structured(RunConfig, cfg)
     _check_rollout(config)
+    if config.trains:
+        from mazerun.algorithms import validate_algorithm
+
+        config.algorithm = validate_algorithm(config.algorithm)
+        _check_training(config)
     return config
+
+
+def _check_training(config: RunConfig) -> None:
+    runner = config.runner
+    if runner.eval_repeats <= 0:
+        raise MazerunError(f"runner.eval_repeats={runner.eval_repeats} must be at least 1")
+    if runner.n_envs <= 0:
+        raise MazerunError(f"runner.n_envs={runner.n_envs} must be at least 1")
+    if runner.vector not in ("sync", "async"):
+        raise MazerunError(f"runner.vector={runner.vector!r} is unknown; use sync or async")
+    if runner.critic_burn_in_epochs < 0:
+        raise MazerunError(f"runner.critic_burn_in_epochs={runner.critic_burn_in_epochs} must be >= 0")
+    if config.device not in ("auto", "cpu", "cuda") and not config.device.startswith("cuda:"):
+        raise MazerunError(f"device={config.device!r} is unknown; use auto, cpu or cuda")
+
+
+def check_algorithm_fields(config: Any, positive: tuple[str, ...] = (), unit_interval: tuple[str, ...] = ()) -> None:
+    """Shared range checks for algorithm configs: name the key and the range it needs."""
+    for key in positive:
+        value = getattr(config, key)
+        if value <= 0:
+            raise MazerunError(f"algorithm.{key}={value} must be > 0")
+    for key in unit_interval:
+        value = getattr(config, key)
+        if not 0.0 <= value <= 1.0:
+            raise MazerunError(f"algorithm.{key}={value} must lie in [0, 1]")
+
+
+def structured(schema: type, values: Any, prefix: str = "") -> Any:
+    """``values`` (a mapping) checked against the dataclass ``schema``, as an instance of it."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), values)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        message = str(getattr(error, "msg", None) or error).splitlines()[0]
+        key = getattr(error, "full_key", None)
+        where = ".".join(part for part in (prefix, key) if part)
+        place = f" at {where}" if where else ""
+        raise MazerunError(f"invalid config{place}: {message}; fix that override or YAML key") from None
 
 
 def _check_rollout(config: RunConfig) -> None:

@@ -33,7 +33,7 @@ def format_table(step: int, rows: list[tuple[str, str, float | str]]) -> str:
 
     Floats are shown with 3 decimals, strings as given; all values are right-aligned.
     """
-    paths = [f"{group:<{GROUP_WIDTH}}{name}" for group, name, _ in rows]
+    paths = [f"{group:<{max(GROUP_WIDTH, len(group) + 1)}}{name}" for group, name, _ in rows]
     values = [_format_value(value) for _, _, value in rows]
     step_width = max(STEP_WIDTH, len(str(step)))
     path_width = max([PATH_WIDTH, *(len(path) for path in paths)])

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from tqdm import tqdm
 
-from mazerun.config import PolicyConfig, RunnerConfig, worker_count
+from mazerun.config import DEFAULT_ENV_ID, PolicyConfig, RunConfig, RunnerConfig, worker_count
 from mazerun.envs import check_display_for_human_render, is_minigrid, make_env, resolve_env_id
 from mazerun.errors import MazerunError
 from mazerun.policies import Policy, build_policy
@@ -218,6 +218,16 @@ def _run_parallel(spec: RolloutSpec, progress: tqdm) -> RolloutResult:
         # Running episodes finish and write their records; queued ones are dropped.
         executor.shutdown(wait=True, cancel_futures=True)
     return result
+
+
+def run_rollout(config: RunConfig, run_dir: Path) -> dict[str, float]:
+    """`run` without an algorithm: the env is the one named, else the checkpoint's (torch_policy), else the default."""
+    env_id = config.env.name
+    if env_id is None and config.policy.name == "torch_policy" and config.input_dir:
+        from mazerun.checkpoint import load_checkpoint  # torch is imported only for trained policies
+
+        env_id = load_checkpoint(config.input_dir).env_id
+    return rollout(env_id or DEFAULT_ENV_ID, config.policy, config.runner, run_dir, input_dir=config.input_dir)
 
 
 def rollout(

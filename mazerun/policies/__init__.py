@@ -5,6 +5,7 @@ from __future__ import annotations
 import gymnasium as gym
 
 from mazerun.config import HEURISTIC_ALIASES, PolicyConfig
+from mazerun.errors import MazerunError
 from mazerun.policies.base import EpsilonGreedyPolicy, Policy, RandomPolicy
 from mazerun.policies.heuristic import heuristic_for
 
@@ -20,7 +21,11 @@ def build_policy(
     elif config.name == "random":
         policy = RandomPolicy(action_space)
     else:
-        raise ValueError(f"policy {config.name!r} cannot be built here")
+        if input_dir is None:
+            raise MazerunError("policy=torch_policy needs input_dir=<a training run's output directory>")
+        from mazerun.policies.torch_policy import TorchPolicy
+
+        policy = TorchPolicy(input_dir, env_id, action_space, deterministic=config.deterministic)
     if config.epsilon > 0:
         policy = EpsilonGreedyPolicy(policy, action_space, config.epsilon)
     return policy

@@ -1,0 +1,368 @@
+"""Trajectory records -> contiguous transition tensors, built once, sampled by index.
+
+Offline training (BC, CQL, IQL) runs many thousand minibatch steps over the same data, so
+everything per-step happens here exactly once: columns of all episodes are concatenated with
+numpy, turned into tensors, and a minibatch is then a single ``tensor[index]`` per field.
+
+Transitions pair step ``t`` with step ``t + 1`` of the same episode only. ``dones`` marks
+terminal states (``terminated``) alone: the last step of an episode cut off by a time limit
+still bootstraps from its final observation, which the records keep.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, NamedTuple, Sequence, Union, overload
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from mazerun.errors import MazerunError
+from mazerun.models import Vocabulary
+from mazerun.records import StateTrajectoryRecord
+
+TensorObs = Union[torch.Tensor, dict[str, torch.Tensor]]
+
+MISSION_KEY = "mission"
+"""The dict-observation key whose strings are turned into token ids."""
+
+
+class TransitionBatch(NamedTuple):
+    """A minibatch of transitions, every field indexed by the same sample indices."""
+
+    observations: TensorObs
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    next_observations: TensorObs
+    dones: torch.Tensor
+
+
+def _index_obs(obs: TensorObs, index: torch.Tensor) -> TensorObs:
+    if isinstance(obs, dict):
+        return {key: value[index] for key, value in obs.items()}
+    return obs[index]
+
+
+def _gather_obs(obs: TensorObs, index: torch.Tensor) -> TensorObs:
+    """Rows ``index`` (int64) of each tensor; ``index_select`` costs half of ``tensor[index]``."""
+    if isinstance(obs, dict):
+        return {key: value.index_select(0, index) for key, value in obs.items()}
+    return obs.index_select(0, index)
+
+
+def _obs_to(obs: TensorObs, device: torch.device | str) -> TensorObs:
+    if isinstance(obs, dict):
+        return {key: value.to(device) for key, value in obs.items()}
+    return obs.to(device)
+
+
+@dataclass
+class TransitionDataset:
+    """All transitions of a set of episodes as tensors of ``N`` rows.
+
+    ``observations`` / ``next_observations`` are a float32 tensor ``(N, obs_dim)``, or for dict
+    observations a dict of tensors in the model input format (missions as token ids of
+    :attr:`vocabulary`).
+    """
+
+    observations: TensorObs
+    actions: torch.Tensor
+    """``(N,)`` int64 for discrete actions, ``(N, d)`` float32 for continuous ones."""
+    rewards: torch.Tensor
+    """``(N,)`` float32."""
+    next_observations: TensorObs
+    dones: torch.Tensor
+    """``(N,)`` float32, 1 only on the last step of a terminated episode."""
+    episode_ids: torch.Tensor
+    """``(N,)`` int64, the index of the transition's episode in the records it was built from."""
+    vocabulary: Vocabulary | None = None
+    """The vocabulary of the mission token ids (dict observations with missions only)."""
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    @property
+    def device(self) -> torch.device:
+        return self.actions.device
+
+    def to(self, device: torch.device | str) -> TransitionDataset:
+        """The dataset on ``device``; moving it once up front keeps host-to-device copies out of training."""
+        return replace(
+            self,
+            observations=_obs_to(self.observations, device),
+            actions=self.actions.to(device),
+            rewards=self.rewards.to(device),
+            next_observations=_obs_to(self.next_observations, device),
+            dones=self.dones.to(device),
+            episode_ids=self.episode_ids.to(device),
+        )
+
+    def subset(self, index: torch.Tensor) -> TransitionDataset:
+        """The transitions selected by a boolean mask or integer index tensor."""
+        return replace(
+            self,
+            observations=_index_obs(self.observations, index),
+            actions=self.actions[index],
+            rewards=self.rewards[index],
+            next_observations=_index_obs(self.next_observations, index),
+            dones=self.dones[index],
+            episode_ids=self.episode_ids[index],
+        )
+
+
+def env_id_of(records: Sequence[StateTrajectoryRecord]) -> str:
+    """The environment all ``records`` were recorded in."""
+    if not records:
+        raise MazerunError("no trajectory records to train on; record some with `run env=<env> policy=heuristic`")
+    counts = Counter(record.env_id for record in records)
+    if len(counts) > 1:
+        found = ", ".join(f"{env_id} ({count} record{'s' if count > 1 else ''})" for env_id, count in counts.most_common())
+        raise MazerunError(
+            f"the trajectory records come from {len(counts)} environments: {found}; "
+            "point the dataset at the records of one environment"
+        )
+    return records[0].env_id
+
+
+def _column_mismatch(name: str, column: np.ndarray, space: gym.Space, rows: int) -> str | None:
+    """What is wrong with ``column`` (``rows`` entries of ``space``), or None."""
+    column = np.asarray(column)
+    if isinstance(space, gym.spaces.Box):
+        if column.shape != (rows, *space.shape):
+            return f"{name} have shape {column.shape[1:]} per step, expected {space.shape} from {space}"
+        if not np.issubdtype(column.dtype, np.number):
+            return f"{name} have dtype {column.dtype}, expected numbers ({space.dtype}) from {space}"
+    elif isinstance(space, gym.spaces.Discrete):
+        if column.shape != (rows,):
+            return f"{name} have shape {column.shape[1:]} per step, expected () from {space}"
+        if not np.issubdtype(column.dtype, np.integer):
+            return f"{name} have dtype {column.dtype}, expected integers from {space}"
+        low, high = int(space.start), int(space.start + space.n)
+        outside = column[(column < low) | (column >= high)]
+        if outside.size:
+            return f"{name} contain {outside[0]}, outside {space}"
+    elif column.dtype.kind not in "UO":
+        # MiniGrid missions (MissionSpace, or Text after a checkpoint round trip)
+        return f"{name} have dtype {column.dtype}, expected strings from {space}"
+    return None
+
+
+def _record_mismatch(
+    record: StateTrajectoryRecord, observation_space: gym.Space, action_space: gym.Space
+) -> str | None:
+    steps = len(record)
+    observations = record.observations
+    if isinstance(observation_space, gym.spaces.Dict):
+        if not isinstance(observations, dict):
+            return f"observations are an array of shape {np.shape(observations)[1:]} per step, expected a dict from {observation_space}"
+        expected, found = sorted(observation_space.spaces), sorted(observations)
+        if expected != found:
+            return f"observation keys are {found}, expected {expected}"
+        for key, space in observation_space.spaces.items():
+            problem = _column_mismatch(f"observations[{key!r}]", observations[key], space, steps + 1)
+            if problem:
+                return problem
+    elif isinstance(observations, dict):
+        return f"observations are a dict with keys {sorted(observations)}, expected {observation_space}"
+    else:
+        problem = _column_mismatch("observations", observations, observation_space, steps + 1)
+        if problem:
+            return problem
+    return _column_mismatch("actions", record.actions, action_space, steps)
+
+
+def check_records_match_spaces(
+    records: Sequence[StateTrajectoryRecord], observation_space: gym.Space, action_space: gym.Space
+) -> None:
+    """Fail on the first record whose observations or actions do not fit the environment's spaces."""
+    for record in records:
+        problem = _record_mismatch(record, observation_space, action_space)
+        if problem:
+            raise MazerunError(
+                f"trajectory record {record.id}.pkl (env {record.env_id}, "
+                f"policy {record.policy}) does not match the environment: {problem}; "
+                "train on records of this environment or record them again"
+            )
+
+
+def build_vocabulary(records: Sequence[StateTrajectoryRecord]) -> Vocabulary:
+    """The vocabulary of every mission in ``records`` (each distinct string tokenised once)."""
+    missions: set[str] = set()
+    for record in records:
+        if not isinstance(record.observations, dict) or MISSION_KEY not in record.observations:
+            raise ValueError(f"record {record.id} has no {MISSION_KEY!r} observations to build a vocabulary from")
+        missions.update(np.unique(np.asarray(record.observations[MISSION_KEY], dtype=str)).tolist())
+    return Vocabulary.build(missions)
+
+
+def _as_tensor(column: np.ndarray) -> torch.Tensor:
+    """Floats as float32, integers as int64 (embedding indices), uint8 and bool unchanged."""
+    if np.issubdtype(column.dtype, np.floating):
+        column = column.astype(np.float32, copy=False)
+    elif np.issubdtype(column.dtype, np.integer) and column.dtype != np.uint8:
+        column = column.astype(np.int64, copy=False)
+    return torch.from_numpy(np.ascontiguousarray(column))
+
+
+def records_to_dataset(
+    records: Sequence[StateTrajectoryRecord], vocabulary: Vocabulary | None = None
+) -> TransitionDataset:
+    """All transitions of ``records``, each episode paired only with itself.
+
+    For dict observations with missions, ``vocabulary`` maps them to token ids; it is built
+    from ``records`` when not given (pass the model's vocabulary for data it was not built on).
+    """
+    if not records:
+        raise MazerunError("no trajectory records to train on; record some with `run env=<env> policy=heuristic`")
+    lengths = np.array([len(record) for record in records], dtype=np.int64)
+    # Rows of the concatenated observation columns (T + 1 per episode) that start a transition
+    # (all but each episode's final observation), and the rows that follow them.
+    episode_starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
+    current = np.repeat(episode_starts, lengths) + _ranges(lengths)
+    following = current + 1
+
+    first = records[0].observations
+    if isinstance(first, dict):
+        if any(not isinstance(record.observations, dict) for record in records):
+            raise MazerunError("some trajectory records have dict observations and some do not; use records of one environment")
+        observations: TensorObs = {}
+        next_observations: TensorObs = {}
+        for key in first:
+            column = np.concatenate([record.observations[key] for record in records])
+            if key == MISSION_KEY:
+                if vocabulary is None:
+                    vocabulary = build_vocabulary(records)
+                full = vocabulary.encode(column)
+            else:
+                full = _as_tensor(column)
+            observations[key] = full[current]
+            next_observations[key] = full[following]
+    else:
+        full = _as_tensor(np.concatenate([record.observations for record in records]))
+        observations, next_observations = full[current], full[following]
+
+    dones = np.zeros(int(lengths.sum()), dtype=np.float32)
+    terminated = np.array([record.terminated for record in records], dtype=bool)
+    dones[(np.cumsum(lengths) - 1)[terminated]] = 1.0
+    return TransitionDataset(
+        observations=observations,
+        actions=_as_tensor(np.concatenate([np.asarray(record.actions) for record in records])),
+        rewards=torch.from_numpy(np.concatenate([record.rewards for record in records]).astype(np.float32)),
+        next_observations=next_observations,
+        dones=torch.from_numpy(dones),
+        episode_ids=torch.from_numpy(np.repeat(np.arange(len(records), dtype=np.int64), lengths)),
+        vocabulary=vocabulary,
+    )
+
+
+def _ranges(lengths: np.ndarray) -> np.ndarray:
+    """``[0 .. l0-1, 0 .. l1-1, ...]`` without a Python loop over episodes."""
+    total = int(lengths.sum())
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.arange(total, dtype=np.int64) - starts
+
+
+@overload
+def split_by_episode(
+    data: TransitionDataset, validation_percentage: float, seed: int
+) -> tuple[TransitionDataset, TransitionDataset | None]: ...
+@overload
+def split_by_episode(
+    data: Sequence[StateTrajectoryRecord], validation_percentage: float, seed: int
+) -> tuple[list[StateTrajectoryRecord], list[StateTrajectoryRecord] | None]: ...
+
+
+def split_by_episode(
+    data: TransitionDataset | Sequence[StateTrajectoryRecord], validation_percentage: float, seed: int
+) -> tuple[Any, Any]:
+    """Hold out whole episodes for validation, so no validation step has its neighbours in training.
+
+    The validation side gets ``round(n_episodes * pct / 100)`` episodes, at least 1 when
+    ``pct > 0`` and at most ``n_episodes - 1``; with ``pct == 0`` it is ``None``.
+    """
+    if not 0 <= validation_percentage < 100:
+        raise MazerunError(
+            f"validation_percentage={validation_percentage} is outside [0, 100); "
+            "use e.g. 10 to hold out a tenth of the episodes, or 0 for no validation"
+        )
+    if isinstance(data, TransitionDataset):
+        episodes = torch.unique(data.episode_ids).cpu().numpy()
+    else:
+        data = list(data)
+        episodes = np.arange(len(data))
+    if validation_percentage == 0:
+        return data, None
+    count = len(episodes)
+    if count < 2:
+        raise MazerunError(
+            f"validation_percentage={validation_percentage} needs at least 2 episodes (1 to train on, "
+            f"1 to validate on) and the dataset has {count}; record more episodes or set it to 0"
+        )
+    n_validation = min(max(round(count * validation_percentage / 100), 1), count - 1)
+    validation = np.random.default_rng(seed).permutation(episodes)[:n_validation]
+    if isinstance(data, TransitionDataset):
+        held_out = torch.isin(data.episode_ids, torch.as_tensor(validation, device=data.device))
+        return data.subset(~held_out), data.subset(held_out)
+    held = set(validation.tolist())
+    return (
+        [record for index, record in enumerate(data) if index not in held],
+        [record for index, record in enumerate(data) if index in held],
+    )
+
+
+def observation_stats(dataset: TransitionDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std (clamped to >= 1e-6) of vector observations, for the encoder."""
+    if isinstance(dataset.observations, dict):
+        raise ValueError("observation statistics are computed for vector observations only")
+    observations = dataset.observations.double()
+    mean = observations.mean(dim=0)
+    std = observations.std(dim=0, unbiased=False).clamp(min=1e-6)
+    return mean.float(), std.float()
+
+
+class BatchSampler:
+    """Random minibatches drawn by index from a :class:`TransitionDataset`, reproducible by seed.
+
+    Indices come from a ``torch.Generator`` on the dataset's device, so sampling on a GPU
+    involves no host round trip; a batch is one gather per tensor.
+    """
+
+    def __init__(
+        self, dataset: TransitionDataset, batch_size: int, seed: int, device: torch.device | str | None = None
+    ) -> None:
+        if len(dataset) == 0:
+            raise MazerunError("the dataset has no transitions to sample; record longer or more episodes")
+        if batch_size < 1:
+            raise MazerunError(f"batch_size={batch_size} must be at least 1")
+        self.dataset = dataset if device is None else dataset.to(device)
+        self.batch_size = batch_size
+        self.generator = torch.Generator(device=self.dataset.device)
+        self.generator.manual_seed(seed)
+
+    def batch(self, index: torch.Tensor) -> TransitionBatch:
+        """The transitions at ``index``."""
+        data = self.dataset
+        return TransitionBatch(
+            _gather_obs(data.observations, index),
+            data.actions.index_select(0, index),
+            data.rewards.index_select(0, index),
+            _gather_obs(data.next_observations, index),
+            data.dones.index_select(0, index),
+        )
+
+    def sample(self) -> TransitionBatch:
+        """``batch_size`` transitions drawn uniformly with replacement."""
+        index = torch.randint(
+            len(self.dataset), (self.batch_size,), generator=self.generator, device=self.dataset.device
+        )
+        return self.batch(index)
+
+    def epoch(self, shuffle: bool = True) -> Iterator[TransitionBatch]:
+        """One pass over every transition (e.g. a validation loss), shuffled or in order."""
+        size = len(self.dataset)
+        device = self.dataset.device
+        order = torch.randperm(size, generator=self.generator, device=device) if shuffle else torch.arange(size, device=device)
+        for start in range(0, size, self.batch_size):
+            yield self.batch(order[start : start + self.batch_size])
