@@ -17,12 +17,13 @@ class LunarLanderHeuristic(Policy):
     name = "heuristic"
 
     def reset(self, env: gym.Env, seed: int | None) -> None:
+        from gymnasium.envs.box2d.lunar_lander import heuristic  # Box2D is loaded only for LunarLander
+
+        self._heuristic = heuristic
         self._lander = env.unwrapped
 
     def act(self, observation: Any) -> Any:
-        from gymnasium.envs.box2d.lunar_lander import heuristic
-
-        action = heuristic(self._lander, observation)
+        action = self._heuristic(self._lander, observation)
         return np.asarray(action, dtype=np.float32) if self._lander.continuous else int(action)
 
 
