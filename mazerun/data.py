@@ -28,6 +28,8 @@ TensorObs = Union[torch.Tensor, dict[str, torch.Tensor]]
 MISSION_KEY = "mission"
 """The dict-observation key whose strings are turned into token ids."""
 
+NO_RECORDS = "no trajectory records to train on; record some with `run env=<env> policy=heuristic`"
+
 
 class TransitionBatch(NamedTuple):
     """A minibatch of transitions, every field indexed by the same sample indices."""
@@ -115,10 +117,12 @@ class TransitionDataset:
 def env_id_of(records: Sequence[StateTrajectoryRecord]) -> str:
     """The environment all ``records`` were recorded in."""
     if not records:
-        raise MazerunError("no trajectory records to train on; record some with `run env=<env> policy=heuristic`")
+        raise MazerunError(NO_RECORDS)
     counts = Counter(record.env_id for record in records)
     if len(counts) > 1:
-        found = ", ".join(f"{env_id} ({count} record{'s' if count > 1 else ''})" for env_id, count in counts.most_common())
+        found = ", ".join(
+            f"{env_id} ({count} record{'s' if count > 1 else ''})" for env_id, count in counts.most_common()
+        )
         raise MazerunError(
             f"the trajectory records come from {len(counts)} environments: {found}; "
             "point the dataset at the records of one environment"
@@ -156,7 +160,8 @@ def _record_mismatch(
     observations = record.observations
     if isinstance(observation_space, gym.spaces.Dict):
         if not isinstance(observations, dict):
-            return f"observations are an array of shape {np.shape(observations)[1:]} per step, expected a dict from {observation_space}"
+            shape = np.shape(observations)[1:]
+            return f"observations are an array of shape {shape} per step, expected a dict from {observation_space}"
         expected, found = sorted(observation_space.spaces), sorted(observations)
         if expected != found:
             return f"observation keys are {found}, expected {expected}"
@@ -192,7 +197,7 @@ def build_vocabulary(records: Sequence[StateTrajectoryRecord]) -> Vocabulary:
     missions: set[str] = set()
     for record in records:
         if not isinstance(record.observations, dict) or MISSION_KEY not in record.observations:
-            raise ValueError(f"record {record.id} has no {MISSION_KEY!r} observations to build a vocabulary from")
+            raise ValueError(f"record {record.id} has no {MISSION_KEY!r} observations for a vocabulary")
         missions.update(np.unique(np.asarray(record.observations[MISSION_KEY], dtype=str)).tolist())
     return Vocabulary.build(missions)
 
@@ -215,18 +220,20 @@ def records_to_dataset(
     from ``records`` when not given (pass the model's vocabulary for data it was not built on).
     """
     if not records:
-        raise MazerunError("no trajectory records to train on; record some with `run env=<env> policy=heuristic`")
+        raise MazerunError(NO_RECORDS)
     lengths = np.array([len(record) for record in records], dtype=np.int64)
     # Rows of the concatenated observation columns (T + 1 per episode) that start a transition
     # (all but each episode's final observation), and the rows that follow them.
     episode_starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
-    current = np.repeat(episode_starts, lengths) + _ranges(lengths)
+    current = torch.from_numpy(np.repeat(episode_starts, lengths) + _ranges(lengths))
     following = current + 1
 
     first = records[0].observations
     if isinstance(first, dict):
         if any(not isinstance(record.observations, dict) for record in records):
-            raise MazerunError("some trajectory records have dict observations and some do not; use records of one environment")
+            raise MazerunError(
+                "some trajectory records have dict observations and some do not; use records of one environment"
+            )
         observations: TensorObs = {}
         next_observations: TensorObs = {}
         for key in first:
@@ -363,6 +370,9 @@ class BatchSampler:
         """One pass over every transition (e.g. a validation loss), shuffled or in order."""
         size = len(self.dataset)
         device = self.dataset.device
-        order = torch.randperm(size, generator=self.generator, device=device) if shuffle else torch.arange(size, device=device)
+        if shuffle:
+            order = torch.randperm(size, generator=self.generator, device=device)
+        else:
+            order = torch.arange(size, device=device)
         for start in range(0, size, self.batch_size):
             yield self.batch(order[start : start + self.batch_size])

@@ -119,7 +119,7 @@ class Vocabulary:
     PAD = 0
     UNKNOWN = 1
     _RESERVED = 2
-    _WORD = re.compile(r"[a-z]+")
+    _WORD = re.compile(r"[a-z0-9]+")
 
     def __init__(self, words: Sequence[str] = ()) -> None:
         self._ids: dict[str, int] = {}
@@ -131,7 +131,7 @@ class Vocabulary:
 
     @classmethod
     def tokenize(cls, mission: str) -> list[str]:
-        """Lower-case words; punctuation (BabyAI's "open the door, then ...") is dropped."""
+        """Lower-case words and numbers; punctuation (BabyAI's "open the door, then ...") is dropped."""
         return cls._WORD.findall(mission.lower())
 
     @classmethod
@@ -155,7 +155,8 @@ class Vocabulary:
     def _token_ids(self, mission: str) -> np.ndarray:
         ids = self._cache.get(mission)
         if ids is None:
-            ids = np.array([self._ids.get(word, self.UNKNOWN) for word in self.tokenize(mission)], dtype=np.int64)
+            words = self.tokenize(mission)
+            ids = np.array([self._ids.get(word, self.UNKNOWN) for word in words], dtype=np.int64)
             self._cache[mission] = ids
         return ids
 
@@ -177,7 +178,10 @@ class Vocabulary:
 
 
 def obs_to_tensor(
-    observations: np.ndarray | dict, observation_space: gym.Space, vocabulary: Vocabulary | None, device: torch.device | str
+    observations: np.ndarray | dict,
+    observation_space: gym.Space,
+    vocabulary: Vocabulary | None,
+    device: torch.device | str,
 ) -> ModelInput:
     """One env observation or a batch of them (gymnasium vector envs) in the model's input format.
 
@@ -203,10 +207,10 @@ def obs_to_tensor(
     }
 
 
-def layer_init(layer: nn.Module, gain: float = math.sqrt(2), bias: float = 0.0) -> nn.Module:
-    """Orthogonal weights and constant bias, as in CleanRL/SB3's PPO."""
+def layer_init(layer: nn.Module, gain: float = math.sqrt(2)) -> nn.Module:
+    """Orthogonal weights and zero bias, as in CleanRL/SB3's PPO."""
     nn.init.orthogonal_(layer.weight, gain)
-    nn.init.constant_(layer.bias, bias)
+    nn.init.zeros_(layer.bias)
     return layer
 
 
@@ -228,7 +232,9 @@ class ObservationEncoder(nn.Module):
     The MLP trunk lives in the networks that use the encoder.
     """
 
-    def __init__(self, config: ModelConfig, observation_space: gym.Space, vocabulary: Vocabulary | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, observation_space: gym.Space, vocabulary: Vocabulary | None = None
+    ) -> None:
         super().__init__()
         _check_kind(config.kind, observation_space)
         self.kind = config.kind
@@ -239,7 +245,7 @@ class ObservationEncoder(nn.Module):
             self.output_dim = obs_dim
             return
         if vocabulary is None:
-            raise ValueError("the minigrid model needs the mission vocabulary (build it with Vocabulary.build)")
+            raise ValueError("the minigrid model needs the mission vocabulary (see Vocabulary.build)")
         height, width, channels = observation_space["image"].shape
         self.register_buffer(
             "image_offsets", torch.arange(channels, dtype=torch.long) * IMAGE_INDEX_RANGE, persistent=False
@@ -311,19 +317,24 @@ class ActorCritic(nn.Module):
     """
 
     def __init__(
-        self, config: ModelConfig, observation_space: gym.Space, action_space: gym.Space, vocabulary: Vocabulary | None = None
+        self,
+        config: ModelConfig,
+        observation_space: gym.Space,
+        action_space: gym.Space,
+        vocabulary: Vocabulary | None = None,
     ) -> None:
         super().__init__()
         _check_action_space(action_space)
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
         action_dim = int(action_space.n) if self.discrete else int(action_space.shape[0])
+        activation = config.activation
 
         self.actor_encoder = ObservationEncoder(config, observation_space, vocabulary)
-        self.actor_trunk, actor_dim = mlp(self.actor_encoder.output_dim, config.hidden_sizes, config.activation)
+        self.actor_trunk, actor_dim = mlp(self.actor_encoder.output_dim, config.hidden_sizes, activation)
         self.policy_head = layer_init(nn.Linear(actor_dim, action_dim), gain=0.01)
 
         self.critic_encoder = ObservationEncoder(config, observation_space, vocabulary)
-        self.critic_trunk, critic_dim = mlp(self.critic_encoder.output_dim, config.hidden_sizes, config.activation)
+        self.critic_trunk, critic_dim = mlp(self.critic_encoder.output_dim, config.hidden_sizes, activation)
         self.value_head = layer_init(nn.Linear(critic_dim, 1), gain=1.0)
 
         if not self.discrete:
@@ -340,9 +351,12 @@ class ActorCritic(nn.Module):
     def distribution(self, obs: ModelInput) -> Distribution:
         """``Categorical`` over discrete actions, or a diagonal ``Normal`` (``Independent``) for Box."""
         out = self.policy_head(self.actor_trunk(self.actor_encoder(obs)))
+        # Argument validation would read a GPU flag back to the host on every call (a sync per
+        # training step); actions are checked once against the action space when data is loaded.
         if self.discrete:
-            return Categorical(logits=out)
-        return Independent(Normal(out, self.log_std.exp().expand_as(out)), 1)
+            return Categorical(logits=out, validate_args=False)
+        normal = Normal(out, self.log_std.exp().expand_as(out), validate_args=False)
+        return Independent(normal, 1, validate_args=False)
 
     def value(self, obs: ModelInput) -> torch.Tensor:
         """State values ``(B,)``."""
@@ -368,7 +382,11 @@ class QNetwork(nn.Module):
     """Q-values of every discrete action: encoder, MLP trunk, one output per action."""
 
     def __init__(
-        self, config: ModelConfig, observation_space: gym.Space, action_space: gym.Space, vocabulary: Vocabulary | None = None
+        self,
+        config: ModelConfig,
+        observation_space: gym.Space,
+        action_space: gym.Space,
+        vocabulary: Vocabulary | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(action_space, gym.spaces.Discrete):
@@ -390,12 +408,18 @@ class QNetwork(nn.Module):
 
 
 def build_actor_critic(
-    config: ModelConfig, observation_space: gym.Space, action_space: gym.Space, vocabulary: Vocabulary | None = None
+    config: ModelConfig,
+    observation_space: gym.Space,
+    action_space: gym.Space,
+    vocabulary: Vocabulary | None = None,
 ) -> ActorCritic:
     return ActorCritic(config, observation_space, action_space, vocabulary)
 
 
 def build_q_network(
-    config: ModelConfig, observation_space: gym.Space, action_space: gym.Space, vocabulary: Vocabulary | None = None
+    config: ModelConfig,
+    observation_space: gym.Space,
+    action_space: gym.Space,
+    vocabulary: Vocabulary | None = None,
 ) -> QNetwork:
     return QNetwork(config, observation_space, action_space, vocabulary)

@@ -22,7 +22,9 @@ from mazerun.models import Vocabulary
 from mazerun.records import EpisodeBuilder, StateTrajectoryRecord
 
 
-def vector_record(steps: int, start: float, *, terminated: bool, truncated: bool, env_id: str = "Test-v0") -> StateTrajectoryRecord:
+def vector_record(
+    steps: int, start: float, *, terminated: bool, truncated: bool, env_id: str = "Test-v0"
+) -> StateTrajectoryRecord:
     """An episode whose observation t is [start + t, -(start + t)], so pairings can be read back."""
     values = start + np.arange(steps + 1, dtype=np.float32)
     return StateTrajectoryRecord(
@@ -127,7 +129,10 @@ def test_build_vocabulary_covers_every_mission() -> None:
 
 
 def many_episodes(count: int) -> list[StateTrajectoryRecord]:
-    return [vector_record(2 + index % 3, 1000.0 * index, terminated=index % 2 == 0, truncated=index % 2 == 1) for index in range(count)]
+    return [
+        vector_record(2 + index % 3, 1000.0 * index, terminated=index % 2 == 0, truncated=index % 2 == 1)
+        for index in range(count)
+    ]
 
 
 def test_split_keeps_each_episode_on_one_side() -> None:
@@ -144,7 +149,8 @@ def test_split_keeps_each_episode_on_one_side() -> None:
     # Every transition stays with its own episode's next observation (episode e starts at 1000 e).
     for part in (train, validation):
         assert torch.equal(part.next_observations[:, 0] - part.observations[:, 0], torch.ones(len(part)))
-        assert torch.equal(torch.div(part.observations[:, 0], 1000, rounding_mode="floor").long(), part.episode_ids)
+        episode_of_step = torch.div(part.observations[:, 0], 1000, rounding_mode="floor").long()
+        assert torch.equal(episode_of_step, part.episode_ids)
 
 
 def ids(records: list[StateTrajectoryRecord]) -> list[str]:
@@ -241,7 +247,9 @@ def test_real_env_episodes_round_trip_through_the_dataset() -> None:
         action = env.action_space.sample()
         observation, reward, terminated, truncated, _ = env.step(action)
         builder.add(action, reward, observation)
-    record = builder.build(terminated=terminated, truncated=truncated, env_id="LunarLander-v3", seed=0, policy="random")
+    record = builder.build(
+        terminated=terminated, truncated=truncated, env_id="LunarLander-v3", seed=0, policy="random"
+    )
     env.close()
 
     check_records_match_spaces([record], env.observation_space, env.action_space)
@@ -254,15 +262,14 @@ def test_real_env_episodes_round_trip_through_the_dataset() -> None:
 def test_mismatching_records_are_named_with_expected_and_found_shapes() -> None:
     space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
     good = vector_record(2, 0.0, terminated=True, truncated=False)
-    check_records_match_spaces([good], gym.spaces.Box(-np.inf, np.inf, (2,), np.float32), gym.spaces.Discrete(2))
+    plane = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+    check_records_match_spaces([good], plane, gym.spaces.Discrete(2))
     with pytest.raises(MazerunError, match=rf"{good.id}.*shape \(2,\).*expected \(3,\)"):
         check_records_match_spaces([good], space, gym.spaces.Discrete(2))
     bad_action = vector_record(3, 0.0, terminated=True, truncated=False)
     bad_action.actions[1] = 9
     with pytest.raises(MazerunError, match=rf"{bad_action.id}.*actions contain 9, outside Discrete\(4\)"):
-        check_records_match_spaces(
-            [good, bad_action], gym.spaces.Box(-np.inf, np.inf, (2,), np.float32), gym.spaces.Discrete(4)
-        )
+        check_records_match_spaces([good, bad_action], plane, gym.spaces.Discrete(4))
 
 
 def test_dict_records_are_checked_against_the_babyai_space() -> None:
@@ -273,7 +280,8 @@ def test_dict_records_are_checked_against_the_babyai_space() -> None:
     with pytest.raises(MazerunError, match="expected a dict"):
         check_records_match_spaces([vector], env.observation_space, env.action_space)
     record.observations["image"] = record.observations["image"][:, :5]
-    with pytest.raises(MazerunError, match=r"observations\['image'\] have shape \(5, 7, 3\).*expected \(7, 7, 3\)"):
+    expected = r"observations\['image'\] have shape \(5, 7, 3\).*expected \(7, 7, 3\)"
+    with pytest.raises(MazerunError, match=expected):
         check_records_match_spaces([record], env.observation_space, env.action_space)
 
 

@@ -22,7 +22,7 @@ from mazerun.models import (
     obs_to_tensor,
 )
 
-SMALL = {"hidden_sizes": (32, 32)}
+VECTOR = ModelConfig(kind="vector_obs", hidden_sizes=(32, 32))
 
 
 def lunar_batch(env_id: str, count: int) -> tuple[gym.Env, np.ndarray]:
@@ -71,7 +71,8 @@ def test_vocabulary_tokenises_each_distinct_mission_once(monkeypatch: pytest.Mon
     vocabulary = Vocabulary.build(["go to the red ball", "pick up the key"])
     calls: list[str] = []
     tokenize = Vocabulary.tokenize
-    monkeypatch.setattr(Vocabulary, "tokenize", staticmethod(lambda mission: calls.append(mission) or tokenize(mission)))
+    counting = staticmethod(lambda mission: calls.append(mission) or tokenize(mission))
+    monkeypatch.setattr(Vocabulary, "tokenize", counting)
     missions = ["go to the red ball", "pick up the key"] * 500
     first = vocabulary.encode(missions)
     again = vocabulary.encode(missions[:3])
@@ -118,7 +119,7 @@ def test_config_errors_name_the_choices() -> None:
 def test_discrete_actor_critic_and_q_network_on_lunar_lander() -> None:
     torch.manual_seed(0)
     env, observations = lunar_batch("LunarLander-v3", 6)
-    config = ModelConfig(kind="vector_obs", **SMALL)
+    config = VECTOR
     model = build_actor_critic(config, env.observation_space, env.action_space)
 
     single = obs_to_tensor(observations[0], env.observation_space, None, "cpu")
@@ -142,7 +143,7 @@ def test_discrete_actor_critic_and_q_network_on_lunar_lander() -> None:
 def test_heads_use_cleanrl_orthogonal_gains() -> None:
     torch.manual_seed(0)
     env = make_env("LunarLander-v3")
-    model = build_actor_critic(ModelConfig(kind="vector_obs", **SMALL), env.observation_space, env.action_space)
+    model = build_actor_critic(VECTOR, env.observation_space, env.action_space)
     policy = model.policy_head.weight
     assert torch.allclose(policy @ policy.T, 0.01**2 * torch.eye(4), atol=1e-7)
     value = model.value_head.weight
@@ -155,7 +156,7 @@ def test_heads_use_cleanrl_orthogonal_gains() -> None:
 def test_actor_loss_trains_the_actor_and_leaves_the_critic_alone() -> None:
     torch.manual_seed(0)
     env = make_env("LunarLander-v3")
-    model = build_actor_critic(ModelConfig(kind="vector_obs", **SMALL), env.observation_space, env.action_space)
+    model = build_actor_critic(VECTOR, env.observation_space, env.action_space)
     obs = torch.randn(32, 8)
     actions = torch.randint(4, (32,))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -173,7 +174,7 @@ def test_actor_loss_trains_the_actor_and_leaves_the_critic_alone() -> None:
 def test_normalisation_buffers_are_applied_and_travel_in_the_state_dict() -> None:
     torch.manual_seed(0)
     env, observations = lunar_batch("LunarLander-v3", 4)
-    config = ModelConfig(kind="vector_obs", **SMALL)
+    config = VECTOR
     model = build_actor_critic(config, env.observation_space, env.action_space)
     obs = obs_to_tensor(observations, env.observation_space, None, "cpu")
     mean = torch.linspace(-1, 1, 8)
@@ -206,7 +207,7 @@ def test_normalisation_buffers_are_applied_and_travel_in_the_state_dict() -> Non
 def test_gaussian_policy_on_lunar_lander_continuous() -> None:
     torch.manual_seed(0)
     env, observations = lunar_batch("LunarLanderContinuous-v3", 5)
-    model = build_actor_critic(ModelConfig(kind="vector_obs", **SMALL), env.observation_space, env.action_space)
+    model = build_actor_critic(VECTOR, env.observation_space, env.action_space)
     obs = obs_to_tensor(observations, env.observation_space, None, "cpu")
 
     dist = model.distribution(obs)
@@ -243,7 +244,9 @@ def test_unsupported_action_spaces_are_refused() -> None:
 
 
 def babyai_config() -> ModelConfig:
-    return ModelConfig(kind="minigrid", hidden_sizes=(32,), embedding_dim=8, image_channels=(8, 16), mission_dim=16)
+    return ModelConfig(
+        kind="minigrid", hidden_sizes=(32,), embedding_dim=8, image_channels=(8, 16), mission_dim=16
+    )
 
 
 def test_babyai_models_read_single_and_vectorised_observations() -> None:
