@@ -173,6 +173,8 @@ def train_offline(config: RunConfig, run_dir: Path) -> None:
     """Learn from recorded trajectories with an offline algorithm (BC, CQL, IQL)."""
     algorithm_config: OfflineConfig = config.algorithm
     device = resolve_device(config.device)
+    if config.env.name is not None:  # an env the algorithm cannot learn in fails before any record is read
+        _check_env_fits(algorithm_config, config.env.name)
     records, sources = load_dataset(config.runner.dataset.dir_or_file)
     checkpoint = load_checkpoint(config.input_dir) if config.input_dir else None
     env_id = choose_env_id(config.env.name, env_id_of(records), f"the records in {', '.join(sources)}")
@@ -181,6 +183,7 @@ def train_offline(config: RunConfig, run_dir: Path) -> None:
     env = make_env(env_id)
     observation_space, action_space = env.observation_space, env.action_space
     env.close()
+    algorithm_config.check_spaces(observation_space, action_space)
     check_records_match_spaces(records, observation_space, action_space)
 
     vocabulary: Vocabulary | None = None
@@ -268,6 +271,12 @@ def train_offline(config: RunConfig, run_dir: Path) -> None:
             raise KeyboardInterrupt(f"stopped at update {update}; saved {run_dir / LAST_CHECKPOINT}") from None
         save(run_dir / LAST_CHECKPOINT, update)
     log.info("done: %d updates; checkpoints %s and %s in %s", update, BEST_CHECKPOINT, LAST_CHECKPOINT, run_dir)
+
+
+def _check_env_fits(algorithm_config: OfflineConfig, env_id: str) -> None:
+    env = make_env(env_id)
+    env.close()
+    algorithm_config.check_spaces(env.observation_space, env.action_space)
 
 
 @torch.no_grad()

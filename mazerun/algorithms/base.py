@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import gymnasium as gym
 import torch
 from torch import nn
 
@@ -35,6 +37,66 @@ class OfflineConfig:
                 f"algorithm.validation_percentage={self.validation_percentage} is outside [0, 100); "
                 "use e.g. 10 to hold out a tenth of the episodes, or 0 for no validation"
             )
+
+    def check_spaces(self, observation_space: gym.Space, action_space: gym.Space) -> None:
+        """Fail early, in one line, on an environment the algorithm cannot learn in; any fits by default."""
+
+
+@dataclass
+class ValueLearningConfig(OfflineConfig):
+    """Settings of the offline algorithms that learn discrete-action Q-values (CQL, IQL)."""
+
+    gamma: float = 0.99
+    """Discount of the TD targets."""
+    tau: float = 1.0
+    """Share of the way the target network moves to the online one at each target update: 1 copies."""
+    target_update_interval: int = 1000
+    """Updates between two target updates. Both settings always apply together (as in SB3's DQN):
+    tau=1 with an interval of N is a hard copy every N updates, tau<1 with an interval of 1 is
+    Polyak averaging after every update."""
+
+    def check(self) -> None:
+        super().check()
+        check_algorithm_fields(self, positive=("target_update_interval",), unit_interval=("gamma",))
+        if not 0.0 < self.tau <= 1.0:
+            raise MazerunError(
+                f"algorithm.tau={self.tau} must lie in (0, 1]: 1 copies the online network into the "
+                "target every target_update_interval updates, e.g. 0.005 averages it in slowly"
+            )
+
+    def check_spaces(self, observation_space: gym.Space, action_space: gym.Space) -> None:
+        if not isinstance(action_space, gym.spaces.Discrete):
+            raise MazerunError(
+                f"{self.name} learns Q-values of discrete actions and this environment's actions are "
+                f"{action_space}; use algorithm=bc or algorithm=ppo for continuous actions"
+            )
+
+
+def frozen_copy(network: nn.Module) -> nn.Module:
+    """A target network: same weights and observation statistics, never trained by gradients."""
+    target = copy.deepcopy(network)
+    target.requires_grad_(False)
+    return target
+
+
+@torch.no_grad()
+def update_target(target: nn.Module, online: nn.Module, tau: float) -> None:
+    """``target <- tau * online + (1 - tau) * target`` for every parameter; tau = 1 is a hard copy.
+
+    Buffers (the observation statistics) are set alike in both by ``set_normalization`` and never
+    change, so only parameters follow. One fused ``_foreach`` call keeps it a few kernels.
+    """
+    target_parameters, online_parameters = list(target.parameters()), list(online.parameters())
+    if tau == 1.0:
+        torch._foreach_copy_(target_parameters, online_parameters)
+    else:
+        torch._foreach_lerp_(target_parameters, online_parameters, tau)
+
+
+def follow_target(target: nn.Module, online: nn.Module, update: int, config: ValueLearningConfig) -> None:
+    """The target update due after gradient step number ``update`` (counted from 1), if any."""
+    if update % config.target_update_interval == 0:
+        update_target(target, online, config.tau)
 
 
 class OfflineAlgorithm(ABC):

@@ -1,0 +1,138 @@
+"""Conservative Q-learning for discrete actions: double DQN plus a penalty on unseen actions.
+
+    y        = r + gamma * (1 - done) * Q_target(s', argmax_a' Q(s', a'))        (double-DQN target)
+    td_loss  = E_D [ huber(Q(s, a) - y) ]      (or the squared error, td_loss=mse)
+    cql_loss = E_D [ logsumexp_a Q(s, a) - Q(s, a_data) ]
+    loss     = td_loss + alpha * cql_loss
+
+Plain Q-learning on logged data over-estimates actions the data never took (nothing corrects
+them); the conservative term pushes every action's Q down (a soft maximum) and the recorded
+action's back up, so the greedy policy stays close to what the data supports. ``alpha = 0`` is
+double DQN. The term is at least 0 and equals ``log(n_actions)`` when all Q-values are equal.
+
+The target network follows the online one as :func:`mazerun.algorithms.base.follow_target`
+says (hard copy every ``target_update_interval`` updates by default). The acting network is the
+:class:`~mazerun.models.QNetwork` (``network_type = "q_network"``), greedy in Q at test time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gymnasium as gym
+import torch
+import torch.nn.functional as F
+
+from mazerun.algorithms.base import OfflineAlgorithm, ValueLearningConfig, follow_target, frozen_copy
+from mazerun.data import TransitionBatch
+from mazerun.errors import MazerunError
+from mazerun.models import ModelConfig, ModelInput, Vocabulary, build_q_network
+from mazerun.policies.torch_policy import greedy_or_sampled
+
+TD_LOSSES = ("huber", "mse")
+
+
+@dataclass
+class CQLConfig(ValueLearningConfig):
+    name: str = "cql"
+    n_updates: int = 20000
+    eval_every: int = 2000
+    alpha: float = 1.0
+    """Weight of the conservative term; 0 is plain double DQN."""
+    td_loss: str = "huber"
+    """huber (robust to the large rewards of crashes and landings) or mse."""
+
+    def check(self) -> None:
+        super().check()
+        if self.alpha < 0:
+            raise MazerunError(f"algorithm.alpha={self.alpha} must be >= 0 (0 is double DQN without the conservative term)")
+        if self.td_loss not in TD_LOSSES:
+            raise MazerunError(f"algorithm.td_loss={self.td_loss!r} is unknown; use {' or '.join(TD_LOSSES)}")
+
+
+def double_dqn_target(
+    next_q_online: torch.Tensor, next_q_target: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """``r + gamma * (1 - done) * Q_target(s', argmax_a Q_online(s', a))`` from the ``(B, A)`` Q-values of s'.
+
+    Choosing with one network and valuing with the other removes most of the max operator's bias.
+    """
+    next_actions = next_q_online.argmax(dim=1, keepdim=True)
+    next_values = next_q_target.gather(1, next_actions).squeeze(1)
+    return rewards + gamma * (1.0 - dones) * next_values
+
+
+def td_error_loss(q_data: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean Huber (delta 1) or squared error between Q(s, a_data) and its TD targets."""
+    if kind == "huber":
+        return F.huber_loss(q_data, targets)
+    return F.mse_loss(q_data, targets)
+
+
+def conservative_loss(q_values: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """``mean(logsumexp_a Q(s, a) - Q(s, a_data))`` from Q-values ``(B, A)`` and data actions ``(B,)``."""
+    q_data = q_values.gather(1, actions.unsqueeze(1)).squeeze(1)
+    return (torch.logsumexp(q_values, dim=1) - q_data).mean()
+
+
+class ConservativeQLearning(OfflineAlgorithm):
+    network_type = "q_network"
+
+    def __init__(
+        self,
+        config: CQLConfig,
+        model_config: ModelConfig,
+        observation_space: gym.Space,
+        action_space: gym.Space,
+        vocabulary: Vocabulary | None,
+        device: torch.device,
+    ) -> None:
+        self.config = config
+        self.network = build_q_network(model_config, observation_space, action_space, vocabulary).to(device)
+        self.target_network = frozen_copy(self.network)
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.lr, fused=True)
+        self.updates = 0
+
+    def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_network_state(state)
+        self.target_network.load_state_dict(state)
+
+    def _losses(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            targets = double_dqn_target(
+                self.network(batch.next_observations), self.target_network(batch.next_observations),
+                batch.rewards, batch.dones, self.config.gamma,
+            )
+        q_values = self.network(batch.observations)
+        q_data = q_values.gather(1, batch.actions.unsqueeze(1)).squeeze(1)
+        td_loss = td_error_loss(q_data, targets, self.config.td_loss)
+        cql_loss = conservative_loss(q_values, batch.actions)
+        loss = td_loss + self.config.alpha * cql_loss
+        metrics = {
+            "td_loss": td_loss.detach(),
+            "conservative_loss": cql_loss.detach(),
+            "mean_q": q_data.detach().mean(),
+        }
+        return loss, metrics
+
+    def update(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
+        loss, metrics = self._losses(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.updates += 1
+        follow_target(self.target_network, self.network, self.updates, self.config)
+        return metrics
+
+    @torch.no_grad()
+    def validation_metrics(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
+        return self._losses(batch)[1]
+
+    @torch.no_grad()
+    def act(self, observations: ModelInput, deterministic: bool = True) -> torch.Tensor:
+        """Greedy in Q (softmax-sampled otherwise): the rule ``policy=torch_policy`` applies to the checkpoint."""
+        return greedy_or_sampled(self.network, observations, deterministic)
+
+
+Config = CQLConfig
+Algorithm = ConservativeQLearning

@@ -1,0 +1,184 @@
+"""Implicit Q-learning for discrete actions: value learning that never queries an unseen action.
+
+    expectile_loss = E_D [ |tau - 1(u < 0)| * u^2 ],   u = Q_target(s, a) - V(s),  tau = expectile
+    td_loss        = E_D [ (Q(s, a) - (r + gamma * (1 - done) * V(s')))^2 ]
+    policy_loss    = -E_D [ min(exp(beta * (Q_target(s, a) - V(s))), max_weight) * log pi(a | s) ]
+
+With ``expectile > 0.5`` V(s) estimates an upper expectile of Q over the recorded actions, i.e.
+the value of the better actions the data took, without the max over all actions that makes
+offline Q-learning over-estimate. Q then backs that value up through r + gamma * V(s'), and the
+policy clones the recorded actions weighted by their advantage (advantage-weighted regression),
+so better-than-average actions count more and bad ones (the noise in an epsilon-greedy dataset)
+fade out. Weights and targets are constants (no gradient): the three losses train three
+disjoint sets of parameters, so one Adam step on their sum equals three separate steps.
+
+One Q-network with a Polyak-averaged target (tau = 0.005 every update by default) rather than
+twin Qs: the expectile already keeps V inside the data's support, so a second Q adds a forward
+and backward pass per update for little. Q and V live only in the algorithm; the checkpoint
+holds the policy as the same :class:`~mazerun.models.ActorCritic` BC trains
+(``network_type = "actor_critic"``), so ``run algorithm=ppo input_dir=<iql run>`` fine-tunes it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import gymnasium as gym
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Distribution
+
+from mazerun.algorithms.base import OfflineAlgorithm, ValueLearningConfig, follow_target, frozen_copy
+from mazerun.config import check_algorithm_fields
+from mazerun.data import TransitionBatch
+from mazerun.errors import MazerunError
+from mazerun.models import (
+    ModelConfig,
+    ModelInput,
+    ObservationEncoder,
+    Vocabulary,
+    build_actor_critic,
+    build_q_network,
+    layer_init,
+    mlp,
+)
+
+
+@dataclass
+class IQLConfig(ValueLearningConfig):
+    name: str = "iql"
+    n_updates: int = 20000
+    eval_every: int = 2000
+    tau: float = 0.005
+    target_update_interval: int = 1
+    expectile: float = 0.7
+    """V regresses to this expectile of Q over the data's actions: 0.5 is the mean (SARSA), towards 1 the max."""
+    beta: float = 0.3
+    """Inverse temperature of the advantage weights: 0 is plain cloning, larger follows Q more greedily."""
+    max_weight: float = 100.0
+    """Cap of the advantage weights, so that a few transitions cannot dominate a batch."""
+
+    def check(self) -> None:
+        super().check()
+        check_algorithm_fields(self, positive=("beta", "max_weight"))
+        if not 0.0 < self.expectile < 1.0:
+            raise MazerunError(
+                f"algorithm.expectile={self.expectile} must lie in (0, 1): 0.5 regresses V to the mean of Q, "
+                "0.7-0.9 towards the best recorded actions"
+            )
+
+
+def expectile_loss(differences: torch.Tensor, expectile: float) -> torch.Tensor:
+    """``mean(|expectile - 1(u < 0)| * u^2)`` of ``u = Q(s, a) - V(s)``: an asymmetric squared error."""
+    weights = torch.where(differences < 0, 1.0 - expectile, expectile)
+    return (weights * differences.square()).mean()
+
+
+def advantage_weights(advantages: torch.Tensor, beta: float, max_weight: float) -> torch.Tensor:
+    """``min(exp(beta * A), max_weight)``, capped in log space so that no weight overflows to inf."""
+    return torch.exp((beta * advantages).clamp(max=math.log(max_weight)))
+
+
+def weighted_log_likelihood_loss(distribution: Distribution, actions: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``-mean(weight * log pi(a | s))``: behavioural cloning with a weight per transition."""
+    return -(weights * distribution.log_prob(actions)).mean()
+
+
+class ValueNetwork(nn.Module):
+    """State values V(s): encoder, MLP trunk and one output, the sizes of the model group."""
+
+    def __init__(self, config: ModelConfig, observation_space: gym.Space, vocabulary: Vocabulary | None = None) -> None:
+        super().__init__()
+        self.encoder = ObservationEncoder(config, observation_space, vocabulary)
+        self.trunk, trunk_dim = mlp(self.encoder.output_dim, config.hidden_sizes, config.activation)
+        self.head = layer_init(nn.Linear(trunk_dim, 1), gain=1.0)
+
+    def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.encoder.set_normalization(mean, std)
+
+    def forward(self, obs: ModelInput) -> torch.Tensor:
+        """Values ``(B,)``."""
+        return self.head(self.trunk(self.encoder(obs))).squeeze(-1)
+
+
+class ImplicitQLearning(OfflineAlgorithm):
+    network_type = "actor_critic"
+
+    def __init__(
+        self,
+        config: IQLConfig,
+        model_config: ModelConfig,
+        observation_space: gym.Space,
+        action_space: gym.Space,
+        vocabulary: Vocabulary | None,
+        device: torch.device,
+    ) -> None:
+        self.config = config
+        self.network = build_actor_critic(model_config, observation_space, action_space, vocabulary).to(device)
+        self.q_network = build_q_network(model_config, observation_space, action_space, vocabulary).to(device)
+        self.target_q_network = frozen_copy(self.q_network)
+        self.value_network = ValueNetwork(model_config, observation_space, vocabulary).to(device)
+        # The policy's own critic stays untouched (as in BC) until PPO trains it.
+        actor_parameters = [
+            parameter for name, parameter in self.network.named_parameters() if not name.startswith(("critic_", "value_"))
+        ]
+        parameters = [*actor_parameters, *self.q_network.parameters(), *self.value_network.parameters()]
+        self.optimizer = torch.optim.Adam(parameters, lr=config.lr, fused=True)
+        self.updates = 0
+
+    def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Start the policy from an earlier run; Q and V, trained from scratch, take its observation statistics."""
+        super().load_network_state(state)
+        encoder = self.network.actor_encoder
+        if encoder.kind == "vector_obs":
+            for network in (self.q_network, self.target_q_network, self.value_network):
+                network.set_normalization(encoder.obs_mean, encoder.obs_std)
+
+    def _losses(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        config = self.config
+        actions = batch.actions.unsqueeze(1)
+        with torch.no_grad():
+            target_q = self.target_q_network(batch.observations).gather(1, actions).squeeze(1)
+            q_targets = batch.rewards + config.gamma * (1.0 - batch.dones) * self.value_network(batch.next_observations)
+
+        values = self.value_network(batch.observations)
+        value_loss = expectile_loss(target_q - values, config.expectile)
+
+        q_data = self.q_network(batch.observations).gather(1, actions).squeeze(1)
+        td_loss = F.mse_loss(q_data, q_targets)
+
+        weights = advantage_weights((target_q - values).detach(), config.beta, config.max_weight)
+        policy_loss = weighted_log_likelihood_loss(self.network.distribution(batch.observations), batch.actions, weights)
+
+        loss = value_loss + td_loss + policy_loss
+        metrics = {
+            "td_loss": td_loss.detach(),
+            "expectile_loss": value_loss.detach(),
+            "policy_loss": policy_loss.detach(),
+            "mean_q": q_data.detach().mean(),
+            "mean_v": values.detach().mean(),
+            "mean_weight": weights.mean(),
+        }
+        return loss, metrics
+
+    def update(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
+        loss, metrics = self._losses(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.updates += 1
+        follow_target(self.target_q_network, self.q_network, self.updates, self.config)
+        return metrics
+
+    @torch.no_grad()
+    def validation_metrics(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
+        return self._losses(batch)[1]
+
+    def act(self, observations: ModelInput, deterministic: bool = True) -> torch.Tensor:
+        return self.network.act(observations, deterministic)
+
+
+Config = IQLConfig
+Algorithm = ImplicitQLearning
