@@ -1,0 +1,248 @@
+"""Proximal Policy Optimisation with a clipped surrogate objective (Schulman et al., 2017).
+
+Each iteration collects ``n_steps`` steps in each of ``n_envs`` environments
+(:mod:`mazerun.onpolicy`), scores every step with generalised advantage estimation,
+
+    delta_t = r_t + gamma * V(s_t+1) * (1 - done_t) - V(s_t)
+    A_t     = delta_t + gamma * lambda * (1 - done_t) * A_t+1,          R_t = A_t + V(s_t)
+
+and then takes ``n_epochs`` passes of minibatch gradient steps on
+
+    ratio_t  = pi(a_t | s_t) / pi_old(a_t | s_t)
+    L_policy = -E[ min(ratio_t * A_t, clip(ratio_t, 1 - eps, 1 + eps) * A_t) ]
+    L_value  =  E[ (V(s_t) - R_t)^2 ]          (clip_vf: the larger of that and the error of
+                                                V_old + clip(V - V_old, -clip_vf, clip_vf))
+    loss     =  L_policy - ent_coef * E[ H(pi(. | s_t)) ] + vf_coef * L_value
+
+with advantages standardised per minibatch and the gradient norm clipped to ``max_grad_norm``.
+The value loss has no 1/2 factor, as in Stable-Baselines3, so rl-zoo's tuned coefficients
+mean the same here. An episode cut off by a time limit is not an ending the agent caused: the
+rollout adds ``gamma * V(final observation)`` to the reward of its last step, and GAE then
+treats the step as done (the observation after it belongs to the next episode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.distributions import Categorical, Distribution
+
+from mazerun.config import check_algorithm_fields
+from mazerun.errors import MazerunError
+from mazerun.models import ActorCritic, ModelInput
+
+LR_SCHEDULES = ("constant", "linear")
+CRITIC_PREFIXES = ("critic_", "value_head")
+"""Parameter names of the value function; everything else acts (and BC trained it)."""
+
+
+@dataclass
+class PPOConfig:
+    """PPO's settings; the defaults are rl-zoo's tuned values for LunarLander."""
+
+    name: str = "ppo"
+    total_steps: int = 1_000_000
+    """Environment steps in total, over all envs; rounded up to whole rollouts (n_steps * n_envs)."""
+    n_steps: int = 1024
+    """Steps per environment in one rollout."""
+    batch_size: int = 64
+    """Minibatch size; must divide the rollout size n_steps * runner.n_envs."""
+    n_epochs: int = 4
+    """Passes over each rollout."""
+    lr: float = 3e-4
+    lr_schedule: str = "constant"
+    """constant, or linear: decays to 0 at total_steps."""
+    gamma: float = 0.999
+    gae_lambda: float = 0.98
+    clip_range: float = 0.2
+    """eps of the clipped surrogate."""
+    clip_vf: Optional[float] = None
+    """Clip the value update around the rollout's values by this much; null: no clipping."""
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    normalize_advantage: bool = True
+    eval_every: int = 50_000
+    """Environment steps between evaluations (and checkpoints); the first one is at step 0."""
+
+    def check(self) -> None:
+        check_algorithm_fields(
+            self,
+            positive=("total_steps", "n_steps", "batch_size", "n_epochs", "lr", "clip_range", "max_grad_norm",
+                      "eval_every"),
+            unit_interval=("gamma", "gae_lambda"),
+        )
+        for key in ("ent_coef", "vf_coef"):
+            if getattr(self, key) < 0:
+                raise MazerunError(f"algorithm.{key}={getattr(self, key)} must be >= 0")
+        if self.clip_vf is not None and self.clip_vf <= 0:
+            raise MazerunError(f"algorithm.clip_vf={self.clip_vf} must be > 0, or null for no value clipping")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise MazerunError(f"algorithm.lr_schedule={self.lr_schedule!r} is unknown; use constant or linear")
+
+
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    dones: torch.Tensor,
+    last_values: torch.Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages and returns (both ``(T, N)``) of ``T`` steps in ``N`` environments.
+
+    ``dones[t]`` is 1 where an episode ended with step ``t`` (terminated or truncated; a
+    truncated step's reward already holds its bootstrap), so nothing flows back across it.
+    ``last_values`` are the values ``(N,)`` of the observations after the last step.
+    """
+    not_done = 1.0 - dones
+    next_values = torch.cat([values[1:], last_values.unsqueeze(0)])
+    deltas = rewards + gamma * next_values * not_done - values
+    decay = gamma * gae_lambda * not_done
+    advantages = torch.empty_like(rewards)
+    advantage = torch.zeros_like(last_values)
+    for t in reversed(range(len(rewards))):
+        advantage = deltas[t] + decay[t] * advantage
+        advantages[t] = advantage
+    return advantages, advantages + values
+
+
+class RolloutBatch(NamedTuple):
+    """One rollout flattened to ``n_steps * n_envs`` rows, everything the update needs."""
+
+    observations: ModelInput
+    actions: torch.Tensor
+    log_probs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def _select(data: Any, index: torch.Tensor | slice) -> Any:
+    """Rows ``index`` (indices or a slice) of a tensor, of each tensor of a dict or of a :class:`RolloutBatch`."""
+    if isinstance(data, RolloutBatch):
+        return RolloutBatch(*(_select(field, index) for field in data))
+    if isinstance(data, dict):
+        return {key: _select(value, index) for key, value in data.items()}
+    return data[index]
+
+
+def log_prob_and_entropy(distribution: Distribution, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of ``actions`` and the mean entropy.
+
+    A ``Categorical`` holds normalised log-probabilities already; reading them directly skips the
+    broadcasting and clamping of the generic methods, a fifth of a small network's minibatch step.
+    """
+    if isinstance(distribution, Categorical):
+        log_p = distribution.logits
+        return log_p.gather(-1, actions.unsqueeze(-1)).squeeze(-1), -(log_p.exp() * log_p).sum(-1).mean()
+    return distribution.log_prob(actions), distribution.entropy().mean()
+
+
+class PPO:
+    """The PPO learner: one :class:`ActorCritic`, one Adam optimiser over all of it."""
+
+    network_type = "actor_critic"
+
+    def __init__(self, config: PPOConfig, network: ActorCritic) -> None:
+        self.config = config
+        self.network = network
+        self.parameters = [parameter for parameter in network.parameters() if parameter.requires_grad]
+        # eps=1e-5 as in Stable-Baselines3 and CleanRL's PPO; the fused kernel updates every
+        # parameter in one call, which matters when a minibatch step of a small net is ~1 ms.
+        self.optimizer = torch.optim.Adam(self.parameters, lr=config.lr, eps=1e-5, fused=True)
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate for the iteration that starts at env step ``step``."""
+        if self.config.lr_schedule == "linear":
+            return self.config.lr * max(0.0, 1.0 - step / self.config.total_steps)
+        return self.config.lr
+
+    def update(self, batch: RolloutBatch, train_policy: bool = True) -> dict[str, float]:
+        """``n_epochs`` passes of minibatch steps over one rollout; mean metrics over all minibatches.
+
+        With ``train_policy`` false (critic burn-in) only the value loss is minimised: the actor's
+        parameters then get no gradient at all, so Adam leaves them exactly as they are.
+        """
+        config = self.config
+        size, batch_size = len(batch.actions), config.batch_size
+        if size % batch_size:
+            raise ValueError(f"batch_size {batch_size} does not divide the rollout size {size}")
+        n_minibatches = size // batch_size
+        device = batch.actions.device
+        # Metrics are written into tensors and read once at the end: no host sync per minibatch.
+        losses = torch.zeros(config.n_epochs, n_minibatches, 3, device=device)
+        loss_weights = torch.tensor([1.0, config.vf_coef, -config.ent_coef], device=device)
+        log_ratios = torch.zeros(config.n_epochs, size, device=device)
+        for epoch in range(config.n_epochs):
+            # One gather per field and epoch; each minibatch is then a slice (a view, no copy).
+            shuffled = _select(batch, torch.randperm(size, device=device))
+            all_advantages = shuffled.advantages
+            if config.normalize_advantage and batch_size > 1:
+                per_minibatch = all_advantages.view(n_minibatches, batch_size)
+                mean, std = per_minibatch.mean(1, keepdim=True), per_minibatch.std(1, keepdim=True)
+                all_advantages = ((per_minibatch - mean) / (std + 1e-8)).view(-1)
+            for minibatch in range(n_minibatches):
+                rows = slice(minibatch * batch_size, (minibatch + 1) * batch_size)
+                observations = _select(shuffled.observations, rows)
+                advantages = all_advantages[rows]
+
+                distribution = self.network.distribution(observations)
+                log_probs, entropy = log_prob_and_entropy(distribution, shuffled.actions[rows])
+                values = self.network.value(observations)
+
+                log_ratio = log_probs - shuffled.log_probs[rows]
+                ratio = log_ratio.exp()
+                clipped_ratio = ratio.clamp(1.0 - config.clip_range, 1.0 + config.clip_range)
+                policy_loss = -torch.min(ratio * advantages, clipped_ratio * advantages).mean()
+
+                returns = shuffled.returns[rows]
+                if config.clip_vf is None:
+                    value_loss = F.mse_loss(values, returns)
+                else:
+                    old_values = shuffled.values[rows]
+                    clipped_values = old_values + (values - old_values).clamp(-config.clip_vf, config.clip_vf)
+                    value_loss = torch.max((values - returns).square(), (clipped_values - returns).square()).mean()
+
+                # loss = policy_loss + vf_coef * value_loss - ent_coef * entropy, as one dot product
+                terms = torch.stack([policy_loss, value_loss, entropy])
+                loss = terms @ loss_weights if train_policy else config.vf_coef * value_loss
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm, foreach=True)
+                self.optimizer.step()
+
+                with torch.no_grad():
+                    losses[epoch, minibatch] = terms
+                    log_ratios[epoch, rows] = log_ratio
+        ratios = log_ratios.exp()
+        metrics = dict(zip(("policy_loss", "value_loss", "entropy"), losses.mean(dim=(0, 1)).tolist()))
+        # Every minibatch has the same size, so means over all rows are means of the minibatch means.
+        metrics["approx_kl"] = float(((ratios - 1.0) - log_ratios).mean())
+        metrics["clip_fraction"] = float(((ratios - 1.0).abs() > config.clip_range).float().mean())
+        metrics["explained_variance"] = explained_variance(batch.values, batch.returns)
+        return metrics
+
+    def training_state(self) -> dict:
+        """What a continued run needs besides the weights."""
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_training_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+@torch.no_grad()
+def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
+    """1 - Var[targets - predictions] / Var[targets]: 1 is a perfect critic, <= 0 no better than a constant."""
+    variance = targets.var()
+    if variance == 0:
+        return float("nan")
+    return float(1.0 - (targets - predictions).var() / variance)
+
+
+Config = PPOConfig
+Algorithm = PPO
