@@ -84,3 +84,11 @@ def test_interrupted_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(KeyboardInterrupt):
         write_record(_episode(), tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_records_get_the_usual_file_permissions(tmp_path: Path) -> None:
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (write_record(_episode(), tmp_path).stat().st_mode & 0o777) == 0o666 & ~umask
