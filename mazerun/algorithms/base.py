@@ -121,12 +121,17 @@ class OfflineAlgorithm(ABC):
         self.network.load_state_dict(state)
 
     @abstractmethod
+    def losses(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss to minimise on ``batch`` and its detached scalar metrics."""
+
+    @abstractmethod
     def update(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
         """One gradient step; returns detached scalar metrics (averaged over a report window)."""
 
+    @torch.no_grad()
     def validation_metrics(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
-        """Metrics on held-out transitions, without learning; none by default."""
-        return {}
+        """The metrics of :meth:`losses` on held-out transitions, without learning."""
+        return self.losses(batch)[1]
 
     def report_metrics(self) -> dict[str, float]:
         """Metrics of the current weights (not of a batch), computed at report time only."""

@@ -47,7 +47,7 @@ class BehaviouralCloning(OfflineAlgorithm):
         ]
         self.optimizer = torch.optim.Adam(self.actor_parameters, lr=config.lr)
 
-    def _losses(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def losses(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         distribution = self.network.distribution(batch.observations)
         loss = -distribution.log_prob(batch.actions).mean()
         metrics = {"policy_loss": loss.detach(), "policy_entropy": distribution.entropy().mean().detach()}
@@ -57,7 +57,7 @@ class BehaviouralCloning(OfflineAlgorithm):
         return loss, metrics
 
     def update(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
-        loss, metrics = self._losses(batch)
+        loss, metrics = self.losses(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         metrics["policy_grad_norm"] = torch.nn.utils.get_total_norm(
@@ -65,10 +65,6 @@ class BehaviouralCloning(OfflineAlgorithm):
         )
         self.optimizer.step()
         return metrics
-
-    @torch.no_grad()
-    def validation_metrics(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
-        return self._losses(batch)[1]
 
     @torch.no_grad()
     def report_metrics(self) -> dict[str, float]:

@@ -97,7 +97,7 @@ class ConservativeQLearning(OfflineAlgorithm):
         super().load_network_state(state)
         self.target_network.load_state_dict(state)
 
-    def _losses(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def losses(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
             targets = double_dqn_target(
                 self.network(batch.next_observations), self.target_network(batch.next_observations),
@@ -116,17 +116,13 @@ class ConservativeQLearning(OfflineAlgorithm):
         return loss, metrics
 
     def update(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
-        loss, metrics = self._losses(batch)
+        loss, metrics = self.losses(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.updates += 1
         follow_target(self.target_network, self.network, self.updates, self.config)
         return metrics
-
-    @torch.no_grad()
-    def validation_metrics(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
-        return self._losses(batch)[1]
 
     @torch.no_grad()
     def act(self, observations: ModelInput, deterministic: bool = True) -> torch.Tensor:

@@ -136,7 +136,7 @@ class ImplicitQLearning(OfflineAlgorithm):
             for network in (self.q_network, self.target_q_network, self.value_network):
                 network.set_normalization(encoder.obs_mean, encoder.obs_std)
 
-    def _losses(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def losses(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         config = self.config
         actions = batch.actions.unsqueeze(1)
         with torch.no_grad():
@@ -164,17 +164,13 @@ class ImplicitQLearning(OfflineAlgorithm):
         return loss, metrics
 
     def update(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
-        loss, metrics = self._losses(batch)
+        loss, metrics = self.losses(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.updates += 1
         follow_target(self.target_q_network, self.q_network, self.updates, self.config)
         return metrics
-
-    @torch.no_grad()
-    def validation_metrics(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
-        return self._losses(batch)[1]
 
     def act(self, observations: ModelInput, deterministic: bool = True) -> torch.Tensor:
         return self.network.act(observations, deterministic)
