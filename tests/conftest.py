@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -14,17 +17,52 @@ REPO = Path(__file__).resolve().parent.parent
 
 def run_cli(*overrides: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`run <overrides>` in ``cwd``; the output is captured, the exit code left to the test."""
-    environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "mazerun", *overrides],
-        cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout,
-    )
+    with spawn_cli(*overrides, cwd=cwd, env=env) as process:
+        stdout, stderr = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def run_ok(*overrides: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     result = run_cli(*overrides, cwd=cwd, env=env)
     assert result.returncode == 0, f"run {' '.join(overrides)} failed:\n{result.stdout}\n{result.stderr}"
     return result
+
+
+def _default_signals() -> None:
+    """In the child, before exec: take Ctrl-C and SIGTERM as a terminal would deliver them.
+
+    A suite started from a background job (``nohup pytest &``) inherits SIGINT as ignored, and
+    Python then never installs its KeyboardInterrupt handler; restoring the default here makes
+    the tests independent of how they were started.
+    """
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def spawn_cli(*overrides: str, cwd: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """`run <overrides>` as a background process the test can signal; killed with its workers on every exit path."""
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mazerun", *overrides], cwd=cwd, env=environment,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_default_signals, start_new_session=True,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None or _group_alive(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def newest_run_dir(cwd: Path) -> Path:

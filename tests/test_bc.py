@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import newest_run_dir, run_cli, run_ok
+from conftest import newest_run_dir, run_cli, run_ok, spawn_cli
 from mazerun.algorithms.bc import BCConfig, BehaviouralCloning
 from mazerun.checkpoint import load_checkpoint, save_checkpoint
 from mazerun.config import PolicyConfig, RunnerConfig
@@ -181,17 +181,14 @@ def test_checkpoint_of_another_format_version_is_refused(workdir: Path) -> None:
 
 
 def test_ctrl_c_during_training_writes_last_checkpoint(workdir: Path, lunar_records: Path) -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mazerun", "-cn", "conf_train", f"runner.dataset.dir_or_file={lunar_records}",
-         "algorithm.n_updates=1000000", "algorithm.eval_every=1000000"],
-        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not list(workdir.glob("outputs/*/*/events.out.tfevents.*")):
-        time.sleep(0.1)
-    time.sleep(1.0)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    with spawn_cli("-cn", "conf_train", f"runner.dataset.dir_or_file={lunar_records}",
+                   "algorithm.n_updates=1000000", "algorithm.eval_every=1000000", cwd=workdir) as process:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not list(workdir.glob("outputs/*/*/events.out.tfevents.*")):
+            time.sleep(0.1)
+        time.sleep(1.0)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert "saved" in stderr and "Traceback" not in stderr
     checkpoint = load_checkpoint(newest_run_dir(workdir) / "last.pt")

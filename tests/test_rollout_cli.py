@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import newest_run_dir, run_cli, run_ok
+from conftest import newest_run_dir, run_cli, run_ok, spawn_cli
 from mazerun.config import PolicyConfig, RunnerConfig
 from mazerun.errors import MazerunError
 from mazerun.policies.heuristic import LunarLanderHeuristic
@@ -61,7 +61,7 @@ def test_render_works_with_a_dummy_video_driver(workdir: Path) -> None:
 def test_render_without_display_says_to_record_video(workdir: Path) -> None:
     environment = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "WAYLAND_DISPLAY", "SDL_VIDEODRIVER")}
     result = subprocess.run([sys.executable, "-m", "mazerun", "runner=sequential", "runner.render=true", "runner.n_episodes=1"],
-                            cwd=workdir, env=environment, capture_output=True, text=True)
+                            cwd=workdir, env=environment, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "runner.record_video=true" in result.stderr
     assert "Traceback" not in result.stderr
@@ -152,15 +152,12 @@ def test_bad_input_is_one_line_error(workdir: Path, overrides: list[str], messag
 
 
 def test_ctrl_c_keeps_finished_records_and_no_partial_file(workdir: Path) -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mazerun", "runner.n_episodes=2000", "runner.n_workers=2"],
-        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(list(workdir.glob("outputs/*/*/trajectory_data/*.pkl"))) < 3:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    with spawn_cli("runner.n_episodes=2000", "runner.n_workers=2", cwd=workdir) as process:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list(workdir.glob("outputs/*/*/trajectory_data/*.pkl"))) < 3:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     data = newest_run_dir(workdir) / "trajectory_data"
