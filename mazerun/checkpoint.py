@@ -14,6 +14,7 @@ as a :class:`gymnasium.spaces.Text` placeholder that accepts any printable ASCII
 from __future__ import annotations
 
 import io
+import json
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,13 @@ CHECKPOINT_FORMAT_VERSION = 1
 CHECKPOINT_MARKER = "mazerun-checkpoint"
 """Stored under ``"format"`` to tell our checkpoints from other ``.pt`` files."""
 
-CHECKPOINT_NAMES = ("best.pt", "last.pt")
+BEST_CHECKPOINT = "best.pt"
+LAST_CHECKPOINT = "last.pt"
+CHECKPOINT_NAMES = (BEST_CHECKPOINT, LAST_CHECKPOINT)
 """Files looked for, in order, when a run directory is given instead of a file."""
+
+PIPELINE_MANIFEST = "pipeline.json"
+"""In a pipeline run's directory: its stages in order, where each one ran and whether it finished."""
 
 MISSION_MAX_LENGTH = 512
 """Longest mission the placeholder space accepts; BabyAI missions are far shorter."""
@@ -137,8 +143,33 @@ def save_checkpoint(
     atomic_write_bytes(Path(path), buffer.getvalue())
 
 
-def _checkpoint_file(path_or_run_dir: str | Path) -> Path:
-    """The checkpoint file itself, or ``best.pt`` / ``last.pt`` inside a run directory."""
+def read_pipeline_manifest(run_dir: Path) -> dict | None:
+    """The manifest of a pipeline run directory, or None for any other path."""
+    path = Path(run_dir) / PIPELINE_MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError:
+        raise MazerunError(f"{path} is not valid JSON; it was not written by mazerun, or the disk is damaged") from None
+    return manifest
+
+
+def resolve_run_dir(path: str | Path) -> Path:
+    """A pipeline run stands for its last stage that holds a checkpoint; any other path for itself."""
+    path = Path(path)
+    manifest = read_pipeline_manifest(path) if path.is_dir() else None
+    if manifest is None:
+        return path
+    for stage in reversed(manifest["stages"]):
+        stage_dir = Path(stage["dir"])
+        if any((stage_dir / name).is_file() for name in CHECKPOINT_NAMES):
+            return stage_dir
+    raise MazerunError(f"pipeline run {path} has no stage with a checkpoint yet; continue it with input_dir={path}")
+
+
+def checkpoint_file(path_or_run_dir: str | Path, prefer: tuple[str, ...] = CHECKPOINT_NAMES) -> Path:
+    """The checkpoint file itself, or the first of ``prefer`` inside a run directory (a pipeline's last stage)."""
     path = Path(path_or_run_dir)
     if not path.exists():
         raise MazerunError(
@@ -146,7 +177,8 @@ def _checkpoint_file(path_or_run_dir: str | Path) -> Path:
         )
     if path.is_file():
         return path
-    for name in CHECKPOINT_NAMES:
+    path = resolve_run_dir(path)
+    for name in prefer:
         if (path / name).is_file():
             return path / name
     entries = sorted(entry.name for entry in path.iterdir())
@@ -157,9 +189,9 @@ def _checkpoint_file(path_or_run_dir: str | Path) -> Path:
     )
 
 
-def load_checkpoint(path_or_run_dir: str | Path) -> Checkpoint:
+def load_checkpoint(path_or_run_dir: str | Path, prefer: tuple[str, ...] = CHECKPOINT_NAMES) -> Checkpoint:
     """Load a checkpoint file, or the ``best.pt`` (else ``last.pt``) of a run directory."""
-    path = _checkpoint_file(path_or_run_dir)
+    path = checkpoint_file(path_or_run_dir, prefer)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:

@@ -1,21 +1,24 @@
 """Structured configs: the schema every composed `run` config is checked against, once, early.
 
-Hydra composes YAML groups (``env``, ``policy``, ``runner``, ``algorithm``...) into one tree;
-:func:`validate` turns that tree into the plain dataclasses below, with one-line errors that
-name the key and say how to fix it. Nothing past this module reads OmegaConf objects.
+Hydra composes YAML groups (``env``, ``policy``, ``runner``, ``algorithm``, ``pipeline``...)
+into one tree; :func:`mazerun.validation.validate` turns that tree into the plain dataclasses
+below, with one-line errors that name the key and say how to fix it. Nothing past validation
+reads OmegaConf objects. This module knows no algorithm: each algorithm's own ``Config``
+dataclass lives in its file under :mod:`mazerun.algorithms`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mazerun.errors import MazerunError
-
 
 DEFAULT_ENV_ID = "LunarLander-v3"
 
@@ -38,9 +41,21 @@ class PolicyConfig:
 
 
 @dataclass
+class ExpertConfig:
+    """The teacher of ``algorithm=dagger`` and of a pipeline's ``record`` stage."""
+
+    name: str = "heuristic"
+    """heuristic (the env's scripted expert: LunarLander, CartPole, the BabyAI bot), random, or torch_policy."""
+    input_dir: Optional[str] = None
+    """torch_policy: the trained run (or checkpoint file) that teaches."""
+    deterministic: bool = True
+    """torch_policy: greedy labels; false samples them from the teacher's policy."""
+
+
+@dataclass
 class DatasetConfig:
     dir_or_file: Any = None
-    """A trajectory_data directory, a record file, or a list of either; default: newest under outputs/."""
+    """A trajectory_data directory, a record file, or a list of either; default: newest finished recording under outputs/."""
 
 
 @dataclass
@@ -53,7 +68,7 @@ class RunnerConfig:
     max_episode_steps: Optional[int] = None
     """Time limit per episode; default: the env's own."""
     seed: int = 0
-    """Episode i is seeded seed + i, whatever the number of workers."""
+    """Episode i is seeded seed + i, whatever the number of workers; training is seeded with it too."""
     render: bool = False
     record_video: bool = False
     record_trajectory: bool = True
@@ -61,11 +76,11 @@ class RunnerConfig:
     eval_repeats: int = 10
     """Training: episodes per evaluation rollout (deterministic actions, fixed seeds)."""
     n_envs: int = 16
-    """PPO: environments stepped side by side."""
+    """PPO and DAgger: environments stepped side by side."""
     vector: str = "sync"
-    """PPO: sync (one process; fastest for cheap envs) or async (one process per env)."""
-    critic_burn_in_epochs: int = 0
-    """PPO fine-tuning: first iterations train only the critic, the policy frozen."""
+    """PPO and DAgger: sync (one process; fastest for cheap envs) or async (one process per env)."""
+    critic_burn_in_epochs: Optional[int] = None
+    """Maze's name for ``algorithm.critic_burn_in_epochs`` (PPO); accepted so seed 004's command runs."""
 
 
 @dataclass
@@ -77,8 +92,12 @@ class RunConfig:
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     algorithm: Any = None
     """None rolls out a policy; a mapping with a ``name`` trains that algorithm."""
+    pipeline: Any = None
+    """None, or a pipeline of stages (``pipeline=bc_ppo``) trained one after another in one run."""
+    expert: Optional[ExpertConfig] = None
+    """The teacher of DAgger and of record stages; None: the env's heuristic."""
     input_dir: Optional[str] = None
-    """An earlier run (or checkpoint file) to start from or to roll out."""
+    """An earlier run (or checkpoint file) to start from, to continue, or to roll out."""
     device: str = "auto"
     model: Any = None
     wrappers: Any = None
@@ -86,7 +105,7 @@ class RunConfig:
 
     @property
     def trains(self) -> bool:
-        return self.algorithm is not None
+        return self.algorithm is not None or self.pipeline is not None
 
 
 RUNNER_TYPES = ("sequential", "parallel")
@@ -94,62 +113,56 @@ HEURISTIC_ALIASES = ("heuristic", "lunar_lander_heuristics", "bot")
 POLICY_NAMES = (*HEURISTIC_ALIASES, "random", "torch_policy")
 
 
-def validate(cfg: DictConfig | dict) -> RunConfig:
-    """Check a composed config against the schema and the rules between keys."""
-    if isinstance(cfg, DictConfig):
-        missing = sorted(OmegaConf.missing_keys(cfg))
-        if missing:
-            raise MazerunError(f"{missing[0]} must be set (e.g. {missing[0]}=<value> on the command line)")
-    config: RunConfig = structured(RunConfig, cfg)
-    _check_rollout(config)
-    if config.trains:
-        from mazerun.algorithms import validate_algorithm
-
-        config.algorithm = validate_algorithm(config.algorithm)
-        _check_training(config)
-    return config
-
-
-def _check_training(config: RunConfig) -> None:
-    runner = config.runner
-    if runner.eval_repeats <= 0:
-        raise MazerunError(f"runner.eval_repeats={runner.eval_repeats} must be at least 1")
-    if runner.n_envs <= 0:
-        raise MazerunError(f"runner.n_envs={runner.n_envs} must be at least 1")
-    if runner.vector not in ("sync", "async"):
-        raise MazerunError(f"runner.vector={runner.vector!r} is unknown; use sync or async")
-    if runner.critic_burn_in_epochs < 0:
-        raise MazerunError(f"runner.critic_burn_in_epochs={runner.critic_burn_in_epochs} must be >= 0")
-    if config.device not in ("auto", "cpu", "cuda") and not config.device.startswith("cuda:"):
-        raise MazerunError(f"device={config.device!r} is unknown; use auto, cpu or cuda")
-
-
-def check_algorithm_fields(config: Any, positive: tuple[str, ...] = (), unit_interval: tuple[str, ...] = ()) -> None:
-    """Shared range checks for algorithm configs: name the key and the range it needs."""
-    for key in positive:
-        value = getattr(config, key)
-        if value <= 0:
-            raise MazerunError(f"algorithm.{key}={value} must be > 0")
-    for key in unit_interval:
-        value = getattr(config, key)
-        if not 0.0 <= value <= 1.0:
-            raise MazerunError(f"algorithm.{key}={value} must lie in [0, 1]")
-
-
 def structured(schema: type, values: Any, prefix: str = "") -> Any:
-    """``values`` (a mapping) checked against the dataclass ``schema``, as an instance of it."""
+    """``values`` (a mapping) checked against the dataclass ``schema``, as an instance of it.
+
+    Every float field is also checked to be finite: ``lr=nan`` would pass any ``<= 0`` check.
+    """
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), values)
-        return OmegaConf.to_object(merged)
+        instance = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         message = str(getattr(error, "msg", None) or error).splitlines()[0]
         key = getattr(error, "full_key", None)
         where = ".".join(part for part in (prefix, key) if part)
         place = f" at {where}" if where else ""
         raise MazerunError(f"invalid config{place}: {message}; fix that override or YAML key") from None
+    check_finite(instance, prefix)
+    return instance
 
 
-def _check_rollout(config: RunConfig) -> None:
+def check_finite(instance: Any, prefix: str = "") -> None:
+    """Refuse NaN and infinite floats anywhere in a dataclass tree, naming the key."""
+    for item in dataclasses.fields(instance):
+        value = getattr(instance, item.name)
+        key = f"{prefix}.{item.name}" if prefix else item.name
+        if isinstance(value, float) and not math.isfinite(value):
+            raise MazerunError(f"{key}={value} must be a finite number")
+        if dataclasses.is_dataclass(value):
+            check_finite(value, key)
+
+
+def check_fields(
+    config: Any, prefix: str, positive: tuple[str, ...] = (), unit_interval: tuple[str, ...] = (),
+    non_negative: tuple[str, ...] = (),
+) -> None:
+    """Shared range checks of config sections: name the key and the range it needs."""
+    for key in positive:
+        value = getattr(config, key)
+        if value <= 0:
+            raise MazerunError(f"{prefix}.{key}={value} must be > 0")
+    for key in non_negative:
+        value = getattr(config, key)
+        if value < 0:
+            raise MazerunError(f"{prefix}.{key}={value} must be >= 0")
+    for key in unit_interval:
+        value = getattr(config, key)
+        if not 0.0 <= value <= 1.0:
+            raise MazerunError(f"{prefix}.{key}={value} must lie in [0, 1]")
+
+
+def check_rollout(config: RunConfig) -> None:
+    """The policy and runner keys every `run` reads."""
     runner = config.runner
     if runner.type not in RUNNER_TYPES:
         raise MazerunError(f"runner.type={runner.type!r} is unknown; use runner=sequential or runner=parallel")
@@ -168,6 +181,25 @@ def _check_rollout(config: RunConfig) -> None:
         raise MazerunError(f"policy.name={policy.name!r} is unknown; choose one of {', '.join(POLICY_NAMES)}")
     if not 0.0 <= policy.epsilon <= 1.0:
         raise MazerunError(f"policy.epsilon={policy.epsilon} must lie in [0, 1]")
+    expert = config.expert
+    if expert is not None:
+        if expert.name not in POLICY_NAMES:
+            raise MazerunError(f"expert.name={expert.name!r} is unknown; choose one of {', '.join(POLICY_NAMES)}")
+        if expert.name == "torch_policy" and not expert.input_dir:
+            raise MazerunError("expert=torch_policy needs expert.input_dir=<a trained run's output directory>")
+
+
+def check_training(config: RunConfig) -> None:
+    """The runner and device keys every training run reads."""
+    runner = config.runner
+    if runner.eval_repeats <= 0:
+        raise MazerunError(f"runner.eval_repeats={runner.eval_repeats} must be at least 1")
+    if runner.n_envs <= 0:
+        raise MazerunError(f"runner.n_envs={runner.n_envs} must be at least 1")
+    if runner.vector not in ("sync", "async"):
+        raise MazerunError(f"runner.vector={runner.vector!r} is unknown; use sync or async")
+    if config.device not in ("auto", "cpu", "cuda") and not config.device.startswith("cuda:"):
+        raise MazerunError(f"device={config.device!r} is unknown; use auto, cpu or cuda")
 
 
 def worker_count(runner: RunnerConfig) -> int:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, NamedTuple, Sequence, Union, overload
+from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union, overload
 
 import gymnasium as gym
 import numpy as np
 import torch
 
+from mazerun.envs import NO_LABEL
 from mazerun.errors import MazerunError
 from mazerun.models import Vocabulary
 from mazerun.records import StateTrajectoryRecord
@@ -39,6 +40,8 @@ class TransitionBatch(NamedTuple):
     rewards: torch.Tensor
     next_observations: TensorObs
     dones: torch.Tensor
+    expert_actions: Optional[torch.Tensor] = None
+    """The expert's labels of ``observations`` (records of DAgger runs), else None."""
 
 
 def _index_obs(obs: TensorObs, index: torch.Tensor) -> TensorObs:
@@ -79,6 +82,8 @@ class TransitionDataset:
     """``(N,)`` float32, 1 only on the last step of a terminated episode."""
     episode_ids: torch.Tensor
     """``(N,)`` int64, the index of the transition's episode in the records it was built from."""
+    expert_actions: torch.Tensor | None = None
+    """Like ``actions``: the expert's label of each state, when every record carries labels."""
     vocabulary: Vocabulary | None = None
     """The vocabulary of the mission token ids (dict observations with missions only)."""
 
@@ -99,7 +104,16 @@ class TransitionDataset:
             next_observations=_obs_to(self.next_observations, device),
             dones=self.dones.to(device),
             episode_ids=self.episode_ids.to(device),
+            expert_actions=None if self.expert_actions is None else self.expert_actions.to(device),
         )
+
+    def with_labels_only(self) -> TransitionDataset:
+        """The transitions whose state the expert labelled (it can give up on states a learner led it into)."""
+        if self.expert_actions is None:
+            return self
+        labels = self.expert_actions
+        valid = labels != NO_LABEL if labels.dim() == 1 else ~torch.isnan(labels).any(dim=-1)
+        return self if bool(valid.all()) else self.subset(valid)
 
     def subset(self, index: torch.Tensor) -> TransitionDataset:
         """The transitions selected by a boolean mask or integer index tensor."""
@@ -111,6 +125,7 @@ class TransitionDataset:
             next_observations=_index_obs(self.next_observations, index),
             dones=self.dones[index],
             episode_ids=self.episode_ids[index],
+            expert_actions=None if self.expert_actions is None else self.expert_actions[index],
         )
 
 
@@ -138,6 +153,9 @@ def _column_mismatch(name: str, column: np.ndarray, space: gym.Space, rows: int)
             return f"{name} have shape {column.shape[1:]} per step, expected {space.shape} from {space}"
         if not np.issubdtype(column.dtype, np.number):
             return f"{name} have dtype {column.dtype}, expected numbers ({space.dtype}) from {space}"
+        if np.issubdtype(column.dtype, np.floating) and not np.isfinite(column).all():
+            step = int(np.flatnonzero(~np.isfinite(column.reshape(rows, -1)).all(axis=1))[0])
+            return f"{name} hold NaN or infinite values (first at step {step})"
     elif isinstance(space, gym.spaces.Discrete):
         if column.shape != (rows,):
             return f"{name} have shape {column.shape[1:]} per step, expected () from {space}"
@@ -175,7 +193,26 @@ def _record_mismatch(
         problem = _column_mismatch("observations", observations, observation_space, steps + 1)
         if problem:
             return problem
-    return _column_mismatch("actions", record.actions, action_space, steps)
+    rewards = np.asarray(record.rewards, dtype=np.float64)
+    if not np.isfinite(rewards).all():
+        return f"rewards hold NaN or infinite values (first at step {int(np.flatnonzero(~np.isfinite(rewards))[0])})"
+    problem = _column_mismatch("actions", record.actions, action_space, steps)
+    if problem is None and record.expert_actions is not None:
+        problem = _labels_mismatch(record.expert_actions, action_space, steps)
+    return problem
+
+
+def _labels_mismatch(labels: np.ndarray, action_space: gym.Space, steps: int) -> str | None:
+    """Expert labels fit the action space, except the marks of states the expert could not label."""
+    labels = np.asarray(labels)
+    if isinstance(action_space, gym.spaces.Discrete):
+        labelled = labels[labels != NO_LABEL] if np.issubdtype(labels.dtype, np.integer) else labels
+        problem = _column_mismatch("expert_actions", labelled, action_space, len(labelled))
+        if problem is None and len(labels) != steps:
+            problem = f"expert_actions have {len(labels)} entries for {steps} steps"
+        return problem
+    labelled = labels[~np.isnan(labels).any(axis=-1)] if labels.ndim == 2 else labels
+    return _column_mismatch("expert_actions", labelled, action_space, len(labelled))
 
 
 def check_records_match_spaces(
@@ -186,7 +223,7 @@ def check_records_match_spaces(
         problem = _record_mismatch(record, observation_space, action_space)
         if problem:
             raise MazerunError(
-                f"trajectory record {record.id}.pkl (env {record.env_id}, "
+                f"trajectory record {record.id} (env {record.env_id}, "
                 f"policy {record.policy}) does not match the environment: {problem}; "
                 "train on records of this environment or record them again"
             )
@@ -253,9 +290,11 @@ def records_to_dataset(
     dones = np.zeros(int(lengths.sum()), dtype=np.float32)
     terminated = np.array([record.terminated for record in records], dtype=bool)
     dones[(np.cumsum(lengths) - 1)[terminated]] = 1.0
+    labelled = all(record.expert_actions is not None for record in records)
     return TransitionDataset(
         observations=observations,
         actions=_as_tensor(np.concatenate([np.asarray(record.actions) for record in records])),
+        expert_actions=_as_tensor(np.concatenate([record.expert_actions for record in records])) if labelled else None,
         rewards=torch.from_numpy(np.concatenate([record.rewards for record in records]).astype(np.float32)),
         next_observations=next_observations,
         dones=torch.from_numpy(dones),
@@ -319,13 +358,13 @@ def split_by_episode(
     )
 
 
-def observation_stats(dataset: TransitionDataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-feature mean and std (clamped to >= 1e-6) of vector observations, for the encoder."""
-    if isinstance(dataset.observations, dict):
+def observation_stats(observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std (clamped to >= 1e-6) of vector observations ``(N, d)``, for the encoder."""
+    if isinstance(observations, dict):
         raise ValueError("observation statistics are computed for vector observations only")
-    observations = dataset.observations.double()
-    mean = observations.mean(dim=0)
-    std = observations.std(dim=0, unbiased=False).clamp(min=1e-6)
+    values = observations.double()
+    mean = values.mean(dim=0)
+    std = values.std(dim=0, unbiased=False).clamp(min=1e-6)
     return mean.float(), std.float()
 
 
@@ -357,6 +396,7 @@ class BatchSampler:
             data.rewards.index_select(0, index),
             _gather_obs(data.next_observations, index),
             data.dones.index_select(0, index),
+            None if data.expert_actions is None else data.expert_actions.index_select(0, index),
         )
 
     def sample(self) -> TransitionBatch:
@@ -376,3 +416,40 @@ class BatchSampler:
             order = torch.arange(size, device=device)
         for start in range(0, size, self.batch_size):
             yield self.batch(order[start : start + self.batch_size])
+
+
+def allocate_observations(shape: tuple[int, ...], observation_space: gym.Space, device: torch.device | str) -> TensorObs:
+    """Zeroed model-input tensors with leading dimensions ``shape``, to be filled by :func:`store_observations`.
+
+    Missions are token ids, right-padded; their width starts at 1 and grows with the longest one stored.
+    """
+    if isinstance(observation_space, gym.spaces.Dict):
+        return {
+            "image": torch.zeros(shape + observation_space["image"].shape, dtype=torch.uint8, device=device),
+            "direction": torch.zeros(shape, dtype=torch.long, device=device),
+            MISSION_KEY: torch.zeros(shape + (1,), dtype=torch.long, device=device),
+        }
+    return torch.zeros(shape + observation_space.shape, device=device)
+
+
+def allocate_actions(shape: tuple[int, ...], action_space: gym.Space, device: torch.device | str) -> torch.Tensor:
+    if isinstance(action_space, gym.spaces.Discrete):
+        return torch.zeros(shape, dtype=torch.long, device=device)
+    return torch.zeros(shape + action_space.shape, device=device)
+
+
+def store_observations(store: TensorObs, index: Any, rows: TensorObs) -> TensorObs:
+    """Write model-input ``rows`` at ``index`` of ``store``; returns the store (a dict may widen its missions)."""
+    if not isinstance(store, dict):
+        store[index] = rows
+        return store
+    tokens = rows[MISSION_KEY]
+    width = tokens.shape[-1]
+    stored_width = store[MISSION_KEY].shape[-1]
+    if width > stored_width:
+        store[MISSION_KEY] = torch.nn.functional.pad(store[MISSION_KEY], (0, width - stored_width))
+    store["image"][index] = rows["image"]
+    store["direction"][index] = rows["direction"]
+    store[MISSION_KEY][index] = 0
+    store[MISSION_KEY][index][..., :width] = tokens
+    return store

@@ -32,6 +32,9 @@ from mazerun.errors import MazerunError
 ModelInput = Union[torch.Tensor, dict[str, torch.Tensor]]
 
 MODEL_KINDS = ("vector_obs", "minigrid")
+NETWORK_TYPES = ("actor_critic", "q_network")
+CRITIC_PREFIXES = ("critic_", "value_head")
+"""Parameter names of an :class:`ActorCritic`'s value function; everything else acts."""
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 NORMALIZED_OBS_CLIP = 10.0
@@ -348,6 +351,10 @@ class ActorCritic(nn.Module):
         self.actor_encoder.set_normalization(mean, std)
         self.critic_encoder.set_normalization(mean, std)
 
+    def actor_parameters(self) -> list[nn.Parameter]:
+        """The parameters that act (encoder, trunk, head, log-std): what imitation trains."""
+        return [parameter for name, parameter in self.named_parameters() if not name.startswith(CRITIC_PREFIXES)]
+
     def distribution(self, obs: ModelInput) -> Distribution:
         """``Categorical`` over discrete actions, or a diagonal ``Normal`` (``Independent``) for Box."""
         out = self.policy_head(self.actor_trunk(self.actor_encoder(obs)))
@@ -366,16 +373,31 @@ class ActorCritic(nn.Module):
         return self.distribution(obs), self.value(obs)
 
     @torch.no_grad()
-    def act(self, obs: ModelInput, deterministic: bool) -> torch.Tensor:
+    def act(self, obs: ModelInput, deterministic: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         """Actions to send to the environment: the mode (argmax / mean) or a sample.
 
         Continuous actions are clipped to the action space's bounds so that the env accepts them.
         """
         dist = self.distribution(obs)
-        if self.discrete:
-            return dist.logits.argmax(dim=-1) if deterministic else dist.sample()
-        action = dist.mean if deterministic else dist.sample()
-        return torch.clamp(action, self.action_low, self.action_high)
+        if deterministic:
+            action = dist.logits.argmax(dim=-1) if self.discrete else dist.mean
+        else:
+            action = sample(dist, generator)
+        return action if self.discrete else torch.clamp(action, self.action_low, self.action_high)
+
+
+def sample(distribution: Distribution, generator: torch.Generator | None) -> torch.Tensor:
+    """A sample of a ``Categorical`` or diagonal ``Normal`` drawn from ``generator``.
+
+    ``Distribution.sample`` draws from torch's global generator; a loop that owns its generator
+    can save and restore it, so a continued run samples exactly what the uninterrupted one would,
+    and two learners in one process never disturb each other's streams.
+    """
+    if isinstance(distribution, Categorical):
+        return torch.multinomial(distribution.probs, 1, generator=generator).squeeze(-1)
+    normal = distribution.base_dist if isinstance(distribution, Independent) else distribution
+    noise = torch.randn(normal.loc.shape, generator=generator, device=normal.loc.device, dtype=normal.loc.dtype)
+    return normal.loc + normal.scale * noise
 
 
 class QNetwork(nn.Module):
@@ -406,6 +428,14 @@ class QNetwork(nn.Module):
         """Q-values ``(B, n_actions)``."""
         return self.head(self.trunk(self.encoder(obs)))
 
+    @torch.no_grad()
+    def act(self, obs: ModelInput, deterministic: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy in Q, or sampled from the softmax of the Q-values."""
+        q_values = self(obs)
+        if deterministic:
+            return q_values.argmax(dim=-1)
+        return sample(Categorical(logits=q_values, validate_args=False), generator)
+
 
 def build_actor_critic(
     config: ModelConfig,
@@ -423,3 +453,21 @@ def build_q_network(
     vocabulary: Vocabulary | None = None,
 ) -> QNetwork:
     return QNetwork(config, observation_space, action_space, vocabulary)
+
+
+def build_network(
+    network_type: str,
+    config: ModelConfig,
+    observation_space: gym.Space,
+    action_space: gym.Space,
+    vocabulary: Vocabulary | None = None,
+) -> nn.Module:
+    """The network a checkpoint describes, built from the package's own classes only."""
+    if network_type == "actor_critic":
+        return build_actor_critic(config, observation_space, action_space, vocabulary)
+    if network_type == "q_network":
+        return build_q_network(config, observation_space, action_space, vocabulary)
+    raise MazerunError(
+        f"network type {network_type!r} is unknown (this mazerun builds {', '.join(NETWORK_TYPES)}); "
+        "retrain with this mazerun"
+    )

@@ -6,13 +6,21 @@ record still yields per-step :class:`StateRecord` views for users who expect Maz
 
 Layout of one episode of ``T`` steps::
 
-    observations  T + 1 entries (the final observation is kept); a dict of arrays for dict spaces
-    actions       T entries
-    rewards       T entries (float64)
+    observations    T + 1 entries (the final observation is kept); a dict of arrays for dict spaces
+    actions         T entries, the actions executed
+    rewards         T entries (float64)
+    expert_actions  T entries or None: the expert's label of each state (DAgger), whoever acted
+
+Records are loaded with a restricted unpickler that builds nothing but records, numpy arrays
+and plain Python values: a ``.pkl`` from elsewhere cannot run code when it is read (it can
+still hold wrong data, which the dataset checks catch). Each episode is one file named by its
+index in the recording, ``episode_00000017.pkl``, so every load sees the same order.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import pickle
 import tempfile
@@ -27,7 +35,13 @@ import numpy as np
 from mazerun.errors import MazerunError
 
 RECORD_FORMAT_VERSION = 1
-"""Bumped whenever the layout of :class:`StateTrajectoryRecord` changes incompatibly."""
+"""Bumped whenever the layout of :class:`StateTrajectoryRecord` changes incompatibly (a new
+optional column with a default, like ``expert_actions``, is compatible: older files still load)."""
+
+TRAJECTORY_DIR = "trajectory_data"
+"""Where a run keeps its records."""
+STATS_FILE = "rollout_stats.json"
+"""Written once a recording ends: its presence marks a recording that finished."""
 
 Observations = Union[np.ndarray, dict[str, np.ndarray]]
 
@@ -64,6 +78,7 @@ class StateTrajectoryRecord:
     policy: str
     format_version: int = RECORD_FORMAT_VERSION
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    expert_actions: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -97,6 +112,8 @@ class StateTrajectoryRecord:
             raise ValueError("the episode has no steps")
         if len(self.rewards) != steps:
             raise ValueError(f"{len(self.rewards)} rewards for {steps} actions")
+        if self.expert_actions is not None and len(self.expert_actions) != steps:
+            raise ValueError(f"{len(self.expert_actions)} expert actions for {steps} actions")
         columns = self.observations if isinstance(self.observations, dict) else {"": self.observations}
         for key, column in columns.items():
             if len(column) != steps + 1:
@@ -111,11 +128,17 @@ class EpisodeBuilder:
         self._observations = [first_observation]
         self._actions: list[Any] = []
         self._rewards: list[float] = []
+        self._expert_actions: list[Any] = []
 
-    def add(self, action: Any, reward: float, next_observation: Any) -> None:
+    def __len__(self) -> int:
+        return len(self._actions)
+
+    def add(self, action: Any, reward: float, next_observation: Any, expert_action: Any = None) -> None:
         self._actions.append(action)
         self._rewards.append(float(reward))
         self._observations.append(next_observation)
+        if expert_action is not None:
+            self._expert_actions.append(expert_action)
 
     def build(
         self, *, terminated: bool, truncated: bool, env_id: str, seed: int | None, policy: str
@@ -136,6 +159,7 @@ class EpisodeBuilder:
             env_id=env_id,
             seed=seed,
             policy=policy,
+            expert_actions=np.asarray(self._expert_actions) if self._expert_actions else None,
         )
 
 
@@ -144,30 +168,97 @@ os.umask(_UMASK)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the whole file or none of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``data`` to ``path`` so that readers see the whole file or none of it, also after a crash.
+
+    The bytes go to a temporary file beside ``path``, which is flushed to disk and renamed over
+    ``path``; the directory is flushed too, so the rename itself survives a power cut.
+    """
+    tmp_name = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        _fsync_directory(path.parent)
+    except BaseException as error:
+        if tmp_name is not None:
+            Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise MazerunError(
+                f"cannot write {path}: {error.strerror or error}; free disk space, or point "
+                "hydra.run.dir at a writable directory"
+            ) from None
         raise
 
 
-def write_record(record: StateTrajectoryRecord, directory: Path) -> Path:
-    """Pickle ``record`` to ``directory/<id>.pkl`` atomically and return the path."""
-    path = Path(directory) / f"{record.id}.pkl"
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def record_name(index: int) -> str:
+    """The file name of episode ``index`` of a recording; zero-padded so names sort like indices."""
+    return f"episode_{index:08d}.pkl"
+
+
+def write_record(record: StateTrajectoryRecord, directory: Path, index: int) -> Path:
+    """Pickle ``record``, episode ``index`` of its recording, into ``directory`` atomically; returns the path."""
+    path = Path(directory) / record_name(index)
     atomic_write_bytes(path, cloudpickle.dumps(record))
     return path
 
 
+_ALLOWED_GLOBALS = {
+    ("mazerun.records", "StateTrajectoryRecord"),
+    ("numpy", "dtype"),
+    ("numpy", "ndarray"),
+    *((module, name) for module in ("numpy.core.numeric", "numpy._core.numeric") for name in ("_frombuffer",)),
+    *(
+        (module, name)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")
+    ),
+    *(("builtins", name) for name in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bool",
+                                        "bytes", "bytearray", "complex")),
+    ("_codecs", "encode"),
+}
+"""Everything a record's pickle may name: the record class, numpy's array and scalar rebuilders, plain builtins."""
+
+
+class UnsafeRecord(Exception):
+    def __init__(self, module: str, name: str) -> None:
+        super().__init__(f"{module}.{name}")
+
+
+class _RecordUnpickler(pickle.Unpickler):
+    """Refuses every global but :data:`_ALLOWED_GLOBALS`, so loading a record cannot call arbitrary code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise UnsafeRecord(module, name)
+        return super().find_class(module, name)
+
+
+def load_record_bytes(data: bytes) -> Any:
+    """Unpickle ``data`` with the restricted unpickler (raises :class:`UnsafeRecord` on anything else)."""
+    return _RecordUnpickler(io.BytesIO(data)).load()
+
+
 def _read_record(path: Path) -> StateTrajectoryRecord:
     try:
-        with path.open("rb") as handle:
-            record = pickle.load(handle)
+        record = load_record_bytes(path.read_bytes())
+    except UnsafeRecord as unsafe:
+        raise MazerunError(
+            f"refusing to load {path}: it asks to run {unsafe}, which no trajectory record holds; "
+            "it was not written by mazerun (load only records you recorded or trust)"
+        ) from None
     except Exception as error:
         raise MazerunError(
             f"cannot read trajectory record {path}: {type(error).__name__}: {error}; "
@@ -218,3 +309,36 @@ def record_files(dir_or_file: str | Path | Sequence[str | Path]) -> list[Path]:
 def load_records(dir_or_file: str | Path | Sequence[str | Path]) -> list[StateTrajectoryRecord]:
     """Load every record from a file, a directory of ``*.pkl`` files, or a list of either."""
     return [_read_record(path) for path in record_files(dir_or_file)]
+
+
+def finished_recording(trajectory_dir: Path) -> dict | None:
+    """The rollout statistics of the recording in ``trajectory_dir`` if it finished, else None."""
+    stats_path = trajectory_dir.parent / STATS_FILE
+    try:
+        stats = json.loads(stats_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return stats if isinstance(stats, dict) and stats.get("finished") else None
+
+
+def find_newest_recording(root: Path = Path("outputs")) -> Path:
+    """The ``trajectory_data`` of the newest finished recording of an expert under ``root`` (and ``multirun/``).
+
+    A recording counts once its run wrote ``rollout_stats.json`` with ``finished: true``: a
+    rollout still being written, one stopped by Ctrl-C and a ``policy=torch_policy`` watch run
+    are never picked. Pass ``runner.dataset.dir_or_file`` to train on any of those.
+    """
+    candidates = []
+    for base in (root, root.parent / "multirun"):
+        if not base.is_dir():
+            continue
+        for path in base.glob(f"**/{TRAJECTORY_DIR}"):
+            stats = finished_recording(path)
+            if stats is not None and not str(stats.get("policy", "")).startswith("torch_policy"):
+                candidates.append(path)
+    if not candidates:
+        raise MazerunError(
+            f"no finished expert recording under {root.resolve()}; record some first with "
+            "`run env=LunarLander-v3 policy=heuristic`, or set runner.dataset.dir_or_file=<dir>"
+        )
+    return max(candidates, key=lambda path: (path.parent / STATS_FILE).stat().st_mtime)

@@ -25,13 +25,11 @@ from mazerun.config import DEFAULT_ENV_ID, PolicyConfig, RunConfig, RunnerConfig
 from mazerun.envs import check_display_for_human_render, is_minigrid, make_env, resolve_env_id
 from mazerun.errors import MazerunError
 from mazerun.policies import Policy, build_policy
-from mazerun.records import EpisodeBuilder, atomic_write_bytes, write_record
+from mazerun.records import STATS_FILE, TRAJECTORY_DIR, EpisodeBuilder, atomic_write_bytes, write_record
 
 log = logging.getLogger(__name__)
 
-TRAJECTORY_DIR = "trajectory_data"
 VIDEO_DIR = "videos"
-STATS_FILE = "rollout_stats.json"
 
 @dataclass(frozen=True)
 class RolloutSpec:
@@ -55,6 +53,7 @@ class EpisodeSummary:
     actions: np.ndarray
     success: bool | None
     record_path: str | None
+    policy: str
 
 
 class EpisodeFailed(Exception):
@@ -113,7 +112,7 @@ class EpisodePlayer:
         )
         record_path = None
         if self.spec.runner.record_trajectory:
-            record_path = str(write_record(record, self.records_dir))
+            record_path = str(write_record(record, self.records_dir, index))
         if frames is not None:
             write_video(frames, self.videos_dir / f"episode_{index:05d}_seed{seed}.mp4", env.metadata)
         return EpisodeSummary(
@@ -124,6 +123,7 @@ class EpisodePlayer:
             actions=record.actions,
             success=bool(terminated and reward > 0) if self.minigrid else None,
             record_path=record_path,
+            policy=policy.name,
         )
 
 
@@ -146,8 +146,9 @@ _player: EpisodePlayer | None = None
 
 
 def _init_worker(spec: RolloutSpec) -> None:
-    # The parent handles Ctrl-C: workers finish the episode in hand so no record is lost.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The parent handles Ctrl-C and SIGTERM: workers finish the episode in hand so no record is lost.
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_IGN)
     global _player
     _player = EpisodePlayer(spec, render_mode="rgb_array" if spec.runner.record_video else None)
 
@@ -223,10 +224,16 @@ def _run_parallel(spec: RolloutSpec, progress: tqdm) -> RolloutResult:
 def run_rollout(config: RunConfig, run_dir: Path) -> dict[str, float]:
     """`run` without an algorithm: the env is the one named, else the checkpoint's (torch_policy), else the default."""
     env_id = config.env.name
-    if env_id is None and config.policy.name == "torch_policy" and config.input_dir:
-        from mazerun.checkpoint import load_checkpoint  # torch is imported only for trained policies
+    if config.policy.name == "torch_policy":
+        import torch  # imported only for trained policies
 
-        env_id = load_checkpoint(config.input_dir).env_id
+        # One small forward pass per step: threads only add overhead. A thread pool started here
+        # would also deadlock the forked workers of the parallel runner.
+        torch.set_num_threads(1)
+        if env_id is None and config.input_dir:
+            from mazerun.checkpoint import load_checkpoint
+
+            env_id = load_checkpoint(config.input_dir).env_id
     return rollout(env_id or DEFAULT_ENV_ID, config.policy, config.runner, run_dir, input_dir=config.input_dir)
 
 
@@ -259,7 +266,9 @@ def rollout(
     stats = rollout_statistics(summaries)
     if summaries:
         print_fn(format_rollout_table(summaries, stats))
-        atomic_write_bytes(spec.run_dir / STATS_FILE, json.dumps(stats, indent=2).encode())
+        finished = not (result.interrupted or result.failures)
+        described = {**stats, "env_id": env_id, "policy": summaries[0].policy, "finished": finished}
+        atomic_write_bytes(spec.run_dir / STATS_FILE, json.dumps(described, indent=2).encode())
     if runner.record_trajectory and summaries:
         log.info("recorded %d episodes to %s", len(summaries), spec.run_dir / TRAJECTORY_DIR)
     if result.interrupted:

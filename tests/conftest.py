@@ -10,7 +10,13 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+import gymnasium as gym
 import pytest
+import torch
+
+from mazerun.checkpoint import save_checkpoint
+from mazerun.models import ModelConfig
+from mazerun.runsetup import model_config_dict
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -76,3 +82,14 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A scratch directory that is also the working directory (outputs/ lands there)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def save_network(
+    path: Path, network: torch.nn.Module, network_type: str, model_config: ModelConfig, env_id: str,
+    observation_space: gym.Space, action_space: gym.Space, algorithm: str, extra: dict | None = None,
+) -> Path:
+    """A checkpoint of ``network`` as a training run writes it (no training state)."""
+    save_checkpoint(path, model_state=network.state_dict(), model_config=model_config_dict(model_config, network_type),
+                    observation_space=observation_space, action_space=action_space, env_id=env_id,
+                    algorithm=algorithm, extra=extra or {})
+    return path

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import newest_run_dir, run_cli, run_ok, spawn_cli
+from conftest import newest_run_dir, run_cli, run_ok, save_network, spawn_cli
 from mazerun.algorithms.bc import BCConfig, BehaviouralCloning
 from mazerun.checkpoint import load_checkpoint, save_checkpoint
 from mazerun.config import PolicyConfig, RunnerConfig
@@ -23,7 +23,6 @@ from mazerun.models import ModelConfig
 from mazerun.policies.torch_policy import TorchPolicy
 from mazerun.records import EpisodeBuilder, load_records, write_record
 from mazerun.rollout import rollout
-from mazerun.training import save_run_checkpoint
 
 QUICK = ["algorithm.n_updates=20", "algorithm.eval_every=10", "runner.eval_repeats=2"]
 
@@ -99,8 +98,8 @@ def test_checkpoint_round_trip_gives_identical_actions(tmp_path: Path, lunar_rec
     sampler = BatchSampler(dataset, 64, seed=0)
     for _ in range(30):
         bc.update(sampler.sample())
-    save_run_checkpoint(tmp_path / "last.pt", bc.network, "actor_critic", ModelConfig(kind="vector_obs"), "LunarLander-v3",
-                        env.observation_space, env.action_space, "bc", None, extra={})
+    save_network(tmp_path / "last.pt", bc.network, "actor_critic", ModelConfig(kind="vector_obs"), "LunarLander-v3",
+                 env.observation_space, env.action_space, "bc")
     policy = TorchPolicy(str(tmp_path), "LunarLander-v3", env.action_space)
     observations = np.concatenate([record.observations for record in records])
     expected = bc.act(torch.as_tensor(observations), deterministic=True).numpy()
@@ -124,7 +123,7 @@ def _mixed_records(directory: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("case, message", [
-    ("nothing_recorded", "no recorded trajectory_data under"),
+    ("nothing_recorded", "no finished expert recording under"),
     ("empty_dir", "no trajectory records (*.pkl) in"),
     ("corrupt_pickle", "bad.pkl"),
     ("two_envs", "CartPole-v1"),
@@ -160,7 +159,7 @@ def test_bad_training_input_is_one_line_error(workdir: Path, lunar_records: Path
     elif case == "wrong_spaces":
         builder = EpisodeBuilder(np.zeros(3, dtype=np.float32))
         builder.add(0, 0.0, np.zeros(3, dtype=np.float32))
-        write_record(builder.build(terminated=True, truncated=False, env_id="LunarLander-v3", seed=0, policy="x"), workdir / "odd")
+        write_record(builder.build(terminated=True, truncated=False, env_id="LunarLander-v3", seed=0, policy="x"), workdir / "odd", 0)
         overrides = [f"runner.dataset.dir_or_file={workdir / 'odd'}"]
     result = run_cli("-cn", "conf_train", *QUICK, *overrides, cwd=workdir)
     assert result.returncode == 2, result.stderr
@@ -190,6 +189,6 @@ def test_ctrl_c_during_training_writes_last_checkpoint(workdir: Path, lunar_reco
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
-    assert "saved" in stderr and "Traceback" not in stderr
+    assert "last.pt holds update" in stderr and "continue with input_dir=" in stderr and "Traceback" not in stderr
     checkpoint = load_checkpoint(newest_run_dir(workdir) / "last.pt")
-    assert 0 < checkpoint.extra["update"] < 1000000
+    assert 0 < checkpoint.extra["step"] < 1000000

@@ -21,7 +21,7 @@ def test_format_table_widens_columns_for_large_cells():
     table = format_table(1234567, [("eval", "x" * 80, 123456789.0)])
     lines = table.splitlines()
     assert len({len(line) for line in lines}) == 1
-    assert lines[2] == f"1234567|eval      {'x' * 80}|123456789.000"
+    assert lines[2] == f"1234567|eval      {'x' * 80}|1.235e+08"
     assert lines[0].startswith("   step|path")
 
 

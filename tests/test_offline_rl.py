@@ -17,7 +17,7 @@ from mazerun.algorithms.base import follow_target, frozen_copy
 from mazerun.algorithms.cql import CQLConfig, conservative_loss, double_dqn_target, td_error_loss
 from mazerun.algorithms.iql import advantage_weights, expectile_loss, weighted_log_likelihood_loss
 from mazerun.checkpoint import load_checkpoint
-from mazerun.config import validate
+from mazerun.validation import validate
 from mazerun.data import BatchSampler, build_vocabulary, records_to_dataset
 from mazerun.envs import make_env
 from mazerun.errors import MazerunError
@@ -195,14 +195,14 @@ def test_cql_trains_on_the_newest_recording_and_its_q_network_rolls_out(datasets
     root, _, newest = datasets
     result = run_ok("-cn", "conf_train", "algorithm=cql", "algorithm.n_updates=50", "algorithm.eval_every=25",
                     *TINY, cwd=root)
-    assert f"training on the newest recording: {newest.relative_to(root)}" in result.stderr
+    assert f"training on the newest finished recording: {newest.relative_to(root)}" in result.stderr
     run_dir = newest_run_dir(root)
     assert {("train", "td_loss"), ("train", "conservative_loss"), ("train", "mean_q"),
             ("eval", "mean_return")} <= metrics_of(run_dir)
     assert list(run_dir.glob("events.out.tfevents.*"))
     best, last = load_checkpoint(run_dir / "best.pt"), load_checkpoint(run_dir / "last.pt")
     assert best.algorithm == "cql" and best.model_config["network"] == "q_network"
-    assert last.extra["update"] == 50
+    assert last.extra["step"] == 50
     roll_out(root, run_dir, "cql")
 
 

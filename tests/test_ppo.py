@@ -9,21 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import newest_run_dir, run_cli, run_ok
+from conftest import newest_run_dir, run_cli, run_ok, save_network
 from mazerun.algorithms.bc import BCConfig
-from mazerun.algorithms.ppo import CRITIC_PREFIXES, PPO, PPOConfig, RolloutBatch, compute_gae, log_prob_and_entropy
+from mazerun.algorithms.ppo import PPO, PPOConfig, RolloutBatch, compute_gae, log_prob_and_entropy
 from mazerun.checkpoint import load_checkpoint
 from mazerun.cli import execute
-from mazerun.config import DatasetConfig, EnvConfig, PolicyConfig, RunConfig, RunnerConfig, validate
-from mazerun.envs import make_env
+from mazerun.config import DatasetConfig, PolicyConfig, RunConfig, RunnerConfig
+from mazerun.envs import make_env, make_vector_env
 from mazerun.errors import MazerunError
 from mazerun.evaluation import evaluate
+from mazerun.loops.onpolicy import RolloutBuffer, RolloutCollector
 from mazerun.metrics import read_metrics_csv
-from mazerun.models import ModelConfig, build_actor_critic, build_q_network, obs_to_tensor
-from mazerun.onpolicy import RolloutBuffer, RolloutCollector, make_vector_env, train_on_policy
-from mazerun.policies.torch_policy import build_network
+from mazerun.models import CRITIC_PREFIXES, ModelConfig, build_actor_critic, build_network, build_q_network, obs_to_tensor
 from mazerun.rollout import rollout
-from mazerun.training import save_run_checkpoint, train
+from mazerun.train import train
+from mazerun.validation import validate
 
 TINY = ["algorithm.n_steps=32", "algorithm.batch_size=32", "runner.n_envs=2", "runner.max_episode_steps=50",
         "runner.eval_repeats=2", "model.hidden_sizes=[16,16]"]
@@ -33,8 +33,9 @@ TINY = ["algorithm.n_steps=32", "algorithm.batch_size=32", "runner.n_envs=2", "r
 def tiny_config(input_dir: Path | None = None, total_steps: int = 128, burn_in: int = 0) -> RunConfig:
     """The in-process equivalent of `run algorithm=ppo <TINY> algorithm.total_steps=128 algorithm.eval_every=64`."""
     return RunConfig(
-        algorithm=PPOConfig(n_steps=32, batch_size=32, total_steps=total_steps, eval_every=64),
-        runner=RunnerConfig(n_envs=2, max_episode_steps=50, eval_repeats=2, critic_burn_in_epochs=burn_in),
+        algorithm=PPOConfig(n_steps=32, batch_size=32, total_steps=total_steps, eval_every=64,
+                            critic_burn_in_epochs=burn_in),
+        runner=RunnerConfig(n_envs=2, max_episode_steps=50, eval_repeats=2),
         input_dir=None if input_dir is None else str(input_dir), model={"hidden_sizes": [16, 16]}, device="cpu",
     )
 
@@ -100,18 +101,20 @@ def linear_critic_network(env: gym.vector.VectorEnv) -> torch.nn.Module:
 @pytest.mark.parametrize("vector", ["sync", "async"])
 def test_rollout_marks_episode_ends_and_bootstraps_truncation_from_the_final_observation(vector: str) -> None:
     n_envs, n_steps, limit, gamma, seed = 2, 40, 9, 0.9, 3
-    envs = make_vector_env("CartPole-v1", n_envs, vector, limit)
+    envs = make_vector_env("CartPole-v1", n_envs, vector, limit, seed=seed)
     network = linear_critic_network(envs)
     buffer = RolloutBuffer(n_steps, n_envs, envs.single_observation_space, envs.single_action_space, torch.device("cpu"))
     try:
-        collector = RolloutCollector(envs, network, envs.single_observation_space, None, torch.device("cpu"), gamma, seed)
+        collector = RolloutCollector(envs, network, envs.single_observation_space, None, torch.device("cpu"), gamma,
+                                     torch.Generator().manual_seed(0))
         collector.collect(buffer)
     finally:
         envs.close()
 
     counts = {"terminated": 0, "truncated": 0}
-    for index in range(n_envs):  # replay each env alone with the same seed and actions
+    for index in range(n_envs):  # replay each env alone with the same seeds and actions
         env = make_env("CartPole-v1", max_episode_steps=limit)
+        episode = 0
         observation, _ = env.reset(seed=seed + index)
         for t in range(n_steps):
             np.testing.assert_allclose(buffer.observations[t, index].numpy(), observation, rtol=0, atol=0)
@@ -124,10 +127,11 @@ def test_rollout_marks_episode_ends_and_bootstraps_truncation_from_the_final_obs
             assert buffer.dones[t, index] == float(terminated or truncated)
             if terminated or truncated:
                 counts["terminated" if terminated else "truncated"] += 1
-                observation, _ = env.reset()  # the next stored observation is the new episode's first
+                episode += 1  # copy i plays its episodes on seeds seed + i, seed + i + n_envs, ...
+                observation, _ = env.reset(seed=seed + index + episode * n_envs)
         env.close()
     assert counts["terminated"] > 0 and counts["truncated"] > 0, counts
-    metrics = collector.episode_metrics()
+    metrics = collector.episodes.episode_metrics()
     assert metrics["episodes"] == counts["terminated"] + counts["truncated"]
     assert metrics["episode_length"] <= limit
 
@@ -141,7 +145,8 @@ def test_continuous_actions_are_clipped_for_the_env_but_stored_as_sampled() -> N
         network.log_std.fill_(1.0)  # std e: many samples fall outside [-1, 1]
     buffer = RolloutBuffer(16, 2, envs.single_observation_space, envs.single_action_space, torch.device("cpu"))
     try:
-        RolloutCollector(envs, network, envs.single_observation_space, None, torch.device("cpu"), 0.99, 0).collect(buffer)
+        RolloutCollector(envs, network, envs.single_observation_space, None, torch.device("cpu"), 0.99,
+                         torch.Generator().manual_seed(0)).collect(buffer)
     finally:
         envs.close()
     assert buffer.actions.shape == (16, 2, 2)
@@ -220,7 +225,7 @@ def test_scratch_run_through_the_cli_writes_checkpoints_metrics_and_curve(workdi
     last = load_checkpoint(run_dir / "last.pt")
     assert last.algorithm == "ppo" and last.env_id == "LunarLander-v3"
     assert last.model_config["network"] == "actor_critic" and last.model_config["hidden_sizes"] == [16, 16]
-    assert last.extra["step"] == 128 and last.extra["iteration"] == 2
+    assert last.extra["step"] == 128 and last.extra["training_state"]["iteration"] == 2
     # the scratch network keeps the identity normalisation (rl-zoo does not normalise LunarLander)
     assert torch.equal(last.model_state["actor_encoder.obs_std"], torch.ones(8))
 
@@ -244,7 +249,8 @@ def test_fine_tune_through_the_cli_starts_from_the_clone(workdir: Path, bc_run: 
     # the first evaluation is the clone's own, on the same seeds
     checkpoint = load_checkpoint(bc_run)
     values = dict(checkpoint.model_config)
-    clone = build_network(values.pop("network"), values, checkpoint.observation_space, checkpoint.action_space, None)
+    clone = build_network(values.pop("network"), ModelConfig(**values), checkpoint.observation_space,
+                          checkpoint.action_space)
     clone.load_state_dict(checkpoint.model_state)
     own = evaluate(lambda obs: clone.act(obs, deterministic=True), "LunarLander-v3", 3,
                    observation_space=checkpoint.observation_space, vocabulary=None, device="cpu", max_episode_steps=50)
@@ -253,7 +259,7 @@ def test_fine_tune_through_the_cli_starts_from_the_clone(workdir: Path, bc_run: 
 
 
 def test_critic_burn_in_keeps_the_clone_bit_identical_and_its_normalisation(tmp_path: Path, bc_run: Path) -> None:
-    train_on_policy(tiny_config(bc_run, burn_in=2), tmp_path)
+    train(tiny_config(bc_run, burn_in=2), tmp_path)
     clone, tuned = policy_state(bc_run / "best.pt"), policy_state(tmp_path / "last.pt")
     assert clone.keys() == tuned.keys()
     for name, value in clone.items():
@@ -263,21 +269,24 @@ def test_critic_burn_in_keeps_the_clone_bit_identical_and_its_normalisation(tmp_
 
 def test_continuing_a_run_restores_optimizer_state_and_step_count(tmp_path: Path) -> None:
     first, second = tmp_path / "first", tmp_path / "second"
-    train_on_policy(tiny_config(), first)
+    train(tiny_config(), first)
     # a continued run goes on from step 128 to 256 with the first run's Adam moments
-    train_on_policy(tiny_config(first, total_steps=256), second)
+    train(tiny_config(first, total_steps=256), second)
     before, after = load_checkpoint(first / "last.pt").extra, load_checkpoint(second / "last.pt").extra
-    assert (before["step"], before["iteration"]) == (128, 2)
-    assert (after["step"], after["iteration"]) == (256, 4)
+    assert (before["step"], before["training_state"]["iteration"]) == (128, 2)
+    assert (after["step"], after["training_state"]["iteration"]) == (256, 4)
     updates_per_run = 2 * 4 * (64 // 32)  # iterations * epochs * minibatches
-    adam_steps = [float(state["step"]) for state in after["optimizer"]["state"].values()]
+    adam_steps = [float(state["step"]) for state in after["training_state"]["algorithm"]["optimizer"]["state"].values()]
     assert adam_steps and all(step == 2 * updates_per_run for step in adam_steps)
-    assert [step for step, _ in after["eval_history"]] == [0, 64, 128, 192, 256]
+    # the continued run's metrics.csv holds the whole history, evaluated once per step
     steps = [row["step"] for row in read_metrics_csv(second / "metrics.csv") if row["metric"] == "mean_return"]
-    assert steps == [128, 192, 256]
+    assert steps == [0, 64, 128, 192, 256]
 
 
-def test_ctrl_c_saves_an_intact_last_checkpoint_to_continue_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_split_by_ctrl_c_and_continued_equals_the_uninterrupted_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train(tiny_config(total_steps=192), tmp_path / "whole")
     calls = {"n": 0}
     update = PPO.update
 
@@ -288,13 +297,22 @@ def test_ctrl_c_saves_an_intact_last_checkpoint_to_continue_from(tmp_path: Path,
         return update(self, *args, **kwargs)
 
     monkeypatch.setattr(PPO, "update", interrupted)
-    with pytest.raises(KeyboardInterrupt, match="stopped at step 64; saved .*last.pt"):
-        train_on_policy(tiny_config(), tmp_path / "stopped")
+    with pytest.raises(KeyboardInterrupt, match="at step 64; .*last.pt holds step 64"):
+        train(tiny_config(total_steps=192), tmp_path / "stopped")
     assert load_checkpoint(tmp_path / "stopped" / "last.pt").extra["step"] == 64
     assert (tmp_path / "stopped" / "learning_curve.png").is_file()
     monkeypatch.setattr(PPO, "update", update)
-    train_on_policy(tiny_config(tmp_path / "stopped"), tmp_path / "resumed")
-    assert load_checkpoint(tmp_path / "resumed" / "last.pt").extra["step"] == 128
+    train(tiny_config(tmp_path / "stopped", total_steps=192), tmp_path / "resumed")
+
+    whole, resumed = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert resumed.extra["step"] == 192
+    for name, value in whole.model_state.items():
+        assert torch.equal(value, resumed.model_state[name]), name
+
+    def rows(run: str) -> list[dict]:  # steps per second are the wall clock's, not the run's
+        return [row for row in read_metrics_csv(tmp_path / run / "metrics.csv") if row["metric"] != "sps"]
+
+    assert rows("resumed") == rows("whole")
 
 
 # ---------------------------------------------------------------------------------------- bad input
@@ -305,8 +323,8 @@ def q_network_run(directory: Path) -> Path:
     env = make_env("LunarLander-v3")
     config = ModelConfig(kind="vector_obs", hidden_sizes=(4,))
     network = build_q_network(config, env.observation_space, env.action_space)
-    save_run_checkpoint(directory / "best.pt", network, "q_network", config, "LunarLander-v3", env.observation_space,
-                        env.action_space, "cql", None, extra={})
+    save_network(directory / "best.pt", network, "q_network", config, "LunarLander-v3", env.observation_space,
+                 env.action_space, "cql")
     return directory
 
 
@@ -315,7 +333,7 @@ BAD_INPUT = [
     ({"input_dir": "{empty}"}, "no checkpoint"),
     ({"env": {"name": "CartPole-v1"}, "input_dir": "{bc}"}, "differs from LunarLander-v3"),
     ({"env": {"name": "LunarLanderContinuous-v3"}, "input_dir": "{bc}"}, "discrete actions"),
-    ({"input_dir": "{cql}"}, "PPO fine-tunes an actor_critic"),
+    ({"input_dir": "{cql}"}, "holds a q_network (cql) and ppo trains an actor_critic"),
     ({"algorithm": {"total_steps": 0}}, "algorithm.total_steps=0 must be > 0"),
     ({"algorithm": {"batch_size": 64}, "runner": {"n_envs": 3}}, "use algorithm.batch_size=48 or 96"),
     ({"algorithm": {"gamma": 1.5}}, "algorithm.gamma=1.5 must lie in [0, 1]"),
@@ -345,9 +363,9 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(
 
 
 def test_continuing_a_finished_run_says_to_raise_total_steps(tmp_path: Path) -> None:
-    train_on_policy(tiny_config(), tmp_path / "done")
+    train(tiny_config(), tmp_path / "done")
     with pytest.raises(MazerunError, match="raise algorithm.total_steps"):
-        train_on_policy(tiny_config(tmp_path / "done"), tmp_path / "again")
+        train(tiny_config(tmp_path / "done"), tmp_path / "again")
     assert not (tmp_path / "again").exists()
 
 

@@ -21,7 +21,7 @@ def _episode(steps: int = 3, *, truncated: bool = False):
 
 def test_record_round_trips_and_iterates_as_steps(tmp_path: Path) -> None:
     record = _episode()
-    path = write_record(record, tmp_path)
+    path = write_record(record, tmp_path, 0)
     [loaded] = load_records(path)
     np.testing.assert_array_equal(loaded.observations, record.observations)
     assert loaded.episode_return == 6.0 and loaded.format_version == RECORD_FORMAT_VERSION
@@ -51,13 +51,13 @@ def test_reader_names_unreadable_foreign_and_outdated_files(tmp_path: Path) -> N
         load_records(tmp_path / "foreign.pkl")
     old = _episode()
     old.format_version = 0
-    path = write_record(old, tmp_path / "old")
+    path = write_record(old, tmp_path / "old", 0)
     with pytest.raises(MazerunError, match="record format version 0"):
         load_records(path)
     broken = _episode()
     broken.rewards = broken.rewards[:-1]
     with pytest.raises(MazerunError, match="2 rewards for 3 actions"):
-        load_records(write_record(broken, tmp_path / "broken"))
+        load_records(write_record(broken, tmp_path / "broken", 0))
 
 
 def test_reader_rejects_empty_and_missing_directories(tmp_path: Path) -> None:
@@ -69,8 +69,8 @@ def test_reader_rejects_empty_and_missing_directories(tmp_path: Path) -> None:
 
 
 def test_reader_takes_a_list_of_sources(tmp_path: Path) -> None:
-    write_record(_episode(), tmp_path / "a")
-    write_record(_episode(), tmp_path / "b")
+    write_record(_episode(), tmp_path / "a", 0)
+    write_record(_episode(), tmp_path / "b", 0)
     assert len(load_records([tmp_path / "a", str(tmp_path / "b")])) == 2
 
 
@@ -82,7 +82,7 @@ def test_interrupted_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(records.os, "replace", explode)
     with pytest.raises(KeyboardInterrupt):
-        write_record(_episode(), tmp_path)
+        write_record(_episode(), tmp_path, 0)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -91,4 +91,4 @@ def test_records_get_the_usual_file_permissions(tmp_path: Path) -> None:
 
     umask = os.umask(0)
     os.umask(umask)
-    assert (write_record(_episode(), tmp_path).stat().st_mode & 0o777) == 0o666 & ~umask
+    assert (write_record(_episode(), tmp_path, 0).stat().st_mode & 0o777) == 0o666 & ~umask

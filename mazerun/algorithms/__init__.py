@@ -1,7 +1,9 @@
 """The algorithms `run algorithm=<name>` can train, each one file: its config and its update.
 
-Each algorithm module defines ``Config`` (a dataclass with a ``check()``) and ``Algorithm``;
-modules are imported on first use so that a run loads only the algorithm it trains.
+Each algorithm module defines ``Config`` (a dataclass with a ``check(prefix)`` and a ``loop``
+class attribute naming the training loop that drives it: ``offline``, ``on_policy`` or
+``interactive``) and ``Algorithm``. Modules are imported on first use, so a run loads only the
+algorithm it trains.
 """
 
 from __future__ import annotations
@@ -13,24 +15,25 @@ from typing import Any
 from mazerun.config import structured
 from mazerun.errors import MazerunError
 
-OFFLINE_ALGORITHMS = {"bc": "mazerun.algorithms.bc", "cql": "mazerun.algorithms.cql", "iql": "mazerun.algorithms.iql"}
-"""Algorithms that learn from recorded trajectories in the shared offline loop."""
+ALGORITHMS = {
+    "bc": "mazerun.algorithms.bc",
+    "cql": "mazerun.algorithms.cql",
+    "iql": "mazerun.algorithms.iql",
+    "ppo": "mazerun.algorithms.ppo",
+    "dagger": "mazerun.algorithms.dagger",
+}
 
-ON_POLICY_ALGORITHMS = {"ppo": "mazerun.algorithms.ppo"}
-"""Algorithms that learn from their own interaction with vectorised environments."""
 
-
-def algorithm_module(name: str) -> ModuleType:
+def algorithm_module(name: str, prefix: str = "algorithm") -> ModuleType:
     """The module of algorithm ``name`` (its ``Config`` and ``Algorithm``)."""
-    modules = {**OFFLINE_ALGORITHMS, **ON_POLICY_ALGORITHMS}
-    if name not in modules:
-        raise MazerunError(f"algorithm.name={name!r} is unknown; choose one of {', '.join(sorted(modules))}")
-    return importlib.import_module(modules[name])
+    if name not in ALGORITHMS:
+        raise MazerunError(f"{prefix}.name={name!r} is unknown; choose one of {', '.join(sorted(ALGORITHMS))}")
+    return importlib.import_module(ALGORITHMS[name])
 
 
-def validate_algorithm(values: Any) -> Any:
-    """The algorithm section as its config dataclass, range-checked."""
+def algorithm_config(values: Any, prefix: str = "algorithm") -> Any:
+    """An algorithm section (``algorithm`` or a pipeline stage) as its config dataclass, range-checked."""
     name = values.get("name") if isinstance(values, dict) else None
-    config = structured(algorithm_module(str(name)).Config, values, "algorithm")
-    config.check()
+    config = structured(algorithm_module(str(name), prefix).Config, values, prefix)
+    config.check(prefix)
     return config

@@ -1,40 +1,59 @@
-"""What the shared training loops need from an algorithm, and the settings all offline ones share."""
+"""What the offline loop needs from an algorithm, the settings all offline ones share, and their shared step."""
 
 from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import torch
 from torch import nn
 
-from mazerun.config import check_algorithm_fields
+from mazerun.config import check_fields
 from mazerun.data import TransitionBatch
 from mazerun.errors import MazerunError
-from mazerun.models import ModelInput
+from mazerun.models import ModelConfig, ModelInput, Vocabulary
 
 
 @dataclass
 class OfflineConfig:
     """Budget and optimiser settings of every algorithm that learns from records."""
 
+    loop: ClassVar[str] = "offline"
+    """The training loop that drives the algorithm: offline, on_policy or interactive."""
+    budget_key: ClassVar[str] = "n_updates"
+    step_unit: ClassVar[str] = "update"
+    """What the budget counts."""
+    implicit_dataset: ClassVar[bool] = True
+    """Without runner.dataset.dir_or_file, train on the newest finished recording."""
+    imitates: ClassVar[bool] = False
+    """True for algorithms that learn the expert's labels (BC): unlabelled transitions are dropped."""
+
     name: str = "bc"
     n_updates: int = 5000
-    """Gradient steps in total."""
+    """Gradient steps in total; a continued run trains up to this many (budgets are totals)."""
     batch_size: int = 256
     lr: float = 3e-4
     eval_every: int = 1000
-    """Updates between two reports (train/validation metrics, evaluation rollout, checkpoint)."""
+    """Updates between two reports (train/validation metrics, evaluation rollout, checkpoints)."""
     validation_percentage: float = 0.0
     """Share of episodes held out for validation metrics; 0 = none (the best model is then picked by eval return)."""
 
-    def check(self) -> None:
-        check_algorithm_fields(self, positive=("n_updates", "batch_size", "lr", "eval_every"))
+    @property
+    def budget(self) -> int:
+        return self.n_updates
+
+    @property
+    def needs_dataset(self) -> bool:
+        return True
+
+    def check(self, prefix: str = "algorithm") -> None:
+        check_fields(self, prefix, positive=("n_updates", "batch_size", "lr", "eval_every"))
         if not 0 <= self.validation_percentage < 100:
             raise MazerunError(
-                f"algorithm.validation_percentage={self.validation_percentage} is outside [0, 100); "
+                f"{prefix}.validation_percentage={self.validation_percentage} is outside [0, 100); "
                 "use e.g. 10 to hold out a tenth of the episodes, or 0 for no validation"
             )
 
@@ -55,12 +74,12 @@ class ValueLearningConfig(OfflineConfig):
     tau=1 with an interval of N is a hard copy every N updates, tau<1 with an interval of 1 is
     Polyak averaging after every update."""
 
-    def check(self) -> None:
-        super().check()
-        check_algorithm_fields(self, positive=("target_update_interval",), unit_interval=("gamma",))
+    def check(self, prefix: str = "algorithm") -> None:
+        super().check(prefix)
+        check_fields(self, prefix, positive=("target_update_interval",), unit_interval=("gamma",))
         if not 0.0 < self.tau <= 1.0:
             raise MazerunError(
-                f"algorithm.tau={self.tau} must lie in (0, 1]: 1 copies the online network into the "
+                f"{prefix}.tau={self.tau} must lie in (0, 1]: 1 copies the online network into the "
                 "target every target_update_interval updates, e.g. 0.005 averages it in slowly"
             )
 
@@ -100,15 +119,31 @@ def follow_target(target: nn.Module, online: nn.Module, update: int, config: Val
 
 
 class OfflineAlgorithm(ABC):
-    """One learner driven by :func:`mazerun.training.train_offline`: a gradient step per batch.
+    """One learner driven by the offline loop: a gradient step per batch.
 
-    ``network`` is what acts and what checkpoints store (its kind in ``network_type``); any
-    other networks (targets, critics) and optimisers live in :meth:`training_state`.
+    ``network`` is what acts and what checkpoints store (its kind in ``network_type``); every
+    other network (targets, critics) and the optimiser are part of :meth:`training_state`, so a
+    continued run picks up exactly where the last one stopped. Subclasses build their networks
+    and ``self.optimizer`` and write their loss in :meth:`losses`; the step around it is shared.
     """
 
     network: nn.Module
     network_type: str
     """``actor_critic`` or ``q_network``: how :func:`mazerun.models.build_network` rebuilds it."""
+    optimizer: torch.optim.Optimizer
+
+    def __init__(
+        self,
+        config: Any,
+        model_config: ModelConfig,
+        observation_space: gym.Space,
+        action_space: gym.Space,
+        vocabulary: Vocabulary | None,
+        device: torch.device,
+    ) -> None:
+        self.config = config
+        self.updates = 0
+        """Gradient steps taken so far (continued runs included)."""
 
     def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Standardise vector observations in every network of the algorithm with the dataset's statistics."""
@@ -124,9 +159,22 @@ class OfflineAlgorithm(ABC):
     def losses(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss to minimise on ``batch`` and its detached scalar metrics."""
 
-    @abstractmethod
     def update(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
-        """One gradient step; returns detached scalar metrics (averaged over a report window)."""
+        """One gradient step on ``batch``; returns detached scalar metrics (averaged over a report window)."""
+        loss, metrics = self.losses(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.after_backward(metrics)
+        self.optimizer.step()
+        self.updates += 1
+        self.after_step()
+        return metrics
+
+    def after_backward(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Gradient metrics, read between backward and step; none by default."""
+
+    def after_step(self) -> None:
+        """Work due after each gradient step, e.g. a target network following the online one."""
 
     @torch.no_grad()
     def validation_metrics(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
@@ -144,3 +192,17 @@ class OfflineAlgorithm(ABC):
     def selection_metric(self, has_validation: bool) -> tuple[str, str]:
         """Which logged metric picks the best checkpoint, and whether lower ("min") or higher ("max") wins."""
         return ("eval/mean_return", "max")
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything but the acting network that a continued run needs: the other networks, the optimiser, the step count."""
+        state: dict[str, Any] = {"updates": self.updates}
+        for name, value in vars(self).items():
+            if name != "network" and isinstance(value, (nn.Module, torch.optim.Optimizer)):
+                state[name] = value.state_dict()
+        return state
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.updates = int(state["updates"])
+        for name, value in vars(self).items():
+            if name != "network" and isinstance(value, (nn.Module, torch.optim.Optimizer)):
+                value.load_state_dict(state[name])

@@ -27,7 +27,6 @@ from mazerun.algorithms.base import OfflineAlgorithm, ValueLearningConfig, follo
 from mazerun.data import TransitionBatch
 from mazerun.errors import MazerunError
 from mazerun.models import ModelConfig, ModelInput, Vocabulary, build_q_network
-from mazerun.policies.torch_policy import greedy_or_sampled
 
 TD_LOSSES = ("huber", "mse")
 
@@ -42,12 +41,12 @@ class CQLConfig(ValueLearningConfig):
     td_loss: str = "huber"
     """huber (robust to the large rewards of crashes and landings) or mse."""
 
-    def check(self) -> None:
-        super().check()
+    def check(self, prefix: str = "algorithm") -> None:
+        super().check(prefix)
         if self.alpha < 0:
-            raise MazerunError(f"algorithm.alpha={self.alpha} must be >= 0 (0 is double DQN without the conservative term)")
+            raise MazerunError(f"{prefix}.alpha={self.alpha} must be >= 0 (0 is double DQN without the conservative term)")
         if self.td_loss not in TD_LOSSES:
-            raise MazerunError(f"algorithm.td_loss={self.td_loss!r} is unknown; use {' or '.join(TD_LOSSES)}")
+            raise MazerunError(f"{prefix}.td_loss={self.td_loss!r} is unknown; use {' or '.join(TD_LOSSES)}")
 
 
 def double_dqn_target(
@@ -87,11 +86,10 @@ class ConservativeQLearning(OfflineAlgorithm):
         vocabulary: Vocabulary | None,
         device: torch.device,
     ) -> None:
-        self.config = config
+        super().__init__(config, model_config, observation_space, action_space, vocabulary, device)
         self.network = build_q_network(model_config, observation_space, action_space, vocabulary).to(device)
         self.target_network = frozen_copy(self.network)
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.lr, fused=True)
-        self.updates = 0
 
     def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
         super().load_network_state(state)
@@ -115,19 +113,12 @@ class ConservativeQLearning(OfflineAlgorithm):
         }
         return loss, metrics
 
-    def update(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
-        loss, metrics = self.losses(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.updates += 1
+    def after_step(self) -> None:
         follow_target(self.target_network, self.network, self.updates, self.config)
-        return metrics
 
-    @torch.no_grad()
     def act(self, observations: ModelInput, deterministic: bool = True) -> torch.Tensor:
         """Greedy in Q (softmax-sampled otherwise): the rule ``policy=torch_policy`` applies to the checkpoint."""
-        return greedy_or_sampled(self.network, observations, deterministic)
+        return self.network.act(observations, deterministic)
 
 
 Config = CQLConfig

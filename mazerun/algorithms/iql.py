@@ -31,7 +31,7 @@ from torch import nn
 from torch.distributions import Distribution
 
 from mazerun.algorithms.base import OfflineAlgorithm, ValueLearningConfig, follow_target, frozen_copy
-from mazerun.config import check_algorithm_fields
+from mazerun.config import check_fields
 from mazerun.data import TransitionBatch
 from mazerun.errors import MazerunError
 from mazerun.models import (
@@ -60,12 +60,12 @@ class IQLConfig(ValueLearningConfig):
     max_weight: float = 100.0
     """Cap of the advantage weights, so that a few transitions cannot dominate a batch."""
 
-    def check(self) -> None:
-        super().check()
-        check_algorithm_fields(self, positive=("beta", "max_weight"))
+    def check(self, prefix: str = "algorithm") -> None:
+        super().check(prefix)
+        check_fields(self, prefix, positive=("beta", "max_weight"))
         if not 0.0 < self.expectile < 1.0:
             raise MazerunError(
-                f"algorithm.expectile={self.expectile} must lie in (0, 1): 0.5 regresses V to the mean of Q, "
+                f"{prefix}.expectile={self.expectile} must lie in (0, 1): 0.5 regresses V to the mean of Q, "
                 "0.7-0.9 towards the best recorded actions"
             )
 
@@ -115,18 +115,14 @@ class ImplicitQLearning(OfflineAlgorithm):
         vocabulary: Vocabulary | None,
         device: torch.device,
     ) -> None:
-        self.config = config
+        super().__init__(config, model_config, observation_space, action_space, vocabulary, device)
         self.network = build_actor_critic(model_config, observation_space, action_space, vocabulary).to(device)
         self.q_network = build_q_network(model_config, observation_space, action_space, vocabulary).to(device)
         self.target_q_network = frozen_copy(self.q_network)
         self.value_network = ValueNetwork(model_config, observation_space, vocabulary).to(device)
         # The policy's own critic stays untouched (as in BC) until PPO trains it.
-        actor_parameters = [
-            parameter for name, parameter in self.network.named_parameters() if not name.startswith(("critic_", "value_"))
-        ]
-        parameters = [*actor_parameters, *self.q_network.parameters(), *self.value_network.parameters()]
+        parameters = [*self.network.actor_parameters(), *self.q_network.parameters(), *self.value_network.parameters()]
         self.optimizer = torch.optim.Adam(parameters, lr=config.lr, fused=True)
-        self.updates = 0
 
     def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
         """Start the policy from an earlier run; Q and V, trained from scratch, take its observation statistics."""
@@ -163,14 +159,8 @@ class ImplicitQLearning(OfflineAlgorithm):
         }
         return loss, metrics
 
-    def update(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
-        loss, metrics = self.losses(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.updates += 1
+    def after_step(self) -> None:
         follow_target(self.target_q_network, self.q_network, self.updates, self.config)
-        return metrics
 
     def act(self, observations: ModelInput, deterministic: bool = True) -> torch.Tensor:
         return self.network.act(observations, deterministic)

@@ -15,6 +15,11 @@ and then takes ``n_epochs`` passes of minibatch gradient steps on
     loss     =  L_policy - ent_coef * E[ H(pi(. | s_t)) ] + vf_coef * L_value
 
 with advantages standardised per minibatch and the gradient norm clipped to ``max_grad_norm``.
+With ``imitation_coef > 0`` a batch of recorded demonstrations is drawn beside every minibatch
+and ``imitation_coef * -E_demo[ log pi(a_demo | s_demo) ]`` joins the loss: the behavioural
+cloning term that keeps a fine-tuned clone from forgetting its teacher while PPO moves it. The
+learning rate, the clip range ``eps`` and ``imitation_coef`` each stay constant or decay
+linearly to 0 at ``total_steps``.
 The value loss has no 1/2 factor, as in Stable-Baselines3, so rl-zoo's tuned coefficients
 mean the same here. An episode cut off by a time limit is not an ending the agent caused: the
 rollout adds ``gamma * V(final observation)`` to the reward of its last step, and GAE then
@@ -24,29 +29,35 @@ treats the step as done (the observation after it belongs to the next episode).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, ClassVar, NamedTuple, Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.distributions import Categorical, Distribution
 
-from mazerun.config import check_algorithm_fields
+from mazerun.algorithms.bc import imitation_loss
+from mazerun.config import check_fields
+from mazerun.data import TransitionBatch
 from mazerun.errors import MazerunError
 from mazerun.models import ActorCritic, ModelInput
-
-LR_SCHEDULES = ("constant", "linear")
-CRITIC_PREFIXES = ("critic_", "value_head")
-"""Parameter names of the value function; everything else acts (and BC trained it)."""
+from mazerun.schedules import SCHEDULE_KINDS, LinearSchedule
 
 
 @dataclass
 class PPOConfig:
     """PPO's settings; the defaults are rl-zoo's tuned values for LunarLander."""
 
+    loop: ClassVar[str] = "on_policy"
+    budget_key: ClassVar[str] = "total_steps"
+    step_unit: ClassVar[str] = "step"
+    implicit_dataset: ClassVar[bool] = False
+    """Demonstrations for the imitation term must be named (runner.dataset.dir_or_file)."""
+
     name: str = "ppo"
     total_steps: int = 1_000_000
-    """Environment steps in total, over all envs; rounded up to whole rollouts (n_steps * n_envs)."""
+    """Environment steps in total, over all envs; rounded up to whole rollouts (n_steps * n_envs).
+    A continued run trains up to this many (budgets are totals)."""
     n_steps: int = 1024
     """Steps per environment in one rollout."""
     batch_size: int = 64
@@ -60,29 +71,49 @@ class PPOConfig:
     gae_lambda: float = 0.98
     clip_range: float = 0.2
     """eps of the clipped surrogate."""
+    clip_schedule: str = "constant"
+    """constant, or linear: eps decays to 0 at total_steps (AllenAct's clip decay)."""
     clip_vf: Optional[float] = None
     """Clip the value update around the rollout's values by this much; null: no clipping."""
     ent_coef: float = 0.01
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
     normalize_advantage: bool = True
+    critic_burn_in_epochs: int = 0
+    """Fine-tuning: the first iterations train only the critic, the policy frozen."""
+    imitation_coef: float = 0.0
+    """Weight of a behavioural cloning loss on recorded demonstrations (runner.dataset.dir_or_file); 0: none."""
+    imitation_schedule: str = "constant"
+    """constant, or linear: imitation_coef decays to 0 at total_steps."""
+    imitation_batch_size: int = 64
+    """Demonstrations drawn beside each minibatch."""
     eval_every: int = 50_000
-    """Environment steps between evaluations (and checkpoints); the first one is at step 0."""
+    """Environment steps between evaluations; the first one is at step 0."""
 
-    def check(self) -> None:
-        check_algorithm_fields(
-            self,
+    @property
+    def budget(self) -> int:
+        return self.total_steps
+
+    @property
+    def needs_dataset(self) -> bool:
+        return self.imitation_coef > 0
+
+    def check_spaces(self, observation_space: Any, action_space: Any) -> None:
+        """PPO learns in any env the models read."""
+
+    def check(self, prefix: str = "algorithm") -> None:
+        check_fields(
+            self, prefix,
             positive=("total_steps", "n_steps", "batch_size", "n_epochs", "lr", "clip_range", "max_grad_norm",
-                      "eval_every"),
+                      "eval_every", "imitation_batch_size"),
             unit_interval=("gamma", "gae_lambda"),
+            non_negative=("ent_coef", "vf_coef", "critic_burn_in_epochs", "imitation_coef"),
         )
-        for key in ("ent_coef", "vf_coef"):
-            if getattr(self, key) < 0:
-                raise MazerunError(f"algorithm.{key}={getattr(self, key)} must be >= 0")
         if self.clip_vf is not None and self.clip_vf <= 0:
-            raise MazerunError(f"algorithm.clip_vf={self.clip_vf} must be > 0, or null for no value clipping")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise MazerunError(f"algorithm.lr_schedule={self.lr_schedule!r} is unknown; use constant or linear")
+            raise MazerunError(f"{prefix}.clip_vf={self.clip_vf} must be > 0, or null for no value clipping")
+        for key in ("lr_schedule", "clip_schedule", "imitation_schedule"):
+            if getattr(self, key) not in SCHEDULE_KINDS:
+                raise MazerunError(f"{prefix}.{key}={getattr(self, key)!r} is unknown; use constant or linear")
 
 
 def compute_gae(
@@ -144,29 +175,54 @@ def log_prob_and_entropy(distribution: Distribution, actions: torch.Tensor) -> t
 
 
 class PPO:
-    """The PPO learner: one :class:`ActorCritic`, one Adam optimiser over all of it."""
+    """The PPO learner: one :class:`ActorCritic`, one Adam optimiser over all of it, and its schedules.
+
+    ``generator`` shuffles the minibatches; the loop that owns it saves its state with the
+    weights, so a continued run draws the same minibatches the uninterrupted run would have.
+    """
 
     network_type = "actor_critic"
 
-    def __init__(self, config: PPOConfig, network: ActorCritic) -> None:
+    def __init__(self, config: PPOConfig, network: ActorCritic, generator: torch.Generator | None = None) -> None:
         self.config = config
         self.network = network
+        self.generator = generator
         self.parameters = [parameter for parameter in network.parameters() if parameter.requires_grad]
         # eps=1e-5 as in Stable-Baselines3 and CleanRL's PPO; the fused kernel updates every
         # parameter in one call, which matters when a minibatch step of a small net is ~1 ms.
         self.optimizer = torch.optim.Adam(self.parameters, lr=config.lr, eps=1e-5, fused=True)
+        end = config.total_steps
+        self.schedules = {
+            "learning_rate": LinearSchedule.of(config.lr_schedule, config.lr, end),
+            "clip_range": LinearSchedule.of(config.clip_schedule, config.clip_range, end),
+            "imitation_coef": LinearSchedule.of(config.imitation_schedule, config.imitation_coef, end),
+        }
+        self.clip_range = config.clip_range
+        self.imitation_coef = config.imitation_coef
 
     def learning_rate(self, step: int) -> float:
         """The learning rate for the iteration that starts at env step ``step``."""
-        if self.config.lr_schedule == "linear":
-            return self.config.lr * max(0.0, 1.0 - step / self.config.total_steps)
-        return self.config.lr
+        return self.schedules["learning_rate"](step)
 
-    def update(self, batch: RolloutBatch, train_policy: bool = True) -> dict[str, float]:
+    def set_progress(self, step: int) -> dict[str, float]:
+        """Apply the scheduled values for the iteration that starts at env step ``step``; returns them."""
+        values = {name: schedule(step) for name, schedule in self.schedules.items()}
+        for group in self.optimizer.param_groups:
+            group["lr"] = values["learning_rate"]
+        self.clip_range, self.imitation_coef = values["clip_range"], values["imitation_coef"]
+        return values
+
+    def update(
+        self,
+        batch: RolloutBatch,
+        train_policy: bool = True,
+        demonstrations: Callable[[], TransitionBatch] | None = None,
+    ) -> dict[str, float]:
         """``n_epochs`` passes of minibatch steps over one rollout; mean metrics over all minibatches.
 
         With ``train_policy`` false (critic burn-in) only the value loss is minimised: the actor's
         parameters then get no gradient at all, so Adam leaves them exactly as they are.
+        ``demonstrations`` draws a batch of recorded demonstrations for the imitation term.
         """
         config = self.config
         size, batch_size = len(batch.actions), config.batch_size
@@ -174,13 +230,16 @@ class PPO:
             raise ValueError(f"batch_size {batch_size} does not divide the rollout size {size}")
         n_minibatches = size // batch_size
         device = batch.actions.device
+        imitate = train_policy and demonstrations is not None and self.imitation_coef > 0
         # Metrics are written into tensors and read once at the end: no host sync per minibatch.
-        losses = torch.zeros(config.n_epochs, n_minibatches, 3, device=device)
-        loss_weights = torch.tensor([1.0, config.vf_coef, -config.ent_coef], device=device)
+        losses = torch.zeros(config.n_epochs, n_minibatches, 4, device=device)
+        loss_weights = torch.tensor([1.0, config.vf_coef, -config.ent_coef, self.imitation_coef], device=device)
         log_ratios = torch.zeros(config.n_epochs, size, device=device)
+        no_imitation = torch.zeros((), device=device)
         for epoch in range(config.n_epochs):
             # One gather per field and epoch; each minibatch is then a slice (a view, no copy).
-            shuffled = _select(batch, torch.randperm(size, device=device))
+            order = torch.randperm(size, device=device, generator=self.generator)
+            shuffled = _select(batch, order)
             all_advantages = shuffled.advantages
             if config.normalize_advantage and batch_size > 1:
                 per_minibatch = all_advantages.view(n_minibatches, batch_size)
@@ -197,7 +256,7 @@ class PPO:
 
                 log_ratio = log_probs - shuffled.log_probs[rows]
                 ratio = log_ratio.exp()
-                clipped_ratio = ratio.clamp(1.0 - config.clip_range, 1.0 + config.clip_range)
+                clipped_ratio = ratio.clamp(1.0 - self.clip_range, 1.0 + self.clip_range)
                 policy_loss = -torch.min(ratio * advantages, clipped_ratio * advantages).mean()
 
                 returns = shuffled.returns[rows]
@@ -208,8 +267,14 @@ class PPO:
                     clipped_values = old_values + (values - old_values).clamp(-config.clip_vf, config.clip_vf)
                     value_loss = torch.max((values - returns).square(), (clipped_values - returns).square()).mean()
 
-                # loss = policy_loss + vf_coef * value_loss - ent_coef * entropy, as one dot product
-                terms = torch.stack([policy_loss, value_loss, entropy])
+                if imitate:
+                    demo = demonstrations()
+                    imitation = imitation_loss(self.network, demo.observations, demo.actions)[0]
+                else:
+                    imitation = no_imitation
+                # loss = policy_loss + vf_coef * value_loss - ent_coef * entropy + imitation_coef * imitation,
+                # as one dot product
+                terms = torch.stack([policy_loss, value_loss, entropy, imitation])
                 loss = terms @ loss_weights if train_policy else config.vf_coef * value_loss
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -220,19 +285,30 @@ class PPO:
                     losses[epoch, minibatch] = terms
                     log_ratios[epoch, rows] = log_ratio
         ratios = log_ratios.exp()
-        metrics = dict(zip(("policy_loss", "value_loss", "entropy"), losses.mean(dim=(0, 1)).tolist()))
+        means = losses.mean(dim=(0, 1)).tolist()
+        metrics = dict(zip(("policy_loss", "value_loss", "entropy"), means[:3]))
+        if imitate:
+            metrics["imitation_loss"] = means[3]
         # Every minibatch has the same size, so means over all rows are means of the minibatch means.
         metrics["approx_kl"] = float(((ratios - 1.0) - log_ratios).mean())
-        metrics["clip_fraction"] = float(((ratios - 1.0).abs() > config.clip_range).float().mean())
+        metrics["clip_fraction"] = float(((ratios - 1.0).abs() > self.clip_range).float().mean())
         metrics["explained_variance"] = explained_variance(batch.values, batch.returns)
         return metrics
 
-    def training_state(self) -> dict:
+    def training_state(self) -> dict[str, Any]:
         """What a continued run needs besides the weights."""
-        return {"optimizer": self.optimizer.state_dict()}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "schedules": {name: schedule.to_list() for name, schedule in self.schedules.items()},
+        }
 
-    def load_training_state(self, state: dict) -> None:
+    def load_training_state(self, state: dict[str, Any], step: int) -> None:
+        """Continue at env step ``step``; a raised ``total_steps`` stretches the schedules from there, without a jump."""
         self.optimizer.load_state_dict(state["optimizer"])
+        self.schedules = {
+            name: LinearSchedule.from_list(values).extended_to(step, self.config.total_steps)
+            for name, values in state["schedules"].items()
+        }
 
 
 @torch.no_grad()

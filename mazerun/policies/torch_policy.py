@@ -9,26 +9,8 @@ import torch
 
 from mazerun.checkpoint import load_checkpoint
 from mazerun.errors import MazerunError
-from mazerun.models import ModelConfig, ModelInput, Vocabulary, build_actor_critic, build_q_network, obs_to_tensor
+from mazerun.models import ModelConfig, Vocabulary, build_network, obs_to_tensor
 from mazerun.policies.base import Policy
-
-
-def build_network(
-    network_type: str, values: dict, observation_space: gym.Space, action_space: gym.Space, vocabulary: Vocabulary | None
-) -> torch.nn.Module:
-    """The network a checkpoint describes, built from the package's own classes only."""
-    builders = {"actor_critic": build_actor_critic, "q_network": build_q_network}
-    if network_type not in builders:
-        raise MazerunError(f"checkpoint network type {network_type!r} is unknown; retrain with this mazerun")
-    return builders[network_type](ModelConfig(**values), observation_space, action_space, vocabulary)
-
-
-def greedy_or_sampled(network: torch.nn.Module, observations: ModelInput, deterministic: bool) -> torch.Tensor:
-    """Actions of an actor-critic (its own act) or a Q-network (argmax Q, or softmax-sampled)."""
-    if hasattr(network, "act"):
-        return network.act(observations, deterministic)
-    q_values = network(observations)
-    return q_values.argmax(dim=-1) if deterministic else torch.distributions.Categorical(logits=q_values).sample()
 
 
 class TorchPolicy(Policy):
@@ -47,24 +29,25 @@ class TorchPolicy(Policy):
             raise MazerunError(
                 f"{checkpoint.path} acts in {checkpoint.action_space} but {env_id} expects {action_space}"
             )
-        torch.set_num_threads(1)  # one small forward pass per step: threads only add overhead
         values = dict(checkpoint.model_config)
         self.vocabulary = Vocabulary.from_list(checkpoint.vocabulary) if checkpoint.vocabulary is not None else None
         self.network = build_network(
-            values.pop("network"), values, checkpoint.observation_space, checkpoint.action_space, self.vocabulary
+            values.pop("network"), ModelConfig(**values), checkpoint.observation_space, checkpoint.action_space,
+            self.vocabulary,
         )
         self.network.load_state_dict(checkpoint.model_state)
         self.network.eval()
         self.observation_space = checkpoint.observation_space
         self.deterministic = deterministic
+        self.generator = torch.Generator()
         self.name = f"torch_policy:{checkpoint.algorithm}"
 
     def reset(self, env: gym.Env, seed: int | None) -> None:
         if seed is not None:
-            torch.manual_seed(seed)
+            self.generator.manual_seed(seed)
 
     @torch.no_grad()
     def act(self, observation: Any) -> Any:
         batch = obs_to_tensor(observation, self.observation_space, self.vocabulary, "cpu")
-        action = greedy_or_sampled(self.network, batch, self.deterministic)[0].numpy()
+        action = self.network.act(batch, self.deterministic, self.generator)[0].numpy()
         return int(action) if action.ndim == 0 else action

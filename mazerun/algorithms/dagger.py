@@ -1,0 +1,94 @@
+"""DAgger: the learner acts, the expert labels every state it visits, the policy clones the aggregate.
+
+Each iteration steps ``runner.n_envs`` env copies ``n_steps`` times. In every copy and step the
+expert's action is executed with probability beta (teacher forcing), the learner's sampled
+action otherwise; either way the state joins the aggregate D with the expert's label. The
+policy is then trained on batches drawn uniformly from everything labelled so far:
+
+    loss = -E_(s, a_expert)~D [ log pi(a_expert | s) ]        (cross-entropy, or Gaussian NLL)
+
+beta decays linearly from ``teacher_forcing.start`` to ``teacher_forcing.end`` over
+``teacher_forcing.steps`` env steps (AllenAct's ``LinearDecay``), so the learner is first shown
+the expert's own trajectories and then the states its own mistakes lead to, which plain
+behavioural cloning never sees (Ross et al., 2011). ``n_updates`` gradient steps are spread
+over the iterations in proportion to the labels collected, so DAgger and BC with the same
+``n_updates`` do the same amount of optimisation.
+
+The update is behavioural cloning's (:class:`mazerun.algorithms.bc.BehaviouralCloning`); only
+where the data comes from differs, which is the interactive loop's business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+from mazerun.algorithms.bc import BehaviouralCloning
+from mazerun.config import check_fields
+from mazerun.errors import MazerunError
+from mazerun.schedules import LinearSchedule
+
+
+@dataclass
+class TeacherForcingConfig:
+    start: float = 1.0
+    """Probability of executing the expert's action at the first step."""
+    end: float = 0.0
+    """... and from ``steps`` on."""
+    steps: Optional[int] = None
+    """Env steps over which the probability decays linearly; null: the whole of total_steps."""
+
+
+@dataclass
+class DAggerConfig:
+    loop: ClassVar[str] = "interactive"
+    budget_key: ClassVar[str] = "total_steps"
+    step_unit: ClassVar[str] = "step"
+    implicit_dataset: ClassVar[bool] = False
+    imitates: ClassVar[bool] = True
+
+    name: str = "dagger"
+    total_steps: int = 20_000
+    """Env steps in total over all envs, i.e. states the expert labels; budgets are totals."""
+    n_steps: int = 64
+    """Steps per env copy between two training phases."""
+    n_updates: int = 3000
+    """Gradient steps in total, spread over the iterations in proportion to the labels collected."""
+    batch_size: int = 256
+    lr: float = 3e-4
+    teacher_forcing: TeacherForcingConfig = field(default_factory=TeacherForcingConfig)
+    eval_every: int = 5000
+    """Env steps between evaluations and checkpoints; the first one is after the first iteration."""
+
+    @property
+    def budget(self) -> int:
+        return self.total_steps
+
+    @property
+    def needs_dataset(self) -> bool:
+        return False
+
+    def check_spaces(self, observation_space: Any, action_space: Any) -> None:
+        """DAgger learns in any env the models read and the expert acts in."""
+
+    def check(self, prefix: str = "algorithm") -> None:
+        check_fields(self, prefix, positive=("total_steps", "n_steps", "n_updates", "batch_size", "lr", "eval_every"))
+        forcing = self.teacher_forcing
+        check_fields(forcing, f"{prefix}.teacher_forcing", unit_interval=("start", "end"))
+        if forcing.steps is not None and forcing.steps <= 0:
+            raise MazerunError(
+                f"{prefix}.teacher_forcing.steps={forcing.steps} must be > 0 (or null to decay over total_steps)"
+            )
+
+    def beta(self) -> LinearSchedule:
+        """The teacher-forcing probability against env steps."""
+        forcing = self.teacher_forcing
+        return LinearSchedule(forcing.start, forcing.end, forcing.steps or self.total_steps)
+
+
+class DAgger(BehaviouralCloning):
+    """Behavioural cloning of the expert's labels; the interactive loop feeds it the aggregate."""
+
+
+Config = DAggerConfig
+Algorithm = DAgger

@@ -1,0 +1,314 @@
+"""The interactive loop (DAgger): the learner acts in vector envs, an expert beside each copy labels every state.
+
+One iteration steps ``runner.n_envs`` copies ``n_steps`` times. The expert runs inside each
+copy (:class:`mazerun.envs.ExpertActions`), so its label of the current state arrives in the
+step's ``info`` and the BabyAI bot replans from whatever action was taken. With probability
+beta the expert's action is executed (teacher forcing), else the learner's sample. Every
+labelled state joins the aggregate (:class:`LabelledStates`); then the policy takes its share
+of ``n_updates`` gradient steps on batches drawn from all of it.
+
+Finished episodes are written to ``trajectory_data/`` as :class:`StateTrajectoryRecord` with
+an ``expert_actions`` column, so ``algorithm=bc`` can train on them later. ``last.pt`` is
+written at every report and when stopped (between iterations); it holds the aggregate, the
+optimiser, the generator and each copy's running episode, so a continued run goes on exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import defaultdict
+from functools import partial
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mazerun import interrupts
+from mazerun.algorithms.dagger import DAgger, DAggerConfig
+from mazerun.config import ExpertConfig, PolicyConfig
+from mazerun.data import (
+    MISSION_KEY,
+    TransitionBatch,
+    allocate_actions,
+    allocate_observations,
+    observation_stats,
+    store_observations,
+)
+from mazerun.envs import NO_LABEL, is_minigrid, make_env
+from mazerun.errors import MazerunError
+from mazerun.loops.vector import VectorEpisodes, open_vector_env
+from mazerun.metrics import MetricsLogger, write_learning_curve
+from mazerun.models import ModelInput
+from mazerun.policies import Policy, build_policy
+from mazerun.records import TRAJECTORY_DIR, EpisodeBuilder, write_record
+from mazerun.runsetup import TRAINING_STATE, CheckpointKeeper, RunSetup, TrainResult
+
+log = logging.getLogger(__name__)
+
+
+def make_expert(expert: ExpertConfig, env_id: str, env: gym.Env) -> Policy:
+    """The teacher for one env copy (the env's heuristic by default)."""
+    policy = PolicyConfig(name=expert.name, deterministic=expert.deterministic)
+    return build_policy(policy, env_id, env.action_space, input_dir=expert.input_dir)
+
+
+class LabelledStates:
+    """Every state the expert labelled so far, as tensors of a fixed capacity, sampled uniformly."""
+
+    def __init__(self, capacity: int, observation_space: gym.Space, action_space: gym.Space,
+                 device: torch.device) -> None:
+        self.observations = allocate_observations((capacity,), observation_space, device)
+        self.labels = allocate_actions((capacity,), action_space, device)
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, observations: ModelInput, labels: torch.Tensor) -> None:
+        rows = slice(self.size, self.size + len(labels))
+        self.observations = store_observations(self.observations, rows, observations)
+        self.labels[rows] = labels
+        self.size += len(labels)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> TransitionBatch:
+        index = torch.randint(self.size, (batch_size,), generator=generator, device=self.labels.device)
+        observations = _rows(self.observations, index)
+        labels = self.labels.index_select(0, index)
+        return TransitionBatch(observations, labels, None, None, None, expert_actions=labels)
+
+    def state(self) -> dict[str, Any]:
+        """The filled rows only, on the CPU, for ``last.pt``."""
+        return {"observations": _to_cpu(_rows(self.observations, slice(0, self.size))),
+                "labels": self.labels[: self.size].cpu()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.size = 0
+        self.add(_to(state["observations"], self.labels.device), state["labels"].to(self.labels.device))
+
+
+def _rows(observations: ModelInput, index: Any) -> ModelInput:
+    if isinstance(observations, dict):
+        return {key: value[index] for key, value in observations.items()}
+    return observations[index]
+
+
+def _to_cpu(observations: ModelInput) -> ModelInput:
+    return _to(observations, torch.device("cpu"))
+
+
+def _to(observations: ModelInput, device: torch.device) -> ModelInput:
+    if isinstance(observations, dict):
+        return {key: value.to(device) for key, value in observations.items()}
+    return observations.to(device)
+
+
+def _copy_row(observations: Any, index: int) -> Any:
+    """Env copy ``index``'s observation out of a batched one (whose buffers the vector env reuses)."""
+    if isinstance(observations, dict):
+        return {key: value[index] if key == MISSION_KEY else np.array(value[index]) for key, value in observations.items()}
+    return np.array(observations[index])
+
+
+def _labelled(labels: np.ndarray) -> np.ndarray:
+    """Which envs' current states the expert labelled."""
+    if labels.ndim == 1:
+        return labels != NO_LABEL
+    return ~np.isnan(labels).any(axis=-1)
+
+
+def train_interactive(setup: RunSetup) -> TrainResult:
+    """DAgger as the setup says: collect labels with teacher forcing, train on the aggregate, evaluate."""
+    config: DAggerConfig = setup.algorithm
+    runner, device = setup.runner, setup.device
+    expert_config = setup.expert or ExpertConfig()
+    probe = make_env(setup.env_id, max_episode_steps=runner.max_episode_steps)
+    try:
+        expert_name = make_expert(expert_config, setup.env_id, probe).name  # a bad expert fails before any env runs
+    finally:
+        probe.close()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(setup.seed)
+    algorithm = DAgger(config, setup.model_config, setup.observation_space, setup.action_space, setup.vocabulary, device)
+    network = algorithm.network
+    aggregate = LabelledStates(config.total_steps + runner.n_envs * config.n_steps, setup.observation_space,
+                               setup.action_space, device)
+    beta = config.beta()
+    start = setup.start
+    state = None
+    step, records_written = 0, 0
+    if start is not None:
+        algorithm.load_network_state(start.checkpoint.model_state)
+        if start.continuing:
+            state = start.checkpoint.extra[TRAINING_STATE]
+            step, records_written = start.step, int(state["records_written"])
+            algorithm.load_training_state(state["algorithm"])
+            generator.set_state(state["generator"])
+            aggregate.load_state(state["aggregate"])
+        else:
+            log.info("DAgger starts from the %s policy of %s", start.checkpoint.algorithm, start.checkpoint.path)
+    normalise = start is None and not isinstance(setup.observation_space, gym.spaces.Dict)
+    keeper = CheckpointKeeper(setup, network, algorithm.network_type, algorithm.selection_metric(False))
+    window = ReportWindow.from_state(state["window"] if state else None)
+    envs = open_vector_env(setup, make_expert=partial(make_expert, expert_config, setup.env_id))
+    try:
+        episodes = VectorEpisodes(envs, setup.observation_space, setup.vocabulary, device,
+                                  None if state is None else state["envs"])
+        recorder = EpisodeRecorder(setup, episodes, f"dagger:{expert_name}", records_written)
+
+        def training_state() -> dict[str, Any]:
+            return {
+                "algorithm": algorithm.training_state(), "generator": generator.get_state(),
+                "aggregate": aggregate.state(), "envs": episodes.state(), "records_written": recorder.written,
+                "window": window.state(),
+            }
+
+        def report(logger: MetricsLogger) -> None:
+            metrics = window.means()
+            keeper.check_finite(metrics, step)
+            metrics.update(labels=float(len(aggregate)), **algorithm.report_metrics())
+            logger.log(step, episodes.episode_metrics(is_minigrid(setup.env_id)), "rollout")
+            logger.log(step, metrics, "train")
+            evaluation = setup.evaluate(lambda observations: network.act(observations, deterministic=True))
+            logger.log(step, evaluation, "eval")
+            keeper.consider({f"eval/{name}": value for name, value in evaluation.items()}, step)
+
+        def on_stop() -> int:
+            keeper.save_last(step, training_state())
+            return step
+
+        log.info("DAgger on %s with the %s expert: %d env copies, %d steps each per iteration",
+                 setup.env_id, expert_name, runner.n_envs, config.n_steps)
+        next_report = (step // config.eval_every + 1) * config.eval_every
+        with MetricsLogger(setup.run_dir, print_fn=tqdm.write, step_offset=setup.step_offset) as logger, \
+                keeper.stop_cleanly(on_stop), interrupts.deferred(), \
+                tqdm(total=config.total_steps, initial=step, unit="step", desc=config.name, disable=None) as bar:
+            while step < config.total_steps:
+                interrupts.check()
+                for _ in range(config.n_steps):
+                    window.add_step(collect_step(episodes, network, aggregate, recorder, beta(step), generator))
+                    step += runner.n_envs
+                if normalise and len(aggregate):
+                    algorithm.set_normalization(*observation_stats(aggregate.observations[: len(aggregate)]))
+                    normalise = False
+                due = round(config.n_updates * min(step, config.total_steps) / config.total_steps)
+                while algorithm.updates < due:
+                    window.add_update(algorithm.update(aggregate.sample(config.batch_size, generator)))
+                bar.update(runner.n_envs * config.n_steps)
+                if step >= next_report or step >= config.total_steps:
+                    report(logger)
+                    window = ReportWindow()
+                    next_report = (step // config.eval_every + 1) * config.eval_every
+                    keeper.save_last(step, training_state())
+    finally:
+        envs.close()
+        with contextlib.suppress(MazerunError):  # a by-product: never hide why the run ended
+            write_learning_curve(setup.run_dir, f"{config.name} on {setup.env_id}")
+    log.info("done: %d labelled steps, %d updates; %d episodes recorded to %s", step, algorithm.updates,
+             recorder.written, recorder.directory)
+    result = keeper.result(step)
+    result.write()
+    return result
+
+
+@torch.no_grad()
+def collect_step(
+    episodes: VectorEpisodes,
+    network: torch.nn.Module,
+    aggregate: LabelledStates,
+    recorder: EpisodeRecorder,
+    beta: float,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """One step of every env copy: label, choose who acts, step, record; returns the step's metrics."""
+    observations = episodes.tensor(episodes.observations)
+    labels = np.asarray(episodes.infos["expert_action"])
+    valid = _labelled(labels)
+    learner = network.act(observations, deterministic=False, generator=generator).cpu().numpy()
+    forced = torch.rand(len(labels), generator=generator, device=generator.device).cpu().numpy() < beta
+    executes_expert = (forced & valid).reshape((-1,) + (1,) * (learner.ndim - 1))
+    actions = np.where(executes_expert, labels, learner).astype(learner.dtype)
+    metrics = {"beta": beta}
+    if valid.any():
+        rows = torch.as_tensor(np.flatnonzero(valid), device=generator.device)
+        aggregate.add(_rows(observations, rows), torch.as_tensor(labels[valid], device=generator.device))
+        if learner.ndim == 1:
+            metrics["expert_agreement"] = float(np.mean(learner[valid] == labels[valid]))
+        else:
+            metrics["action_error"] = float(np.mean(np.linalg.norm(learner[valid] - labels[valid], axis=-1)))
+    rewards, terminated, truncated, infos = episodes.step(actions)
+    recorder.add(actions, rewards, terminated, truncated, infos, labels)
+    return metrics
+
+
+class ReportWindow:
+    """Means over a report window: per update (losses) and per env step (beta, agreement)."""
+
+    def __init__(self, sums: dict[str, float] | None = None, counts: dict[str, int] | None = None) -> None:
+        self.sums: dict[str, float] = defaultdict(float, sums or {})
+        self.counts: dict[str, int] = defaultdict(int, counts or {})
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None) -> ReportWindow:
+        return cls() if state is None else cls(state["sums"], state["counts"])
+
+    def state(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def add_update(self, metrics: dict[str, torch.Tensor]) -> None:
+        self._add({name: float(value) for name, value in metrics.items()})
+
+    def add_step(self, metrics: dict[str, float]) -> None:
+        self._add(metrics)
+
+    def _add(self, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.sums[name] += value
+            self.counts[name] += 1
+
+    def means(self) -> dict[str, float]:
+        return {name: total / self.counts[name] for name, total in self.sums.items()}
+
+
+class EpisodeRecorder:
+    """Builds each env copy's episode step by step and writes it, with the expert's labels, when it ends."""
+
+    def __init__(self, setup: RunSetup, episodes: VectorEpisodes, policy: str, written: int) -> None:
+        self.setup, self.episodes, self.policy, self.written = setup, episodes, policy, written
+        self.directory = setup.run_dir / TRAJECTORY_DIR
+        n_envs = episodes.envs.num_envs
+        replayed = getattr(episodes, "replayed", None)
+        self.episode_index = list(episodes.state()["episodes"])
+        if replayed is None:
+            self.builders = [EpisodeBuilder(_copy_row(episodes.observations, i)) for i in range(n_envs)]
+            return
+        self.builders = []
+        for observations, actions, rewards, infos in replayed:
+            builder = EpisodeBuilder(observations[0])
+            for t, action in enumerate(actions):
+                builder.add(action.item() if action.ndim == 0 else action, rewards[t], observations[t + 1],
+                            infos[t]["expert_action"])
+            self.builders.append(builder)
+
+    def add(self, actions: np.ndarray, rewards: np.ndarray, terminated: np.ndarray, truncated: np.ndarray,
+            infos: dict, labels: np.ndarray) -> None:
+        observations = self.episodes.observations
+        for i, builder in enumerate(self.builders):
+            done = bool(terminated[i] or truncated[i])
+            next_observation = infos["final_obs"][i] if done else _copy_row(observations, i)
+            action = actions[i].item() if actions.ndim == 1 else np.array(actions[i])
+            builder.add(action, float(rewards[i]), next_observation, labels[i].item() if labels.ndim == 1 else labels[i])
+            if done:
+                self._write(builder, i, bool(terminated[i]), bool(truncated[i]))
+                self.builders[i] = EpisodeBuilder(_copy_row(observations, i))
+
+    def _write(self, builder: EpisodeBuilder, env_index: int, terminated: bool, truncated: bool) -> None:
+        runner = self.setup.runner
+        seed = runner.seed + env_index + self.episode_index[env_index] * runner.n_envs
+        record = builder.build(terminated=terminated, truncated=truncated, env_id=self.setup.env_id, seed=seed,
+                               policy=self.policy)
+        write_record(record, self.directory, self.written)
+        self.written += 1
+        self.episode_index[env_index] += 1
