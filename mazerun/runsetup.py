@@ -225,11 +225,8 @@ def prepare(
     start = load_start(input_dir, algorithm_config.name, network_type) if input_dir else None
     records, sources = None, []
     if algorithm_config.needs_dataset:
-        if dataset is None and not algorithm_config.implicit_dataset:
-            raise MazerunError(
-                f"{prefix} needs recorded demonstrations and none were given; set "
-                "runner.dataset.dir_or_file=<a trajectory_data directory>"
-            )
+        if dataset is None:
+            algorithm_config.check_implicit_dataset(prefix)
         records, sources = load_dataset(dataset)
 
     env_id = explicit

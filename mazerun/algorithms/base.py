@@ -26,8 +26,6 @@ class OfflineConfig:
     budget_key: ClassVar[str] = "n_updates"
     step_unit: ClassVar[str] = "update"
     """What the budget counts."""
-    implicit_dataset: ClassVar[bool] = True
-    """Without runner.dataset.dir_or_file, train on the newest finished recording."""
     imitates: ClassVar[bool] = False
     """True for algorithms that learn the expert's labels (BC): unlabelled transitions are dropped."""
 
@@ -59,6 +57,9 @@ class OfflineConfig:
 
     def check_spaces(self, observation_space: gym.Space, action_space: gym.Space) -> None:
         """Fail early, in one line, on an environment the algorithm cannot learn in; any fits by default."""
+
+    def check_implicit_dataset(self, prefix: str) -> None:
+        """Without runner.dataset.dir_or_file, offline algorithms train on the newest finished recording."""
 
 
 @dataclass

@@ -44,7 +44,6 @@ class DAggerConfig:
     loop: ClassVar[str] = "interactive"
     budget_key: ClassVar[str] = "total_steps"
     step_unit: ClassVar[str] = "step"
-    implicit_dataset: ClassVar[bool] = False
     imitates: ClassVar[bool] = True
 
     name: str = "dagger"

@@ -51,8 +51,6 @@ class PPOConfig:
     loop: ClassVar[str] = "on_policy"
     budget_key: ClassVar[str] = "total_steps"
     step_unit: ClassVar[str] = "step"
-    implicit_dataset: ClassVar[bool] = False
-    """Demonstrations for the imitation term must be named (runner.dataset.dir_or_file)."""
 
     name: str = "ppo"
     total_steps: int = 1_000_000
@@ -100,6 +98,13 @@ class PPOConfig:
 
     def check_spaces(self, observation_space: Any, action_space: Any) -> None:
         """PPO learns in any env the models read."""
+
+    def check_implicit_dataset(self, prefix: str) -> None:
+        """The imitation term's demonstrations are never guessed: they must be named."""
+        raise MazerunError(
+            f"{prefix}.imitation_coef={self.imitation_coef} needs recorded demonstrations; set "
+            "runner.dataset.dir_or_file=<a trajectory_data directory>, or drop the imitation term"
+        )
 
     def check(self, prefix: str = "algorithm") -> None:
         check_fields(

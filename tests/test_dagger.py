@@ -1,0 +1,166 @@
+"""DAgger: the teacher-forcing schedule, the expert beside each env copy, the aggregate, runs through `run`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from conftest import newest_run_dir, run_cli, run_ok
+from mazerun.algorithms.dagger import DAggerConfig, TeacherForcingConfig
+from mazerun.checkpoint import load_checkpoint
+from mazerun.envs import ExpertActions, make_env, make_vector_env
+from mazerun.loops.interactive import LabelledStates
+from mazerun.metrics import read_metrics_csv
+from mazerun.policies.heuristic import BabyAIBotPolicy, LunarLanderHeuristic
+from mazerun.records import load_records
+from mazerun.schedules import LinearSchedule
+
+TINY = ["algorithm=dagger", "algorithm.n_steps=16", "runner.n_envs=4", "runner.eval_repeats=2",
+        "model.hidden_sizes=[32,32]"]
+
+
+# -------------------------------------------------------------------------------------- schedules
+
+
+def test_beta_decays_linearly_from_start_to_end_over_its_steps() -> None:
+    config = DAggerConfig(total_steps=1000, teacher_forcing=TeacherForcingConfig(start=1.0, end=0.2, steps=400))
+    beta = config.beta()
+    assert [beta(step) for step in (0, 100, 200, 400, 900)] == pytest.approx([1.0, 0.8, 0.6, 0.2, 0.2])
+    # without steps the decay spans the whole budget
+    assert DAggerConfig(total_steps=1000).beta()(250) == pytest.approx(0.75)
+
+
+def test_a_raised_budget_continues_a_linear_schedule_from_where_it_stood() -> None:
+    schedule = LinearSchedule.of("linear", 1e-3, end_step=1000)
+    assert schedule(400) == pytest.approx(6e-4)
+    stretched = schedule.extended_to(400, 2000)
+    assert stretched(400) == pytest.approx(6e-4)  # no jump
+    assert stretched(1200) == pytest.approx(3e-4) and stretched(2000) == 0.0
+    assert schedule.extended_to(400, 1000) is schedule  # the same budget: the same schedule
+    assert LinearSchedule.from_list(stretched.to_list()) == stretched
+    assert LinearSchedule.of("constant", 0.2, end_step=10)(10) == 0.2
+
+
+# ----------------------------------------------------------------------------------------- expert
+
+
+def test_lunar_lander_labels_are_the_heuristics_own_actions_on_the_visited_states() -> None:
+    envs = make_vector_env("LunarLander-v3", 2, "sync", 60, seed=7, make_expert=lambda env: LunarLanderHeuristic())
+    rng = np.random.default_rng(0)
+    heuristic = LunarLanderHeuristic()
+    replays = [make_env("LunarLander-v3", max_episode_steps=60) for _ in range(2)]
+    try:
+        observations, infos = envs.reset()
+        for index, env in enumerate(replays):
+            env.reset(seed=7 + index)
+        for _ in range(80):
+            labels = infos["expert_action"]
+            for index, env in enumerate(replays):  # the label of the state each copy is in
+                heuristic.reset(env, None)
+                assert labels[index] == heuristic.act(observations[index])
+            actions = rng.integers(0, 4, size=2)
+            observations, _, terminated, truncated, infos = envs.step(actions)
+            for index, env in enumerate(replays):
+                _, _, done_a, done_b, _ = env.step(int(actions[index]))
+                if done_a or done_b:
+                    assert terminated[index] or truncated[index]
+                    env.reset(seed=7 + index + 2)  # copy i's next episode: seed + i + n_envs
+    finally:
+        envs.close()
+
+
+def test_the_babyai_bot_replans_after_the_learners_own_actions() -> None:
+    env = ExpertActions(make_env("BabyAI-GoToLocal-v0"), BabyAIBotPolicy())
+    shadow_env = make_env("BabyAI-GoToLocal-v0")
+    shadow = BabyAIBotPolicy()
+    rng = np.random.default_rng(1)
+    observation, info = env.reset(seed=3)
+    shadow_env.reset(seed=3)
+    shadow.reset(shadow_env, 3)
+    for _ in range(30):
+        assert info["expert_action"] == shadow.act(observation)
+        action = int(rng.integers(0, 3)) if rng.random() < 0.5 else info["expert_action"]
+        if action != info["expert_action"]:
+            shadow.took(action)  # what the wrapper tells its bot: the action actually taken
+        observation, _, terminated, truncated, info = env.step(action)
+        shadow_env.step(action)
+        if terminated or truncated:
+            break
+
+
+def test_the_aggregate_keeps_every_labelled_state() -> None:
+    space, actions = gym.spaces.Box(-1, 1, (3,)), gym.spaces.Discrete(4)
+    aggregate = LabelledStates(10, space, actions, torch.device("cpu"))
+    aggregate.add(torch.arange(6.0).reshape(2, 3), torch.tensor([1, 2]))
+    aggregate.add(torch.ones(3, 3), torch.tensor([3, 0, 1]))
+    assert len(aggregate) == 5
+    assert aggregate.labels[:5].tolist() == [1, 2, 3, 0, 1]
+    assert aggregate.observations[1].tolist() == [3.0, 4.0, 5.0]
+    batch = aggregate.sample(64, torch.Generator().manual_seed(0))
+    assert set(batch.expert_actions.tolist()) == {0, 1, 2, 3}  # every row can be drawn, none past the end
+    restored = LabelledStates(10, space, actions, torch.device("cpu"))
+    restored.load_state(aggregate.state())
+    assert len(restored) == 5 and torch.equal(restored.observations[:5], aggregate.observations[:5])
+
+
+# -------------------------------------------------------------------------------------- end to end
+
+
+def test_dagger_on_lunar_lander_labels_every_step_and_records_them(workdir: Path) -> None:
+    result = run_ok(*TINY, "algorithm.total_steps=256", "algorithm.n_updates=40", "algorithm.eval_every=128",
+                    "runner.max_episode_steps=40", cwd=workdir)
+    assert "heuristic expert" in result.stderr
+    run_dir = newest_run_dir(workdir)
+    rows = read_metrics_csv(run_dir / "metrics.csv")
+    train = {(row["step"], row["metric"]): row["value"] for row in rows if row["group"] == "train"}
+    assert train[(128, "labels")] == 128 and train[(256, "labels")] == 256  # nothing dropped
+    assert train[(128, "beta")] > train[(256, "beta")]  # teacher forcing decays
+    assert {(256, "expert_agreement"), (256, "policy_loss")} <= set(train)
+    assert [row["step"] for row in rows if row["metric"] == "mean_return"] == [128, 256]
+    records = load_records(run_dir / "trajectory_data")
+    assert records and all(len(record.expert_actions) == len(record) for record in records)
+    assert sum(len(record) for record in records) <= 256  # finished episodes; the rest were still running
+    last = load_checkpoint(run_dir / "last.pt")
+    assert last.algorithm == "dagger" and last.extra["step"] == 256
+
+    # BC trains on DAgger's records, with the expert's labels as targets
+    run_ok("-cn", "conf_train", f"runner.dataset.dir_or_file={run_dir / 'trajectory_data'}", "algorithm.n_updates=10",
+           "algorithm.eval_every=10", "algorithm.validation_percentage=0", "runner.eval_repeats=1",
+           "runner.max_episode_steps=20", cwd=workdir)
+
+
+def test_dagger_with_the_babyai_bot_reports_success(workdir: Path) -> None:
+    run_ok(*TINY, "env=BabyAI-GoToLocal-v0", "algorithm.total_steps=128", "algorithm.n_updates=10",
+           "algorithm.eval_every=128", cwd=workdir)
+    rows = read_metrics_csv(newest_run_dir(workdir) / "metrics.csv")
+    assert ("eval", "success_rate") in {(row["group"], row["metric"]) for row in rows}
+
+
+def test_a_trained_run_can_be_the_teacher(workdir: Path) -> None:
+    run_ok(*TINY, "algorithm.total_steps=64", "algorithm.n_updates=5", "algorithm.eval_every=64",
+           "runner.max_episode_steps=30", "hydra.run.dir=teacher", cwd=workdir)
+    result = run_ok(*TINY, "expert=torch_policy", "expert.input_dir=teacher", "algorithm.total_steps=128",
+                    "algorithm.n_updates=5", "algorithm.eval_every=128", "runner.max_episode_steps=30",
+                    "hydra.run.dir=student", cwd=workdir)
+    assert "torch_policy:dagger expert" in result.stderr
+    assert load_records(workdir / "student" / "trajectory_data")[0].policy == "dagger:torch_policy:dagger"
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["env=gym_env", "env.name=Acrobot-v1"], "no heuristic policy for Acrobot-v1"),
+    (["algorithm.teacher_forcing.start=1.5"], "algorithm.teacher_forcing.start=1.5 must lie in [0, 1]"),
+    (["algorithm.teacher_forcing.steps=0"], "algorithm.teacher_forcing.steps=0 must be > 0"),
+    (["expert=torch_policy"], "expert.input_dir must be set"),
+    (["expert=torch_policy", "expert.input_dir=nowhere"], "nowhere does not exist"),
+])
+def test_bad_dagger_input_is_one_line_and_writes_nothing(workdir: Path, overrides: list[str], message: str) -> None:
+    result = run_cli(*TINY, "algorithm.total_steps=64", *overrides, cwd=workdir)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(workdir.glob("outputs/*/*/*.pt")) and not list(workdir.glob("outputs/*/*/trajectory_data"))
