@@ -136,9 +136,7 @@ def _unknown_key(full_key: str, section: Any) -> str:
     where = ".".join(parents)
     valid = sorted(str(name) for name in section.keys() if name != "hydra") if section is not None else []
     if key in CONFIG_GROUPS and not parents:
-        return f"{full_key} is not set in this run; choose one first, e.g. {key}=<option> (see conf/{key}/)"
-    if where and parents[0] in CONFIG_GROUPS and parents[0] not in valid and len(parents) == 1:
-        return f"{full_key} needs a {parents[0]} section; choose one first, e.g. {parents[0]}=<option>"
+        return f"this run has no {key} section to override; choose one first, e.g. {key}=<option> (see conf/{key}/)"
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
     section_name = f"section {where}" if where else "the top level"

@@ -56,6 +56,8 @@ class DAggerConfig:
     batch_size: int = 256
     lr: float = 3e-4
     teacher_forcing: TeacherForcingConfig = field(default_factory=TeacherForcingConfig)
+    learner_actions: str = "sample"
+    """sample from the learner's policy, or greedy: its most likely action (what evaluation executes)."""
     eval_every: int = 5000
     """Env steps between evaluations and checkpoints; the first one is after the first iteration."""
 
@@ -72,6 +74,8 @@ class DAggerConfig:
 
     def check(self, prefix: str = "algorithm") -> None:
         check_fields(self, prefix, positive=("total_steps", "n_steps", "n_updates", "batch_size", "lr", "eval_every"))
+        if self.learner_actions not in ("sample", "greedy"):
+            raise MazerunError(f"{prefix}.learner_actions={self.learner_actions!r} is unknown; use sample or greedy")
         forcing = self.teacher_forcing
         check_fields(forcing, f"{prefix}.teacher_forcing", unit_interval=("start", "end"))
         if forcing.steps is not None and forcing.steps <= 0:
@@ -81,6 +85,8 @@ class DAggerConfig:
 
     def beta(self) -> LinearSchedule:
         """The teacher-forcing probability against env steps."""
+        if self.learner_actions not in ("sample", "greedy"):
+            raise MazerunError(f"{prefix}.learner_actions={self.learner_actions!r} is unknown; use sample or greedy")
         forcing = self.teacher_forcing
         return LinearSchedule(forcing.start, forcing.end, forcing.steps or self.total_steps)
 

@@ -149,7 +149,8 @@ def train_interactive(setup: RunSetup) -> TrainResult:
             aggregate.load_state(state["aggregate"])
         else:
             log.info("DAgger starts from the %s policy of %s", start.checkpoint.algorithm, start.checkpoint.path)
-    normalise = start is None and not isinstance(setup.observation_space, gym.spaces.Dict)
+    # A policy learnt here standardises with the aggregate's statistics; a clone it starts from keeps its own.
+    normalise = (start is None or start.continuing) and not isinstance(setup.observation_space, gym.spaces.Dict)
     keeper = CheckpointKeeper(setup, network, algorithm.network_type, algorithm.selection_metric(False))
     window = ReportWindow.from_state(state["window"] if state else None)
     envs = open_vector_env(setup, make_expert=partial(make_expert, expert_config, setup.env_id))
@@ -188,11 +189,11 @@ def train_interactive(setup: RunSetup) -> TrainResult:
             while step < config.total_steps:
                 interrupts.check()
                 for _ in range(config.n_steps):
-                    window.add_step(collect_step(episodes, network, aggregate, recorder, beta(step), generator))
+                    window.add_step(collect_step(episodes, network, aggregate, recorder, beta(step), generator,
+                                                 greedy=config.learner_actions == "greedy"))
                     step += runner.n_envs
-                if normalise and len(aggregate):
+                if normalise and len(aggregate):  # follow the aggregate: early states alone would mis-scale later ones
                     algorithm.set_normalization(*observation_stats(aggregate.observations[: len(aggregate)]))
-                    normalise = False
                 due = round(config.n_updates * min(step, config.total_steps) / config.total_steps)
                 while algorithm.updates < due:
                     window.add_update(algorithm.update(aggregate.sample(config.batch_size, generator)))
@@ -221,12 +222,13 @@ def collect_step(
     recorder: EpisodeRecorder,
     beta: float,
     generator: torch.Generator,
+    greedy: bool = False,
 ) -> dict[str, float]:
     """One step of every env copy: label, choose who acts, step, record; returns the step's metrics."""
     observations = episodes.tensor(episodes.observations)
     labels = np.asarray(episodes.infos["expert_action"])
     valid = _labelled(labels)
-    learner = network.act(observations, deterministic=False, generator=generator).cpu().numpy()
+    learner = network.act(observations, deterministic=greedy, generator=generator).cpu().numpy()
     forced = torch.rand(len(labels), generator=generator, device=generator.device).cpu().numpy() < beta
     executes_expert = (forced & valid).reshape((-1,) + (1,) * (learner.ndim - 1))
     actions = np.where(executes_expert, labels, learner).astype(learner.dtype)
