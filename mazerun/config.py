@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
@@ -64,7 +65,7 @@ class RunnerConfig:
     """sequential (one process) or parallel (episodes spread over worker processes)."""
     n_episodes: int = 50
     n_workers: Optional[int] = None
-    """Worker processes for the parallel runner; default: the number of cores."""
+    """Worker processes for the parallel runner; default: the CPUs this process may use."""
     max_episode_steps: Optional[int] = None
     """Time limit per episode; default: the env's own."""
     seed: int = 0
@@ -169,7 +170,7 @@ def check_rollout(config: RunConfig) -> None:
     if runner.n_episodes <= 0:
         raise MazerunError(f"runner.n_episodes={runner.n_episodes} must be at least 1")
     if runner.n_workers is not None and runner.n_workers <= 0:
-        raise MazerunError(f"runner.n_workers={runner.n_workers} must be at least 1 (or null for all cores)")
+        raise MazerunError(f"runner.n_workers={runner.n_workers} must be at least 1 (or null for one per usable CPU)")
     if runner.max_episode_steps is not None and runner.max_episode_steps <= 0:
         raise MazerunError(
             f"runner.max_episode_steps={runner.max_episode_steps} must be at least 1 (or null for the env's limit)"
@@ -202,7 +203,28 @@ def check_training(config: RunConfig) -> None:
         raise MazerunError(f"device={config.device!r} is unknown; use auto, cpu or cuda")
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+"""cgroup v2's CPU quota of this container or job: ``<quota> <period>`` in microseconds, or ``max <period>``."""
+
+
+def usable_cpus(cpu_max: Path) -> int:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 quota in ``cpu_max``.
+
+    ``os.cpu_count()`` counts the whole node; a job that a scheduler pinned to a few cores, or
+    a container with a quota, would start one worker per core of the node and oversubscribe
+    the CPUs it shares. A fractional quota (1.5 CPUs) is rounded up, as Go and the JVM do.
+    """
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cpus = min(cpus, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError, ZeroDivisionError):
+        pass  # no cgroup v2 quota here, or one written in a form we do not know: no cap
+    return max(1, cpus)
+
+
 def worker_count(runner: RunnerConfig) -> int:
-    """Workers for the parallel runner: as asked, else one per core, never more than episodes."""
-    wanted = runner.n_workers or os.cpu_count() or 1
+    """Workers for the parallel runner: as asked, else one per usable CPU, never more than episodes."""
+    wanted = runner.n_workers or usable_cpus(CGROUP_CPU_MAX)
     return max(1, min(wanted, runner.n_episodes))

@@ -2,21 +2,25 @@
 
 Episode ``i`` is always seeded ``seed + i`` and its policy reset with the same seed, so the
 records do not depend on the runner or on the number of workers. Each worker writes its own
-records atomically, so an interrupt or a failing episode never loses the finished ones.
+records atomically, so an interrupt, a failing episode or a dying worker never loses the
+finished ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import signal
 import statistics
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
+from collections import deque
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -24,8 +28,11 @@ from tqdm import tqdm
 from mazerun.config import DEFAULT_ENV_ID, PolicyConfig, RunConfig, RunnerConfig, worker_count
 from mazerun.envs import check_display_for_human_render, is_minigrid, make_env, resolve_env_id
 from mazerun.errors import MazerunError
+from mazerun.interrupts import HANDLED_SIGNALS
 from mazerun.policies import Policy, build_policy
-from mazerun.records import STATS_FILE, TRAJECTORY_DIR, EpisodeBuilder, atomic_write_bytes, write_record
+from mazerun.records import (
+    STATS_FILE, TRAJECTORY_DIR, EpisodeBuilder, atomic_write_bytes, record_name, write_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +121,7 @@ class EpisodePlayer:
         if self.spec.runner.record_trajectory:
             record_path = str(write_record(record, self.records_dir, index))
         if frames is not None:
-            write_video(frames, self.videos_dir / f"episode_{index:05d}_seed{seed}.mp4", env.metadata)
+            write_video(frames, video_path(self.videos_dir, index, seed), env.metadata)
         return EpisodeSummary(
             index=index,
             seed=seed,
@@ -127,35 +134,25 @@ class EpisodePlayer:
         )
 
 
+def video_path(videos_dir: Path, index: int, seed: int) -> Path:
+    return videos_dir / f"episode_{index:05d}_seed{seed}.mp4"
+
+
+def _temporary_video_path(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.tmp.mp4")
+
+
 def write_video(frames: list[np.ndarray], path: Path, metadata: dict) -> None:
     """Encode RGB frames to MP4 (imageio's bundled ffmpeg), atomically."""
     import imageio.v2 as imageio
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.mp4")
+    tmp = _temporary_video_path(path)
     try:
         imageio.mimwrite(tmp, frames, fps=metadata.get("render_fps", 30), macro_block_size=1)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-# -- parallel workers ---------------------------------------------------------------------------
-
-_player: EpisodePlayer | None = None
-
-
-def _init_worker(spec: RolloutSpec) -> None:
-    # The parent handles Ctrl-C and SIGTERM: workers finish the episode in hand so no record is lost.
-    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(number, signal.SIG_IGN)
-    global _player
-    _player = EpisodePlayer(spec, render_mode="rgb_array" if spec.runner.record_video else None)
-
-
-def _play_in_worker(index: int) -> EpisodeSummary:
-    assert _player is not None, "worker not initialised"
-    return _player.play(index)
 
 
 # -- the runner ---------------------------------------------------------------------------------
@@ -166,6 +163,8 @@ class RolloutResult:
     summaries: list[EpisodeSummary]
     failures: list[str]
     interrupted: bool
+    abandoned: str | None = None
+    """Why the run stopped before its last episode, when it was not an interrupt."""
 
 
 def _run_sequential(spec: RolloutSpec, progress: tqdm) -> RolloutResult:
@@ -189,36 +188,285 @@ def _run_sequential(spec: RolloutSpec, progress: tqdm) -> RolloutResult:
     return result
 
 
-def _run_parallel(spec: RolloutSpec, progress: tqdm) -> RolloutResult:
-    n_workers = worker_count(spec.runner)
-    result = RolloutResult([], [], interrupted=False)
-    executor = ProcessPoolExecutor(
-        max_workers=n_workers,
-        mp_context=multiprocessing.get_context("fork"),
-        initializer=_init_worker,
-        initargs=(spec,),
-    )
-    futures: dict[Future, int] = {
-        executor.submit(_play_in_worker, index): index for index in range(spec.runner.n_episodes)
-    }
+# -- parallel workers ---------------------------------------------------------------------------
+#
+# The parent hands each worker one episode index at a time over its own pipe, so it always
+# knows which episode a worker holds. A worker that dies (a signal, os._exit, the OOM killer)
+# costs only that episode, which a fresh worker plays again; the records of every finished
+# episode are already on disk, written atomically by the worker that played it.
+
+
+Reply = tuple[str, Any]
+"""What a worker sends back: ("done", EpisodeSummary), ("failed", message) or ("error", message)."""
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends, for the parent's bookkeeping.
+
+    An interrupt between a fork and its bookkeeping would leave a worker nobody stops, and one
+    between reading a reply and noting it would leave a worker counted busy for ever.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     try:
-        for future in as_completed(futures):
-            try:
-                result.summaries.append(future.result())
-            except EpisodeFailed as failure:
-                result.failures.append(str(failure))
-            except BrokenProcessPool:
-                index = futures[future]
-                result.failures.append(
-                    f"a worker process died before episode {index} (seed {spec.runner.seed + index}) finished"
-                )
-            progress.update()
-    except KeyboardInterrupt:
-        result.interrupted = True
+        yield
     finally:
-        # Running episodes finish and write their records; queued ones are dropped.
-        executor.shutdown(wait=True, cancel_futures=True)
-    return result
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _worker_main(spec: RolloutSpec, connection: Connection, parent_ends: list[Connection]) -> None:
+    """A worker's life: play the episode indices the parent sends, one at a time, until it sends None.
+
+    The parent handles Ctrl-C and SIGTERM: a worker finishes the episode in hand so no record
+    is lost. It closes the parent's ends of the pipes, which the fork copied, so that when the
+    parent is gone its pipe reports end-of-file and the worker ends too.
+    """
+    for number in HANDLED_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # held by the parent while it forked
+    for parent_end in parent_ends:
+        parent_end.close()
+    try:
+        player = EpisodePlayer(spec, render_mode="rgb_array" if spec.runner.record_video else None)
+    except Exception as error:
+        cause = str(error) if isinstance(error, MazerunError) else f"{type(error).__name__}: {error}"
+        connection.send(("error", f"a rollout worker could not start: {cause}"))
+        return
+    try:
+        while (index := connection.recv()) is not None:
+            try:
+                reply: Reply = ("done", player.play(index))
+            except EpisodeFailed as failure:
+                reply = ("failed", str(failure))
+            except MazerunError as error:  # e.g. the disk is full: nothing more can be recorded
+                reply = ("error", str(error))
+            connection.send(reply)
+    except (EOFError, OSError):
+        pass  # the parent is gone (end-of-file, or the pipe was reset)
+    finally:
+        player.env.close()
+
+
+def _how_it_ended(exitcode: int | None) -> tuple[str, str]:
+    """A dead worker's exit, as a phrase and as a short note: ("was killed by SIGKILL", "SIGKILL")."""
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        return f"was killed by {name}", name
+    return f"exited with code {exitcode}", f"exit code {exitcode}"
+
+
+def _remove_partial_files(spec: RolloutSpec, index: int) -> None:
+    """The temporary files of episode ``index``, left by a worker killed while writing them.
+
+    Only the worker that held the episode writes them, and it is gone.
+    """
+    seed = spec.runner.seed + index
+    for leftover in (spec.run_dir / TRAJECTORY_DIR).glob(f".{record_name(index)}.*.tmp"):
+        leftover.unlink(missing_ok=True)
+    _temporary_video_path(video_path(spec.run_dir / VIDEO_DIR, index, seed)).unlink(missing_ok=True)
+
+
+@dataclass
+class _Worker:
+    number: int
+    process: BaseProcess
+    connection: Connection
+    episode: int | None = None
+    """The index of the episode it plays, None while it waits for one."""
+    hung_up: bool = False
+    """Its pipe reported end-of-file: it is ending, and only its exit is still to be seen."""
+
+
+class _WorkerPool:
+    """Fork workers, each holding at most one episode; every one of them is stopped by :meth:`close`."""
+
+    def __init__(self, spec: RolloutSpec) -> None:
+        self.spec = spec
+        self.context = multiprocessing.get_context("fork")
+        self.workers: list[_Worker] = []
+
+    def start(self, number: int) -> None:
+        parent_end, worker_end = self.context.Pipe()
+        parent_ends = [parent_end, *(worker.connection for worker in self.workers)]
+        with _signals_held():
+            process = self.context.Process(
+                target=_worker_main, args=(self.spec, worker_end, parent_ends), name=f"rollout-worker-{number}"
+            )
+            process.start()
+            self.workers.append(_Worker(number, process, parent_end))
+            worker_end.close()  # the worker holds the only copy: its death shows as end-of-file here
+
+    def busy(self) -> list[_Worker]:
+        return [worker for worker in self.workers if worker.episode is not None]
+
+    def idle(self) -> list[_Worker]:
+        return [worker for worker in self.workers if worker.episode is None and not worker.hung_up]
+
+    def assign(self, worker: _Worker, index: int) -> bool:
+        """Hand episode ``index`` to ``worker``; False if it died before it could take it."""
+        if not self._send(worker, index):
+            return False
+        worker.episode = index
+        return True
+
+    @staticmethod
+    def _send(worker: _Worker, message: int | None) -> bool:
+        try:
+            worker.connection.send(message)
+        except OSError:
+            return False  # it died; its exit is seen through its sentinel
+        return True
+
+    def wait(self) -> set[Any]:
+        """Block until a worker replies or ends; the connections and sentinels that are ready."""
+        watched: list[Any] = [worker.process.sentinel for worker in self.workers]
+        watched += [worker.connection for worker in self.workers if not worker.hung_up]
+        return set(multiprocessing.connection.wait(watched))
+
+    def collect(self, ready: set[Any]) -> tuple[list[tuple[_Worker, list[Reply]]], list[_Worker]]:
+        """The replies of the workers in ``ready``, and the workers that ended, which are forgotten.
+
+        A worker's replies are read before its end is noted: it may send its result and die
+        before the parent reads it.
+        """
+        replies = [
+            (worker, self._receive(worker))
+            for worker in self.workers
+            if worker.connection in ready or worker.process.sentinel in ready
+        ]
+        ended = [worker for worker in self.workers if worker.process.sentinel in ready]
+        for worker in ended:
+            worker.process.join()
+            worker.connection.close()
+            self.workers.remove(worker)
+        return replies, ended
+
+    @staticmethod
+    def _receive(worker: _Worker) -> list[Reply]:
+        replies = []
+        try:
+            while not worker.hung_up and worker.connection.poll():
+                replies.append(worker.connection.recv())
+        except (EOFError, OSError):
+            worker.hung_up = True
+        return replies
+
+    def close(self) -> None:
+        """Stop every worker: idle ones are told to end, busy ones (the run stopped early) are killed.
+
+        A killed worker's episode may have left a temporary file, which is removed.
+        """
+        with _signals_held():  # a second Ctrl-C here must not leave workers behind
+            for worker in self.workers:
+                if worker.episode is not None or not self._send(worker, None):
+                    worker.process.kill()
+            for worker in self.workers:
+                worker.process.join(timeout=10)
+                if worker.process.is_alive():
+                    worker.process.kill()
+                    worker.process.join()
+                if worker.episode is not None:
+                    _remove_partial_files(self.spec, worker.episode)
+                worker.connection.close()
+            self.workers.clear()
+
+
+class _ParallelRollout:
+    """Episodes handed out to a :class:`_WorkerPool` until all are played or the run stops."""
+
+    def __init__(self, spec: RolloutSpec, progress: tqdm) -> None:
+        self.spec = spec
+        self.progress = progress
+        self.pool = _WorkerPool(spec)
+        self.pending = deque(range(spec.runner.n_episodes))
+        self.result = RolloutResult([], [], interrupted=False)
+        self.stopping = False
+        """No episode is handed out any more; those in hand finish and write their records."""
+        self.killed_a_worker: set[int] = set()
+        """Episodes during which a worker died once already."""
+
+    def start(self) -> None:
+        for number in range(worker_count(self.spec.runner)):
+            self.pool.start(number)
+
+    def run(self) -> None:
+        """Hand out episodes and take the replies until no worker holds one."""
+        with _signals_held():
+            self._hand_out()
+        while self.pool.busy():
+            ready = self.pool.wait()  # a Ctrl-C here leaves every reply unread, to be read by the drain
+            with _signals_held():
+                replies, ended = self.pool.collect(ready)
+                for worker, messages in replies:
+                    for message in messages:
+                        self._take(worker, message)
+                for worker in ended:
+                    self._bury(worker)
+                self._hand_out()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.pending.clear()
+
+    def _hand_out(self) -> None:
+        for worker in self.pool.idle():
+            if self.stopping or not self.pending:
+                return
+            index = self.pending.popleft()
+            if not self.pool.assign(worker, index):
+                self.pending.appendleft(index)
+
+    def _take(self, worker: _Worker, reply: Reply) -> None:
+        kind, payload = reply
+        if kind == "error":
+            raise MazerunError(payload)
+        worker.episode = None
+        if kind == "done":
+            self.result.summaries.append(payload)
+        else:
+            self.result.failures.append(payload)
+        self.progress.update()
+
+    def _bury(self, worker: _Worker) -> None:
+        """Report a worker that ended on its own, once, and play its episode again in a fresh worker.
+
+        An episode that kills a second worker would kill every worker: the run stops instead.
+        """
+        lost = worker.episode
+        how, short = _how_it_ended(worker.process.exitcode)
+        who = f"worker {worker.number} (pid {worker.process.pid}) {how}"
+        if lost is None:
+            log.warning("%s between episodes; no episode was lost", who)
+        else:
+            _remove_partial_files(self.spec, lost)
+            seed = self.spec.runner.seed + lost
+            if self.stopping:
+                log.warning("%s during episode %d (seed %d); the run is stopping, so it is not played again",
+                            who, lost, seed)
+            elif lost in self.killed_a_worker:  # said once, by the error that ends the run
+                self.result.abandoned = f"episode {lost} (seed {seed}) killed its worker twice ({short})"
+                self.stop()
+            else:
+                log.warning("%s during episode %d; playing it again in a fresh worker", who, lost)
+                self.killed_a_worker.add(lost)
+                self.pending.appendleft(lost)
+        if self.pending and not self.stopping:
+            self.pool.start(worker.number)
+
+
+def _run_parallel(spec: RolloutSpec, progress: tqdm) -> RolloutResult:
+    rollout = _ParallelRollout(spec, progress)
+    try:
+        try:
+            rollout.start()
+            rollout.run()
+        except KeyboardInterrupt:
+            rollout.result.interrupted = True
+            rollout.stop()
+            rollout.run()  # the episodes in hand finish and write their records; queued ones are dropped
+    finally:
+        rollout.pool.close()
+    return rollout.result
 
 
 def run_rollout(config: RunConfig, run_dir: Path) -> dict[str, float]:
@@ -266,19 +514,21 @@ def rollout(
     stats = rollout_statistics(summaries)
     if summaries:
         print_fn(format_rollout_table(summaries, stats))
-        finished = not (result.interrupted or result.failures)
+        finished = not (result.interrupted or result.failures or result.abandoned)
         described = {**stats, "env_id": env_id, "policy": summaries[0].policy, "finished": finished}
         atomic_write_bytes(spec.run_dir / STATS_FILE, json.dumps(described, indent=2).encode())
     if runner.record_trajectory and summaries:
         log.info("recorded %d episodes to %s", len(summaries), spec.run_dir / TRAJECTORY_DIR)
     if result.interrupted:
         raise KeyboardInterrupt(f"{len(summaries)} finished episodes kept in {spec.run_dir}")
+    problems = [result.abandoned] if result.abandoned else []
     if result.failures:
         shown = "; ".join(result.failures[:3])
         more = f" (and {len(result.failures) - 3} more)" if len(result.failures) > 3 else ""
+        problems.append(f"{len(result.failures)} of {runner.n_episodes} episodes failed: {shown}{more}")
+    if problems:
         raise MazerunError(
-            f"{len(result.failures)} of {runner.n_episodes} episodes failed: {shown}{more}; "
-            f"the {len(summaries)} finished episodes are kept in {spec.run_dir}"
+            f"{'; '.join(problems)}; {len(summaries)} finished episodes are kept in {spec.run_dir}"
         )
     return stats
 
