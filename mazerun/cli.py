@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -127,6 +127,8 @@ def explain_hydra_error(error: Exception) -> str:
         return _unknown_key(str(cause.full_key), getattr(cause, "parent_node", None))
     if isinstance(error, MissingConfigException):
         return _missing_config(str(error))
+    if isinstance(error, OverrideParseException):
+        return f"cannot parse the override {error.override!r}: {str(error).splitlines()[0]}"
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return f"{first}; check the override's spelling and syntax (see `run --help`)"
 
@@ -139,9 +141,9 @@ def _unknown_key(full_key: str, section: Any) -> str:
         return f"this run has no {key} section to override; choose one first, e.g. {key}=<option> (see conf/{key}/)"
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
-    section_name = f"section {where}" if where else "the top level"
+    place = f"in section {where}" if where else "at the top level"
     groups = f"; groups: {', '.join(CONFIG_GROUPS)}" if not where else ""
-    return f"unknown key {full_key} in {section_name}; {hint}its keys: {', '.join(valid)}{groups}"
+    return f"unknown key {full_key} {place}; {hint}its keys: {', '.join(valid)}{groups}"
 
 
 def _missing_config(message: str) -> str:

@@ -69,3 +69,9 @@ def check() -> None:
     if _requested is not None:
         pending, _requested = _requested, None
         raise pending
+
+
+def restated(interrupt: KeyboardInterrupt, message: str) -> KeyboardInterrupt:
+    """The same stop (its signal and exit code kept) told as ``message``: where it stopped, how to go on."""
+    interrupt.args = (message,)
+    return interrupt

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from mazerun import interrupts
 from mazerun.checkpoint import LAST_CHECKPOINT, PIPELINE_MANIFEST, read_pipeline_manifest
 from mazerun.config import PolicyConfig, RunConfig
 from mazerun.errors import MazerunError
@@ -135,7 +136,7 @@ def run_pipeline(config: RunConfig, run_dir: Path) -> TrainResult:
                     )
                     entry.step, entry.global_step = result.step, result.global_step
             except KeyboardInterrupt as interrupt:
-                raise KeyboardInterrupt(f"pipeline {pipeline.name}, stage {entry.name}: {interrupt}") from None
+                raise interrupts.restated(interrupt, f"pipeline {pipeline.name}, stage {entry.name}: {interrupt}") from None
             finally:
                 _write_curve(run_dir, pipeline, entries)
             entry.finished = True

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import gymnasium as gym
 import torch
 
+from mazerun import interrupts
 from mazerun.algorithms import algorithm_module
 from mazerun.checkpoint import (
     BEST_CHECKPOINT,
@@ -396,9 +397,8 @@ class CheckpointKeeper:
             reached = on_stop()
             reason = str(interrupt) or "stopped"
             unit = self.setup.algorithm.step_unit
-            raise KeyboardInterrupt(
-                f"{reason} at {unit} {reached}; {self.kept()} (continue with input_dir={self.setup.continue_hint})"
-            ) from None
+            message = f"{reason} at {unit} {reached}; {self.kept()} (continue with input_dir={self.setup.continue_hint})"
+            raise interrupts.restated(interrupt, message) from None
 
     def check_finite(self, metrics: dict[str, float], step: int, names: Sequence[str] | None = None) -> None:
         """Abort at the first non-finite loss, keeping the last good checkpoints."""

@@ -97,6 +97,8 @@ def train_offline(setup: RunSetup) -> TrainResult:
         keeper.save_last(update, training_state())
         return update
 
+    if not setup.continuing:
+        keeper.save_last(update, training_state())  # a run that fails early still has a start to go on from
     with MetricsLogger(setup.run_dir, step_offset=setup.step_offset) as logger, keeper.stop_cleanly(on_stop), \
             interrupts.deferred():
         with tqdm(total=config.n_updates, initial=update, unit="update", desc=config.name, disable=None) as bar:
