@@ -57,6 +57,8 @@ class ExpertConfig:
 class DatasetConfig:
     dir_or_file: Any = None
     """A trajectory_data directory, a record file, or a list of either; default: newest finished recording under outputs/."""
+    max_episodes: Optional[int] = None
+    """Train on the first N episodes only (records sort by episode index), so one command serves a small and a full dataset."""
 
 
 @dataclass
@@ -177,6 +179,8 @@ def check_rollout(config: RunConfig) -> None:
         )
     if runner.seed < 0:
         raise MazerunError(f"runner.seed={runner.seed} must be >= 0")
+    if runner.dataset.max_episodes is not None and runner.dataset.max_episodes <= 0:
+        raise MazerunError(f"runner.dataset.max_episodes={runner.dataset.max_episodes} must be >= 1 (or null for all)")
     policy = config.policy
     if policy.name not in POLICY_NAMES:
         raise MazerunError(f"policy.name={policy.name!r} is unknown; choose one of {', '.join(POLICY_NAMES)}")

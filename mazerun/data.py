@@ -33,7 +33,7 @@ NO_RECORDS = "no trajectory records to train on; record some with `run env=<env>
 
 
 class TransitionBatch(NamedTuple):
-    """A minibatch of transitions, every field indexed by the same sample indices."""
+    """A minibatch of transitions ``(B, ...)``, every field indexed by the same sample indices."""
 
     observations: TensorObs
     actions: torch.Tensor
@@ -42,6 +42,25 @@ class TransitionBatch(NamedTuple):
     dones: torch.Tensor
     expert_actions: Optional[torch.Tensor] = None
     """The expert's labels of ``observations`` (records of DAgger runs), else None."""
+
+
+class SequenceBatch(NamedTuple):
+    """``nrollouts`` chunks of ``rollout_len`` consecutive transitions: every field ``(T, B, ...)``.
+
+    ``starts[t, b]`` marks a transition that begins an episode: a recurrent state is zeroed
+    before it. ``burn_in_*`` are the ``burn_in`` steps before each chunk, read only to warm the
+    state (no loss on them); None without burn-in.
+    """
+
+    observations: TensorObs
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    next_observations: TensorObs
+    dones: torch.Tensor
+    expert_actions: Optional[torch.Tensor]
+    starts: torch.Tensor
+    burn_in_observations: Optional[TensorObs] = None
+    burn_in_starts: Optional[torch.Tensor] = None
 
 
 def _index_obs(obs: TensorObs, index: torch.Tensor) -> TensorObs:
@@ -107,13 +126,13 @@ class TransitionDataset:
             expert_actions=None if self.expert_actions is None else self.expert_actions.to(device),
         )
 
-    def with_labels_only(self) -> TransitionDataset:
-        """The transitions whose state the expert labelled (it can give up on states a learner led it into)."""
-        if self.expert_actions is None:
-            return self
-        labels = self.expert_actions
-        valid = labels != NO_LABEL if labels.dim() == 1 else ~torch.isnan(labels).any(dim=-1)
-        return self if bool(valid.all()) else self.subset(valid)
+    @property
+    def episode_starts(self) -> torch.Tensor:
+        """``(N,)`` bool: the transitions that begin an episode (the rows are whole episodes in order)."""
+        ids = self.episode_ids
+        starts = torch.ones_like(ids, dtype=torch.bool)
+        starts[1:] = ids[1:] != ids[:-1]
+        return starts
 
     def subset(self, index: torch.Tensor) -> TransitionDataset:
         """The transitions selected by a boolean mask or integer index tensor."""
@@ -453,3 +472,89 @@ def store_observations(store: TensorObs, index: Any, rows: TensorObs) -> TensorO
     store[MISSION_KEY][index] = 0
     store[MISSION_KEY][index][..., :width] = tokens
     return store
+
+
+class SequenceSampler:
+    """Chunks of consecutive transitions for recurrent models, gathered by index from the dataset's tensors.
+
+    A batch is ``nrollouts`` chunks of ``rollout_len`` steps, each starting at a uniformly drawn
+    row; rows ``stride`` apart are consecutive steps (1 for records, whose episodes lie end to
+    end; ``n_envs`` for DAgger's aggregate, where the env copies' steps interleave). Chunks may
+    cross episode boundaries: ``starts`` tells the model where to reset its state. With
+    ``burn_in > 0`` the steps before each chunk come along to warm the state; where they would
+    reach before a stream's first row they repeat that row, an episode start, so the warm
+    state is exactly the state after the steps that do exist.
+    """
+
+    def __init__(
+        self, dataset: TransitionDataset, rollout_len: int, nrollouts: int, burn_in: int, seed: int, stride: int = 1,
+        starts: torch.Tensor | None = None,
+    ) -> None:
+        self.dataset, self.rollout_len, self.nrollouts, self.burn_in, self.stride = (
+            dataset, rollout_len, nrollouts, burn_in, stride)
+        self.starts = dataset.episode_starts if starts is None else starts
+        device = dataset.device
+        self.span = (rollout_len - 1) * stride
+        self.offsets = torch.arange(rollout_len, device=device) * stride
+        self.burn_in_offsets = torch.arange(-burn_in, 0, device=device) * stride
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __len__(self) -> int:
+        """How many chunk starts there are."""
+        return max(0, len(self.dataset) - self.span)
+
+    def batch(self, first_rows: torch.Tensor) -> SequenceBatch:
+        """The chunks that begin at ``first_rows`` ``(B,)``."""
+        index = first_rows[None, :] + self.offsets[:, None]  # (T, B)
+        data = self.dataset
+        flat = index.reshape(-1)
+        steps, batch = index.shape
+
+        def gather(column: torch.Tensor | None) -> torch.Tensor | None:
+            return None if column is None else column.index_select(0, flat).view(steps, batch, *column.shape[1:])
+
+        def gather_obs(obs: TensorObs, rows: torch.Tensor) -> TensorObs:
+            shape = rows.shape
+            picked = _gather_obs(obs, rows.reshape(-1))
+            if isinstance(picked, dict):
+                return {key: value.view(*shape, *value.shape[1:]) for key, value in picked.items()}
+            return picked.view(*shape, *picked.shape[1:])
+
+        burn_in_observations = burn_in_starts = None
+        if self.burn_in:
+            first_of_stream = first_rows % self.stride
+            rows = torch.maximum(first_rows[None, :] + self.burn_in_offsets[:, None], first_of_stream[None, :])
+            burn_in_observations = gather_obs(data.observations, rows)
+            burn_in_starts = self.starts.index_select(0, rows.reshape(-1)).view(rows.shape)
+        return SequenceBatch(
+            observations=gather_obs(data.observations, index),
+            actions=gather(data.actions),
+            rewards=gather(data.rewards),
+            next_observations=gather_obs(data.next_observations, index),
+            dones=gather(data.dones),
+            expert_actions=gather(data.expert_actions),
+            starts=self.starts.index_select(0, flat).view(steps, batch),
+            burn_in_observations=burn_in_observations,
+            burn_in_starts=burn_in_starts,
+        )
+
+    def sample(self) -> SequenceBatch:
+        """``nrollouts`` chunks starting at uniformly drawn rows."""
+        first = torch.randint(len(self), (self.nrollouts,), generator=self.generator, device=self.dataset.device)
+        return self.batch(first)
+
+    def epoch(self, shuffle: bool = False) -> Iterator[SequenceBatch]:
+        """Chunks side by side over every row (a tail shorter than a chunk is left out), ``nrollouts`` at a time."""
+        device = self.dataset.device
+        firsts = torch.cat([torch.arange(lane, len(self), self.rollout_len * self.stride, device=device)
+                            for lane in range(self.stride)])
+        if shuffle:
+            firsts = firsts[torch.randperm(len(firsts), generator=self.generator, device=device)]
+        for begin in range(0, len(firsts), self.nrollouts):
+            yield self.batch(firsts[begin : begin + self.nrollouts])
+
+
+def longest_episode(dataset: TransitionDataset) -> int:
+    """The most transitions any episode of ``dataset`` has."""
+    return int(torch.unique_consecutive(dataset.episode_ids, return_counts=True)[1].max())

@@ -4,12 +4,13 @@ Exactly ``n_episodes`` episodes are played on fixed seeds ``EVAL_SEED_OFFSET + i
 the seeds recorded demonstrations use, so a clone is never scored on the episodes it copied.
 Several environments step side by side with one batched forward pass, but each plays its own
 list of seeds: unlike a plain auto-resetting vector env, short episodes are never over-sampled.
+A network with memory keeps one state per environment, restarted where its episode starts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, Union
 
 import gymnasium as gym
 import numpy as np
@@ -24,7 +25,30 @@ EVAL_SEED_OFFSET = 1_000_000
 MAX_PARALLEL_EVAL_ENVS = 16
 
 ActFn = Callable[[ModelInput], torch.Tensor]
-"""Maps a batch of model inputs to a batch of actions."""
+"""Maps a batch of model inputs to a batch of actions (a policy without memory, e.g. a peer library's)."""
+
+
+class Stepper(Protocol):
+    """A network that acts step by step from a state (every mazerun network: the state is empty without memory)."""
+
+    def initial_state(self, batch: int, device: torch.device | str) -> torch.Tensor: ...
+
+    def act_step(self, obs: ModelInput, state: torch.Tensor, starts: torch.Tensor,
+                 deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class _Stateless:
+    """An :data:`ActFn` as a :class:`Stepper` with an empty state."""
+
+    def __init__(self, act: ActFn) -> None:
+        self.act = act
+
+    def initial_state(self, batch: int, device: torch.device | str) -> torch.Tensor:
+        return torch.zeros(batch, 0, device=device)
+
+    def act_step(self, obs: ModelInput, state: torch.Tensor, starts: torch.Tensor,
+                 deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.act(obs), state
 
 
 @dataclass
@@ -55,7 +79,7 @@ def stack_observations(observations: list[Any]) -> Any:
 
 @torch.no_grad()
 def evaluate(
-    act: ActFn,
+    policy: Union[Stepper, ActFn],
     env_id: str,
     n_episodes: int,
     *,
@@ -65,7 +89,8 @@ def evaluate(
     max_episode_steps: int | None = None,
     seed_offset: int = EVAL_SEED_OFFSET,
 ) -> EvaluationResult:
-    """Play ``n_episodes`` episodes with ``act`` and return what they scored."""
+    """Play ``n_episodes`` greedy episodes of ``policy`` (a network, or a plain function of observations)."""
+    stepper: Stepper = policy if hasattr(policy, "act_step") else _Stateless(policy)
     n_envs = min(n_episodes, MAX_PARALLEL_EVAL_ENVS)
     envs = [make_env(env_id, max_episode_steps=max_episode_steps) for _ in range(n_envs)]
     seeds = [seed_offset + i for i in range(n_episodes)]
@@ -78,12 +103,17 @@ def evaluate(
         observations.append(observation)
         next_seed += 1
     active = list(range(n_envs))
+    state = stepper.initial_state(n_envs, device)
+    starts = torch.ones(n_envs, dtype=torch.bool, device=device)
     result = EvaluationResult([], [], [] if is_minigrid(env_id) else None)
     try:
         while active:
             batch = obs_to_tensor(stack_observations([observations[i] for i in active]),
                                   observation_space, vocabulary, device)
-            actions = act(batch).cpu().numpy()
+            rows = torch.as_tensor(active, device=device)
+            actions, state[rows] = stepper.act_step(batch, state[rows], starts[rows], deterministic=True)
+            starts[rows] = False
+            actions = actions.cpu().numpy()
             still_active = []
             for slot, env_index in enumerate(active):
                 env = envs[env_index]
@@ -100,6 +130,7 @@ def evaluate(
                     result.successes.append(bool(terminated and reward > 0))
                 if next_seed < n_episodes:
                     observations[env_index], _ = env.reset(seed=seeds[next_seed])
+                    starts[env_index] = True
                     next_seed += 1
                     returns[env_index], lengths[env_index] = 0.0, 0
                     still_active.append(env_index)

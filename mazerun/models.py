@@ -30,8 +30,10 @@ from torch.distributions import Categorical, Distribution, Independent, Normal
 from mazerun.errors import MazerunError
 
 ModelInput = Union[torch.Tensor, dict[str, torch.Tensor]]
+"""Observations as networks read them: ``(B, ...)`` per step, ``(T, B, ...)`` for sequences."""
 
 MODEL_KINDS = ("vector_obs", "minigrid")
+MEMORY_KINDS = ("none", "gru", "lstm")
 NETWORK_TYPES = ("actor_critic", "q_network")
 CRITIC_PREFIXES = ("critic_", "value_head")
 """Parameter names of an :class:`ActorCritic`'s value function; everything else acts."""
@@ -68,6 +70,11 @@ class ModelConfig:
     """minigrid: size of the agent-direction embedding."""
     mission_dim: int = 64
     """minigrid: size of the mission word embeddings and of the GRU that reads them."""
+    memory: str = "none"
+    """``"none"``, ``"gru"`` or ``"lstm"``: a recurrent core between encoder and trunk, whose
+    state carries what the agent saw earlier in the episode (reset where an episode starts)."""
+    memory_size: int = 128
+    """Width of the recurrent core's state (an LSTM keeps two of them)."""
 
     def __post_init__(self) -> None:
         # Hydra and checkpoints hand over lists; keep tuples so configs compare equal.
@@ -81,6 +88,14 @@ class ModelConfig:
             )
         if not self.image_channels:
             raise MazerunError("model image_channels is empty; give at least one conv layer, e.g. [32, 64]")
+        if self.memory not in MEMORY_KINDS:
+            raise MazerunError(f"unknown model.memory {self.memory!r}; use one of {', '.join(MEMORY_KINDS)}")
+        if self.memory_size <= 0:
+            raise MazerunError(f"model.memory_size={self.memory_size} must be > 0")
+
+    @property
+    def recurrent(self) -> bool:
+        return self.memory != "none"
 
 
 def default_model_kind(observation_space: gym.Space) -> str:
@@ -311,12 +326,118 @@ def _check_action_space(action_space: gym.Space) -> None:
     )
 
 
-class ActorCritic(nn.Module):
-    """A policy and a state-value function with separate encoders and trunks.
+class Memory(nn.Module):
+    """A GRU or LSTM over per-step features whose state restarts at zero where an episode starts.
+
+    The state of a batch is one tensor ``(B, state_size)`` (an LSTM's ``h`` and ``c`` side by
+    side), so it can be stored, indexed and reset like any other column. Sequences are stepped
+    one time step at a time with the cell, which gives the state after every step: recurrent
+    value learning needs it to score each transition's next observation from the right state.
+    """
+
+    def __init__(self, kind: str, input_dim: int, size: int) -> None:
+        super().__init__()
+        self.kind, self.size = kind, size
+        self.cell = nn.GRUCell(input_dim, size) if kind == "gru" else nn.LSTMCell(input_dim, size)
+        self.state_size = size if kind == "gru" else 2 * size
+
+    def step(self, features: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of ``(N, F)`` features from ``(N, S)`` states; the output and the new state."""
+        if self.kind == "gru":
+            hidden = self.cell(features, state)
+            return hidden, hidden
+        hidden, cell = self.cell(features, (state[:, : self.size], state[:, self.size :]))
+        return hidden, torch.cat([hidden, cell], dim=1)
+
+    def forward(
+        self, features: torch.Tensor, starts: torch.Tensor, state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outputs ``(T, B, H)`` and the state after every step ``(T, B, S)`` of ``(T, B, F)`` features.
+
+        ``starts[t]`` marks sequences whose step ``t`` is the first of an episode: their state is
+        zeroed before that step, so nothing crosses an episode boundary.
+        """
+        keep = (~starts).unsqueeze(-1).to(features.dtype)
+        outputs, states = [], []
+        for t in range(features.shape[0]):
+            output, state = self.step(features[t], state * keep[t])
+            outputs.append(output)
+            states.append(state)
+        return torch.stack(outputs), torch.stack(states)
+
+
+def _flatten(obs: ModelInput, dims: int) -> tuple[ModelInput, tuple[int, ...]]:
+    """Observations with their ``dims`` leading dimensions merged into one, and those dimensions."""
+    if isinstance(obs, dict):
+        lead = next(iter(obs.values())).shape[:dims]
+        return {key: value.reshape(-1, *value.shape[dims:]) for key, value in obs.items()}, tuple(lead)
+    return obs.reshape(-1, *obs.shape[dims:]), tuple(obs.shape[:dims])
+
+
+class Torso(nn.Module):
+    """Encoder, optional memory and MLP trunk: the part every network (actor, critic, Q, V) shares.
+
+    ``forward`` reads single steps without memory; :meth:`sequence` reads ``(T, B, ...)``
+    sequences with or without it, and :meth:`next_step` reads one more observation from the
+    states a sequence left (the next observation of each transition).
+    """
+
+    def __init__(self, config: ModelConfig, observation_space: gym.Space, vocabulary: Vocabulary | None) -> None:
+        super().__init__()
+        self.encoder = ObservationEncoder(config, observation_space, vocabulary)
+        width = self.encoder.output_dim
+        self.memory = Memory(config.memory, width, config.memory_size) if config.recurrent else None
+        if self.memory is not None:
+            width = config.memory_size
+        self.trunk, self.output_dim = mlp(width, config.hidden_sizes, config.activation)
+        self.state_size = 0 if self.memory is None else self.memory.state_size
+
+    def forward(self, obs: ModelInput) -> torch.Tensor:
+        return self.trunk(self.encoder(obs))
+
+    def sequence(
+        self, obs: ModelInput, starts: torch.Tensor, state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features ``(T, B, D)`` and states after each step ``(T, B, S)`` (``S = 0`` without memory)."""
+        flat, (steps, batch) = _flatten(obs, 2)
+        features = self.encoder(flat).view(steps, batch, -1)
+        if self.memory is None:
+            return self.trunk(features), state.new_zeros(steps, batch, 0)
+        outputs, states = self.memory(features, starts, state)
+        return self.trunk(outputs), states
+
+    def next_step(self, obs: ModelInput, states: torch.Tensor) -> torch.Tensor:
+        """Features ``(T, B, D)`` of ``(T, B, ...)`` observations, each read from the state beside it."""
+        flat, (steps, batch) = _flatten(obs, 2)
+        features = self.encoder(flat)
+        if self.memory is not None:
+            features, _ = self.memory.step(features, states.reshape(steps * batch, -1))
+        return self.trunk(features).view(steps, batch, -1)
+
+    def set_normalization(self, mean: torch.Tensor | np.ndarray, std: torch.Tensor | np.ndarray) -> None:
+        self.encoder.set_normalization(mean, std)
+
+
+class Recurrent:
+    """What networks with a :class:`Torso` share about state: its size, its zeros, acting step by step."""
+
+    state_size: int
+
+    def initial_state(self, batch: int, device: torch.device | str) -> torch.Tensor:
+        return torch.zeros(batch, self.state_size, device=device)
+
+    @property
+    def recurrent(self) -> bool:
+        return self.state_size > 0
+
+
+class ActorCritic(Recurrent, nn.Module):
+    """A policy and a state-value function with separate encoders, memories and trunks.
 
     Sharing nothing keeps the value loss from disturbing the policy features (it matters for
     PPO on LunarLander) and lets BC train the actor alone; the critic stays at its
-    initialisation until PPO trains it.
+    initialisation until PPO trains it. With memory, the state is the actor's and the
+    critic's side by side, ``(B, actor + critic state)``.
     """
 
     def __init__(
@@ -330,15 +451,16 @@ class ActorCritic(nn.Module):
         _check_action_space(action_space)
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
         action_dim = int(action_space.n) if self.discrete else int(action_space.shape[0])
-        activation = config.activation
-
-        self.actor_encoder = ObservationEncoder(config, observation_space, vocabulary)
-        self.actor_trunk, actor_dim = mlp(self.actor_encoder.output_dim, config.hidden_sizes, activation)
-        self.policy_head = layer_init(nn.Linear(actor_dim, action_dim), gain=0.01)
-
-        self.critic_encoder = ObservationEncoder(config, observation_space, vocabulary)
-        self.critic_trunk, critic_dim = mlp(self.critic_encoder.output_dim, config.hidden_sizes, activation)
-        self.value_head = layer_init(nn.Linear(critic_dim, 1), gain=1.0)
+        # Flat names (actor_encoder, actor_trunk, ...) keep checkpoints of earlier releases loadable.
+        actor = Torso(config, observation_space, vocabulary)
+        self.actor_encoder, self.actor_memory, self.actor_trunk = actor.encoder, actor.memory, actor.trunk
+        self.policy_head = layer_init(nn.Linear(actor.output_dim, action_dim), gain=0.01)
+        critic = Torso(config, observation_space, vocabulary)
+        self.critic_encoder, self.critic_memory, self.critic_trunk = critic.encoder, critic.memory, critic.trunk
+        self.value_head = layer_init(nn.Linear(critic.output_dim, 1), gain=1.0)
+        self._torsos = (actor, critic)  # views of the modules above, kept out of the state dict
+        self.actor_state_size = actor.state_size
+        self.state_size = actor.state_size + critic.state_size
 
         if not self.discrete:
             # State-independent exploration noise, as in CleanRL/SB3's continuous PPO.
@@ -346,24 +468,32 @@ class ActorCritic(nn.Module):
             self.register_buffer("action_low", torch.as_tensor(action_space.low, dtype=torch.float32))
             self.register_buffer("action_high", torch.as_tensor(action_space.high, dtype=torch.float32))
 
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "_torsos":  # plain attribute: registering the torsos would duplicate every weight name
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def set_normalization(self, mean: torch.Tensor | np.ndarray, std: torch.Tensor | np.ndarray) -> None:
         """Standardise the observations of both actor and critic with the same statistics."""
         self.actor_encoder.set_normalization(mean, std)
         self.critic_encoder.set_normalization(mean, std)
 
     def actor_parameters(self) -> list[nn.Parameter]:
-        """The parameters that act (encoder, trunk, head, log-std): what imitation trains."""
+        """The parameters that act (encoder, memory, trunk, head, log-std): what imitation trains."""
         return [parameter for name, parameter in self.named_parameters() if not name.startswith(CRITIC_PREFIXES)]
 
-    def distribution(self, obs: ModelInput) -> Distribution:
-        """``Categorical`` over discrete actions, or a diagonal ``Normal`` (``Independent``) for Box."""
-        out = self.policy_head(self.actor_trunk(self.actor_encoder(obs)))
+    def _policy(self, out: torch.Tensor) -> Distribution:
         # Argument validation would read a GPU flag back to the host on every call (a sync per
         # training step); actions are checked once against the action space when data is loaded.
         if self.discrete:
             return Categorical(logits=out, validate_args=False)
         normal = Normal(out, self.log_std.exp().expand_as(out), validate_args=False)
         return Independent(normal, 1, validate_args=False)
+
+    def distribution(self, obs: ModelInput) -> Distribution:
+        """``Categorical`` over discrete actions, or a diagonal ``Normal`` (``Independent``) for Box."""
+        return self._policy(self.policy_head(self.actor_trunk(self.actor_encoder(obs))))
 
     def value(self, obs: ModelInput) -> torch.Tensor:
         """State values ``(B,)``."""
@@ -372,18 +502,78 @@ class ActorCritic(nn.Module):
     def forward(self, obs: ModelInput) -> tuple[Distribution, torch.Tensor]:
         return self.distribution(obs), self.value(obs)
 
+    def split_state(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return state[..., : self.actor_state_size], state[..., self.actor_state_size :]
+
+    def distribution_sequence(
+        self, obs: ModelInput, starts: torch.Tensor, state: torch.Tensor
+    ) -> tuple[Distribution, torch.Tensor]:
+        """The policy at every step of ``(T, B, ...)`` sequences, and the actor's states after each step."""
+        features, states = self._torsos[0].sequence(obs, starts, self.split_state(state)[0])
+        return self._policy(self.policy_head(features)), states
+
+    def value_sequence(
+        self, obs: ModelInput, starts: torch.Tensor, state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values ``(T, B)`` of ``(T, B, ...)`` sequences, and the critic's states after each step."""
+        features, states = self._torsos[1].sequence(obs, starts, self.split_state(state)[1])
+        return self.value_head(features).squeeze(-1), states
+
+    def next_value(self, obs: ModelInput, critic_states: torch.Tensor) -> torch.Tensor:
+        """Values of ``(T, B, ...)`` observations read one step on from the critic's ``states``."""
+        return self.value_head(self._torsos[1].next_step(obs, critic_states)).squeeze(-1)
+
+    def step(
+        self, obs: ModelInput, starts: torch.Tensor, state: torch.Tensor
+    ) -> tuple[Distribution, torch.Tensor, torch.Tensor]:
+        """Policy, value and new state of one step of ``(B, ...)`` observations (PPO's rollouts)."""
+        single = _unsqueeze(obs)
+        distribution, actor = self.distribution_sequence(single, starts[None], state)
+        values, critic = self.value_sequence(single, starts[None], state)
+        return _squeeze(distribution), values[0], torch.cat([actor[0], critic[0]], dim=-1)
+
     @torch.no_grad()
     def act(self, obs: ModelInput, deterministic: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Actions to send to the environment: the mode (argmax / mean) or a sample.
+        """Actions to send to the environment: the mode (argmax / mean) or a sample (networks without memory)."""
+        return self._action(self.distribution(obs), deterministic, generator)
 
-        Continuous actions are clipped to the action space's bounds so that the env accepts them.
+    @torch.no_grad()
+    def act_step(
+        self, obs: ModelInput, state: torch.Tensor, starts: torch.Tensor, deterministic: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Actions for one step of ``(B, ...)`` observations from ``state``, and the new state.
+
+        Only the actor's part of the state moves: acting needs no value.
         """
-        dist = self.distribution(obs)
+        if not self.recurrent:
+            return self.act(obs, deterministic, generator), state
+        distribution, actor = self.distribution_sequence(_unsqueeze(obs), starts[None], state)
+        actions = self._action(_squeeze(distribution), deterministic, generator)
+        return actions, torch.cat([actor[0], self.split_state(state)[1]], dim=-1)
+
+    def _action(self, dist: Distribution, deterministic: bool, generator: torch.Generator | None) -> torch.Tensor:
+        """The mode or a sample; continuous actions are clipped to the action space so that the env accepts them."""
         if deterministic:
             action = dist.logits.argmax(dim=-1) if self.discrete else dist.mean
         else:
             action = sample(dist, generator)
         return action if self.discrete else torch.clamp(action, self.action_low, self.action_high)
+
+
+def _unsqueeze(obs: ModelInput) -> ModelInput:
+    """One step as a sequence of length 1."""
+    if isinstance(obs, dict):
+        return {key: value[None] for key, value in obs.items()}
+    return obs[None]
+
+
+def _squeeze(distribution: Distribution) -> Distribution:
+    """The distribution of the only step of a length-1 sequence."""
+    if isinstance(distribution, Categorical):
+        return Categorical(logits=distribution.logits[0], validate_args=False)
+    normal = distribution.base_dist
+    return Independent(Normal(normal.loc[0], normal.scale[0], validate_args=False), 1, validate_args=False)
 
 
 def sample(distribution: Distribution, generator: torch.Generator | None) -> torch.Tensor:
@@ -394,14 +584,15 @@ def sample(distribution: Distribution, generator: torch.Generator | None) -> tor
     and two learners in one process never disturb each other's streams.
     """
     if isinstance(distribution, Categorical):
-        return torch.multinomial(distribution.probs, 1, generator=generator).squeeze(-1)
+        probs = distribution.probs
+        return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
     normal = distribution.base_dist if isinstance(distribution, Independent) else distribution
     noise = torch.randn(normal.loc.shape, generator=generator, device=normal.loc.device, dtype=normal.loc.dtype)
     return normal.loc + normal.scale * noise
 
 
-class QNetwork(nn.Module):
-    """Q-values of every discrete action: encoder, MLP trunk, one output per action."""
+class QNetwork(Recurrent, Torso):
+    """Q-values of every discrete action: encoder, optional memory, MLP trunk, one output per action."""
 
     def __init__(
         self,
@@ -410,31 +601,67 @@ class QNetwork(nn.Module):
         action_space: gym.Space,
         vocabulary: Vocabulary | None = None,
     ) -> None:
-        super().__init__()
         if not isinstance(action_space, gym.spaces.Discrete):
             raise MazerunError(
                 f"CQL and IQL learn Q-values of discrete actions and the action space is {action_space}; "
                 "use algorithm=bc or algorithm=ppo for continuous actions"
             )
         _check_action_space(action_space)
-        self.encoder = ObservationEncoder(config, observation_space, vocabulary)
-        self.trunk, trunk_dim = mlp(self.encoder.output_dim, config.hidden_sizes, config.activation)
-        self.head = layer_init(nn.Linear(trunk_dim, int(action_space.n)), gain=1.0)
-
-    def set_normalization(self, mean: torch.Tensor | np.ndarray, std: torch.Tensor | np.ndarray) -> None:
-        self.encoder.set_normalization(mean, std)
+        super().__init__(config, observation_space, vocabulary)
+        self.head = layer_init(nn.Linear(self.output_dim, int(action_space.n)), gain=1.0)
 
     def forward(self, obs: ModelInput) -> torch.Tensor:
-        """Q-values ``(B, n_actions)``."""
-        return self.head(self.trunk(self.encoder(obs)))
+        """Q-values ``(B, n_actions)`` (networks without memory)."""
+        return self.head(super().forward(obs))
+
+    def q_sequence(self, obs: ModelInput, starts: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q-values ``(T, B, A)`` of sequences, and the states after each step."""
+        features, states = self.sequence(obs, starts, state)
+        return self.head(features), states
+
+    def next_q(self, obs: ModelInput, states: torch.Tensor) -> torch.Tensor:
+        """Q-values ``(T, B, A)`` of next observations, each read one step on from its transition's state."""
+        return self.head(self.next_step(obs, states))
 
     @torch.no_grad()
     def act(self, obs: ModelInput, deterministic: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Greedy in Q, or sampled from the softmax of the Q-values."""
-        q_values = self(obs)
+        """Greedy in Q, or sampled from the softmax of the Q-values (networks without memory)."""
+        return self._action(self(obs), deterministic, generator)
+
+    @torch.no_grad()
+    def act_step(
+        self, obs: ModelInput, state: torch.Tensor, starts: torch.Tensor, deterministic: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.recurrent:
+            return self.act(obs, deterministic, generator), state
+        q_values, states = self.q_sequence(_unsqueeze(obs), starts[None], state)
+        return self._action(q_values[0], deterministic, generator), states[0]
+
+    @staticmethod
+    def _action(q_values: torch.Tensor, deterministic: bool, generator: torch.Generator | None) -> torch.Tensor:
         if deterministic:
             return q_values.argmax(dim=-1)
         return sample(Categorical(logits=q_values, validate_args=False), generator)
+
+
+class ValueNetwork(Recurrent, Torso):
+    """State values V(s): encoder, optional memory, MLP trunk and one output."""
+
+    def __init__(self, config: ModelConfig, observation_space: gym.Space, vocabulary: Vocabulary | None = None) -> None:
+        super().__init__(config, observation_space, vocabulary)
+        self.head = layer_init(nn.Linear(self.output_dim, 1), gain=1.0)
+
+    def forward(self, obs: ModelInput) -> torch.Tensor:
+        """Values ``(B,)`` (networks without memory)."""
+        return self.head(super().forward(obs)).squeeze(-1)
+
+    def v_sequence(self, obs: ModelInput, starts: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features, states = self.sequence(obs, starts, state)
+        return self.head(features).squeeze(-1), states
+
+    def next_v(self, obs: ModelInput, states: torch.Tensor) -> torch.Tensor:
+        return self.head(self.next_step(obs, states)).squeeze(-1)
 
 
 def build_actor_critic(

@@ -30,7 +30,7 @@ from mazerun.checkpoint import LAST_CHECKPOINT, PIPELINE_MANIFEST, read_pipeline
 from mazerun.config import PolicyConfig, RunConfig
 from mazerun.errors import MazerunError
 from mazerun.metrics import LEARNING_CURVE, evaluation_curve, plot_curves
-from mazerun.records import STATS_FILE, TRAJECTORY_DIR, atomic_write_bytes, finished_recording
+from mazerun.records import TRAJECTORY_DIR, atomic_write_bytes, finished_recording
 from mazerun.rollout import rollout
 from mazerun.runsetup import TrainResult
 from mazerun.train import train_stage

@@ -306,9 +306,11 @@ def record_files(dir_or_file: str | Path | Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def load_records(dir_or_file: str | Path | Sequence[str | Path]) -> list[StateTrajectoryRecord]:
-    """Load every record from a file, a directory of ``*.pkl`` files, or a list of either."""
-    return [_read_record(path) for path in record_files(dir_or_file)]
+def load_records(
+    dir_or_file: str | Path | Sequence[str | Path], max_episodes: int | None = None
+) -> list[StateTrajectoryRecord]:
+    """Load every record (or the first ``max_episodes``) from a file, a directory of ``*.pkl`` files, or a list of either."""
+    return [_read_record(path) for path in record_files(dir_or_file)[:max_episodes]]
 
 
 def finished_recording(trajectory_dir: Path) -> dict | None:

@@ -39,7 +39,7 @@ from mazerun.config import DEFAULT_ENV_ID, ExpertConfig, RunConfig, RunnerConfig
 from mazerun.data import build_vocabulary, check_records_match_spaces, env_id_of
 from mazerun.envs import make_env, resolve_env_id
 from mazerun.errors import MazerunError
-from mazerun.evaluation import ActFn, evaluate
+from mazerun.evaluation import Stepper, evaluate
 from mazerun.metrics import copy_metrics_history
 from mazerun.models import ModelConfig, Vocabulary, default_model_kind
 from mazerun.records import StateTrajectoryRecord, atomic_write_bytes, find_newest_recording, load_records
@@ -102,7 +102,9 @@ def sample_mission_vocabulary(env: gym.Env, seed: int) -> Vocabulary:
     return Vocabulary.build(missions)
 
 
-def load_dataset(dir_or_file: str | Sequence[str] | None) -> tuple[list[StateTrajectoryRecord], list[str]]:
+def load_dataset(
+    dir_or_file: str | Sequence[str] | None, max_episodes: int | None = None
+) -> tuple[list[StateTrajectoryRecord], list[str]]:
     """Records from the configured source (the newest finished recording when none is given) and where they came from."""
     if dir_or_file is None:
         source: Any = find_newest_recording()
@@ -110,7 +112,7 @@ def load_dataset(dir_or_file: str | Sequence[str] | None) -> tuple[list[StateTra
     else:
         source = dir_or_file
     sources = [str(source)] if isinstance(source, (str, Path)) else [str(item) for item in source]
-    return load_records(sources), sources
+    return load_records(sources, max_episodes), sources
 
 
 @dataclass
@@ -185,10 +187,10 @@ class RunSetup:
     def continuing(self) -> bool:
         return self.start is not None and self.start.continuing
 
-    def evaluate(self, act: ActFn) -> dict[str, float]:
-        """``runner.eval_repeats`` greedy episodes on the fixed evaluation seeds."""
+    def evaluate(self, network: Stepper) -> dict[str, float]:
+        """``runner.eval_repeats`` greedy episodes of ``network`` on the fixed evaluation seeds."""
         return evaluate(
-            act, self.env_id, self.runner.eval_repeats, observation_space=self.observation_space,
+            network, self.env_id, self.runner.eval_repeats, observation_space=self.observation_space,
             vocabulary=self.vocabulary, device=self.device, max_episode_steps=self.runner.max_episode_steps,
         ).metrics()
 
@@ -228,7 +230,7 @@ def prepare(
     if algorithm_config.needs_dataset:
         if dataset is None:
             algorithm_config.check_implicit_dataset(prefix)
-        records, sources = load_dataset(dataset)
+        records, sources = load_dataset(dataset, config.runner.dataset.max_episodes)
 
     env_id = explicit
     if records is not None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -102,7 +100,7 @@ def test_checkpoint_round_trip_gives_identical_actions(tmp_path: Path, lunar_rec
                  env.observation_space, env.action_space, "bc")
     policy = TorchPolicy(str(tmp_path), "LunarLander-v3", env.action_space)
     observations = np.concatenate([record.observations for record in records])
-    expected = bc.act(torch.as_tensor(observations), deterministic=True).numpy()
+    expected = bc.network.act(torch.as_tensor(observations), deterministic=True).numpy()
     assert [policy.act(observation) for observation in observations] == expected.tolist()
 
 

@@ -160,7 +160,7 @@ def test_dict_observations_train_and_act(module) -> None:
     for _ in range(2):
         metrics = algorithm.update(sampler.sample())
     assert all(torch.isfinite(value) for value in metrics.values())
-    actions = algorithm.act(sampler.sample().observations)
+    actions = algorithm.network.act(sampler.sample().observations, deterministic=True)
     assert actions.shape == (4,) and ((0 <= actions) & (actions < 7)).all()
 
 

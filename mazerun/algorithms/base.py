@@ -12,9 +12,12 @@ import torch
 from torch import nn
 
 from mazerun.config import check_fields
-from mazerun.data import TransitionBatch
+from mazerun.data import SequenceBatch, TransitionBatch
 from mazerun.errors import MazerunError
-from mazerun.models import ModelConfig, ModelInput, Vocabulary
+from mazerun.models import ModelConfig, Vocabulary
+
+Batch = TransitionBatch | SequenceBatch
+"""Transitions for networks without memory, chunks of consecutive ones for networks with it."""
 
 
 @dataclass
@@ -26,8 +29,6 @@ class OfflineConfig:
     budget_key: ClassVar[str] = "n_updates"
     step_unit: ClassVar[str] = "update"
     """What the budget counts."""
-    imitates: ClassVar[bool] = False
-    """True for algorithms that learn the expert's labels (BC): unlabelled transitions are dropped."""
 
     name: str = "bc"
     n_updates: int = 5000
@@ -38,6 +39,12 @@ class OfflineConfig:
     """Updates between two reports (train/validation metrics, evaluation rollout, checkpoints)."""
     validation_percentage: float = 0.0
     """Share of episodes held out for validation metrics; 0 = none (the best model is then picked by eval return)."""
+    rollout_len: int = 32
+    """Models with memory: steps per chunk of consecutive transitions (truncated backpropagation through time)."""
+    nrollouts: int = 64
+    """Models with memory: chunks per batch (batch_size is for models without memory)."""
+    burn_in: int = 0
+    """Models with memory: steps before each chunk that warm the state without being trained on."""
 
     @property
     def budget(self) -> int:
@@ -48,7 +55,8 @@ class OfflineConfig:
         return True
 
     def check(self, prefix: str = "algorithm") -> None:
-        check_fields(self, prefix, positive=("n_updates", "batch_size", "lr", "eval_every"))
+        check_fields(self, prefix, positive=("n_updates", "batch_size", "lr", "eval_every", "rollout_len", "nrollouts"),
+                     non_negative=("burn_in",))
         if not 0 <= self.validation_percentage < 100:
             raise MazerunError(
                 f"{prefix}.validation_percentage={self.validation_percentage} is outside [0, 100); "
@@ -90,6 +98,36 @@ class ValueLearningConfig(OfflineConfig):
                 f"{self.name} learns Q-values of discrete actions and this environment's actions are "
                 f"{action_space}; use algorithm=bc or algorithm=ppo for continuous actions"
             )
+
+
+def warm_state(sequence_fn: Any, batch: SequenceBatch, batch_size: int, state_size: int) -> torch.Tensor:
+    """The state each chunk starts from: zeros, run through the burn-in steps (without gradient) if any.
+
+    ``sequence_fn(observations, starts, state)`` returns outputs and the states after every step.
+    """
+    device = batch.actions.device
+    state = torch.zeros(batch_size, state_size, device=device)
+    if batch.burn_in_observations is None:
+        return state
+    with torch.no_grad():
+        _, states = sequence_fn(batch.burn_in_observations, batch.burn_in_starts, state)
+    return states[-1]
+
+
+def flat(values: torch.Tensor | None) -> torch.Tensor | None:
+    """``(T, B, ...)`` as ``(T * B, ...)``: sequence outputs meet the same loss formulas as transitions."""
+    return None if values is None else values.flatten(0, 1)
+
+
+def flat_transitions(batch: Batch) -> TransitionBatch:
+    """Actions, rewards, dones and labels of every transition as ``(N, ...)``, from either kind of batch.
+
+    Observations are left as they are: networks read them by kind (transitions or sequences).
+    """
+    if isinstance(batch, TransitionBatch):
+        return batch
+    return TransitionBatch(batch.observations, flat(batch.actions), flat(batch.rewards), batch.next_observations,
+                           flat(batch.dones), flat(batch.expert_actions))
 
 
 def frozen_copy(network: nn.Module) -> nn.Module:
@@ -157,10 +195,10 @@ class OfflineAlgorithm(ABC):
         self.network.load_state_dict(state)
 
     @abstractmethod
-    def losses(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def losses(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss to minimise on ``batch`` and its detached scalar metrics."""
 
-    def update(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
+    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One gradient step on ``batch``; returns detached scalar metrics (averaged over a report window)."""
         loss, metrics = self.losses(batch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -178,7 +216,7 @@ class OfflineAlgorithm(ABC):
         """Work due after each gradient step, e.g. a target network following the online one."""
 
     @torch.no_grad()
-    def validation_metrics(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
+    def validation_metrics(self, batch: Batch) -> dict[str, torch.Tensor]:
         """The metrics of :meth:`losses` on held-out transitions, without learning."""
         return self.losses(batch)[1]
 
@@ -186,9 +224,6 @@ class OfflineAlgorithm(ABC):
         """Metrics of the current weights (not of a batch), computed at report time only."""
         return {}
 
-    @abstractmethod
-    def act(self, observations: ModelInput, deterministic: bool = True) -> torch.Tensor:
-        """Actions for a batch of observations (evaluation rollouts)."""
 
     def selection_metric(self, has_validation: bool) -> tuple[str, str]:
         """Which logged metric picks the best checkpoint, and whether lower ("min") or higher ("max") wins."""

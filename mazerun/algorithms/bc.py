@@ -6,26 +6,28 @@ A categorical head makes this the cross-entropy of the expert's discrete actions
 head the negative log-likelihood of continuous ones. Only the actor learns: the value head of
 the same :class:`~mazerun.models.ActorCritic` stays untouched until PPO fine-tunes the clone.
 Records written by DAgger carry the expert's label of every state beside the action executed
-there (teacher forcing may have executed the learner's); the labels are the targets then.
+there (teacher forcing may have executed the learner's); the labels are the targets then, and
+states the expert could not label are left out of the mean. A policy with memory reads chunks
+of consecutive steps (truncated backpropagation through time), its state warmed by ``burn_in``
+steps before each chunk.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import gymnasium as gym
 import torch
+from torch.distributions import Distribution
 
-from mazerun.algorithms.base import OfflineAlgorithm, OfflineConfig
-from mazerun.data import TransitionBatch
-from mazerun.models import ActorCritic, ModelConfig, ModelInput, Vocabulary, build_actor_critic
+from mazerun.algorithms.base import Batch, OfflineAlgorithm, OfflineConfig, flat, warm_state
+from mazerun.data import SequenceBatch
+from mazerun.envs import NO_LABEL
+from mazerun.models import ActorCritic, ModelConfig, Vocabulary, build_actor_critic
 
 
 @dataclass
 class BCConfig(OfflineConfig):
-    imitates: ClassVar[bool] = True
-
     name: str = "bc"
     n_updates: int = 3000
     eval_every: int = 500
@@ -33,16 +35,48 @@ class BCConfig(OfflineConfig):
 
 
 def imitation_loss(
-    network: ActorCritic, observations: ModelInput, expert_actions: torch.Tensor
+    distribution: Distribution, targets: torch.Tensor, discrete: bool, labelled_only: bool = False
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``-mean(log pi(a_expert | s))`` and its metrics (entropy, and accuracy for discrete actions)."""
-    distribution = network.distribution(observations)
-    loss = -distribution.log_prob(expert_actions).mean()
-    metrics = {"policy_loss": loss.detach(), "policy_entropy": distribution.entropy().mean().detach()}
-    if network.discrete:
+    """``-mean(log pi(a_expert | s))`` and its metrics (entropy, and accuracy for discrete actions).
+
+    With ``labelled_only`` the mean skips states the expert gave no label (``NO_LABEL``, or NaN
+    for continuous actions); without it every target counts, which is the cheaper sum.
+    """
+    if labelled_only:
+        valid = targets != NO_LABEL if discrete else ~torch.isnan(targets).any(dim=-1)
+        targets = targets.clamp(min=0) if discrete else torch.nan_to_num(targets)
+        weights = valid.to(torch.float32) / valid.sum().clamp(min=1)
+        mean = lambda values: (values * weights).sum()  # noqa: E731
+    else:
+        mean = torch.mean
+    loss = -mean(distribution.log_prob(targets))
+    metrics = {"policy_loss": loss.detach(), "policy_entropy": mean(distribution.entropy()).detach()}
+    if discrete:
         predicted = distribution.logits.argmax(dim=-1)
-        metrics["discrete_accuracy"] = (predicted == expert_actions).float().mean()
+        metrics["discrete_accuracy"] = mean((predicted == targets).to(torch.float32))
     return loss, metrics
+
+
+def policy_of(network: ActorCritic, batch: Batch) -> Distribution:
+    """The policy at every transition of ``batch``, over ``(B,)`` or ``(T * B,)`` of them."""
+    if not isinstance(batch, SequenceBatch):
+        return network.distribution(batch.observations)
+    state = warm_state(network.distribution_sequence, batch, batch.actions.shape[1], network.actor_state_size)
+    distribution, _ = network.distribution_sequence(batch.observations, batch.starts, state)
+    if network.discrete:
+        return type(distribution)(logits=flat(distribution.logits), validate_args=False)
+    normal = distribution.base_dist
+    return type(distribution)(type(normal)(flat(normal.loc), flat(normal.scale), validate_args=False), 1,
+                              validate_args=False)
+
+
+def cloning_loss(network: ActorCritic, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The imitation loss of ``network`` on ``batch``: the expert's labels where the records have them."""
+    labelled = batch.expert_actions is not None
+    targets = batch.expert_actions if labelled else batch.actions
+    if isinstance(batch, SequenceBatch):
+        targets = flat(targets)
+    return imitation_loss(policy_of(network, batch), targets, network.discrete, labelled_only=labelled)
 
 
 class BehaviouralCloning(OfflineAlgorithm):
@@ -62,9 +96,8 @@ class BehaviouralCloning(OfflineAlgorithm):
         self.actor_parameters = self.network.actor_parameters()
         self.optimizer = torch.optim.Adam(self.actor_parameters, lr=config.lr)
 
-    def losses(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        targets = batch.actions if batch.expert_actions is None else batch.expert_actions
-        return imitation_loss(self.network, batch.observations, targets)
+    def losses(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return cloning_loss(self.network, batch)
 
     def after_backward(self, metrics: dict[str, torch.Tensor]) -> None:
         metrics["policy_grad_norm"] = torch.nn.utils.get_total_norm(
@@ -75,8 +108,6 @@ class BehaviouralCloning(OfflineAlgorithm):
     def report_metrics(self) -> dict[str, float]:
         return {"policy_l2_norm": float(torch.sqrt(sum(p.pow(2).sum() for p in self.actor_parameters)))}
 
-    def act(self, observations: ModelInput, deterministic: bool = True) -> torch.Tensor:
-        return self.network.act(observations, deterministic)
 
     def selection_metric(self, has_validation: bool) -> tuple[str, str]:
         return ("validation/policy_loss", "min") if has_validation else ("eval/mean_return", "max")

@@ -23,10 +23,19 @@ import gymnasium as gym
 import torch
 import torch.nn.functional as F
 
-from mazerun.algorithms.base import OfflineAlgorithm, ValueLearningConfig, follow_target, frozen_copy
-from mazerun.data import TransitionBatch
+from mazerun.algorithms.base import (
+    Batch,
+    OfflineAlgorithm,
+    ValueLearningConfig,
+    flat,
+    flat_transitions,
+    follow_target,
+    frozen_copy,
+    warm_state,
+)
+from mazerun.data import SequenceBatch
 from mazerun.errors import MazerunError
-from mazerun.models import ModelConfig, ModelInput, Vocabulary, build_q_network
+from mazerun.models import ModelConfig, Vocabulary, build_q_network
 
 TD_LOSSES = ("huber", "mse")
 
@@ -95,16 +104,13 @@ class ConservativeQLearning(OfflineAlgorithm):
         super().load_network_state(state)
         self.target_network.load_state_dict(state)
 
-    def losses(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with torch.no_grad():
-            targets = double_dqn_target(
-                self.network(batch.next_observations), self.target_network(batch.next_observations),
-                batch.rewards, batch.dones, self.config.gamma,
-            )
-        q_values = self.network(batch.observations)
-        q_data = q_values.gather(1, batch.actions.unsqueeze(1)).squeeze(1)
+    def losses(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        q_values, next_online, next_target = self.q_estimates(batch)
+        data = flat_transitions(batch)
+        targets = double_dqn_target(next_online, next_target, data.rewards, data.dones, self.config.gamma)
+        q_data = q_values.gather(1, data.actions.unsqueeze(1)).squeeze(1)
         td_loss = td_error_loss(q_data, targets, self.config.td_loss)
-        cql_loss = conservative_loss(q_values, batch.actions)
+        cql_loss = conservative_loss(q_values, data.actions)
         loss = td_loss + self.config.alpha * cql_loss
         metrics = {
             "td_loss": td_loss.detach(),
@@ -113,12 +119,29 @@ class ConservativeQLearning(OfflineAlgorithm):
         }
         return loss, metrics
 
+    def q_estimates(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``Q(s, .)`` of the online network, and ``Q(s', .)`` of the online and target networks (no gradient).
+
+        With memory, Q of each next observation is read one step on from its transition's state.
+        """
+        online, target = self.network, self.target_network
+        if not isinstance(batch, SequenceBatch):
+            with torch.no_grad():
+                next_online, next_target = online(batch.next_observations), target(batch.next_observations)
+            return online(batch.observations), next_online, next_target
+        size = batch.actions.shape[1]
+        q_values, states = online.q_sequence(batch.observations, batch.starts,
+                                             warm_state(online.q_sequence, batch, size, online.state_size))
+        with torch.no_grad():
+            _, target_states = target.q_sequence(batch.observations, batch.starts,
+                                                 warm_state(target.q_sequence, batch, size, target.state_size))
+            next_online = online.next_q(batch.next_observations, states)
+            next_target = target.next_q(batch.next_observations, target_states)
+        return flat(q_values), flat(next_online), flat(next_target)
+
     def after_step(self) -> None:
         follow_target(self.target_network, self.network, self.updates, self.config)
 
-    def act(self, observations: ModelInput, deterministic: bool = True) -> torch.Tensor:
-        """Greedy in Q (softmax-sampled otherwise): the rule ``policy=torch_policy`` applies to the checkpoint."""
-        return self.network.act(observations, deterministic)
 
 
 Config = CQLConfig

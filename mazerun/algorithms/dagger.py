@@ -85,8 +85,6 @@ class DAggerConfig:
 
     def beta(self) -> LinearSchedule:
         """The teacher-forcing probability against env steps."""
-        if self.learner_actions not in ("sample", "greedy"):
-            raise MazerunError(f"{prefix}.learner_actions={self.learner_actions!r} is unknown; use sample or greedy")
         forcing = self.teacher_forcing
         return LinearSchedule(forcing.start, forcing.end, forcing.steps or self.total_steps)
 

@@ -23,27 +23,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import gymnasium as gym
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.distributions import Distribution
 
-from mazerun.algorithms.base import OfflineAlgorithm, ValueLearningConfig, follow_target, frozen_copy
-from mazerun.config import check_fields
-from mazerun.data import TransitionBatch
-from mazerun.errors import MazerunError
-from mazerun.models import (
-    ModelConfig,
-    ModelInput,
-    ObservationEncoder,
-    Vocabulary,
-    build_actor_critic,
-    build_q_network,
-    layer_init,
-    mlp,
+from mazerun.algorithms.base import (
+    Batch,
+    OfflineAlgorithm,
+    ValueLearningConfig,
+    flat,
+    flat_transitions,
+    follow_target,
+    frozen_copy,
+    warm_state,
 )
+from mazerun.algorithms.bc import policy_of
+from mazerun.config import check_fields
+from mazerun.data import SequenceBatch
+from mazerun.errors import MazerunError
+from mazerun.models import ModelConfig, ValueNetwork, Vocabulary, build_actor_critic, build_q_network
 
 
 @dataclass
@@ -86,21 +87,19 @@ def weighted_log_likelihood_loss(distribution: Distribution, actions: torch.Tens
     return -(weights * distribution.log_prob(actions)).mean()
 
 
-class ValueNetwork(nn.Module):
-    """State values V(s): encoder, MLP trunk and one output, the sizes of the model group."""
+class Estimates(NamedTuple):
+    """What IQL's losses read, per transition."""
 
-    def __init__(self, config: ModelConfig, observation_space: gym.Space, vocabulary: Vocabulary | None = None) -> None:
-        super().__init__()
-        self.encoder = ObservationEncoder(config, observation_space, vocabulary)
-        self.trunk, trunk_dim = mlp(self.encoder.output_dim, config.hidden_sizes, config.activation)
-        self.head = layer_init(nn.Linear(trunk_dim, 1), gain=1.0)
-
-    def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        self.encoder.set_normalization(mean, std)
-
-    def forward(self, obs: ModelInput) -> torch.Tensor:
-        """Values ``(B,)``."""
-        return self.head(self.trunk(self.encoder(obs))).squeeze(-1)
+    target_q: torch.Tensor
+    """``Q_target(s, .)``, ``(N, A)``, no gradient."""
+    values: torch.Tensor
+    """``V(s)``, ``(N,)``."""
+    next_values: torch.Tensor
+    """``V(s')``, ``(N,)``, no gradient."""
+    q: torch.Tensor
+    """``Q(s, .)``, ``(N, A)``."""
+    policy: Distribution
+    """``pi(. | s)`` over the N transitions."""
 
 
 class ImplicitQLearning(OfflineAlgorithm):
@@ -132,21 +131,23 @@ class ImplicitQLearning(OfflineAlgorithm):
             for network in (self.q_network, self.target_q_network, self.value_network):
                 network.set_normalization(encoder.obs_mean, encoder.obs_std)
 
-    def losses(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def losses(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         config = self.config
-        actions = batch.actions.unsqueeze(1)
+        data = flat_transitions(batch)
+        actions = data.actions.unsqueeze(1)
+        estimates = self.estimates(batch)
         with torch.no_grad():
-            target_q = self.target_q_network(batch.observations).gather(1, actions).squeeze(1)
-            q_targets = batch.rewards + config.gamma * (1.0 - batch.dones) * self.value_network(batch.next_observations)
+            target_q = estimates.target_q.gather(1, actions).squeeze(1)
+            q_targets = data.rewards + config.gamma * (1.0 - data.dones) * estimates.next_values
 
-        values = self.value_network(batch.observations)
+        values = estimates.values
         value_loss = expectile_loss(target_q - values, config.expectile)
 
-        q_data = self.q_network(batch.observations).gather(1, actions).squeeze(1)
+        q_data = estimates.q.gather(1, actions).squeeze(1)
         td_loss = F.mse_loss(q_data, q_targets)
 
         weights = advantage_weights((target_q - values).detach(), config.beta, config.max_weight)
-        policy_loss = weighted_log_likelihood_loss(self.network.distribution(batch.observations), batch.actions, weights)
+        policy_loss = weighted_log_likelihood_loss(estimates.policy, data.actions, weights)
 
         loss = value_loss + td_loss + policy_loss
         metrics = {
@@ -159,11 +160,31 @@ class ImplicitQLearning(OfflineAlgorithm):
         }
         return loss, metrics
 
+    def estimates(self, batch: Batch) -> Estimates:
+        """Every network's reading of the batch's transitions, flat ``(N, ...)`` (sequences with memory)."""
+        target_q_network = self.target_q_network
+        if not isinstance(batch, SequenceBatch):
+            with torch.no_grad():
+                target_q = target_q_network(batch.observations)
+                next_values = self.value_network(batch.next_observations)
+            return Estimates(target_q, self.value_network(batch.observations), next_values,
+                             self.q_network(batch.observations), self.network.distribution(batch.observations))
+        size = batch.actions.shape[1]
+
+        def run(sequence_fn: Any, state_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return sequence_fn(batch.observations, batch.starts, warm_state(sequence_fn, batch, size, state_size))
+
+        with torch.no_grad():
+            target_q, _ = run(target_q_network.q_sequence, target_q_network.state_size)
+        values, value_states = run(self.value_network.v_sequence, self.value_network.state_size)
+        with torch.no_grad():
+            next_values = self.value_network.next_v(batch.next_observations, value_states)
+        q, _ = run(self.q_network.q_sequence, self.q_network.state_size)
+        return Estimates(flat(target_q), flat(values), flat(next_values), flat(q), policy_of(self.network, batch))
+
     def after_step(self) -> None:
         follow_target(self.target_q_network, self.q_network, self.updates, self.config)
 
-    def act(self, observations: ModelInput, deterministic: bool = True) -> torch.Tensor:
-        return self.network.act(observations, deterministic)
 
 
 Config = IQLConfig

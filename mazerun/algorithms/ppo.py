@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.distributions import Categorical, Distribution
 
-from mazerun.algorithms.bc import imitation_loss
+from mazerun.algorithms.bc import cloning_loss
 from mazerun.config import check_fields
 from mazerun.data import TransitionBatch
 from mazerun.errors import MazerunError
@@ -274,7 +274,7 @@ class PPO:
 
                 if imitate:
                     demo = demonstrations()
-                    imitation = imitation_loss(self.network, demo.observations, demo.actions)[0]
+                    imitation = cloning_loss(self.network, demo)[0]
                 else:
                     imitation = no_imitation
                 # loss = policy_loss + vf_coef * value_loss - ent_coef * entropy + imitation_coef * imitation,

@@ -172,7 +172,7 @@ def train_interactive(setup: RunSetup) -> TrainResult:
             metrics.update(labels=float(len(aggregate)), **algorithm.report_metrics())
             logger.log(step, episodes.episode_metrics(is_minigrid(setup.env_id)), "rollout")
             logger.log(step, metrics, "train")
-            evaluation = setup.evaluate(lambda observations: network.act(observations, deterministic=True))
+            evaluation = setup.evaluate(network)
             logger.log(step, evaluation, "eval")
             keeper.consider({f"eval/{name}": value for name, value in evaluation.items()}, step)
 

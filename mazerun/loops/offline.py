@@ -24,7 +24,17 @@ from tqdm import tqdm
 from mazerun import interrupts
 from mazerun.algorithms import algorithm_module
 from mazerun.algorithms.base import OfflineAlgorithm
-from mazerun.data import BatchSampler, observation_stats, records_to_dataset, split_by_episode
+from mazerun.data import (
+    BatchSampler,
+    SequenceBatch,
+    SequenceSampler,
+    TransitionDataset,
+    longest_episode,
+    observation_stats,
+    records_to_dataset,
+    split_by_episode,
+)
+from mazerun.errors import MazerunError
 from mazerun.metrics import MetricsLogger
 from mazerun.runsetup import TRAINING_STATE, CheckpointKeeper, RunSetup, TrainResult
 
@@ -38,9 +48,6 @@ def train_offline(setup: RunSetup) -> TrainResult:
     train_records, validation_records = split_by_episode(setup.records, config.validation_percentage, setup.seed)
     train_data = records_to_dataset(train_records, setup.vocabulary)
     validation_data = records_to_dataset(validation_records, setup.vocabulary) if validation_records else None
-    if config.imitates:
-        train_data = train_data.with_labels_only()
-        validation_data = validation_data.with_labels_only() if validation_data is not None else None
     train_data = train_data.to(device)
     validation_data = validation_data.to(device) if validation_data is not None else None
     log.info(
@@ -51,8 +58,8 @@ def train_offline(setup: RunSetup) -> TrainResult:
     algorithm: OfflineAlgorithm = algorithm_module(config.name).Algorithm(
         config, setup.model_config, setup.observation_space, setup.action_space, setup.vocabulary, device
     )
-    sampler = BatchSampler(train_data, config.batch_size, seed=setup.seed)
-    validation_sampler = BatchSampler(validation_data, config.batch_size, seed=setup.seed) if validation_data else None
+    sampler = make_sampler(train_data, setup)
+    validation_sampler = make_sampler(validation_data, setup) if validation_data else None
     window: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
     window_size = 0
     start = setup.start
@@ -88,7 +95,7 @@ def train_offline(setup: RunSetup) -> TrainResult:
             validation = _mean_over_epoch(algorithm, validation_sampler)
             logger.log(update, validation, "validation")
             everything.update({f"validation/{name}": value for name, value in validation.items()})
-        evaluation = setup.evaluate(lambda observations: algorithm.act(observations, deterministic=True))
+        evaluation = setup.evaluate(algorithm.network)
         logger.log(update, evaluation, "eval")
         everything.update({f"eval/{name}": value for name, value in evaluation.items()})
         keeper.consider(everything, update)
@@ -122,13 +129,27 @@ def train_offline(setup: RunSetup) -> TrainResult:
     return result
 
 
+def make_sampler(data: TransitionDataset, setup: RunSetup) -> BatchSampler | SequenceSampler:
+    """Transitions for a model without memory; chunks of consecutive ones for a model with it."""
+    config = setup.algorithm
+    if not setup.model_config.recurrent:
+        return BatchSampler(data, config.batch_size, seed=setup.seed)
+    longest = longest_episode(data)
+    if config.rollout_len > longest:
+        raise MazerunError(
+            f"{setup.prefix}.rollout_len={config.rollout_len} is longer than every episode (the longest has "
+            f"{longest} steps); use {setup.prefix}.rollout_len={longest} or less"
+        )
+    return SequenceSampler(data, config.rollout_len, config.nrollouts, config.burn_in, seed=setup.seed)
+
+
 @torch.no_grad()
-def _mean_over_epoch(algorithm: OfflineAlgorithm, sampler: BatchSampler) -> dict[str, float]:
+def _mean_over_epoch(algorithm: OfflineAlgorithm, sampler: BatchSampler | SequenceSampler) -> dict[str, float]:
     """Validation metrics over every held-out transition, weighted by batch size."""
     totals: dict[str, float] = defaultdict(float)
     count = 0
     for batch in sampler.epoch(shuffle=False):
-        size = len(batch.actions)
+        size = batch.actions.shape[0] * (batch.actions.shape[1] if isinstance(batch, SequenceBatch) else 1)
         for name, value in algorithm.validation_metrics(batch).items():
             totals[name] += float(value) * size
         count += size

@@ -117,7 +117,7 @@ def train_on_policy(setup: RunSetup) -> TrainResult:
             }
 
         def evaluate(logger: MetricsLogger) -> float:
-            result = setup.evaluate(lambda observations: network.act(observations, deterministic=True))
+            result = setup.evaluate(network)
             logger.log(step, result, "eval")
             keeper.consider({SELECTION_METRIC: result["mean_return"]}, step)
             return result["mean_return"]

@@ -14,7 +14,11 @@ from mazerun.policies.base import Policy
 
 
 class TorchPolicy(Policy):
-    """Greedy (or sampled) actions of the network saved in ``input_dir`` (best.pt, else last.pt)."""
+    """Greedy (or sampled) actions of the network saved in ``input_dir`` (best.pt, else last.pt).
+
+    A network with memory keeps its state through the episode and starts it afresh at each reset,
+    so every runner (sequential or each parallel worker) carries one state per env copy.
+    """
 
     name = "torch_policy"
 
@@ -41,13 +45,19 @@ class TorchPolicy(Policy):
         self.deterministic = deterministic
         self.generator = torch.Generator()
         self.name = f"torch_policy:{checkpoint.algorithm}"
+        self.state = self.network.initial_state(1, "cpu")
+        self.starts = torch.ones(1, dtype=torch.bool)
 
     def reset(self, env: gym.Env, seed: int | None) -> None:
         if seed is not None:
             self.generator.manual_seed(seed)
+        self.state.zero_()
+        self.starts.fill_(True)
 
     @torch.no_grad()
     def act(self, observation: Any) -> Any:
         batch = obs_to_tensor(observation, self.observation_space, self.vocabulary, "cpu")
-        action = self.network.act(batch, self.deterministic, self.generator)[0].numpy()
+        actions, self.state = self.network.act_step(batch, self.state, self.starts, self.deterministic, self.generator)
+        self.starts.fill_(False)
+        action = actions[0].numpy()
         return int(action) if action.ndim == 0 else action
