@@ -54,6 +54,15 @@ class ExpertConfig:
 
 
 @dataclass
+class WrappersConfig:
+    name: Optional[str] = None
+    """mask_velocity (hide velocities: a POMDP), or vector_obs (Maze's name; nothing to wrap)."""
+
+
+NO_OP_WRAPPERS = ("vector_obs",)
+
+
+@dataclass
 class DatasetConfig:
     dir_or_file: Any = None
     """A trajectory_data directory, a record file, or a list of either; default: newest finished recording under outputs/."""
@@ -103,7 +112,7 @@ class RunConfig:
     """An earlier run (or checkpoint file) to start from, to continue, or to roll out."""
     device: str = "auto"
     model: Any = None
-    wrappers: Any = None
+    wrappers: Optional[WrappersConfig] = None
     critic: Any = None
 
     @property

@@ -488,7 +488,7 @@ class SequenceSampler:
 
     def __init__(
         self, dataset: TransitionDataset, rollout_len: int, nrollouts: int, burn_in: int, seed: int, stride: int = 1,
-        starts: torch.Tensor | None = None,
+        starts: torch.Tensor | None = None, generator: torch.Generator | None = None,
     ) -> None:
         self.dataset, self.rollout_len, self.nrollouts, self.burn_in, self.stride = (
             dataset, rollout_len, nrollouts, burn_in, stride)
@@ -497,8 +497,10 @@ class SequenceSampler:
         self.span = (rollout_len - 1) * stride
         self.offsets = torch.arange(rollout_len, device=device) * stride
         self.burn_in_offsets = torch.arange(-burn_in, 0, device=device) * stride
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(seed)
+        self.generator = generator
 
     def __len__(self) -> int:
         """How many chunk starts there are."""

@@ -29,29 +29,90 @@ _warned_renames: set[str] = set()
 
 
 def _register_minigrid() -> None:
-    """MiniGrid and BabyAI ids exist only once the package is imported."""
+    """MiniGrid and BabyAI ids exist only once the package is imported (a third of a second: only when needed)."""
     import minigrid  # noqa: F401  (import registers the envs)
 
 
+WRAPPER_SEPARATOR = "+"
+"""An env id with wrappers reads ``<gymnasium id>+<wrapper>``: records and checkpoints carry it whole."""
+
+
+def split_env_id(env_id: str) -> tuple[str, tuple[str, ...]]:
+    """The gymnasium id and the wrappers of an env id."""
+    base, *wrappers = env_id.split(WRAPPER_SEPARATOR)
+    return base, tuple(wrappers)
+
+
 def resolve_env_id(name: str) -> str:
-    """Map a user's env id to a registered gymnasium id, or fail with close suggestions."""
-    _register_minigrid()
-    if name in RENAMED_IDS:
-        new = RENAMED_IDS[name]
-        if name not in _warned_renames:
-            log.info("%s was removed from gymnasium 1.x; using %s (same dynamics, fixed bugs)", name, new)
-            _warned_renames.add(name)
-        name = new
-    if name not in gym.registry:
-        close = difflib.get_close_matches(name, list(gym.registry), n=3, cutoff=0.6)
+    """Map a user's env id to a registered gymnasium id (wrappers kept), or fail with close suggestions."""
+    base, wrappers = split_env_id(name)
+    if base in RENAMED_IDS:
+        new = RENAMED_IDS[base]
+        if base not in _warned_renames:
+            log.info("%s was removed from gymnasium 1.x; using %s (same dynamics, fixed bugs)", base, new)
+            _warned_renames.add(base)
+        base = new
+    if base not in gym.registry:
+        _register_minigrid()
+    if base not in gym.registry:
+        close = difflib.get_close_matches(base, list(gym.registry), n=3, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}?" if close else "set env.name to a registered gymnasium id"
-        raise MazerunError(f"unknown environment id {name!r}; {hint}")
-    return name
+        raise MazerunError(f"unknown environment id {base!r}; {hint}")
+    for wrapper in wrappers:
+        if wrapper not in WRAPPERS:
+            raise MazerunError(f"unknown wrapper {wrapper!r} in env id {name!r}; wrappers: {', '.join(WRAPPERS)}")
+        WRAPPERS[wrapper].check(base)
+    return WRAPPER_SEPARATOR.join([base, *wrappers])
 
 
 def is_minigrid(env_id: str) -> bool:
-    entry = gym.registry[env_id].entry_point
+    entry = gym.registry[split_env_id(env_id)[0]].entry_point
     return isinstance(entry, str) and entry.startswith("minigrid")
+
+
+class MaskVelocity(gym.ObservationWrapper):
+    """Drops the velocities from CartPole's and LunarLander's observations: a POMDP that needs memory.
+
+    A policy must then infer motion from the positions it remembers. Scripted experts still
+    see the whole state (:func:`unmasked_observation`), as a teacher with privileged
+    information does.
+    """
+
+    VELOCITIES = {"CartPole": (1, 3), "LunarLander": (2, 3, 5), "LunarLanderContinuous": (2, 3, 5)}
+    """Per env family, the observation entries that are velocities."""
+
+    @classmethod
+    def check(cls, base_id: str) -> None:
+        family = base_id.split("-")[0]
+        if family not in cls.VELOCITIES:
+            known = ", ".join(f"{name}-*" for name in cls.VELOCITIES)
+            raise MazerunError(f"mask_velocity does not know which entries of {base_id}'s observation are velocities; "
+                               f"it knows {known}")
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        hidden = self.VELOCITIES[env.spec.id.split("-")[0]]
+        self.keep = np.array([index for index in range(env.observation_space.shape[0]) if index not in hidden])
+        space = env.observation_space
+        self.observation_space = gym.spaces.Box(space.low[self.keep], space.high[self.keep], dtype=space.dtype)
+        self.unmasked_observation: np.ndarray | None = None
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        self.unmasked_observation = observation
+        return observation[self.keep]
+
+
+WRAPPERS: dict[str, Any] = {"mask_velocity": MaskVelocity}
+"""Wrappers an env id may name after its gymnasium id."""
+
+
+def unmasked_observation(env: gym.Env, observation: Any) -> Any:
+    """The whole observation behind ``observation`` when a wrapper hid part of it, else ``observation``."""
+    try:
+        whole = env.get_wrapper_attr("unmasked_observation")
+    except AttributeError:
+        return observation
+    return observation if whole is None else whole
 
 
 class QuietReset(gym.Wrapper):
@@ -67,14 +128,17 @@ def make_env(
 ) -> gym.Env:
     """Build one environment; MiniGrid/BabyAI keep their dict observation (image, direction, mission)."""
     env_id = resolve_env_id(env_id)
+    base, wrappers = split_env_id(env_id)
     kwargs: dict[str, Any] = {}
     if max_episode_steps is not None:
         kwargs["max_episode_steps"] = max_episode_steps
     if render_mode is not None:
         kwargs["render_mode"] = render_mode
-    env = gym.make(env_id, **kwargs)
-    if is_minigrid(env_id):
+    env = gym.make(base, **kwargs)
+    if is_minigrid(base):
         env = QuietReset(env)
+    for wrapper in wrappers:
+        env = WRAPPERS[wrapper](env)
     return env
 
 

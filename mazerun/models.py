@@ -576,6 +576,15 @@ def _squeeze(distribution: Distribution) -> Distribution:
     return Independent(Normal(normal.loc[0], normal.scale[0], validate_args=False), 1, validate_args=False)
 
 
+def flatten_distribution(distribution: Distribution) -> Distribution:
+    """A policy over ``(T, B)`` steps as one over ``T * B`` rows."""
+    if isinstance(distribution, Categorical):
+        return Categorical(logits=distribution.logits.flatten(0, 1), validate_args=False)
+    normal = distribution.base_dist
+    return Independent(Normal(normal.loc.flatten(0, 1), normal.scale.flatten(0, 1), validate_args=False), 1,
+                       validate_args=False)
+
+
 def sample(distribution: Distribution, generator: torch.Generator | None) -> torch.Tensor:
     """A sample of a ``Categorical`` or diagonal ``Normal`` drawn from ``generator``.
 

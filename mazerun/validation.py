@@ -15,7 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mazerun.algorithms import ALGORITHMS, algorithm_config
-from mazerun.config import RunConfig, check_fields, check_rollout, check_training, structured
+from mazerun.config import NO_OP_WRAPPERS, RunConfig, check_fields, check_rollout, check_training, structured
+from mazerun.envs import WRAPPER_SEPARATOR
 from mazerun.errors import MazerunError
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         if missing:
             raise MazerunError(f"{missing[0]} must be set (e.g. {missing[0]}=<value> on the command line)")
     config: RunConfig = structured(RunConfig, cfg)
+    _apply_wrappers(config)
     check_rollout(config)
     if config.algorithm is not None and config.pipeline is not None:
         raise MazerunError("choose either algorithm=<name> or pipeline=<name>: a pipeline names its stages' algorithms")
@@ -87,6 +89,16 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         check_training(config)
         _apply_maze_burn_in(config)
     return config
+
+
+def _apply_wrappers(config: RunConfig) -> None:
+    """``wrappers=mask_velocity`` joins the env id (``CartPole-v1+mask_velocity``), which records and checkpoints carry."""
+    wrapper = config.wrappers.name if config.wrappers is not None else None
+    if wrapper is None or wrapper in NO_OP_WRAPPERS:
+        return
+    if config.env.name is None:
+        raise MazerunError(f"wrappers={wrapper} needs the env it wraps: add env=<id>, e.g. env=CartPole-v1")
+    config.env.name = f"{config.env.name}{WRAPPER_SEPARATOR}{wrapper}"
 
 
 def _apply_maze_burn_in(config: RunConfig) -> None:

@@ -94,15 +94,15 @@ def test_the_babyai_bot_replans_after_the_learners_own_actions() -> None:
 
 def test_the_aggregate_keeps_every_labelled_state() -> None:
     space, actions = gym.spaces.Box(-1, 1, (3,)), gym.spaces.Discrete(4)
-    aggregate = LabelledStates(10, space, actions, torch.device("cpu"))
-    aggregate.add(torch.arange(6.0).reshape(2, 3), torch.tensor([1, 2]))
-    aggregate.add(torch.ones(3, 3), torch.tensor([3, 0, 1]))
+    aggregate = LabelledStates(10, space, actions, 1, torch.device("cpu"))
+    aggregate.add(torch.arange(6.0).reshape(2, 3), torch.tensor([1, 2]), torch.tensor([True, False]))
+    aggregate.add(torch.ones(3, 3), torch.tensor([3, 0, 1]), torch.tensor([False, True, False]))
     assert len(aggregate) == 5
     assert aggregate.labels[:5].tolist() == [1, 2, 3, 0, 1]
     assert aggregate.observations[1].tolist() == [3.0, 4.0, 5.0]
     batch = aggregate.sample(64, torch.Generator().manual_seed(0))
     assert set(batch.expert_actions.tolist()) == {0, 1, 2, 3}  # every row can be drawn, none past the end
-    restored = LabelledStates(10, space, actions, torch.device("cpu"))
+    restored = LabelledStates(10, space, actions, 1, torch.device("cpu"))
     restored.load_state(aggregate.state())
     assert len(restored) == 5 and torch.equal(restored.observations[:5], aggregate.observations[:5])
 

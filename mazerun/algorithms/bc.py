@@ -23,7 +23,7 @@ from torch.distributions import Distribution
 from mazerun.algorithms.base import Batch, OfflineAlgorithm, OfflineConfig, flat, warm_state
 from mazerun.data import SequenceBatch
 from mazerun.envs import NO_LABEL
-from mazerun.models import ActorCritic, ModelConfig, Vocabulary, build_actor_critic
+from mazerun.models import ActorCritic, ModelConfig, Vocabulary, build_actor_critic, flatten_distribution
 
 
 @dataclass
@@ -63,11 +63,7 @@ def policy_of(network: ActorCritic, batch: Batch) -> Distribution:
         return network.distribution(batch.observations)
     state = warm_state(network.distribution_sequence, batch, batch.actions.shape[1], network.actor_state_size)
     distribution, _ = network.distribution_sequence(batch.observations, batch.starts, state)
-    if network.discrete:
-        return type(distribution)(logits=flat(distribution.logits), validate_args=False)
-    normal = distribution.base_dist
-    return type(distribution)(type(normal)(flat(normal.loc), flat(normal.scale), validate_args=False), 1,
-                              validate_args=False)
+    return flatten_distribution(distribution)
 
 
 def cloning_loss(network: ActorCritic, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -56,6 +56,12 @@ class DAggerConfig:
     batch_size: int = 256
     lr: float = 3e-4
     teacher_forcing: TeacherForcingConfig = field(default_factory=TeacherForcingConfig)
+    rollout_len: int = 32
+    """Models with memory: steps per chunk of an env copy's consecutive steps (truncated BPTT)."""
+    nrollouts: int = 64
+    """Models with memory: chunks per batch (batch_size is for models without memory)."""
+    burn_in: int = 0
+    """Models with memory: steps before each chunk that only warm the state."""
     learner_actions: str = "sample"
     """sample from the learner's policy, or greedy: its most likely action (what evaluation executes)."""
     eval_every: int = 5000
@@ -73,7 +79,8 @@ class DAggerConfig:
         """DAgger learns in any env the models read and the expert acts in."""
 
     def check(self, prefix: str = "algorithm") -> None:
-        check_fields(self, prefix, positive=("total_steps", "n_steps", "n_updates", "batch_size", "lr", "eval_every"))
+        check_fields(self, prefix, positive=("total_steps", "n_steps", "n_updates", "batch_size", "lr", "eval_every",
+                                             "rollout_len", "nrollouts"), non_negative=("burn_in",))
         if self.learner_actions not in ("sample", "greedy"):
             raise MazerunError(f"{prefix}.learner_actions={self.learner_actions!r} is unknown; use sample or greedy")
         forcing = self.teacher_forcing

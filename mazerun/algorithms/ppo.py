@@ -29,7 +29,7 @@ treats the step as done (the observation after it belongs to the next episode).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, NamedTuple, Optional
+from typing import Any, Callable, ClassVar, Iterator, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ from mazerun.algorithms.bc import cloning_loss
 from mazerun.config import check_fields
 from mazerun.data import TransitionBatch
 from mazerun.errors import MazerunError
-from mazerun.models import ActorCritic, ModelInput
+from mazerun.models import ActorCritic, ModelInput, flatten_distribution
 from mazerun.schedules import SCHEDULE_KINDS, LinearSchedule
 
 
@@ -148,7 +148,13 @@ def compute_gae(
 
 
 class RolloutBatch(NamedTuple):
-    """One rollout flattened to ``n_steps * n_envs`` rows, everything the update needs."""
+    """One rollout, everything the update needs.
+
+    Flattened to ``n_steps * n_envs`` rows for a network without memory. With memory the fields
+    keep their ``(n_steps, n_envs, ...)`` shape, ``starts`` marks the steps that begin an
+    episode and ``initial_state`` is each env's state when the rollout began: minibatches are
+    then whole env sequences, replayed from that state.
+    """
 
     observations: ModelInput
     actions: torch.Tensor
@@ -156,15 +162,35 @@ class RolloutBatch(NamedTuple):
     values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    starts: Optional[torch.Tensor] = None
+    initial_state: Optional[torch.Tensor] = None
 
 
-def _select(data: Any, index: torch.Tensor | slice) -> Any:
-    """Rows ``index`` (indices or a slice) of a tensor, of each tensor of a dict or of a :class:`RolloutBatch`."""
+class Minibatch(NamedTuple):
+    """What one gradient step reads, flat over its rows: the current policy and values, the rollout's numbers."""
+
+    distribution: Distribution
+    values: torch.Tensor
+    actions: torch.Tensor
+    log_probs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def _select(data: Any, index: Any) -> Any:
+    """Rows ``index`` (indices, a slice, or ``(slice(None), envs)``) of a tensor, a dict or a :class:`RolloutBatch`."""
     if isinstance(data, RolloutBatch):
-        return RolloutBatch(*(_select(field, index) for field in data))
+        return RolloutBatch(*(None if field is None else _select(field, index) for field in data))
     if isinstance(data, dict):
         return {key: _select(value, index) for key, value in data.items()}
     return data[index]
+
+
+def _normalized(advantages: torch.Tensor) -> torch.Tensor:
+    """Advantages standardised over a minibatch (rows of the last dimension)."""
+    mean, std = advantages.mean(-1, keepdim=True), advantages.std(-1, keepdim=True)
+    return (advantages - mean) / (std + 1e-8)
 
 
 def log_prob_and_entropy(distribution: Distribution, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,53 +256,35 @@ class PPO:
         ``demonstrations`` draws a batch of recorded demonstrations for the imitation term.
         """
         config = self.config
-        size, batch_size = len(batch.actions), config.batch_size
-        if size % batch_size:
-            raise ValueError(f"batch_size {batch_size} does not divide the rollout size {size}")
-        n_minibatches = size // batch_size
         device = batch.actions.device
+        sequences = batch.starts is not None
+        size = batch.actions.shape[0] * (batch.actions.shape[1] if sequences else 1)
+        n_minibatches = size // config.batch_size
         imitate = train_policy and demonstrations is not None and self.imitation_coef > 0
         # Metrics are written into tensors and read once at the end: no host sync per minibatch.
         losses = torch.zeros(config.n_epochs, n_minibatches, 4, device=device)
         loss_weights = torch.tensor([1.0, config.vf_coef, -config.ent_coef, self.imitation_coef], device=device)
         log_ratios = torch.zeros(config.n_epochs, size, device=device)
         no_imitation = torch.zeros((), device=device)
+        minibatches = self._sequence_minibatches if sequences else self._flat_minibatches
         for epoch in range(config.n_epochs):
-            # One gather per field and epoch; each minibatch is then a slice (a view, no copy).
-            order = torch.randperm(size, device=device, generator=self.generator)
-            shuffled = _select(batch, order)
-            all_advantages = shuffled.advantages
-            if config.normalize_advantage and batch_size > 1:
-                per_minibatch = all_advantages.view(n_minibatches, batch_size)
-                mean, std = per_minibatch.mean(1, keepdim=True), per_minibatch.std(1, keepdim=True)
-                all_advantages = ((per_minibatch - mean) / (std + 1e-8)).view(-1)
-            for minibatch in range(n_minibatches):
-                rows = slice(minibatch * batch_size, (minibatch + 1) * batch_size)
-                observations = _select(shuffled.observations, rows)
-                advantages = all_advantages[rows]
-
-                distribution = self.network.distribution(observations)
-                log_probs, entropy = log_prob_and_entropy(distribution, shuffled.actions[rows])
-                values = self.network.value(observations)
-
-                log_ratio = log_probs - shuffled.log_probs[rows]
+            for index, (rows, minibatch) in enumerate(minibatches(batch)):
+                log_probs, entropy = log_prob_and_entropy(minibatch.distribution, minibatch.actions)
+                log_ratio = log_probs - minibatch.log_probs
                 ratio = log_ratio.exp()
+                advantages = minibatch.advantages
                 clipped_ratio = ratio.clamp(1.0 - self.clip_range, 1.0 + self.clip_range)
                 policy_loss = -torch.min(ratio * advantages, clipped_ratio * advantages).mean()
 
-                returns = shuffled.returns[rows]
+                values, returns = minibatch.values, minibatch.returns
                 if config.clip_vf is None:
                     value_loss = F.mse_loss(values, returns)
                 else:
-                    old_values = shuffled.values[rows]
+                    old_values = minibatch.old_values
                     clipped_values = old_values + (values - old_values).clamp(-config.clip_vf, config.clip_vf)
                     value_loss = torch.max((values - returns).square(), (clipped_values - returns).square()).mean()
 
-                if imitate:
-                    demo = demonstrations()
-                    imitation = cloning_loss(self.network, demo)[0]
-                else:
-                    imitation = no_imitation
+                imitation = cloning_loss(self.network, demonstrations())[0] if imitate else no_imitation
                 # loss = policy_loss + vf_coef * value_loss - ent_coef * entropy + imitation_coef * imitation,
                 # as one dot product
                 terms = torch.stack([policy_loss, value_loss, entropy, imitation])
@@ -287,7 +295,7 @@ class PPO:
                 self.optimizer.step()
 
                 with torch.no_grad():
-                    losses[epoch, minibatch] = terms
+                    losses[epoch, index] = terms
                     log_ratios[epoch, rows] = log_ratio
         ratios = log_ratios.exp()
         means = losses.mean(dim=(0, 1)).tolist()
@@ -299,6 +307,42 @@ class PPO:
         metrics["clip_fraction"] = float(((ratios - 1.0).abs() > self.clip_range).float().mean())
         metrics["explained_variance"] = explained_variance(batch.values, batch.returns)
         return metrics
+
+    def _flat_minibatches(self, batch: RolloutBatch) -> Iterator[tuple[slice, Minibatch]]:
+        """Shuffled rows: one gather per field and epoch, then each minibatch is a slice (a view, no copy)."""
+        size, batch_size = len(batch.actions), self.config.batch_size
+        if size % batch_size:
+            raise ValueError(f"batch_size {batch_size} does not divide the rollout size {size}")
+        shuffled = _select(batch, torch.randperm(size, device=batch.actions.device, generator=self.generator))
+        advantages = shuffled.advantages
+        if self.config.normalize_advantage and batch_size > 1:
+            advantages = _normalized(advantages.view(size // batch_size, batch_size)).view(-1)
+        for minibatch in range(size // batch_size):
+            rows = slice(minibatch * batch_size, (minibatch + 1) * batch_size)
+            observations = _select(shuffled.observations, rows)
+            yield rows, Minibatch(
+                self.network.distribution(observations), self.network.value(observations), shuffled.actions[rows],
+                shuffled.log_probs[rows], shuffled.values[rows], advantages[rows], shuffled.returns[rows],
+            )
+
+    def _sequence_minibatches(self, batch: RolloutBatch) -> Iterator[tuple[slice, Minibatch]]:
+        """Whole env sequences, never steps shuffled across time, replayed from the rollout's first state."""
+        steps, n_envs = batch.actions.shape[:2]
+        envs = self.config.batch_size // steps
+        order = torch.randperm(n_envs, device=batch.actions.device, generator=self.generator)
+        for minibatch in range(n_envs // envs):
+            chosen = _select(batch, (slice(None), order[minibatch * envs : (minibatch + 1) * envs]))
+            state = batch.initial_state[order[minibatch * envs : (minibatch + 1) * envs]]
+            distribution, _ = self.network.distribution_sequence(chosen.observations, chosen.starts, state)
+            values, _ = self.network.value_sequence(chosen.observations, chosen.starts, state)
+            advantages = chosen.advantages.flatten()
+            if self.config.normalize_advantage and advantages.numel() > 1:
+                advantages = _normalized(advantages)
+            rows = slice(minibatch * envs * steps, (minibatch + 1) * envs * steps)
+            yield rows, Minibatch(
+                flatten_distribution(distribution), values.flatten(), chosen.actions.flatten(0, 1),
+                chosen.log_probs.flatten(), chosen.values.flatten(), advantages, chosen.returns.flatten(),
+            )
 
     def training_state(self) -> dict[str, Any]:
         """What a continued run needs besides the weights."""

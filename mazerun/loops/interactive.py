@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections import defaultdict
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
@@ -31,7 +31,9 @@ from mazerun.algorithms.dagger import DAgger, DAggerConfig
 from mazerun.config import ExpertConfig, PolicyConfig
 from mazerun.data import (
     MISSION_KEY,
+    SequenceSampler,
     TransitionBatch,
+    TransitionDataset,
     allocate_actions,
     allocate_observations,
     observation_stats,
@@ -56,21 +58,31 @@ def make_expert(expert: ExpertConfig, env_id: str, env: gym.Env) -> Policy:
 
 
 class LabelledStates:
-    """Every state the expert labelled so far, as tensors of a fixed capacity, sampled uniformly."""
+    """Every state the learner visited so far with the expert's label, as tensors of a fixed capacity.
 
-    def __init__(self, capacity: int, observation_space: gym.Space, action_space: gym.Space,
+    Rows arrive one env step at a time, ``n_envs`` of them (one per env copy, in copy order), so
+    an env copy's consecutive steps lie ``n_envs`` rows apart: that is what lets a network with
+    memory train on chunks of them (:meth:`sequences`). States the expert could not label keep
+    the ``NO_LABEL`` mark and count for nothing in the loss.
+    """
+
+    def __init__(self, capacity: int, observation_space: gym.Space, action_space: gym.Space, stride: int,
                  device: torch.device) -> None:
         self.observations = allocate_observations((capacity,), observation_space, device)
         self.labels = allocate_actions((capacity,), action_space, device)
+        self.starts = torch.zeros(capacity, dtype=torch.bool, device=device)
+        self.zeros = torch.zeros(capacity, device=device)
+        self.stride = stride
         self.size = 0
 
     def __len__(self) -> int:
         return self.size
 
-    def add(self, observations: ModelInput, labels: torch.Tensor) -> None:
+    def add(self, observations: ModelInput, labels: torch.Tensor, starts: torch.Tensor) -> None:
         rows = slice(self.size, self.size + len(labels))
         self.observations = store_observations(self.observations, rows, observations)
         self.labels[rows] = labels
+        self.starts[rows] = starts
         self.size += len(labels)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> TransitionBatch:
@@ -79,14 +91,24 @@ class LabelledStates:
         labels = self.labels.index_select(0, index)
         return TransitionBatch(observations, labels, None, None, None, expert_actions=labels)
 
+    def sequences(self, config: DAggerConfig, generator: torch.Generator) -> SequenceSampler:
+        """A sampler of chunks of each env copy's consecutive steps (networks with memory)."""
+        size = self.size
+        observations = _rows(self.observations, slice(0, size))
+        view = TransitionDataset(observations, self.labels[:size], self.zeros[:size], observations, self.zeros[:size],
+                                 episode_ids=self.zeros[:size].long(), expert_actions=self.labels[:size])
+        return SequenceSampler(view, config.rollout_len, config.nrollouts, config.burn_in, seed=0, stride=self.stride,
+                               starts=self.starts[:size], generator=generator)
+
     def state(self) -> dict[str, Any]:
         """The filled rows only, on the CPU, for ``last.pt``."""
         return {"observations": _to_cpu(_rows(self.observations, slice(0, self.size))),
-                "labels": self.labels[: self.size].cpu()}
+                "labels": self.labels[: self.size].cpu(), "starts": self.starts[: self.size].cpu()}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.size = 0
-        self.add(_to(state["observations"], self.labels.device), state["labels"].to(self.labels.device))
+        device = self.labels.device
+        self.add(_to(state["observations"], device), state["labels"].to(device), state["starts"].to(device))
 
 
 def _rows(observations: ModelInput, index: Any) -> ModelInput:
@@ -134,7 +156,7 @@ def train_interactive(setup: RunSetup) -> TrainResult:
     algorithm = DAgger(config, setup.model_config, setup.observation_space, setup.action_space, setup.vocabulary, device)
     network = algorithm.network
     aggregate = LabelledStates(config.total_steps + runner.n_envs * config.n_steps, setup.observation_space,
-                               setup.action_space, device)
+                               setup.action_space, runner.n_envs, device)
     beta = config.beta()
     start = setup.start
     state = None
@@ -155,14 +177,16 @@ def train_interactive(setup: RunSetup) -> TrainResult:
     window = ReportWindow.from_state(state["window"] if state else None)
     envs = open_vector_env(setup, make_expert=partial(make_expert, expert_config, setup.env_id))
     try:
-        episodes = VectorEpisodes(envs, setup.observation_space, setup.vocabulary, device,
-                                  None if state is None else state["envs"])
+        collector = LabelCollector(envs, network, setup, aggregate, generator, greedy=config.learner_actions == "greedy",
+                                   state=None if state is None else state["envs"])
+        episodes = collector.episodes
         recorder = EpisodeRecorder(setup, episodes, f"dagger:{expert_name}", records_written)
+        collector.recorder = recorder
 
         def training_state() -> dict[str, Any]:
             return {
                 "algorithm": algorithm.training_state(), "generator": generator.get_state(),
-                "aggregate": aggregate.state(), "envs": episodes.state(), "records_written": recorder.written,
+                "aggregate": aggregate.state(), "envs": collector.state(), "records_written": recorder.written,
                 "window": window.state(),
             }
 
@@ -189,14 +213,14 @@ def train_interactive(setup: RunSetup) -> TrainResult:
             while step < config.total_steps:
                 interrupts.check()
                 for _ in range(config.n_steps):
-                    window.add_step(collect_step(episodes, network, aggregate, recorder, beta(step), generator,
-                                                 greedy=config.learner_actions == "greedy"))
+                    window.add_step(collector.step(beta(step)))
                     step += runner.n_envs
                 if normalise and len(aggregate):  # follow the aggregate: early states alone would mis-scale later ones
                     algorithm.set_normalization(*observation_stats(aggregate.observations[: len(aggregate)]))
                 due = round(config.n_updates * min(step, config.total_steps) / config.total_steps)
-                while algorithm.updates < due:
-                    window.add_update(algorithm.update(aggregate.sample(config.batch_size, generator)))
+                batches = _batches(aggregate, config, generator, setup.model_config.recurrent)
+                while batches is not None and algorithm.updates < due:
+                    window.add_update(algorithm.update(batches()))
                 bar.update(runner.n_envs * config.n_steps)
                 if step >= next_report or step >= config.total_steps:
                     report(logger)
@@ -214,35 +238,65 @@ def train_interactive(setup: RunSetup) -> TrainResult:
     return result
 
 
-@torch.no_grad()
-def collect_step(
-    episodes: VectorEpisodes,
-    network: torch.nn.Module,
-    aggregate: LabelledStates,
-    recorder: EpisodeRecorder,
-    beta: float,
-    generator: torch.Generator,
-    greedy: bool = False,
-) -> dict[str, float]:
-    """One step of every env copy: label, choose who acts, step, record; returns the step's metrics."""
-    observations = episodes.tensor(episodes.observations)
-    labels = np.asarray(episodes.infos["expert_action"])
-    valid = _labelled(labels)
-    learner = network.act(observations, deterministic=greedy, generator=generator).cpu().numpy()
-    forced = torch.rand(len(labels), generator=generator, device=generator.device).cpu().numpy() < beta
-    executes_expert = (forced & valid).reshape((-1,) + (1,) * (learner.ndim - 1))
-    actions = np.where(executes_expert, labels, learner).astype(learner.dtype)
-    metrics = {"beta": beta}
-    if valid.any():
-        rows = torch.as_tensor(np.flatnonzero(valid), device=generator.device)
-        aggregate.add(_rows(observations, rows), torch.as_tensor(labels[valid], device=generator.device))
-        if learner.ndim == 1:
-            metrics["expert_agreement"] = float(np.mean(learner[valid] == labels[valid]))
-        else:
-            metrics["action_error"] = float(np.mean(np.linalg.norm(learner[valid] - labels[valid], axis=-1)))
-    rewards, terminated, truncated, infos = episodes.step(actions)
-    recorder.add(actions, rewards, terminated, truncated, infos, labels)
-    return metrics
+def _batches(aggregate: LabelledStates, config: DAggerConfig, generator: torch.Generator,
+             recurrent: bool) -> Callable[[], Any] | None:
+    """Draws from the aggregate: transitions, or chunks of consecutive steps for a network with memory.
+
+    None while the aggregate is too short for one chunk; the updates it owes are taken later.
+    """
+    if not recurrent:
+        return partial(aggregate.sample, config.batch_size, generator)
+    sequences = aggregate.sequences(config, generator)
+    return sequences.sample if len(sequences) else None
+
+
+class LabelCollector:
+    """Steps the vector env: the expert labels each state, teacher forcing picks who acts, the aggregate grows.
+
+    A learner with memory acts from one state per env copy, restarted where an episode starts;
+    that state travels in ``last.pt`` with the env copies' running episodes.
+    """
+
+    recorder: EpisodeRecorder
+
+    def __init__(self, envs: gym.vector.VectorEnv, network: torch.nn.Module, setup: RunSetup,
+                 aggregate: LabelledStates, generator: torch.Generator, greedy: bool,
+                 state: dict[str, Any] | None) -> None:
+        self.network, self.aggregate, self.generator, self.greedy = network, aggregate, generator, greedy
+        device = setup.device
+        self.episodes = VectorEpisodes(envs, setup.observation_space, setup.vocabulary, device, state)
+        self.memory = network.initial_state(envs.num_envs, device)
+        self.starts = torch.ones(envs.num_envs, dtype=torch.bool, device=device)
+        if state is not None:
+            self.memory, self.starts = state["memory"].to(device), state["starts"].to(device)
+
+    def state(self) -> dict[str, Any]:
+        return {**self.episodes.state(), "memory": self.memory.cpu(), "starts": self.starts.cpu()}
+
+    @torch.no_grad()
+    def step(self, beta: float) -> dict[str, float]:
+        """One step of every env copy: label, choose who acts, step, record; returns the step's metrics."""
+        episodes, device = self.episodes, self.generator.device
+        observations = episodes.tensor(episodes.observations)
+        labels = np.asarray(episodes.infos["expert_action"])
+        valid = _labelled(labels)
+        learner, self.memory = self.network.act_step(observations, self.memory, self.starts, self.greedy,
+                                                     self.generator)
+        learner = learner.cpu().numpy()
+        forced = torch.rand(len(labels), generator=self.generator, device=device).cpu().numpy() < beta
+        executes_expert = (forced & valid).reshape((-1,) + (1,) * (learner.ndim - 1))
+        actions = np.where(executes_expert, labels, learner).astype(learner.dtype)
+        self.aggregate.add(observations, torch.as_tensor(labels, device=device), self.starts)
+        metrics = {"beta": beta}
+        if valid.any():
+            if learner.ndim == 1:
+                metrics["expert_agreement"] = float(np.mean(learner[valid] == labels[valid]))
+            else:
+                metrics["action_error"] = float(np.mean(np.linalg.norm(learner[valid] - labels[valid], axis=-1)))
+        rewards, terminated, truncated, infos = episodes.step(actions)
+        self.recorder.add(actions, rewards, terminated, truncated, infos, labels)
+        self.starts = torch.as_tensor(terminated | truncated, device=device)
+        return metrics
 
 
 class ReportWindow:

@@ -41,6 +41,9 @@ from mazerun import interrupts
 from mazerun.algorithms.ppo import PPO, PPOConfig, RolloutBatch, compute_gae
 from mazerun.data import (
     BatchSampler,
+    SequenceSampler,
+    TransitionDataset,
+    longest_episode,
     allocate_actions,
     allocate_observations,
     records_to_dataset,
@@ -56,6 +59,8 @@ from mazerun.runsetup import TRAINING_STATE, CheckpointKeeper, RunSetup, TrainRe
 log = logging.getLogger(__name__)
 
 SELECTION_METRIC = "eval/mean_return"
+DEMONSTRATION_CHUNK = 32
+"""Steps per chunk of demonstrations for the imitation term of a network with memory."""
 FINITE_METRICS = ("policy_loss", "value_loss", "entropy", "imitation_loss", "approx_kl")
 """Losses that must stay finite; anything else (explained variance of a constant return) may be NaN."""
 
@@ -65,7 +70,7 @@ def train_on_policy(setup: RunSetup) -> TrainResult:
     config: PPOConfig = setup.algorithm
     runner = setup.runner
     rollout_size = config.n_steps * runner.n_envs
-    total_steps = checked_total_steps(config, runner.n_envs, setup.prefix)
+    total_steps = checked_total_steps(config, runner.n_envs, setup.prefix, setup.model_config.recurrent)
     setup.algorithm = config = dataclasses.replace(config, total_steps=total_steps)
     setup.budget_reached()
     device = setup.device
@@ -94,8 +99,7 @@ def train_on_policy(setup: RunSetup) -> TrainResult:
                  iteration + 1, config.critic_burn_in_epochs)
     demonstrations = None
     if setup.records is not None:
-        demo_sampler = BatchSampler(records_to_dataset(setup.records, setup.vocabulary).with_labels_only().to(device),
-                                    config.imitation_batch_size, seed=setup.seed)
+        demo_sampler = demonstration_sampler(records_to_dataset(setup.records, setup.vocabulary).to(device), setup)
         if state is not None:
             demo_sampler.generator.set_state(state["demonstrations"])
         demonstrations = demo_sampler.sample
@@ -103,7 +107,8 @@ def train_on_policy(setup: RunSetup) -> TrainResult:
                  len(demo_sampler.dataset), config.imitation_coef)
 
     keeper = CheckpointKeeper(setup, network, algorithm.network_type, (SELECTION_METRIC, "max"))
-    buffer = RolloutBuffer(config.n_steps, runner.n_envs, setup.observation_space, setup.action_space, device)
+    buffer = RolloutBuffer(config.n_steps, runner.n_envs, setup.observation_space, setup.action_space, device,
+                           state_size=network.state_size)
     envs = open_vector_env(setup)
     try:
         collector = RolloutCollector(envs, network, setup.observation_space, setup.vocabulary, device, config.gamma,
@@ -160,9 +165,31 @@ def train_on_policy(setup: RunSetup) -> TrainResult:
     return result
 
 
-def checked_total_steps(config: PPOConfig, n_envs: int, prefix: str = "algorithm") -> int:
-    """``total_steps`` rounded up to whole rollouts; the minibatch size must split a rollout evenly."""
+def demonstration_sampler(data: TransitionDataset, setup: RunSetup) -> BatchSampler | SequenceSampler:
+    """``imitation_batch_size`` demonstrated steps per draw: transitions, or chunks for a network with memory."""
+    size = setup.algorithm.imitation_batch_size
+    if not setup.model_config.recurrent:
+        return BatchSampler(data, size, seed=setup.seed)
+    rollout_len = min(DEMONSTRATION_CHUNK, longest_episode(data), size)
+    return SequenceSampler(data, rollout_len, max(1, size // rollout_len), burn_in=0, seed=setup.seed)
+
+
+def checked_total_steps(config: PPOConfig, n_envs: int, prefix: str = "algorithm", recurrent: bool = False) -> int:
+    """``total_steps`` rounded up to whole rollouts; the minibatch size must split a rollout evenly.
+
+    With memory a minibatch is whole env sequences: ``batch_size`` is ``n_steps`` times a number
+    of envs that divides ``n_envs``.
+    """
     rollout_size = config.n_steps * n_envs
+    if recurrent:
+        envs, left = divmod(config.batch_size, config.n_steps)
+        if left or not envs or n_envs % envs:
+            fits = [count * config.n_steps for count in range(1, n_envs + 1) if n_envs % count == 0]
+            raise MazerunError(
+                f"with model.memory PPO's minibatches are whole env sequences, so {prefix}.batch_size="
+                f"{config.batch_size} must be n_steps={config.n_steps} times a divisor of runner.n_envs={n_envs}; "
+                f"use one of {', '.join(map(str, fits))}"
+            )
     if rollout_size % config.batch_size:
         divisors = [size for size in range(1, rollout_size + 1) if rollout_size % size == 0]
         below = max(size for size in divisors if size < config.batch_size)
@@ -194,11 +221,14 @@ class RolloutBuffer:
     """One rollout as tensors of shape ``(n_steps, n_envs, ...)``, allocated once and overwritten.
 
     Observations, actions, log-probabilities and values live on the training device; rewards
-    and done flags are numpy arrays (written straight from the env) on the CPU.
+    and done flags are numpy arrays (written straight from the env) on the CPU. For a network
+    with memory the buffer also keeps which steps begin an episode and each env's state when
+    the rollout began, so the update can replay whole env sequences.
     """
 
     def __init__(
-        self, n_steps: int, n_envs: int, observation_space: gym.Space, action_space: gym.Space, device: torch.device
+        self, n_steps: int, n_envs: int, observation_space: gym.Space, action_space: gym.Space, device: torch.device,
+        state_size: int = 0,
     ) -> None:
         self.n_steps, self.n_envs, self.device = n_steps, n_envs, device
         shape = (n_steps, n_envs)
@@ -208,15 +238,21 @@ class RolloutBuffer:
         self.values = torch.zeros(shape, device=device)
         self.rewards = np.zeros(shape, dtype=np.float32)
         self.dones = np.zeros(shape, dtype=np.float32)
+        self.recurrent = state_size > 0
+        self.starts = torch.zeros(shape, dtype=torch.bool, device=device) if self.recurrent else None
+        self.initial_state = torch.zeros(n_envs, state_size, device=device) if self.recurrent else None
 
     def store_observations(self, t: int, observations: ModelInput) -> None:
         self.observations = store_observations(self.observations, t, observations)
 
     def batch(self, last_values: torch.Tensor, gamma: float, gae_lambda: float) -> RolloutBatch:
-        """The rollout scored with GAE and flattened to ``n_steps * n_envs`` rows."""
+        """The rollout scored with GAE, flattened to ``n_steps * n_envs`` rows unless the network has memory."""
         rewards = torch.from_numpy(self.rewards).to(self.device)
         dones = torch.from_numpy(self.dones).to(self.device)
         advantages, returns = compute_gae(rewards, self.values, dones, last_values, gamma, gae_lambda)
+        if self.recurrent:
+            return RolloutBatch(self.observations, self.actions, self.log_probs, self.values, advantages, returns,
+                                starts=self.starts, initial_state=self.initial_state)
         if isinstance(self.observations, dict):
             observations: ModelInput = {key: value.flatten(0, 1) for key, value in self.observations.items()}
         else:
@@ -232,7 +268,11 @@ class RolloutBuffer:
 
 
 class RolloutCollector:
-    """Steps the vector env with the current policy, sampling actions from the loop's generator."""
+    """Steps the vector env with the current policy, sampling actions from the loop's generator.
+
+    A network with memory is stepped from one state per env copy, restarted where an episode
+    starts; that state and the start flags travel in ``last.pt`` with the envs' episodes.
+    """
 
     def __init__(
         self,
@@ -249,23 +289,36 @@ class RolloutCollector:
         action_space = envs.single_action_space
         self.bounds = (action_space.low, action_space.high) if isinstance(action_space, gym.spaces.Box) else None
         self.episodes = VectorEpisodes(envs, observation_space, vocabulary, device, state)
+        self.memory = network.initial_state(envs.num_envs, device)
+        self.starts = torch.ones(envs.num_envs, dtype=torch.bool, device=device)
+        if state is not None and network.recurrent:
+            self.memory, self.starts = state["memory"].to(device), state["starts"].to(device)
 
     def state(self) -> dict[str, Any]:
-        return self.episodes.state()
+        state = self.episodes.state()
+        if self.network.recurrent:
+            state.update(memory=self.memory.cpu(), starts=self.starts.cpu())
+        return state
 
     @torch.no_grad()
     def collect(self, buffer: RolloutBuffer) -> None:
         """Fill ``buffer`` with ``n_steps`` steps of every environment."""
-        episodes = self.episodes
+        episodes, network = self.episodes, self.network
+        if buffer.recurrent:
+            buffer.initial_state.copy_(self.memory)
         for t in range(buffer.n_steps):
             interrupts.check()
             observations = episodes.tensor(episodes.observations)
-            distribution = self.network.distribution(observations)
+            if buffer.recurrent:
+                buffer.starts[t] = self.starts
+                distribution, values, self.memory = network.step(observations, self.starts, self.memory)
+            else:
+                distribution, values = network.distribution(observations), network.value(observations)
             actions = sample(distribution, self.generator)
             buffer.store_observations(t, observations)
             buffer.actions[t] = actions
             buffer.log_probs[t] = distribution.log_prob(actions)
-            buffer.values[t] = self.network.value(observations)
+            buffer.values[t] = values
 
             env_actions = actions.cpu().numpy()
             if self.bounds is not None:
@@ -273,18 +326,37 @@ class RolloutCollector:
                 env_actions = np.clip(env_actions, *self.bounds)
             rewards, terminated, truncated, infos = episodes.step(env_actions)
             buffer.rewards[t] = rewards
-            buffer.dones[t] = terminated | truncated
+            done = terminated | truncated
+            buffer.dones[t] = done
             cut = truncated & ~terminated
             if cut.any():
                 self._bootstrap_cut_episodes(buffer.rewards[t], cut, infos)
+            self.starts = torch.as_tensor(done, device=self.starts.device)
 
     def _bootstrap_cut_episodes(self, rewards: np.ndarray, cut: np.ndarray, infos: dict) -> None:
-        """Add ``gamma * V(final observation)`` to the reward of episodes cut off by the time limit."""
+        """Add ``gamma * V(final observation)`` to the reward of episodes cut off by the time limit.
+
+        With memory the final observation is read from the state the episode's last step left.
+        """
         indices = np.flatnonzero(cut)
         final_observations = self.episodes.tensor(stack_observations([infos["final_obs"][i] for i in indices]))
-        rewards[indices] += self.gamma * self.network.value(final_observations).cpu().numpy()
+        if self.network.recurrent:
+            critic_states = self.network.split_state(self.memory[torch.as_tensor(indices)])[1]
+            values = self.network.next_value(_unsqueeze(final_observations), critic_states[None])[0]
+        else:
+            values = self.network.value(final_observations)
+        rewards[indices] += self.gamma * values.cpu().numpy()
 
     @torch.no_grad()
     def last_values(self) -> torch.Tensor:
         """Values of the observations the next rollout starts from: GAE's bootstrap for unfinished episodes."""
-        return self.network.value(self.episodes.tensor(self.episodes.observations))
+        observations = self.episodes.tensor(self.episodes.observations)
+        if self.network.recurrent:
+            return self.network.step(observations, self.starts, self.memory)[1]
+        return self.network.value(observations)
+
+
+def _unsqueeze(observations: ModelInput) -> ModelInput:
+    if isinstance(observations, dict):
+        return {key: value[None] for key, value in observations.items()}
+    return observations[None]

@@ -7,6 +7,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from mazerun.envs import unmasked_observation
 from mazerun.errors import MazerunError
 from mazerun.policies.base import Policy
 
@@ -20,10 +21,11 @@ class LunarLanderHeuristic(Policy):
         from gymnasium.envs.box2d.lunar_lander import heuristic  # Box2D is loaded only for LunarLander
 
         self._heuristic = heuristic
+        self._env = env
         self._lander = env.unwrapped
 
     def act(self, observation: Any) -> Any:
-        action = self._heuristic(self._lander, observation)
+        action = self._heuristic(self._lander, unmasked_observation(self._env, observation))
         return np.asarray(action, dtype=np.float32) if self._lander.continuous else int(action)
 
 
@@ -32,8 +34,11 @@ class CartPoleController(Policy):
 
     name = "heuristic"
 
+    def reset(self, env: gym.Env, seed: int | None) -> None:
+        self._env = env
+
     def act(self, observation: Any) -> int:
-        cart_position, cart_velocity, pole_angle, pole_velocity = observation
+        cart_position, cart_velocity, pole_angle, pole_velocity = unmasked_observation(self._env, observation)
         push = pole_angle + 0.5 * pole_velocity + 0.01 * cart_position + 0.1 * cart_velocity
         return int(push > 0)
 
