@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import signal
+import sys
 import statistics
 from collections import deque
 from dataclasses import dataclass
@@ -226,6 +227,8 @@ def _worker_main(spec: RolloutSpec, connection: Connection, parent_ends: list[Co
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # held by the parent while it forked
     for parent_end in parent_ends:
         parent_end.close()
+    if "torch" in sys.modules:  # a trained policy: the forked copy of a running torch thread pool would hang
+        sys.modules["torch"].set_num_threads(1)
     try:
         player = EpisodePlayer(spec, render_mode="rgb_array" if spec.runner.record_video else None)
     except Exception as error:
