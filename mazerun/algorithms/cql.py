@@ -23,7 +23,7 @@ import gymnasium as gym
 import torch
 import torch.nn.functional as F
 
-from mazerun.algorithms.base import OfflineAlgorithm, ValueLearningConfig, follow_target, frozen_copy
+from mazerun.algorithms.base import OfflineAlgorithm, ValueLearningConfig, frozen_copy
 from mazerun.data import TransitionBatch
 from mazerun.errors import MazerunError
 from mazerun.models import ModelConfig, ModelInput, Vocabulary, build_q_network
@@ -76,6 +76,7 @@ def conservative_loss(q_values: torch.Tensor, actions: torch.Tensor) -> torch.Te
 
 class ConservativeQLearning(OfflineAlgorithm):
     network_type = "q_network"
+    target_networks = {"target_network": "network"}
 
     def __init__(
         self,
@@ -112,9 +113,6 @@ class ConservativeQLearning(OfflineAlgorithm):
             "mean_q": q_data.detach().mean(),
         }
         return loss, metrics
-
-    def after_step(self) -> None:
-        follow_target(self.target_network, self.network, self.updates, self.config)
 
     def act(self, observations: ModelInput, deterministic: bool = True) -> torch.Tensor:
         """Greedy in Q (softmax-sampled otherwise): the rule ``policy=torch_policy`` applies to the checkpoint."""

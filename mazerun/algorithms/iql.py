@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Distribution
 
-from mazerun.algorithms.base import OfflineAlgorithm, ValueLearningConfig, follow_target, frozen_copy
+from mazerun.algorithms.base import OfflineAlgorithm, ValueLearningConfig, frozen_copy
 from mazerun.config import check_fields
 from mazerun.data import TransitionBatch
 from mazerun.errors import MazerunError
@@ -105,6 +105,7 @@ class ValueNetwork(nn.Module):
 
 class ImplicitQLearning(OfflineAlgorithm):
     network_type = "actor_critic"
+    target_networks = {"target_q_network": "q_network"}
 
     def __init__(
         self,
@@ -158,9 +159,6 @@ class ImplicitQLearning(OfflineAlgorithm):
             "mean_weight": weights.mean(),
         }
         return loss, metrics
-
-    def after_step(self) -> None:
-        follow_target(self.target_q_network, self.q_network, self.updates, self.config)
 
     def act(self, observations: ModelInput, deterministic: bool = True) -> torch.Tensor:
         return self.network.act(observations, deterministic)
