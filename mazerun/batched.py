@@ -3,10 +3,13 @@
 A :class:`Cohort` stacks its agents' parameters along a leading agent axis and runs the
 algorithm's own :meth:`~mazerun.algorithms.base.OfflineAlgorithm.losses` once for all of them
 under ``torch.func.vmap`` (through ``functional_call`` on a spare copy of the networks, so the
-loss is the same code a single agent runs). Linear layers become batched matrix products, and
-the optimiser is one Adam over flat ``(agents, parameters)`` tensors with a learning rate per
-agent, so a step costs a handful of kernels however many agents there are. AgileRL steps its
-agents one by one.
+loss is the same code a single agent runs), then one backward pass through the sum of the
+agents' losses: they share no parameter, so each agent's slice of the gradient is its own.
+Linear layers become batched matrix products, and the optimiser is one Adam over a flat
+``(agents, parameters)`` tensor with a learning rate per agent, so a step is one set of
+kernels however many agents there are (AgileRL steps its agents one by one). On a GPU that
+divides the launch overhead by the number of agents; on a CPU, where these networks are bound
+by their matrix products, it costs about what separate updates cost.
 
 Each agent keeps its own batch stream, learning rate, discount and target-network schedule:
 the cohort draws every agent's batch from that agent's generator and updates its target with
@@ -23,7 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 
 from mazerun.data import TransitionBatch, TransitionDataset
 from mazerun.evolution import Agent
@@ -125,7 +128,7 @@ class Cohort:
             size = self.shapes[name].numel()
             self.offsets[name] = (offset, offset + size)
             offset += size
-        self.trainable = self._views(self.flat, self.trainable_names)
+        self.flat.requires_grad_(True)
         target_offset = 0
         self.target_offsets: dict[str, tuple[int, int]] = {}
         for name in self.target_names:
@@ -154,7 +157,7 @@ class Cohort:
                     self.exp_avg_sq[index, start:end] = moments["exp_avg_sq"].reshape(-1)
                     self.adam_steps[index] = float(moments["step"])
         self.updates = [agent.algorithm.updates for agent in agents]
-        self._batch_dims: dict[tuple[bool, ...], Any] = {}
+        self._batched: dict[tuple[bool, ...], Any] = {}
         self.refresh_hyperparameters()
 
     def _views(self, flat: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
@@ -177,15 +180,16 @@ class Cohort:
             self.template.config = dataclasses.replace(self.base_config, gamma=gamma)
         return functional_call(self.shell, (trainable, frozen, targets, buffers), (batch,), strict=True)
 
-    def _gradients(self, batch: TransitionBatch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def _losses(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Every agent's loss ``(agents,)`` and metrics, from one vmapped call of the algorithm's loss."""
         pattern = tuple(field is None for field in batch)
-        batched = self._batch_dims.get(pattern)
+        batched = self._batched.get(pattern)
         if batched is None:
             dims = TransitionBatch(*(None if missing else 0 for missing in pattern))
-            batched = vmap(grad(self._loss, has_aux=True), in_dims=(0, 0, 0, 0, dims, 0))
-            self._batch_dims[pattern] = batched
+            batched = self._batched[pattern] = vmap(self._loss, in_dims=(0, 0, 0, 0, dims, 0))
+        trainable = self._views(self.flat, self.trainable_names)
         try:
-            return batched(self.trainable, self.frozen, self.targets, self.buffers, batch, self.gammas)
+            return batched(trainable, self.frozen, self.targets, self.buffers, batch, self.gammas)
         finally:
             self.template.config = self.base_config
 
@@ -200,9 +204,11 @@ class Cohort:
 
     def step(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
         """One learn step of every agent on its slice of ``batch``; returns metrics shaped ``(agents,)``."""
-        gradients, metrics = self._gradients(batch)
-        flat_gradients = torch.cat([gradients[name].reshape(len(self.agents), -1) for name in self.trainable_names], 1)
-        self._adam(flat_gradients)
+        losses, metrics = self._losses(batch)
+        # Agents' losses share no parameter, so the gradient of their sum holds each agent's own.
+        self.flat.grad = None
+        losses.sum().backward()
+        self._adam(self.flat.grad)
         self.updates = [count + 1 for count in self.updates]
         self._follow_targets()
         return {name: value.detach() for name, value in metrics.items()}
