@@ -256,6 +256,9 @@ class Population:
             )
         if self.previous_dir is not None:
             copy_metrics_history(self.previous_dir, self.run_dir, self._logged_up_to())
+            best = self.previous_dir / BEST_CHECKPOINT
+            if best.is_file():  # the best so far stays the run's best.pt until an agent beats it
+                atomic_write_bytes(self.run_dir / BEST_CHECKPOINT, best.read_bytes())
         self._write_population_csv()
         total = hpo.population_size * hpo.max_steps
         done = sum(min(agent.steps, hpo.max_steps) for agent in search.agents)

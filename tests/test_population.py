@@ -328,6 +328,8 @@ def test_a_search_stopped_by_sigint_continues_its_generations(workdir: Path, lun
     assert generations[:4] == [0] * 4  # the history came along
     assert max(generations) > generation and generations == sorted(generations)
     assert len(generations) == 4 * len(set(generations))
+    assert load_checkpoint(resumed / "best.pt").extra["hpo"]["fitness"] >= \
+        load_checkpoint(stopped / "best.pt").extra["hpo"]["fitness"]
     final = load_checkpoint(resumed / "last.pt").extra["population"]
     assert final["generation"] > generation and all(agent["steps"] == steps + 8 for agent in final["agents"])
 
