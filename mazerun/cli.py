@@ -31,7 +31,7 @@ from mazerun.validation import validate
 
 log = logging.getLogger("mazerun")
 
-CONFIG_GROUPS = ("env", "policy", "runner", "algorithm", "pipeline", "expert", "model", "wrappers", "critic")
+CONFIG_GROUPS = ("env", "policy", "runner", "algorithm", "pipeline", "expert", "model", "wrappers", "critic", "hpo")
 PLUGIN_EXTRAS = {"joblib": "launchers", "submitit_local": "launchers", "submitit_slurm": "launchers",
                  "optuna": "launchers", "ray": "ray"}
 """Hydra launcher and sweeper plugins, and the mazerun extra that installs each."""
@@ -48,6 +48,10 @@ def _config_dir() -> str:
 
 def execute(config: RunConfig, run_dir: Path) -> float:
     """Roll out, train or run a pipeline, as the config says; returns the selection metric (NaN if none)."""
+    if config.hpo is not None:
+        from mazerun.population import train_population
+
+        return _metric(train_population(config, run_dir).best)
     if config.pipeline is not None:
         from mazerun.pipeline import run_pipeline
 

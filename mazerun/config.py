@@ -108,6 +108,8 @@ class RunConfig:
     """None, or a pipeline of stages (``pipeline=bc_ppo``) trained one after another in one run."""
     expert: Optional[ExpertConfig] = None
     """The teacher of DAgger and of record stages; None: the env's heuristic."""
+    hpo: Any = None
+    """None, or a hyper-parameter search over the algorithm (``hpo=evolution``: a population)."""
     input_dir: Optional[str] = None
     """An earlier run (or checkpoint file) to start from, to continue, or to roll out."""
     device: str = "auto"

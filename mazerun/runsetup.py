@@ -37,12 +37,13 @@ from mazerun.checkpoint import (
 )
 from mazerun.config import DEFAULT_ENV_ID, ExpertConfig, RunConfig, RunnerConfig, structured
 from mazerun.data import build_vocabulary, check_records_match_spaces, env_id_of
+from mazerun.datasets import load_dataset_records
 from mazerun.envs import make_env, resolve_env_id
 from mazerun.errors import MazerunError
 from mazerun.evaluation import Stepper, evaluate
 from mazerun.metrics import copy_metrics_history
 from mazerun.models import ModelConfig, Vocabulary, default_model_kind
-from mazerun.records import StateTrajectoryRecord, atomic_write_bytes, find_newest_recording, load_records
+from mazerun.records import StateTrajectoryRecord, atomic_write_bytes, find_newest_recording
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +104,21 @@ def sample_mission_vocabulary(env: gym.Env, seed: int) -> Vocabulary:
 
 
 def load_dataset(
-    dir_or_file: str | Sequence[str] | None, max_episodes: int | None = None
+    dir_or_file: str | Sequence[str] | None, env_id: str | None = None, max_episodes: int | None = None
 ) -> tuple[list[StateTrajectoryRecord], list[str]]:
-    """Records from the configured source (the newest finished recording when none is given) and where they came from."""
+    """Records from the configured source (the newest finished recording when none is given) and where they came from.
+
+    Sources may be trajectory_data, HDF5 files or ``minari:<id>`` (:mod:`mazerun.datasets`);
+    ``env_id`` labels the episodes of those that do not name their env. ``max_episodes`` keeps
+    the first N episodes.
+    """
     if dir_or_file is None:
         source: Any = find_newest_recording()
         log.info("training on the newest finished recording: %s", source)
     else:
         source = dir_or_file
     sources = [str(source)] if isinstance(source, (str, Path)) else [str(item) for item in source]
-    return load_records(sources, max_episodes), sources
+    return load_dataset_records(sources, env_id, max_episodes), sources
 
 
 @dataclass
@@ -230,7 +236,7 @@ def prepare(
     if algorithm_config.needs_dataset:
         if dataset is None:
             algorithm_config.check_implicit_dataset(prefix)
-        records, sources = load_dataset(dataset, config.runner.dataset.max_episodes)
+        records, sources = load_dataset(dataset, explicit, config.runner.dataset.max_episodes)
 
     env_id = explicit
     if records is not None:

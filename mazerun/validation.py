@@ -85,6 +85,12 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         config.algorithm = algorithm_config(config.algorithm)
     if config.pipeline is not None:
         config.pipeline = pipeline_config(config.pipeline)
+    if config.hpo is not None:
+        if config.pipeline is not None:
+            raise MazerunError("hpo=evolution evolves one algorithm; drop pipeline and choose algorithm=<name>")
+        from mazerun.evolution import evolution_config  # torch, only when a search is asked for
+
+        config.hpo = evolution_config(config.hpo, config.algorithm)
     if config.trains:
         check_training(config)
         _apply_maze_burn_in(config)

@@ -170,6 +170,9 @@ class OfflineAlgorithm(ABC):
     network_type: str
     """``actor_critic`` or ``q_network``: how :func:`mazerun.models.build_network` rebuilds it."""
     optimizer: torch.optim.Optimizer
+    target_networks: ClassVar[dict[str, str]] = {}
+    """Target network attribute -> the online network attribute it follows after each step
+    (:func:`follow_target`); a population trains the same pairs in one batched call."""
 
     def __init__(
         self,
@@ -213,7 +216,9 @@ class OfflineAlgorithm(ABC):
         """Gradient metrics, read between backward and step; none by default."""
 
     def after_step(self) -> None:
-        """Work due after each gradient step, e.g. a target network following the online one."""
+        """Work due after each gradient step: every target network follows its online one."""
+        for target, online in self.target_networks.items():
+            follow_target(getattr(self, target), getattr(self, online), self.updates, self.config)
 
     @torch.no_grad()
     def validation_metrics(self, batch: Batch) -> dict[str, torch.Tensor]:

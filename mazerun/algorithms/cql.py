@@ -29,7 +29,6 @@ from mazerun.algorithms.base import (
     ValueLearningConfig,
     flat,
     flat_transitions,
-    follow_target,
     frozen_copy,
     warm_state,
 )
@@ -85,6 +84,7 @@ def conservative_loss(q_values: torch.Tensor, actions: torch.Tensor) -> torch.Te
 
 class ConservativeQLearning(OfflineAlgorithm):
     network_type = "q_network"
+    target_networks = {"target_network": "network"}
 
     def __init__(
         self,
@@ -138,9 +138,6 @@ class ConservativeQLearning(OfflineAlgorithm):
             next_online = online.next_q(batch.next_observations, states)
             next_target = target.next_q(batch.next_observations, target_states)
         return flat(q_values), flat(next_online), flat(next_target)
-
-    def after_step(self) -> None:
-        follow_target(self.target_network, self.network, self.updates, self.config)
 
 
 

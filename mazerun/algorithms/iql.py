@@ -36,7 +36,6 @@ from mazerun.algorithms.base import (
     ValueLearningConfig,
     flat,
     flat_transitions,
-    follow_target,
     frozen_copy,
     warm_state,
 )
@@ -104,6 +103,7 @@ class Estimates(NamedTuple):
 
 class ImplicitQLearning(OfflineAlgorithm):
     network_type = "actor_critic"
+    target_networks = {"target_q_network": "q_network"}
 
     def __init__(
         self,
@@ -181,9 +181,6 @@ class ImplicitQLearning(OfflineAlgorithm):
             next_values = self.value_network.next_v(batch.next_observations, value_states)
         q, _ = run(self.q_network.q_sequence, self.q_network.state_size)
         return Estimates(flat(target_q), flat(values), flat(next_values), flat(q), policy_of(self.network, batch))
-
-    def after_step(self) -> None:
-        follow_target(self.target_q_network, self.q_network, self.updates, self.config)
 
 
 
