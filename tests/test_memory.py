@@ -198,8 +198,10 @@ def test_recurrent_dagger_cql_and_iql_train(workdir: Path, bot_records: Path) ->
     (["model.memory=gru", "algorithm.nrollouts=-1"], "algorithm.nrollouts=-1 must be > 0"),
     (["model.memory=gru", "algorithm.rollout_len=500"], "algorithm.rollout_len=500 is longer than every episode"),
     (["env=gym_env", "env.name=Acrobot-v1", "wrappers=mask_velocity"], "mask_velocity does not know"),
+    (["model.memory=gru", "hpo=evolution"], "hpo=evolution trains agents without memory"),
 ])
 def test_bad_memory_input_is_one_line(workdir: Path, bot_records: Path, overrides: list[str], message: str) -> None:
+    """Including a model with memory given to the population search, whose batched update carries no state."""
     result = run_cli("-cn", "conf_train", f"runner.dataset.dir_or_file={bot_records}", "algorithm.n_updates=2",
                      *overrides, cwd=workdir)
     assert result.returncode == 2, result.stderr
