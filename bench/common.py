@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mazerun.checkpoint import load_checkpoint, resolve_run_dir
+from mazerun.checkpoint import load_checkpoint, network_from_checkpoint, resolve_run_dir
 from mazerun.config import PolicyConfig, RunnerConfig
 from mazerun.evaluation import evaluate
-from mazerun.models import ModelConfig, Vocabulary, build_network
+from mazerun.models import Vocabulary
 from mazerun.rollout import rollout
 
 UNSEEN_SEED_OFFSET = 2_000_000
@@ -55,14 +55,8 @@ def expert_return(env_id: str, episodes: int, directory: Path) -> dict[str, floa
 def evaluate_run(run_dir: Path, episodes: int, checkpoint_name: str = "best.pt") -> dict[str, float]:
     """Greedy episodes of a run's checkpoint on the unseen seeds (a pipeline run: its last stage)."""
     checkpoint = load_checkpoint(resolve_run_dir(run_dir) / checkpoint_name)
-    values = dict(checkpoint.model_config)
-    network_type = values.pop("network")
     vocabulary = Vocabulary.from_list(checkpoint.vocabulary) if checkpoint.vocabulary else None
-    network = build_network(network_type, ModelConfig(**values), checkpoint.observation_space, checkpoint.action_space,
-                            vocabulary)
-    network.load_state_dict(checkpoint.model_state)
-    network.eval()
-    return evaluate(lambda observations: network.act(observations, True), checkpoint.env_id, episodes,
+    return evaluate(network_from_checkpoint(checkpoint), checkpoint.env_id, episodes,
                     observation_space=checkpoint.observation_space, vocabulary=vocabulary, device="cpu",
                     seed_offset=UNSEEN_SEED_OFFSET).metrics()
 

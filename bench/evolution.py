@@ -50,14 +50,14 @@ from typing import Iterator
 
 import torch
 
-from mazerun.checkpoint import BEST_CHECKPOINT, load_checkpoint
+from mazerun.checkpoint import BEST_CHECKPOINT, load_checkpoint, network_from_checkpoint
 from mazerun.config import PolicyConfig, RunnerConfig
 from mazerun.datasets import write_hdf5
 from mazerun.evaluation import evaluate
-from mazerun.models import ModelConfig, build_network
 from mazerun.population import train_population
 from mazerun.records import load_records
-from mazerun.rollout import TRAJECTORY_DIR, rollout
+from mazerun.records import TRAJECTORY_DIR
+from mazerun.rollout import rollout
 from mazerun.train import train
 from mazerun.validation import validate
 
@@ -102,12 +102,7 @@ def run_config(dataset: Path, algorithm: dict, args: argparse.Namespace, hpo: di
 def unseen_return(run_dir: Path, episodes: int, max_episode_steps: int | None) -> float:
     """The mean greedy return of a run's best.pt on seeds no search evaluated on."""
     checkpoint = load_checkpoint(run_dir / BEST_CHECKPOINT)
-    values = dict(checkpoint.model_config)
-    network = build_network(values.pop("network"), ModelConfig(**values), checkpoint.observation_space,
-                            checkpoint.action_space)
-    network.load_state_dict(checkpoint.model_state)
-    network.eval()
-    result = evaluate(lambda observations: network.act(observations, deterministic=True), ENV_ID, episodes,
+    result = evaluate(network_from_checkpoint(checkpoint), ENV_ID, episodes,
                       observation_space=checkpoint.observation_space, vocabulary=None, device="cpu",
                       max_episode_steps=max_episode_steps, seed_offset=UNSEEN_SEED_OFFSET)
     return float(sum(result.returns) / len(result.returns))

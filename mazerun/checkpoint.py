@@ -26,6 +26,7 @@ import torch
 from minigrid.core.mission import MissionSpace
 
 from mazerun.errors import MazerunError
+from mazerun.models import ModelConfig, Vocabulary, build_network
 from mazerun.records import atomic_write_bytes
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -219,3 +220,12 @@ def load_checkpoint(path_or_run_dir: str | Path, prefer: tuple[str, ...] = CHECK
         format_version=version,
         path=path,
     )
+
+
+def network_from_checkpoint(checkpoint: Checkpoint) -> torch.nn.Module:
+    """The checkpoint's network with its weights, built from the package's own classes, in eval mode."""
+    vocabulary = Vocabulary.from_list(checkpoint.vocabulary) if checkpoint.vocabulary is not None else None
+    network = build_network(checkpoint.model_config["network"], ModelConfig.from_dict(checkpoint.model_config),
+                            checkpoint.observation_space, checkpoint.action_space, vocabulary)
+    network.load_state_dict(checkpoint.model_state)
+    return network.eval()

@@ -70,6 +70,10 @@ class ModelConfig:
     """minigrid: size of the agent-direction embedding."""
     mission_dim: int = 64
     """minigrid: size of the mission word embeddings and of the GRU that reads them."""
+    film: bool = True
+    """minigrid: the mission scales and shifts every conv channel (FiLM, as the BabyAI baselines
+    do) instead of only joining the pooled image features; finding *the red ball* is then a
+    product of mission and cell, which concatenation alone learns slowly."""
     memory: str = "none"
     """``"none"``, ``"gru"`` or ``"lstm"``: a recurrent core between encoder and trunk, whose
     state carries what the agent saw earlier in the episode (reset where an episode starts)."""
@@ -96,6 +100,16 @@ class ModelConfig:
     @property
     def recurrent(self) -> bool:
         return self.memory != "none"
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        """A stored model config (a checkpoint's, without its ``network`` key).
+
+        Checkpoints written before FiLM existed carry no ``film`` key and hold weights without it.
+        """
+        values = {key: value for key, value in values.items() if key != "network"}
+        values.setdefault("film", False)
+        return cls(**values)
 
 
 def default_model_kind(observation_space: gym.Space) -> str:
@@ -245,9 +259,9 @@ class ObservationEncoder(nn.Module):
     """Turns a batch of observations into a flat feature vector of size :attr:`output_dim`.
 
     vector_obs: standardise (buffers ``obs_mean``/``obs_std``, identity by default) and clip.
-    minigrid: embed the image indices, two-layer conv, max-pool to a 3x3 grid; embed the
-    direction; read the mission tokens with a GRU; concatenate the three.
-    The MLP trunk lives in the networks that use the encoder.
+    minigrid: read the mission tokens with a GRU; embed the image indices, two-layer conv (each
+    layer's channels modulated by the mission with ``film``), max-pool to a 3x3 grid; embed the
+    direction; concatenate the three. The MLP trunk lives in the networks that use the encoder.
     """
 
     def __init__(
@@ -272,10 +286,22 @@ class ObservationEncoder(nn.Module):
         convs: list[nn.Module] = []
         in_channels = config.embedding_dim
         for out_channels in config.image_channels:
-            convs += [layer_init(nn.Conv2d(in_channels, out_channels, 3, padding=1)), nn.ReLU()]
+            convs.append(layer_init(nn.Conv2d(in_channels, out_channels, 3, padding=1)))
             in_channels = out_channels
         pooled = min(IMAGE_POOLED_GRID, height), min(IMAGE_POOLED_GRID, width)
-        self.image_net = nn.Sequential(*convs, nn.AdaptiveMaxPool2d(pooled), nn.Flatten())
+        self.film = config.film
+        if config.film:
+            self.image_convs = nn.ModuleList(convs)
+            # Zero-initialised: every channel starts unmodulated (scale 1, shift 0).
+            self.film_layers = nn.ModuleList(
+                layer_init(nn.Linear(config.mission_dim, 2 * conv.out_channels), gain=0.0) for conv in convs
+            )
+            self.image_pool = nn.Sequential(nn.AdaptiveMaxPool2d(pooled), nn.Flatten())
+        else:
+            layers: list[nn.Module] = []
+            for conv in convs:
+                layers += [conv, nn.ReLU()]
+            self.image_net = nn.Sequential(*layers, nn.AdaptiveMaxPool2d(pooled), nn.Flatten())
         self.direction_embedding = nn.Embedding(int(observation_space["direction"].n), config.direction_dim)
         self.mission_embedding = nn.Embedding(len(vocabulary), config.mission_dim, padding_idx=Vocabulary.PAD)
         self.mission_gru = nn.GRU(config.mission_dim, config.mission_dim, batch_first=True)
@@ -299,15 +325,21 @@ class ObservationEncoder(nn.Module):
         if self.kind == "vector_obs":
             normalized = (obs - self.obs_mean) / self.obs_std
             return normalized.clamp(-NORMALIZED_OBS_CLIP, NORMALIZED_OBS_CLIP)
-        # (B, H, W, C) indices -> one embedding per channel, summed -> (B, E, H, W)
-        cells = self.image_embedding(obs["image"].long() + self.image_offsets).sum(dim=3)
-        image = self.image_net(cells.permute(0, 3, 1, 2))
-        direction = self.direction_embedding(obs["direction"])
         tokens = obs["mission"]
         outputs, _ = self.mission_gru(self.mission_embedding(tokens))
         # The GRU state after the last real word; padding only ever follows the words.
         last = (tokens != Vocabulary.PAD).sum(dim=1).clamp(min=1) - 1
         mission = outputs[torch.arange(len(tokens), device=tokens.device), last]
+        # (B, H, W, C) indices -> one embedding per channel, summed -> (B, E, H, W)
+        cells = self.image_embedding(obs["image"].long() + self.image_offsets).sum(dim=3).permute(0, 3, 1, 2)
+        if self.film:
+            for conv, film in zip(self.image_convs, self.film_layers):
+                scale, shift = film(mission)[:, :, None, None].chunk(2, dim=1)
+                cells = torch.relu(conv(cells) * (1.0 + scale) + shift)
+            image = self.image_pool(cells)
+        else:
+            image = self.image_net(cells)
+        direction = self.direction_embedding(obs["direction"])
         return torch.cat([image, direction, mission], dim=1)
 
 

@@ -212,9 +212,7 @@ class Population:
                                f"{self.setup.env_id}; use the same env and dataset to continue")
         agents = []
         for saved in state["agents"]:
-            values = dict(saved["model_config"])
-            values.pop("network", None)
-            model_config = ModelConfig(**values)
+            model_config = ModelConfig.from_dict(saved["model_config"])
             config = dataclasses.replace(self.setup.algorithm, **{
                 HYPERPARAMETERS[name]: value for name, value in saved["hyperparameters"].items()})
             algorithm = self.build(config, model_config)

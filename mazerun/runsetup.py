@@ -92,9 +92,7 @@ def model_config_dict(model_config: ModelConfig, network_type: str) -> dict[str,
 
 
 def model_config_from_checkpoint(checkpoint: Checkpoint) -> tuple[str, ModelConfig]:
-    values = dict(checkpoint.model_config)
-    network_type = values.pop("network")
-    return network_type, ModelConfig(**values)
+    return checkpoint.model_config["network"], ModelConfig.from_dict(checkpoint.model_config)
 
 
 def sample_mission_vocabulary(env: gym.Env, seed: int) -> Vocabulary:

@@ -12,7 +12,7 @@ import torch
 from conftest import newest_run_dir, run_cli, run_ok, save_network
 from mazerun.algorithms.bc import BCConfig
 from mazerun.algorithms.ppo import PPO, PPOConfig, RolloutBatch, compute_gae, log_prob_and_entropy
-from mazerun.checkpoint import load_checkpoint
+from mazerun.checkpoint import load_checkpoint, network_from_checkpoint
 from mazerun.cli import execute
 from mazerun.config import DatasetConfig, PolicyConfig, RunConfig, RunnerConfig
 from mazerun.envs import make_env, make_vector_env
@@ -20,7 +20,7 @@ from mazerun.errors import MazerunError
 from mazerun.evaluation import evaluate
 from mazerun.loops.onpolicy import RolloutBuffer, RolloutCollector
 from mazerun.metrics import read_metrics_csv
-from mazerun.models import CRITIC_PREFIXES, ModelConfig, build_actor_critic, build_network, build_q_network, obs_to_tensor
+from mazerun.models import CRITIC_PREFIXES, ModelConfig, build_actor_critic, build_q_network, obs_to_tensor
 from mazerun.rollout import rollout
 from mazerun.train import train
 from mazerun.validation import validate
@@ -248,10 +248,7 @@ def test_fine_tune_through_the_cli_starts_from_the_clone(workdir: Path, bc_run: 
 
     # the first evaluation is the clone's own, on the same seeds
     checkpoint = load_checkpoint(bc_run)
-    values = dict(checkpoint.model_config)
-    clone = build_network(values.pop("network"), ModelConfig(**values), checkpoint.observation_space,
-                          checkpoint.action_space)
-    clone.load_state_dict(checkpoint.model_state)
+    clone = network_from_checkpoint(checkpoint)
     own = evaluate(lambda obs: clone.act(obs, deterministic=True), "LunarLander-v3", 3,
                    observation_space=checkpoint.observation_space, vocabulary=None, device="cpu", max_episode_steps=50)
     assert first["value"] == own.metrics()["mean_return"]

@@ -7,9 +7,9 @@ from typing import Any
 import gymnasium as gym
 import torch
 
-from mazerun.checkpoint import load_checkpoint
+from mazerun.checkpoint import load_checkpoint, network_from_checkpoint
 from mazerun.errors import MazerunError
-from mazerun.models import ModelConfig, Vocabulary, build_network, obs_to_tensor
+from mazerun.models import Vocabulary, obs_to_tensor
 from mazerun.policies.base import Policy
 
 
@@ -33,14 +33,8 @@ class TorchPolicy(Policy):
             raise MazerunError(
                 f"{checkpoint.path} acts in {checkpoint.action_space} but {env_id} expects {action_space}"
             )
-        values = dict(checkpoint.model_config)
         self.vocabulary = Vocabulary.from_list(checkpoint.vocabulary) if checkpoint.vocabulary is not None else None
-        self.network = build_network(
-            values.pop("network"), ModelConfig(**values), checkpoint.observation_space, checkpoint.action_space,
-            self.vocabulary,
-        )
-        self.network.load_state_dict(checkpoint.model_state)
-        self.network.eval()
+        self.network = network_from_checkpoint(checkpoint)
         self.observation_space = checkpoint.observation_space
         self.deterministic = deterministic
         self.generator = torch.Generator()
