@@ -87,7 +87,7 @@ class Table:
     def _cell(value: Any) -> str:
         if isinstance(value, float):
             return f"{value:>12.4g}"
-        return f"{str(value):>12}"
+        return f"{'-' if value is None else str(value):>12}"
 
     def render(self) -> str:
         header = f"{'measure':<46}|{'ours':>12}|{self.peer_name:>12}|{'ratio':>8}|{'target':>26}|"
