@@ -8,7 +8,8 @@ BC clones the expert's own episodes (whole episodes up to the budget, the last o
 DAgger spends the same budget on states its learner visits, each labelled by the expert. Both
 train the same model for the same number of gradient updates through the real `run` command,
 and both are scored with their best.pt on unseen seeds (neither recorded nor used to pick
-best.pt). Targets: DAgger >= BC at every budget; LunarLander: DAgger >= 0.95x the heuristic by
+best.pt), averaged over ``--seeds`` training seeds: one LunarLander run's return moves by
+tens between seeds, as much as the difference being measured. Targets: DAgger >= BC at every budget; LunarLander: DAgger >= 0.95x the heuristic by
 10k labels; BabyAI: DAgger >= 0.95 success with <= 100k labels on CPU. Exits non-zero when a
 target is missed.
 """
@@ -16,6 +17,7 @@ target is missed.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -51,24 +53,28 @@ def compare(env_id: str, budgets: list[int], args: argparse.Namespace, scratch: 
               f"runner.eval_repeats={args.selection_episodes}", *args.model[env_id]]
     results = {}
     for budget in budgets:
-        work = scratch / env_id / str(budget)
-        work.mkdir(parents=True)
-        updates = args.updates[env_id]
-        data = labelled_subset(demos, budget, work / "bc_data")
-        bc_time = run("-cn", "conf_train", *common, f"runner.dataset.dir_or_file={data}",
-                      f"algorithm.n_updates={updates}", f"algorithm.eval_every={max(updates // 5, 1)}",
-                      "algorithm.validation_percentage=0", "hydra.run.dir=bc", cwd=work)
-        n_envs, n_steps = args.dagger_envs[env_id], args.dagger_steps[env_id]
-        dagger_time = run("algorithm=dagger", *common, f"algorithm.total_steps={budget}",
-                          f"algorithm.n_updates={updates}", f"algorithm.eval_every={max(budget // 5, n_envs * n_steps)}",
-                          f"runner.n_envs={n_envs}", f"algorithm.n_steps={n_steps}", "hydra.run.dir=dagger", cwd=work)
-        bc = evaluate_run(work / "bc", args.eval_episodes)[metric]
-        dagger = evaluate_run(work / "dagger", args.eval_episodes)[metric]
+        dagger_scores, bc_scores = [], []
+        for seed in range(args.seeds):
+            work = scratch / env_id / f"{budget}_{seed}"
+            work.mkdir(parents=True)
+            updates = args.updates[env_id]
+            data = labelled_subset(demos, budget, work / "bc_data")
+            trained = [*common, f"runner.seed={seed}", f"algorithm.n_updates={updates}"]
+            run("-cn", "conf_train", *trained, f"runner.dataset.dir_or_file={data}",
+                f"algorithm.eval_every={max(updates // 5, 1)}", "algorithm.validation_percentage=0", "hydra.run.dir=bc",
+                cwd=work)
+            n_envs, n_steps = args.dagger_envs[env_id], args.dagger_steps[env_id]
+            run("algorithm=dagger", *trained, f"algorithm.total_steps={budget}",
+                f"algorithm.eval_every={max(budget // 5, n_envs * n_steps)}", f"runner.n_envs={n_envs}",
+                f"algorithm.n_steps={n_steps}", "hydra.run.dir=dagger", cwd=work)
+            bc_scores.append(evaluate_run(work / "bc", args.eval_episodes)[metric])
+            dagger_scores.append(evaluate_run(work / "dagger", args.eval_episodes)[metric])
+            print(f"  {env_id} {budget} labels, seed {seed}: DAgger {dagger_scores[-1]:.3f}, BC {bc_scores[-1]:.3f}",
+                  file=sys.stderr)
+        dagger, bc = statistics.mean(dagger_scores), statistics.mean(bc_scores)
         results[budget] = (dagger, bc)
         name = "success" if metric == "success_rate" else "return"
         table.add(f"{env_id} {budget // 1000}k labels: {name}", dagger, bc, ">= BC", dagger >= bc)
-        print(f"  {env_id} {budget} labels: DAgger {dagger:.3f} ({dagger_time:.0f} s), BC {bc:.3f} ({bc_time:.0f} s)",
-              file=sys.stderr)
     return {"expert": expert_value, "results": results}
 
 
@@ -78,6 +84,7 @@ def main() -> None:
     parser.add_argument("--babyai", action="store_true", help="also compare on BabyAI-GoToLocal-v0")
     parser.add_argument("--babyai-budgets", type=int, nargs="+", default=[10000, 30000, 100000])
     parser.add_argument("--eval-episodes", type=int, default=100, help="unseen seeds per score (BabyAI: 3x)")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds per budget, scores averaged")
     parser.add_argument("--selection-episodes", type=int, default=20, help="episodes per evaluation that picks best.pt")
     parser.add_argument("--lunar-updates", type=int, default=4000)
     parser.add_argument("--babyai-updates", type=int, default=20000)
