@@ -82,6 +82,14 @@ def test_hydra_multirun_sweeps_epsilon(workdir: Path) -> None:
     assert policies == {"heuristic", "heuristic+epsilon0.3"}
 
 
+def test_a_failed_job_of_a_sweep_is_reported_and_the_sweep_goes_on(workdir: Path) -> None:
+    result = run_cli("-m", "policy.epsilon=2.0,0.1,0.2", "runner.n_episodes=1", "runner.max_episode_steps=30",
+                     cwd=workdir)
+    assert result.returncode == 2  # decided once the sweep ended
+    assert "policy.epsilon=2.0 must lie in [0, 1]" in result.stderr and "Traceback" not in result.stderr
+    assert len(list(workdir.glob("multirun/*/*/*/rollout_stats.json"))) == 2  # the jobs after it ran
+
+
 def _records_by_seed(directory: Path) -> list[StateTrajectoryRecord]:
     return sorted(load_records(directory), key=lambda record: record.seed)
 
