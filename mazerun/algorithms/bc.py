@@ -24,6 +24,7 @@ from mazerun.algorithms.base import Batch, OfflineAlgorithm, OfflineConfig, flat
 from mazerun.data import SequenceBatch
 from mazerun.envs import NO_LABEL
 from mazerun.models import ActorCritic, ModelConfig, Vocabulary, build_actor_critic, flatten_distribution
+from mazerun.optim import Adam
 
 
 @dataclass
@@ -90,7 +91,7 @@ class BehaviouralCloning(OfflineAlgorithm):
         super().__init__(config, model_config, observation_space, action_space, vocabulary, device)
         self.network = build_actor_critic(model_config, observation_space, action_space, vocabulary).to(device)
         self.actor_parameters = self.network.actor_parameters()
-        self.optimizer = torch.optim.Adam(self.actor_parameters, lr=config.lr)
+        self.optimizer = Adam(self.actor_parameters, lr=config.lr)
 
     def losses(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return cloning_loss(self.network, batch)
