@@ -28,6 +28,7 @@ treats the step as done (the observation after it belongs to the next episode).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, NamedTuple, Optional
 
@@ -40,7 +41,9 @@ from mazerun.algorithms.bc import cloning_loss
 from mazerun.config import check_fields
 from mazerun.data import TransitionBatch
 from mazerun.errors import MazerunError
+from mazerun.fused import FlatAdam, FusedActorCritic, fusable
 from mazerun.models import ActorCritic, ModelInput, flatten_distribution
+from mazerun.optim import Adam
 from mazerun.schedules import SCHEDULE_KINDS, LinearSchedule
 
 
@@ -87,6 +90,9 @@ class PPOConfig:
     """Demonstrations drawn beside each minibatch."""
     eval_every: int = 50_000
     """Environment steps between evaluations; the first one is at step 0."""
+    fused: bool = True
+    """Networks without memory on vector observations (and no imitation term): evaluate actor and
+    critic as one (mazerun.fused), with a hand-written backward; false: the plain autograd path."""
 
     @property
     def budget(self) -> int:
@@ -145,6 +151,9 @@ def compute_gae(
         advantage = deltas[t] + decay[t] * advantage
         advantages[t] = advantage
     return advantages, advantages + values
+
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class RolloutBatch(NamedTuple):
@@ -219,9 +228,13 @@ class PPO:
         self.network = network
         self.generator = generator
         self.parameters = [parameter for parameter in network.parameters() if parameter.requires_grad]
-        # eps=1e-5 as in Stable-Baselines3 and CleanRL's PPO; the fused kernel updates every
-        # parameter in one call, which matters when a minibatch step of a small net is ~1 ms.
-        self.optimizer = torch.optim.Adam(self.parameters, lr=config.lr, eps=1e-5, fused=True)
+        # The fused path trains what the plain path trains, the same loss and the same Adam, in a
+        # tenth of the eager ops; it cannot take the imitation term (another network pass on demos).
+        self.fused = (FusedActorCritic(network) if config.fused and config.imitation_coef == 0 and fusable(network)
+                      else None)
+        # eps=1e-5 as in Stable-Baselines3 and CleanRL's PPO.
+        self.optimizer: Adam | FlatAdam = (Adam(self.parameters, lr=config.lr, eps=1e-5) if self.fused is None else
+                                           FlatAdam(self.fused, self.parameters, lr=config.lr, eps=1e-5))
         end = config.total_steps
         self.schedules = {
             "learning_rate": LinearSchedule.of(config.lr_schedule, config.lr, end),
@@ -255,6 +268,8 @@ class PPO:
         parameters then get no gradient at all, so Adam leaves them exactly as they are.
         ``demonstrations`` draws a batch of recorded demonstrations for the imitation term.
         """
+        if self.fused is not None:
+            return self._fused_update(batch, train_policy)
         config = self.config
         device = batch.actions.device
         sequences = batch.starts is not None
@@ -297,16 +312,117 @@ class PPO:
                 with torch.no_grad():
                     losses[epoch, index] = terms
                     log_ratios[epoch, rows] = log_ratio
-        ratios = log_ratios.exp()
         means = losses.mean(dim=(0, 1)).tolist()
         metrics = dict(zip(("policy_loss", "value_loss", "entropy"), means[:3]))
         if imitate:
             metrics["imitation_loss"] = means[3]
+        return self._add_ratio_metrics(metrics, log_ratios, batch)
+
+    def _add_ratio_metrics(self, metrics: dict[str, float], log_ratios: torch.Tensor,
+                           batch: RolloutBatch) -> dict[str, float]:
+        """How far the policy moved (approximate KL, share of clipped ratios) and how well the critic explains returns."""
+        ratios = log_ratios.exp()
         # Every minibatch has the same size, so means over all rows are means of the minibatch means.
         metrics["approx_kl"] = float(((ratios - 1.0) - log_ratios).mean())
         metrics["clip_fraction"] = float(((ratios - 1.0).abs() > self.clip_range).float().mean())
         metrics["explained_variance"] = explained_variance(batch.values, batch.returns)
         return metrics
+
+    @torch.no_grad()
+    def _fused_update(self, batch: RolloutBatch, train_policy: bool) -> dict[str, float]:
+        """:meth:`update` through :class:`FusedActorCritic`: the same minibatches, loss and Adam, the gradient by hand.
+
+        With ``ratio = exp(lp - lp_old)``, ``s1 = ratio * A`` and ``s2 = clip(ratio) * A``, the
+        policy loss ``-mean(min(s1, s2))`` has ``d L / d lp = -s1 * [s1 <= s2] / B``: where the clip
+        binds, the minimum does not move with lp. Then, for a categorical policy with
+        log-probabilities ``log_p`` (``p = exp(log_p)``, entropy ``H = -sum p log_p``),
+
+            d L / d logits = g * (onehot(a) - p) + ent_coef / B * p * (log_p + H),    g = d L / d lp
+
+        and for a diagonal Gaussian with mean mu and ``log_std``, ``d lp / d mu = (a - mu) / std^2``,
+        ``d lp / d log_std = (a - mu)^2 / std^2 - 1`` and ``d H / d log_std = 1``. The value loss
+        gives ``d L / d V = vf_coef * 2 (V - R) / B`` (with ``clip_vf``, through the larger of the
+        two errors, the clipped one only inside the clip). The layers' gradients follow from
+        :meth:`FusedActorCritic.backward`; the norm clipping and Adam step the whole storage at once.
+        Losses and log-ratios are written per row and averaged at the end, as :meth:`update` averages.
+        """
+        config, fused = self.config, self.fused
+        size, batch_size = len(batch.actions), config.batch_size
+        if size % batch_size:
+            raise ValueError(f"batch_size {batch_size} does not divide the rollout size {size}")
+        n_minibatches, device = size // batch_size, batch.actions.device
+        discrete, log_std, log_std_grad = fused.discrete, fused.log_std, fused.log_std_grad
+        inputs = fused.normalize(batch.observations)
+        actions = batch.actions[:, None] if discrete else batch.actions
+        log_ratios, surrogates, value_losses, entropies = torch.zeros(4, config.n_epochs, size, device=device)
+        output_grad = torch.zeros(2, batch_size, fused.action_width, device=device)
+        policy_grad, value_grad = output_grad[0], output_grad[1, :, 0]
+        low, high = 1.0 - self.clip_range, 1.0 + self.clip_range
+        entropy_scale, value_scale = config.ent_coef / batch_size, 2.0 * config.vf_coef / batch_size
+        clip_vf, max_norm = config.clip_vf, config.max_grad_norm
+        rows_to_step = (0, 1) if train_policy else (1,)
+        if not train_policy and log_std_grad is not None:
+            log_std_grad.zero_()  # the critic's burn-in: no gradient reaches the actor
+        flat_grad, step = fused.flat_grad, self.optimizer.step
+        for epoch in range(config.n_epochs):
+            order = torch.randperm(size, device=device, generator=self.generator)
+            x, taken = inputs.index_select(1, order), actions.index_select(0, order)
+            old_log_probs, old_values = batch.log_probs.index_select(0, order), batch.values.index_select(0, order)
+            returns, advantages = batch.returns.index_select(0, order), batch.advantages.index_select(0, order)
+            if config.normalize_advantage and batch_size > 1:
+                advantages = _normalized(advantages.view(n_minibatches, batch_size)).view(-1)
+            for index in range(n_minibatches):
+                rows = slice(index * batch_size, (index + 1) * batch_size)
+                out, activations = fused.forward(x[:, rows])
+                action, advantage = taken[rows], advantages[rows]
+                if discrete:
+                    log_p = torch.log_softmax(out[0], 1)
+                    log_prob = log_p.gather(1, action).squeeze(1)
+                else:
+                    std = log_std.exp()
+                    scaled = (action - out[0]).div_(std)  # (a - mu) / std
+                    log_prob = scaled.square().mul_(-0.5).sub_(log_std).sum(1).sub_(log_std.numel() * LOG_SQRT_2PI)
+                log_ratio = torch.sub(log_prob, old_log_probs[rows], out=log_ratios[epoch, rows])
+                ratio = log_ratio.exp()
+                unclipped = ratio * advantage
+                clipped = ratio.clamp(low, high).mul_(advantage)
+                torch.minimum(unclipped, clipped, out=surrogates[epoch, rows])
+                if discrete:
+                    p = log_p.exp()
+                    negative_entropy = (p * log_p).sum(1, keepdim=True)
+                    torch.neg(negative_entropy.squeeze(1), out=entropies[epoch, rows])
+                else:
+                    entropies[epoch, rows] = log_std.sum() + log_std.numel() * (0.5 + LOG_SQRT_2PI)
+
+                values = out[1, :, 0]
+                error = values - returns[rows]
+                if clip_vf is None:
+                    torch.square(error, out=value_losses[epoch, rows])
+                    torch.mul(error, value_scale, out=value_grad)
+                else:
+                    change = values - old_values[rows]
+                    clipped_error = change.clamp(-clip_vf, clip_vf).add_(old_values[rows]).sub_(returns[rows])
+                    squared, clipped_squared = error.square(), clipped_error.square()
+                    torch.maximum(squared, clipped_squared, out=value_losses[epoch, rows])
+                    chosen = torch.where(squared >= clipped_squared, error, clipped_error * (change.abs() <= clip_vf))
+                    torch.mul(chosen, value_scale, out=value_grad)
+
+                if train_policy:
+                    g = torch.where(unclipped <= clipped, unclipped, 0.0).mul_(-1.0 / batch_size)[:, None]
+                    if discrete:
+                        torch.mul(p, (log_p - negative_entropy).mul_(entropy_scale).sub_(g), out=policy_grad)
+                        policy_grad.scatter_add_(1, action, g)
+                    else:
+                        torch.mul(scaled.div(std), g, out=policy_grad)
+                        torch.sum(scaled.square_().sub_(1.0).mul_(g), 0, out=log_std_grad)
+                        log_std_grad.sub_(config.ent_coef)
+                fused.backward(output_grad, activations)
+                # nn.utils.clip_grad_norm_'s arithmetic, on one tensor
+                flat_grad.mul_((max_norm / (torch.linalg.vector_norm(flat_grad) + 1e-6)).clamp_(max=1.0))
+                step(rows_to_step)
+        metrics = {"policy_loss": float(-surrogates.mean()), "value_loss": float(value_losses.mean()),
+                   "entropy": float(entropies.mean())}
+        return self._add_ratio_metrics(metrics, log_ratios, batch)
 
     def _flat_minibatches(self, batch: RolloutBatch) -> Iterator[tuple[slice, Minibatch]]:
         """Shuffled rows: one gather per field and epoch, then each minibatch is a slice (a view, no copy)."""
