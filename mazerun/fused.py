@@ -22,6 +22,7 @@ per row while their step counts differ, after a critic burn-in), and reads and w
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from mazerun.models import NORMALIZED_OBS_CLIP, ActorCritic
 from mazerun.optim import GROUP_DEFAULTS, adam_step
 
 ACTIVATION_KINDS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def _linear_layers(trunk: nn.Sequential) -> tuple[list[nn.Linear], str | None]:
@@ -142,6 +144,21 @@ class FusedActorCritic:
     def heads(self, observations: torch.Tensor) -> torch.Tensor:
         """The actor's head ``out[0]`` (logits or means) and the critic's ``out[1, :, 0]`` (values) of ``(B, D)`` observations."""
         return self.forward(self.normalize(observations))[0]
+
+    @torch.no_grad()
+    def act(self, observations: torch.Tensor, generator: torch.Generator | None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Actions sampled from the policy (as :func:`mazerun.models.sample` draws them), their log-probabilities
+        and the values of ``(B, D)`` observations: a rollout step without building a ``Distribution``."""
+        out = self.heads(observations)
+        head = out[0]
+        if self.discrete:
+            log_p = torch.log_softmax(head, 1)
+            actions = torch.multinomial(log_p.exp(), 1, generator=generator)
+            return actions.squeeze(1), log_p.gather(1, actions).squeeze(1), out[1, :, 0]
+        noise = torch.randn(head.shape, generator=generator, device=head.device, dtype=head.dtype)
+        log_prob = noise.square().mul(-0.5).sub_(self.log_std).sum(1).sub_(self.log_std.numel() * LOG_SQRT_2PI)
+        return head + self.log_std.exp() * noise, log_prob, out[1, :, 0]
 
     def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Head outputs ``(2, B, width)`` of normalised ``(2, B, D)`` inputs, and every layer's input (for :meth:`backward`)."""

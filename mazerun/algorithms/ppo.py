@@ -28,7 +28,6 @@ treats the step as done (the observation after it belongs to the next episode).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, NamedTuple, Optional
 
@@ -41,7 +40,7 @@ from mazerun.algorithms.bc import cloning_loss
 from mazerun.config import check_fields
 from mazerun.data import TransitionBatch
 from mazerun.errors import MazerunError
-from mazerun.fused import FlatAdam, FusedActorCritic, fusable
+from mazerun.fused import LOG_SQRT_2PI, FlatAdam, FusedActorCritic, fusable
 from mazerun.models import ActorCritic, ModelInput, flatten_distribution
 from mazerun.optim import Adam
 from mazerun.schedules import SCHEDULE_KINDS, LinearSchedule
@@ -151,9 +150,6 @@ def compute_gae(
         advantage = deltas[t] + decay[t] * advantage
         advantages[t] = advantage
     return advantages, advantages + values
-
-
-LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class RolloutBatch(NamedTuple):

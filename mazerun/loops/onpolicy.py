@@ -316,18 +316,19 @@ class RolloutCollector:
         for t in range(buffer.n_steps):
             interrupts.check()
             observations = episodes.tensor(episodes.observations)
-            if buffer.recurrent:
-                buffer.starts[t] = self.starts
-                distribution, values, self.memory = network.step(observations, self.starts, self.memory)
-            elif self.fused is not None:  # the same network, its actor and critic in one pass
-                out = self.fused.heads(observations)
-                distribution, values = network.head_distribution(out[0]), out[1, :, 0]
+            if self.fused is not None:  # the same network, its actor and critic in one pass
+                actions, log_probs, values = self.fused.act(observations, self.generator)
             else:
-                distribution, values = network.distribution(observations), network.value(observations)
-            actions = sample(distribution, self.generator)
+                if buffer.recurrent:
+                    buffer.starts[t] = self.starts
+                    distribution, values, self.memory = network.step(observations, self.starts, self.memory)
+                else:
+                    distribution, values = network.distribution(observations), network.value(observations)
+                actions = sample(distribution, self.generator)
+                log_probs = distribution.log_prob(actions)
             buffer.store_observations(t, observations)
             buffer.actions[t] = actions
-            buffer.log_probs[t] = distribution.log_prob(actions)
+            buffer.log_probs[t] = log_probs
             buffer.values[t] = values
 
             env_actions = actions.cpu().numpy()
