@@ -22,6 +22,7 @@ per row while their step counts differ, after a critic burn-in), and reads and w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 import math
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from mazerun.models import NORMALIZED_OBS_CLIP, ActorCritic
-from mazerun.optim import GROUP_DEFAULTS, adam_step
+from mazerun.optim import GROUP_DEFAULTS, adam_kernel
 
 ACTIVATION_KINDS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -131,58 +132,102 @@ class FusedActorCritic:
                 storage[row, 0].copy_(getattr(encoder, name))
                 setattr(encoder, name, storage[row, 0])
         self.hidden, self.head = self.layers[:-1], self.layers[-1]
-        self._activate = torch.tanh if self.activation == "tanh" else torch.relu
-        self._activation_backward = (torch.ops.aten.tanh_backward if self.activation == "tanh" else
-                                     lambda grad, output: torch.ops.aten.threshold_backward(grad, output, 0))
+        self._activate_ = torch.tanh_ if self.activation == "tanh" else torch.relu_
+        self._activation_backward = (torch.ops.aten.tanh_backward.grad_input if self.activation == "tanh" else
+                                     partial(torch.ops.aten.threshold_backward.grad_input, threshold=0))
+        self._workspaces: dict[int, Workspace] = {}
 
     def normalize(self, observations: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` observations as each encoder standardises them: ``(2, N, D)``."""
         standardized = (observations - self.obs_mean) / self.obs_std
         return standardized.clamp_(-NORMALIZED_OBS_CLIP, NORMALIZED_OBS_CLIP)
 
+    def workspace(self, rows: int) -> Workspace:
+        """The tensors a pass over ``rows`` rows writes, allocated on first use and reused after."""
+        workspace = self._workspaces.get(rows)
+        if workspace is None:
+            device = self.flat.device
+            widths = [layer.weight.shape[1] for layer in self.hidden]  # (2, out, in)
+            hidden = [torch.zeros(2, rows, width, device=device) for width in widths]
+            hidden_grad = [torch.zeros(2, rows, width, device=device) for width in widths]
+            out = torch.zeros(2, rows, self.action_width, device=device)
+            out_grad = torch.zeros(2, rows, self.action_width, device=device)
+            workspace = self._workspaces[rows] = Workspace(
+                hidden, hidden_grad, [grad.transpose(1, 2) for grad in hidden_grad], out, out_grad,
+                out_grad.transpose(1, 2), out[0], out[1, :, :1], out_grad[0], out_grad[1, :, :1])
+        return workspace
+
     @torch.no_grad()
-    def heads(self, observations: torch.Tensor) -> torch.Tensor:
-        """The actor's head ``out[0]`` (logits or means) and the critic's ``out[1, :, 0]`` (values) of ``(B, D)`` observations."""
-        return self.forward(self.normalize(observations))[0]
+    def heads(self, observations: torch.Tensor) -> Workspace:
+        """The actor's head (``.head``: logits or means) and the critic's values (``.values``, ``(B, 1)``) of
+        ``(B, D)`` observations, in the workspace of ``B`` rows: valid until the next pass of that many rows."""
+        workspace = self.workspace(len(observations))
+        self.forward(workspace, self.normalize(observations))
+        return workspace
 
     @torch.no_grad()
     def act(self, observations: torch.Tensor, generator: torch.Generator | None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Actions sampled from the policy (as :func:`mazerun.models.sample` draws them), their log-probabilities
         and the values of ``(B, D)`` observations: a rollout step without building a ``Distribution``."""
-        out = self.heads(observations)
-        head = out[0]
+        workspace = self.heads(observations)
+        head, values = workspace.head, workspace.values.squeeze(1)
         if self.discrete:
             log_p = torch.log_softmax(head, 1)
             actions = torch.multinomial(log_p.exp(), 1, generator=generator)
-            return actions.squeeze(1), log_p.gather(1, actions).squeeze(1), out[1, :, 0]
+            return actions.squeeze(1), log_p.gather(1, actions).squeeze(1), values
         noise = torch.randn(head.shape, generator=generator, device=head.device, dtype=head.dtype)
         log_prob = noise.square().mul(-0.5).sub_(self.log_std).sum(1).sub_(self.log_std.numel() * LOG_SQRT_2PI)
-        return head + self.log_std.exp() * noise, log_prob, out[1, :, 0]
+        return head + self.log_std.exp() * noise, log_prob, values
 
-    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Head outputs ``(2, B, width)`` of normalised ``(2, B, D)`` inputs, and every layer's input (for :meth:`backward`)."""
-        activate = self._activate
-        activations = [inputs]
+    def forward(self, workspace: Workspace, inputs: torch.Tensor) -> None:
+        """Both networks on normalised ``(2, B, D)`` inputs: activations and head outputs into ``workspace``."""
+        activate = self._activate_
         hidden = inputs
-        for layer in self.hidden:
-            hidden = activate(torch.baddbmm(layer.bias, hidden, layer.weight_t))
-            activations.append(hidden)
-        return torch.baddbmm(self.head.bias, hidden, self.head.weight_t), activations
+        for layer, output in zip(self.hidden, workspace.hidden):
+            activate(torch.baddbmm(layer.bias, hidden, layer.weight_t, out=output))
+            hidden = output
+        torch.baddbmm(self.head.bias, hidden, self.head.weight_t, out=workspace.out)
 
-    def backward(self, output_grad: torch.Tensor, activations: list[torch.Tensor]) -> None:
-        """Write the gradient of every weight and bias into :attr:`flat_grad`, given d loss / d head outputs ``(2, B, width)``.
+    def backward(self, workspace: Workspace, inputs: torch.Tensor) -> None:
+        """Write the gradient of every weight and bias into :attr:`flat_grad`, from ``workspace.out_grad`` (d loss /
+        d head outputs) and the activations :meth:`forward` left there for the same ``inputs``.
 
         ``log_std``'s gradient is not touched: it does not depend on the layers (the caller writes it).
         """
-        grad = output_grad
+        grad, grad_t = workspace.out_grad, workspace.out_grad_t
         for index in range(len(self.layers) - 1, -1, -1):
             layer = self.layers[index]
-            layer_input = activations[index]
-            torch.bmm(grad.transpose(1, 2), layer_input, out=layer.weight_grad)
+            layer_input = workspace.hidden[index - 1] if index else inputs
+            torch.bmm(grad_t, layer_input, out=layer.weight_grad)
             torch.sum(grad, 1, keepdim=True, out=layer.bias_grad)
             if index:
-                grad = self._activation_backward(torch.bmm(grad, layer.weight), layer_input)
+                previous = workspace.hidden_grad[index - 1]
+                torch.bmm(grad, layer.weight, out=previous)
+                self._activation_backward(previous, layer_input, grad_input=previous)
+                grad, grad_t = previous, workspace.hidden_grad_t[index - 1]
+
+
+@dataclass
+class Workspace:
+    """What one pass of ``B`` rows writes, allocated once, so that a minibatch step allocates nothing for it."""
+
+    hidden: list[torch.Tensor]
+    """Each hidden layer's activations, ``(2, B, width)``."""
+    hidden_grad: list[torch.Tensor]
+    """d loss / d each hidden layer's pre-activations."""
+    hidden_grad_t: list[torch.Tensor]
+    out: torch.Tensor
+    """The heads' outputs ``(2, B, head width)``."""
+    out_grad: torch.Tensor
+    """d loss / d ``out``: what :meth:`FusedActorCritic.backward` starts from."""
+    out_grad_t: torch.Tensor
+    head: torch.Tensor
+    """``out[0]``: the actor's logits or means."""
+    values: torch.Tensor
+    """``out[1, :, :1]``: the critic's values, ``(B, 1)``."""
+    head_grad: torch.Tensor
+    value_grad: torch.Tensor
 
 
 def _bind(parameter: torch.Tensor, view: torch.Tensor) -> None:
@@ -209,9 +254,10 @@ class FlatAdam:
         ]
         self.exp_avg = torch.zeros_like(fused.flat)
         self.exp_avg_sq = torch.zeros_like(fused.flat)
-        self.steps = [torch.zeros((), device=fused.flat.device) for _ in range(2)]
         self.counts = [0, 0]
-        """Each row's step count, as the kernel's ``steps`` tensors hold it."""
+        """Each row's step count."""
+        self._step = torch.zeros((), device=fused.flat.device)
+        """The count the kernel reads (it takes a tensor)."""
         storage = fused.flat
         self._rows = [_row_of(parameter, storage) for parameter in parameters]
 
@@ -221,13 +267,14 @@ class FlatAdam:
         beta1, beta2 = group["betas"]
         fused, counts = self.fused, self.counts
         if len(rows) == 2 and counts[0] == counts[1]:  # one kernel call for both rows
-            adam_step([fused.flat], [fused.flat_grad], [self.exp_avg], [self.exp_avg_sq], [self.steps[0]],
-                      lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"])
-            self.steps[1].copy_(self.steps[0])
+            groups = [(fused.flat, fused.flat_grad, self.exp_avg, self.exp_avg_sq, counts[0] + 1)]
         else:
-            for row in rows:
-                adam_step([fused.flat[row]], [fused.flat_grad[row]], [self.exp_avg[row]], [self.exp_avg_sq[row]],
-                          [self.steps[row]], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"])
+            groups = [(fused.flat[row], fused.flat_grad[row], self.exp_avg[row], self.exp_avg_sq[row], counts[row] + 1)
+                      for row in rows]
+        for parameter, grad, exp_avg, exp_avg_sq, count in groups:
+            self._step.fill_(count)
+            adam_kernel([parameter], [grad], [exp_avg], [exp_avg_sq], [self._step], lr=group["lr"], beta1=beta1,
+                        beta2=beta2, eps=group["eps"])
         for row in rows:
             counts[row] += 1
 
@@ -241,7 +288,8 @@ class FlatAdam:
         state = {}
         for index, (parameter, row) in enumerate(zip(self.parameters, self._rows)):
             if self.counts[row] > 0:
-                state[index] = {"step": self.steps[row].clone(), "exp_avg": self._views(self.exp_avg, parameter).clone(),
+                state[index] = {"step": torch.tensor(float(self.counts[row])),
+                                "exp_avg": self._views(self.exp_avg, parameter).clone(),
                                 "exp_avg_sq": self._views(self.exp_avg_sq, parameter).clone()}
         group = {key: value for key, value in self.param_groups[0].items() if key != "params"}
         return {"state": state, "param_groups": [{**group, "params": list(range(len(self.parameters)))}]}
@@ -271,9 +319,7 @@ class FlatAdam:
             if len(counts) > 1 or (counts and missing):
                 raise ValueError("the saved optimiser state has different step counts within the "
                                  f"{('actor', 'critic')[row]}; it cannot be stepped as one")
-            count = counts.pop() if counts else 0.0
-            self.steps[row].fill_(count)
-            self.counts[row] = int(count)
+            self.counts[row] = int(counts.pop()) if counts else 0
 
 
 def _row_of(parameter: torch.Tensor, storage: torch.Tensor) -> int:

@@ -34,6 +34,15 @@ def adam_step(
 ) -> None:
     """One Adam step of every tensor in ``params`` (one device and dtype), in place; ``steps`` count up by one."""
     torch._foreach_add_(steps, 1)
+    adam_kernel(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+
+
+def adam_kernel(
+    params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], *, lr: float, beta1: float, beta2: float,
+    eps: float,
+) -> None:
+    """:func:`adam_step` with ``steps`` already counted: torch's fused kernel, or the formula where it is missing."""
     if _FUSED:
         torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
                            weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)

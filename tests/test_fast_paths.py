@@ -148,9 +148,9 @@ def test_the_module_reads_and_writes_the_fused_storage() -> None:
     observations = torch.randn(6, 5)
     out = fused.heads(observations)
     with torch.no_grad():
-        torch.testing.assert_close(out[0], network.distribution(observations).mean)
-        torch.testing.assert_close(out[1, :, 0], network.value(observations))
-        torch.testing.assert_close(out[1, :, 0], replacement.value(observations))
+        torch.testing.assert_close(out.head, network.distribution(observations).mean)
+        torch.testing.assert_close(out.values[:, 0], network.value(observations))
+        torch.testing.assert_close(out.values[:, 0], replacement.value(observations))
     assert torch.equal(fused.log_std, replacement.log_std.detach())
 
 

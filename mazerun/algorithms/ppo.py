@@ -29,6 +29,7 @@ treats the step as done (the observation after it belongs to the next episode).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, ClassVar, Iterator, NamedTuple, Optional
 
 import torch
@@ -348,77 +349,86 @@ class PPO:
             raise ValueError(f"batch_size {batch_size} does not divide the rollout size {size}")
         n_minibatches, device = size // batch_size, batch.actions.device
         discrete, log_std, log_std_grad = fused.discrete, fused.log_std, fused.log_std_grad
-        inputs = fused.normalize(batch.observations)
-        actions = batch.actions[:, None] if discrete else batch.actions
-        log_ratios, surrogates, value_losses, entropies = torch.zeros(4, config.n_epochs, size, device=device)
-        output_grad = torch.zeros(2, batch_size, fused.action_width, device=device)
-        policy_grad, value_grad = output_grad[0], output_grad[1, :, 0]
-        low, high = 1.0 - self.clip_range, 1.0 + self.clip_range
-        entropy_scale, value_scale = config.ent_coef / batch_size, 2.0 * config.vf_coef / batch_size
-        clip_vf, max_norm = config.clip_vf, config.max_grad_norm
-        rows_to_step = (0, 1) if train_policy else (1,)
+        workspace = fused.workspace(batch_size)
+        head, values, head_grad, value_grad = workspace.head, workspace.values, workspace.head_grad, workspace.value_grad
+        head_grad.zero_()  # stays 0 during critic burn-in
         if not train_policy and log_std_grad is not None:
-            log_std_grad.zero_()  # the critic's burn-in: no gradient reaches the actor
-        flat_grad, step = fused.flat_grad, self.optimizer.step
+            log_std_grad.zero_()
+        inputs = fused.normalize(batch.observations)
+        # Per-row columns (N, 1), so that every per-minibatch tensor broadcasts against (B, width) heads.
+        actions = batch.actions[:, None] if discrete else batch.actions
+        columns = [batch.log_probs[:, None], batch.values[:, None], batch.returns[:, None], batch.advantages]
+        log_ratios, surrogates, value_losses, entropies = torch.zeros(4, config.n_epochs, size, 1, device=device)
+        # Constants as tensors: an op with a Python float converts it to a tensor on every call.
+        constant = partial(torch.tensor, device=device)
+        zero, one, max_norm, eps = constant(0.0), constant(1.0), constant(config.max_grad_norm), constant(1e-6)
+        inverse_batch, entropy_scale = constant(-1.0 / batch_size), constant(config.ent_coef)
+        entropy_row_scale = constant(config.ent_coef / batch_size)
+        value_scale = constant(2.0 * config.vf_coef / batch_size)
+        low, high, clip_vf = 1.0 - self.clip_range, 1.0 + self.clip_range, config.clip_vf
+        rows_to_step = (0, 1) if train_policy else (1,)
+        flat_grad, forward, backward, step = fused.flat_grad, fused.forward, fused.backward, self.optimizer.step
         for epoch in range(config.n_epochs):
             order = torch.randperm(size, device=device, generator=self.generator)
-            x, taken = inputs.index_select(1, order), actions.index_select(0, order)
-            old_log_probs, old_values = batch.log_probs.index_select(0, order), batch.values.index_select(0, order)
-            returns, advantages = batch.returns.index_select(0, order), batch.advantages.index_select(0, order)
+            old_log_probs, old_values, returns, advantages = (column.index_select(0, order) for column in columns)
             if config.normalize_advantage and batch_size > 1:
-                advantages = _normalized(advantages.view(n_minibatches, batch_size)).view(-1)
-            for index in range(n_minibatches):
-                rows = slice(index * batch_size, (index + 1) * batch_size)
-                out, activations = fused.forward(x[:, rows])
-                action, advantage = taken[rows], advantages[rows]
+                advantages = _normalized(advantages.view(n_minibatches, batch_size))
+            minibatches = zip(
+                inputs.index_select(1, order).view(2, n_minibatches, batch_size, -1).unbind(1),
+                *(tensor.view(n_minibatches, batch_size, -1).unbind(0) for tensor in (
+                    actions.index_select(0, order), old_log_probs, old_values, returns, advantages,
+                    log_ratios[epoch], surrogates[epoch], value_losses[epoch], entropies[epoch])),
+            )
+            for x, action, old_log_prob, old_value, target, advantage, log_ratio, surrogate, value_loss, entropy \
+                    in minibatches:
+                forward(workspace, x)
                 if discrete:
-                    log_p = torch.log_softmax(out[0], 1)
-                    log_prob = log_p.gather(1, action).squeeze(1)
+                    log_p = torch.log_softmax(head, 1)
+                    log_prob = log_p.gather(1, action)
                 else:
                     std = log_std.exp()
-                    scaled = (action - out[0]).div_(std)  # (a - mu) / std
-                    log_prob = scaled.square().mul_(-0.5).sub_(log_std).sum(1).sub_(log_std.numel() * LOG_SQRT_2PI)
-                log_ratio = torch.sub(log_prob, old_log_probs[rows], out=log_ratios[epoch, rows])
-                ratio = log_ratio.exp()
+                    scaled = (action - head).div_(std)  # (a - mu) / std
+                    log_prob = scaled.square().mul_(-0.5).sub_(log_std).sum(1, keepdim=True)
+                    log_prob.sub_(log_std.numel() * LOG_SQRT_2PI)
+                ratio = torch.sub(log_prob, old_log_prob, out=log_ratio).exp()
                 unclipped = ratio * advantage
                 clipped = ratio.clamp(low, high).mul_(advantage)
-                torch.minimum(unclipped, clipped, out=surrogates[epoch, rows])
+                torch.minimum(unclipped, clipped, out=surrogate)
                 if discrete:
                     p = log_p.exp()
                     negative_entropy = (p * log_p).sum(1, keepdim=True)
-                    torch.neg(negative_entropy.squeeze(1), out=entropies[epoch, rows])
+                    torch.neg(negative_entropy, out=entropy)
                 else:
-                    entropies[epoch, rows] = log_std.sum() + log_std.numel() * (0.5 + LOG_SQRT_2PI)
+                    entropy.copy_(log_std.sum() + log_std.numel() * (0.5 + LOG_SQRT_2PI))
 
-                values = out[1, :, 0]
-                error = values - returns[rows]
+                error = values - target
                 if clip_vf is None:
-                    torch.square(error, out=value_losses[epoch, rows])
+                    torch.square(error, out=value_loss)
                     torch.mul(error, value_scale, out=value_grad)
                 else:
-                    change = values - old_values[rows]
-                    clipped_error = change.clamp(-clip_vf, clip_vf).add_(old_values[rows]).sub_(returns[rows])
+                    change = values - old_value
+                    clipped_error = change.clamp(-clip_vf, clip_vf).add_(old_value).sub_(target)
                     squared, clipped_squared = error.square(), clipped_error.square()
-                    torch.maximum(squared, clipped_squared, out=value_losses[epoch, rows])
+                    torch.maximum(squared, clipped_squared, out=value_loss)
                     chosen = torch.where(squared >= clipped_squared, error, clipped_error * (change.abs() <= clip_vf))
                     torch.mul(chosen, value_scale, out=value_grad)
 
                 if train_policy:
-                    g = torch.where(unclipped <= clipped, unclipped, 0.0).mul_(-1.0 / batch_size)[:, None]
+                    g = torch.where(unclipped <= clipped, unclipped, zero).mul_(inverse_batch)  # d L / d lp
                     if discrete:
-                        torch.mul(p, (log_p - negative_entropy).mul_(entropy_scale).sub_(g), out=policy_grad)
-                        policy_grad.scatter_add_(1, action, g)
+                        torch.mul(p, (log_p - negative_entropy).mul_(entropy_row_scale).sub_(g), out=head_grad)
+                        head_grad.scatter_add_(1, action, g)
                     else:
-                        torch.mul(scaled.div(std), g, out=policy_grad)
-                        torch.sum(scaled.square_().sub_(1.0).mul_(g), 0, out=log_std_grad)
-                        log_std_grad.sub_(config.ent_coef)
-                fused.backward(output_grad, activations)
+                        torch.mul(scaled.div(std), g, out=head_grad)
+                        torch.sum(scaled.square_().sub_(one).mul_(g), 0, out=log_std_grad)
+                        log_std_grad.sub_(entropy_scale)
+                backward(workspace, x)
                 # nn.utils.clip_grad_norm_'s arithmetic, on one tensor
-                flat_grad.mul_((max_norm / (torch.linalg.vector_norm(flat_grad) + 1e-6)).clamp_(max=1.0))
+                flat_grad.mul_(torch.div(max_norm, torch.linalg.vector_norm(flat_grad).add_(eps)).clamp_(max=1.0))
                 step(rows_to_step)
         metrics = {"policy_loss": float(-surrogates.mean()), "value_loss": float(value_losses.mean()),
                    "entropy": float(entropies.mean())}
-        return self._add_ratio_metrics(metrics, log_ratios, batch)
+        return self._add_ratio_metrics(metrics, log_ratios.view(config.n_epochs, size), batch)
 
     def _flat_minibatches(self, batch: RolloutBatch) -> Iterator[tuple[slice, Minibatch]]:
         """Shuffled rows: one gather per field and epoch, then each minibatch is a slice (a view, no copy)."""
