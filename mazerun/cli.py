@@ -21,6 +21,7 @@ import contextlib
 import difflib
 import errno
 import fcntl
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -180,6 +181,10 @@ def main() -> None:
         _fail(explain_hydra_error(error))
     except OSError as error:
         _fail(f"{error.strerror or error}: {error.filename or ''}; point hydra.run.dir at a writable directory")
+    finally:
+        # The process ends here: the interpreter's last garbage collections would walk torch's whole
+        # object graph (a third of a second); every file is written and closed by now.
+        gc.freeze()
     if _Jobs.failed:
         sys.exit(2)
 
