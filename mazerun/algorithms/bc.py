@@ -23,7 +23,8 @@ from torch.distributions import Distribution
 from mazerun.algorithms.base import Batch, OfflineAlgorithm, OfflineConfig, flat, warm_state
 from mazerun.data import SequenceBatch
 from mazerun.envs import NO_LABEL
-from mazerun.models import ActorCritic, ModelConfig, Vocabulary, build_actor_critic, flatten_distribution
+from mazerun.models import (ActorCritic, ModelConfig, Vocabulary, build_actor_critic, flatten_distribution,
+                            log_probs_and_entropies)
 from mazerun.optim import Adam
 
 
@@ -50,8 +51,9 @@ def imitation_loss(
         mean = lambda values: (values * weights).sum()  # noqa: E731
     else:
         mean = torch.mean
-    loss = -mean(distribution.log_prob(targets))
-    metrics = {"policy_loss": loss.detach(), "policy_entropy": mean(distribution.entropy()).detach()}
+    log_probs, entropies = log_probs_and_entropies(distribution, targets)
+    loss = -mean(log_probs)
+    metrics = {"policy_loss": loss.detach(), "policy_entropy": mean(entropies.detach())}
     if discrete:
         predicted = distribution.logits.argmax(dim=-1)
         metrics["discrete_accuracy"] = mean((predicted == targets).to(torch.float32))
