@@ -7,6 +7,15 @@ peer is missing, so a bench run can gate a change like a test.
 from __future__ import annotations
 
 import os
+
+# The run command makes idle OpenMP threads sleep (mazerun/cli.py); the peers' worker processes,
+# spawned from a bench, inherit the same setting.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import contextlib
+import datetime
+import importlib
+import io
 import subprocess
 import sys
 import time
@@ -20,6 +29,7 @@ from mazerun.evaluation import evaluate
 from mazerun.models import Vocabulary
 from mazerun.rollout import rollout
 
+D3RLPY_INSTALL = 'pip install -e ".[bench]" && pip install --no-deps "d3rlpy==2.8.1"'
 UNSEEN_SEED_OFFSET = 2_000_000
 """Seeds used by neither recordings (0, 1, ...) nor training's evaluations (1_000_000, ...)."""
 
@@ -28,6 +38,25 @@ QUIET = {"print_fn": lambda _: None}
 
 def load_average() -> str:
     return "load average " + ", ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def peer_version(module: str, install: str) -> str | None:
+    """The peer library's version, or None when it cannot be imported (said once on stderr): its rows then fail."""
+    try:
+        imported = importlib.import_module(module)
+    except Exception as error:  # an ImportError, or a failure inside the peer's own imports
+        print(f"{module} is missing ({type(error).__name__}: {error}); install it: {install}", file=sys.stderr)
+        return None
+    return str(getattr(imported, "__version__", "?"))
+
+
+def seconds_to_log_line(run_dir: Path, text: str, launched: float) -> float:
+    """Seconds from ``launched`` (``time.time()`` before the command started) to the first run.log line holding ``text``."""
+    for line in (Path(run_dir) / "run.log").read_text().splitlines():
+        if text in line:
+            stamp = datetime.datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
+            return stamp.timestamp() - launched
+    raise RuntimeError(f"no line with {text!r} in {run_dir / 'run.log'}")
 
 
 def run(*overrides: str, cwd: Path, quiet: bool = True) -> float:
@@ -61,6 +90,90 @@ def evaluate_run(run_dir: Path, episodes: int, checkpoint_name: str = "best.pt")
                     seed_offset=UNSEEN_SEED_OFFSET).metrics()
 
 
+def d3rlpy_dataset(data_dir: Path, action_size: int) -> Any:
+    """Our records as d3rlpy's ``MDPDataset``.
+
+    d3rlpy stores T observations per episode and never samples the last step of a timed-out
+    episode (it has no next observation). A truncated episode therefore gets its final
+    observation appended as one extra, never-sampled step, so its real last step bootstraps from
+    it as in mazerun; a terminated one keeps its T steps with the terminal flag.
+    """
+    import d3rlpy
+    import numpy as np
+
+    from mazerun.records import load_records
+
+    observations, actions, rewards, terminals, timeouts = [], [], [], [], []
+    for record in load_records(data_dir):
+        steps = len(record)
+        extra = 0 if record.terminated else 1
+        observations.append(np.asarray(record.observations[: steps + extra], dtype=np.float32))
+        actions.append(np.concatenate([record.actions, np.zeros(extra, dtype=np.int64)]))
+        rewards.append(np.concatenate([record.rewards, np.zeros(extra)]).astype(np.float32))
+        end = np.zeros(steps + extra, dtype=np.float32)
+        end[-1] = 1.0
+        terminals.append(end if record.terminated else np.zeros_like(end))
+        timeouts.append(np.zeros_like(end) if record.terminated else end)
+    with contextlib.redirect_stdout(io.StringIO()):  # d3rlpy logs through structlog to stdout
+        return d3rlpy.dataset.MDPDataset(
+            np.concatenate(observations), np.concatenate(actions), np.concatenate(rewards)[:, None],
+            np.concatenate(terminals), np.concatenate(timeouts),
+            action_space=d3rlpy.constants.ActionSpace.DISCRETE, action_size=action_size,
+        )
+
+
+def d3rlpy_run(algorithm: str, data_dir: Path, budgets: list[int], *, seed: int, threads: int,
+               hidden_units: tuple[int, ...], activation: str, eval_episodes: int = 0, env_id: str = "LunarLander-v3",
+               lr: float = 3e-4, batch_size: int = 256) -> dict[int, tuple[float, float]]:
+    """d3rlpy's DiscreteCQL (alpha 1, double DQN, Huber TD loss, hard target copy every 1000 updates,
+    gamma 0.99) or DiscreteBC fitted up to each of ``budgets`` updates (run it in a worker process).
+
+    Returns, per budget, the seconds ``fit()`` alone took to get there (the dataset is built and
+    the networks created before the clock starts) and the mean greedy return over
+    ``eval_episodes`` unseen seeds (NaN for 0).
+    """
+    import d3rlpy
+    import torch
+
+    from mazerun.envs import make_env
+
+    if threads:
+        torch.set_num_threads(threads)
+    d3rlpy.seed(seed)
+    env = make_env(env_id)
+    space = env.observation_space
+    dataset = d3rlpy_dataset(data_dir, int(env.action_space.n))
+    env.close()
+    encoder = d3rlpy.models.VectorEncoderFactory(hidden_units=list(hidden_units), activation=activation)
+    scaler = d3rlpy.preprocessing.StandardObservationScaler()
+    if algorithm == "cql":
+        config: Any = d3rlpy.algos.DiscreteCQLConfig(batch_size=batch_size, learning_rate=lr, gamma=0.99, alpha=1.0,
+                                                     target_update_interval=1000, encoder_factory=encoder,
+                                                     observation_scaler=scaler)
+    else:
+        config = d3rlpy.algos.DiscreteBCConfig(batch_size=batch_size, learning_rate=lr, encoder_factory=encoder,
+                                               observation_scaler=scaler)
+    learner = config.create(device=False)
+    results, done, seconds = {}, 0, 0.0
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        learner.build_with_dataset(dataset)
+        for budget in sorted(budgets):
+            started = time.perf_counter()
+            learner.fit(dataset, n_steps=budget - done, n_steps_per_epoch=budget - done, show_progress=False,
+                        logger_adapter=d3rlpy.logging.NoopAdapterFactory(), save_interval=10**9)
+            seconds += time.perf_counter() - started
+            done = budget
+            score = float("nan")
+            if eval_episodes:
+                def act(observations: torch.Tensor) -> torch.Tensor:
+                    return torch.as_tensor(learner.predict(observations.cpu().numpy()))
+
+                score = evaluate(act, env_id, eval_episodes, observation_space=space, vocabulary=None, device="cpu",
+                                 seed_offset=UNSEEN_SEED_OFFSET).metrics()["mean_return"]
+            results[budget] = (seconds, score)
+    return results
+
+
 @dataclass
 class Row:
     measure: str
@@ -90,14 +203,17 @@ class Table:
         return f"{'-' if value is None else str(value):>12}"
 
     def render(self) -> str:
-        header = f"{'measure':<46}|{'ours':>12}|{self.peer_name:>12}|{'ratio':>8}|{'target':>26}|"
+        width = max([46, *(len(row.measure) + 1 for row in self.rows)])
+        target_width = max([26, *(len(row.target) + 1 for row in self.rows)])
+        header = f"{'measure':<{width}}|{'ours':>12}|{self.peer_name:>12}|{'ratio':>8}|{'target':>{target_width}}|"
         lines = ["", self.title, header, "-" * (len(header) + 6)]
         for row in self.rows:
-            numbers = isinstance(row.ours, (int, float)) and isinstance(row.peer, (int, float)) and row.peer
+            # a ratio only means something between two positive numbers (rates, times, returns above 0)
+            numbers = all(isinstance(value, (int, float)) and value > 0 for value in (row.ours, row.peer))
             ratio = f"{row.ours / row.peer:>7.2f}x" if numbers else f"{'-':>8}"
             verdict = "" if row.passed is None else ("PASS" if row.passed else "FAIL")
-            lines.append(f"{row.measure:<46}|{self._cell(row.ours)}|{self._cell(row.peer)}|{ratio}|"
-                         f"{row.target:>26}| {verdict}")
+            lines.append(f"{row.measure:<{width}}|{self._cell(row.ours)}|{self._cell(row.peer)}|{ratio}|"
+                         f"{row.target:>{target_width}}| {verdict}")
         return "\n".join(lines)
 
     def exit_code(self) -> int:

@@ -1,301 +1,167 @@
-"""Offline RL on noisy LunarLander data: our CQL vs d3rlpy's DiscreteCQL, with our IQL and BC alongside.
+"""Offline learning on noisy LunarLander data: our whole `run` command against d3rlpy's `fit()`, and CQL's return.
 
-    python bench/offline.py [--updates 20000] [--episodes 200] [--eval-episodes 100] [--device auto] [--threads 1]
+    python bench/offline.py [--episodes 200] [--updates 5000] [--quality-updates 2000 20000]
+                            [--seeds 0 1 2] [--long-seeds 0] [--eval-episodes 100] [--threads 0]
+                            [--parts speed quality others]
+    python bench/offline.py --smoke     # tiny budgets: checks the wiring, not the targets
 
-1. Data: ``--episodes`` episodes of gymnasium's LunarLander heuristic with 30 % random actions
-   (epsilon = 0.3), recorded by mazerun's own rollout (episode i seeded i) into a temporary directory.
-2. Every learner gets exactly the same transitions (a truncated episode's last step bootstraps
-   from its final observation in both libraries), ``--updates`` gradient steps of batch 256,
-   256x256 ReLU networks, observations standardised with the dataset's statistics, seed 0:
+d3rlpy comes from the bench extra (see README: ``pip install -e ".[bench]"`` and
+``pip install --no-deps "d3rlpy==2.8.1"``); it runs in a spawned worker process with the same
+torch thread count as our command (``--threads``, 0: torch's default, the cores this process may use).
 
-   * ours:   mazerun's CQL, IQL and BC, their updates driven the way ``mazerun.training`` drives them
-             (sample a batch, ``update``, add the detached metrics to the report window);
-   * peer:   d3rlpy's ``DiscreteCQL`` (double DQN + the same conservative term, Huber TD loss) with
-             our CQL's settings: lr 3e-4, gamma 0.99, alpha 1, hard target copy every 1000 updates,
-             trained by its own ``fit`` (logging off, no evaluators).
-3. updates/s = ``--updates`` / wall seconds of that training loop (model construction excluded).
-   Eval return = mean return of the final weights' greedy actions over ``--eval-episodes`` episodes
-   on mazerun's fixed evaluation seeds, through the same ``mazerun.evaluation.evaluate`` for all.
+1. Data: ``--episodes`` episodes of gymnasium's LunarLander heuristic with 30 % random actions,
+   recorded by our ``run`` (episode i seeded i). Every learner reads exactly these transitions (a
+   truncated episode's last step bootstraps from its final observation in both libraries).
+   Networks: 256x256 ReLU (d3rlpy's default encoder; ``model.activation=relu`` on our side), batch
+   256, lr 3e-4, gamma 0.99, observations standardised with the dataset's statistics.
+2. speed: ``--updates`` updates of CQL and of BC. Ours is the whole command, from launch to exit:
+   start-up, loading the records, building the tensors, training, the reports every 2000 updates
+   (CQL's default; 10 evaluation episodes each) and checkpoints:
+   ``run -cn conf_train algorithm=cql|bc algorithm.n_updates=5000 algorithm.eval_every=2000 ...``.
+   The peer is d3rlpy's ``fit()`` alone (DiscreteCQL: alpha 1, hard target copy every 1000
+   updates; DiscreteBC), its dataset built and its networks created before the clock starts.
+   As updates/s; target >= 3x for both.
+3. quality: CQL's return after each of ``--quality-updates``, our defaults (``algorithm=cql``)
+   against d3rlpy's DiscreteCQL as above: the final policy plays ``--eval-episodes`` greedy episodes
+   on seeds no run has seen (2,000,000 + i), a mean over ``--seeds`` (``--long-seeds`` for budgets
+   above 5000). Target: ours >= d3rlpy at every budget.
+4. others (shown, no target): IQL and BC with their defaults at the largest quality budget, for
+   what value learning buys over cloning noisy data, and the data's own return.
 
-Targets: our CQL reaches >= 3x d3rlpy's updates/s and an eval return >= d3rlpy's; the command
-exits 1 when one fails. IQL and BC are shown for what value learning buys over cloning noisy data
-(there is no discrete IQL in d3rlpy). ``--threads`` sets torch's intra-op threads for both
-libraries alike: these networks are small, and on a shared 2-core machine a second thread mostly
-waits for the other jobs. d3rlpy 2.8 pins gymnasium==1.0.0; install it next to gymnasium 1.x with
-``pip install --no-deps d3rlpy`` plus its other requirements (it then runs as usual).
+The command exits 1 when a target is missed or d3rlpy is missing.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
+import json
+import multiprocessing
+import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator
 
-import numpy as np
-import torch
-
-from mazerun.algorithms import bc, cql, iql
-from mazerun.algorithms.base import OfflineAlgorithm, OfflineConfig
-from mazerun.config import PolicyConfig, RunnerConfig
-from mazerun.data import BatchSampler, TransitionDataset, observation_stats, records_to_dataset
-from mazerun.envs import make_env
-from mazerun.evaluation import evaluate
-from mazerun.models import ModelConfig
-from mazerun.records import StateTrajectoryRecord, load_records
-from mazerun.rollout import TRAJECTORY_DIR, rollout
+from common import D3RLPY_INSTALL, Table, d3rlpy_run, evaluate_run, load_average, peer_version, run
 
 ENV_ID = "LunarLander-v3"
 EPSILON = 0.3
-BATCH_SIZE = 256
-HIDDEN_SIZES = (256, 256)
+HIDDEN_UNITS = (256, 256)
 ACTIVATION = "relu"
-"""d3rlpy's default encoder activation; ours is set to match."""
-LEARNING_RATE = 3e-4
-GAMMA = 0.99
-ALPHA = 1.0
-TARGET_UPDATE_INTERVAL = 1000
-SEED = 0
+BATCH_SIZE = 256
+REPORT_EVERY = 2000
 SPEED_TARGET = 3.0
-"""Our CQL's updates/s must be at least this multiple of d3rlpy's DiscreteCQL's."""
+MODEL = [f"model.hidden_sizes=[{','.join(map(str, HIDDEN_UNITS))}]", f"model.activation={ACTIVATION}"]
 
 
-@dataclass
-class Result:
-    name: str
-    updates_per_second: float
-    eval_return: float
+def ours(work: Path, name: str, algorithm: str, updates: int, data_dir: Path, *extra: str) -> float:
+    """Our whole `run` command; returns its wall seconds."""
+    return run("-cn", "conf_train", f"algorithm={algorithm}", f"algorithm.n_updates={updates}",
+               f"runner.dataset.dir_or_file={data_dir}", *MODEL, *extra, f"hydra.run.dir={name}", cwd=work)
 
 
-@contextlib.contextmanager
-def quiet_stderr() -> Iterator[None]:
-    """Hide progress bars and import chatter; show them again on error."""
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            yield
-    except BaseException:
-        sys.stderr.write(captured.getvalue())
-        raise
+def speed(args: argparse.Namespace, work: Path, data_dir: Path, pool: ProcessPoolExecutor | None,
+          table: Table) -> None:
+    for algorithm, extra in (("cql", []), ("bc", ["algorithm.validation_percentage=0"])):
+        say(f"speed: {algorithm}, {args.updates} updates ({load_average()})")
+        seconds = ours(work, f"speed_{algorithm}", algorithm, args.updates, data_dir,
+                       f"algorithm.eval_every={min(REPORT_EVERY, args.updates)}", *extra)
+        peer: float | str = "missing"
+        if pool is not None:
+            fitted = pool.submit(d3rlpy_run, algorithm, data_dir, [args.updates], seed=0, threads=args.threads,
+                                 hidden_units=HIDDEN_UNITS, activation=ACTIVATION).result()
+            peer = args.updates / fitted[args.updates][0]
+        ours_rate = args.updates / seconds
+        name = "DiscreteCQL" if algorithm == "cql" else "DiscreteBC"
+        table.add(f"{algorithm.upper()} {args.updates:,} updates/s: run vs {name} fit()", ours_rate, peer,
+                  f">= {SPEED_TARGET:g}x", isinstance(peer, float) and ours_rate >= SPEED_TARGET * peer)
+
+
+def quality(args: argparse.Namespace, work: Path, data_dir: Path, pool: ProcessPoolExecutor | None,
+            table: Table) -> None:
+    budgets = sorted(args.quality_updates)
+    for budget in budgets:
+        seeds = args.seeds if budget <= 5000 else args.long_seeds
+        returns = []
+        for seed in seeds:
+            say(f"quality: ours, CQL {budget} updates, seed {seed} ({load_average()})")
+            name = f"cql_{budget}_{seed}"
+            ours(work, name, "cql", budget, data_dir, f"runner.seed={seed}", f"algorithm.eval_every={budget}")
+            returns.append(evaluate_run(work / name, args.eval_episodes, "last.pt")["mean_return"])
+        peer: float | str = "missing"
+        if pool is not None:
+            peer_returns = []
+            for seed in seeds:
+                say(f"quality: d3rlpy, CQL {budget} updates, seed {seed} ({load_average()})")
+                fitted = pool.submit(d3rlpy_run, "cql", data_dir, [budget], seed=seed, threads=args.threads,
+                                     hidden_units=HIDDEN_UNITS, activation=ACTIVATION,
+                                     eval_episodes=args.eval_episodes).result()
+                peer_returns.append(fitted[budget][1])
+            peer = statistics.fmean(peer_returns)
+        mean = statistics.fmean(returns)
+        table.add(f"CQL return, {budget:,} updates, seeds {seeds}", mean, peer, ">= d3rlpy",
+                  isinstance(peer, float) and mean >= peer)
+        say(f"  ours {[round(value, 1) for value in returns]}" + (f", d3rlpy {[round(v, 1) for v in peer_returns]}"
+                                                                  if pool is not None else ""))
+
+
+def others(args: argparse.Namespace, work: Path, data_dir: Path, data_return: float, table: Table) -> None:
+    budget = max(args.quality_updates)
+    for algorithm, extra in (("iql", []), ("bc", ["algorithm.validation_percentage=0"])):
+        say(f"others: {algorithm} {budget} updates ({load_average()})")
+        ours(work, f"{algorithm}_{budget}", algorithm, budget, data_dir, f"algorithm.eval_every={budget}", *extra)
+        score = evaluate_run(work / f"{algorithm}_{budget}", args.eval_episodes, "last.pt")["mean_return"]
+        table.add(f"{algorithm.upper()} return, {budget:,} updates (shown)", score, "-")
+    table.add("the data's mean episode return (shown)", data_return, "-")
 
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def record_dataset(episodes: int, run_dir: Path) -> list[StateTrajectoryRecord]:
-    runner = RunnerConfig(type="parallel", n_episodes=episodes, seed=SEED, record_trajectory=True)
-    with quiet_stderr():
-        rollout(ENV_ID, PolicyConfig(name="heuristic", epsilon=EPSILON), runner, run_dir, print_fn=lambda _: None)
-    return load_records(run_dir / TRAJECTORY_DIR)
-
-
-def greedy_return(act: Callable[[torch.Tensor], torch.Tensor], episodes: int, device: torch.device) -> float:
-    env = make_env(ENV_ID)
-    env.close()
-    result = evaluate(act, ENV_ID, episodes, observation_space=env.observation_space, vocabulary=None, device=device)
-    return result.metrics()["mean_return"]
-
-
-# -- ours -----------------------------------------------------------------------------------------
-
-
-def train_ours(
-    name: str, module: Any, config: OfflineConfig, data: TransitionDataset, eval_episodes: int, device: torch.device
-) -> Result:
-    """Train one of our algorithms with the shared loop's per-update steps, then evaluate it."""
-    torch.manual_seed(SEED)
-    env = make_env(ENV_ID)
-    env.close()
-    model_config = ModelConfig(kind="vector_obs", hidden_sizes=HIDDEN_SIZES, activation=ACTIVATION)
-    algorithm: OfflineAlgorithm = module.Algorithm(config, model_config, env.observation_space, env.action_space, None, device)
-    algorithm.set_normalization(*observation_stats(data))
-    sampler = BatchSampler(data, config.batch_size, seed=SEED)
-
-    window: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
-    start = time.perf_counter()
-    for _ in range(config.n_updates):
-        for metric, value in algorithm.update(sampler.sample()).items():
-            window[metric] += value
-    float(sum(window.values()))  # waits for the device to finish every update
-    seconds = time.perf_counter() - start
-    eval_return = greedy_return(lambda observations: algorithm.act(observations, deterministic=True), eval_episodes, device)
-    return Result(name, config.n_updates / seconds, eval_return)
-
-
-# -- d3rlpy ---------------------------------------------------------------------------------------
-
-
-def d3rlpy_dataset(records: list[StateTrajectoryRecord]) -> Any:
-    """The same transitions as an ``MDPDataset``.
-
-    d3rlpy stores T observations per episode and never samples the last step of a timed-out
-    episode (it has no next observation). A truncated episode therefore gets its final
-    observation appended as one extra, never-sampled step, so its real last step bootstraps from
-    it exactly as in mazerun; a terminated one keeps its T steps with the terminal flag.
-    """
-    import d3rlpy
-
-    observations, actions, rewards, terminals, timeouts = [], [], [], [], []
-    for record in records:
-        steps = len(record)
-        extra = 0 if record.terminated else 1
-        observations.append(np.asarray(record.observations[: steps + extra], dtype=np.float32))
-        actions.append(np.concatenate([record.actions, np.zeros(extra, dtype=np.int64)]))
-        rewards.append(np.concatenate([record.rewards, np.zeros(extra)]).astype(np.float32))
-        end = np.zeros(steps + extra, dtype=np.float32)
-        end[-1] = 1.0
-        terminals.append(end if record.terminated else np.zeros_like(end))
-        timeouts.append(np.zeros_like(end) if record.terminated else end)
-    return d3rlpy.dataset.MDPDataset(
-        np.concatenate(observations), np.concatenate(actions), np.concatenate(rewards)[:, None],
-        np.concatenate(terminals), np.concatenate(timeouts),
-        action_space=d3rlpy.constants.ActionSpace.DISCRETE, action_size=4,
-    )
-
-
-def train_d3rlpy_cql(records: list[StateTrajectoryRecord], updates: int, eval_episodes: int, device: torch.device) -> Result:
-    import d3rlpy
-
-    d3rlpy.seed(SEED)
-    with contextlib.redirect_stdout(io.StringIO()):  # d3rlpy logs through structlog to stdout
-        dataset = d3rlpy_dataset(records)
-    algorithm = d3rlpy.algos.DiscreteCQLConfig(
-        batch_size=BATCH_SIZE,
-        learning_rate=LEARNING_RATE,
-        gamma=GAMMA,
-        alpha=ALPHA,
-        target_update_interval=TARGET_UPDATE_INTERVAL,
-        encoder_factory=d3rlpy.models.VectorEncoderFactory(hidden_units=list(HIDDEN_SIZES), activation=ACTIVATION),
-        observation_scaler=d3rlpy.preprocessing.StandardObservationScaler(),
-    ).create(device=f"{device.type}:{device.index or 0}" if device.type == "cuda" else False)
-    with quiet_stderr(), contextlib.redirect_stdout(io.StringIO()):
-        algorithm.build_with_dataset(dataset)
-        start = time.perf_counter()
-        algorithm.fit(
-            dataset, n_steps=updates, n_steps_per_epoch=updates, show_progress=False,
-            logger_adapter=d3rlpy.logging.NoopAdapterFactory(), save_interval=updates + 1,
-        )
-        seconds = time.perf_counter() - start
-
-    def act(observations: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(algorithm.predict(observations.cpu().numpy()))
-
-    return Result("d3rlpy DiscreteCQL", updates / seconds, greedy_return(act, eval_episodes, device))
-
-
-def import_d3rlpy() -> str | None:
-    """d3rlpy's version, or None with the reason printed when it cannot be used here."""
-    try:
-        with quiet_stderr(), contextlib.redirect_stdout(io.StringIO()):
-            import d3rlpy
-    except Exception as error:  # an ImportError, or a failure inside d3rlpy's own imports
-        say(f"d3rlpy unavailable ({type(error).__name__}: {error}); the peer column is left empty")
-        return None
-    return d3rlpy.__version__
-
-
-# -- the table ------------------------------------------------------------------------------------
-
-
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
-
-    def line(cells: list[str]) -> str:
-        return " | ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
-
-    return "\n".join([line(header), "-+-".join("-" * width for width in widths), *map(line, rows)])
-
-
-def table(ours: dict[str, Result], peer: Result | None, peer_name: str, data_return: float) -> tuple[str, bool]:
-    """The printed table, and whether both checked targets passed (True when there is no peer)."""
-    cql_result = ours["CQL"]
-    header = ["learner", "metric", "ours", peer_name, "ours vs peer", "target", "result"]
-    rows: list[list[str]] = []
-    passed = True
-    if peer is not None:
-        speed = cql_result.updates_per_second / peer.updates_per_second
-        speed_ok = speed >= SPEED_TARGET
-        return_ok = cql_result.eval_return >= peer.eval_return
-        passed = speed_ok and return_ok
-        rows += [
-            ["CQL", "updates/s", f"{cql_result.updates_per_second:,.0f}", f"{peer.updates_per_second:,.0f}",
-             f"{speed:.2f}x", f">= {SPEED_TARGET:.1f}x", "PASS" if speed_ok else "FAIL"],
-            ["CQL", "eval return", f"{cql_result.eval_return:.1f}", f"{peer.eval_return:.1f}",
-             f"{cql_result.eval_return - peer.eval_return:+.1f}", ">= peer", "PASS" if return_ok else "FAIL"],
-        ]
-    else:
-        rows += [
-            ["CQL", "updates/s", f"{cql_result.updates_per_second:,.0f}", "n/a", "n/a", f">= {SPEED_TARGET:.1f}x", "n/a"],
-            ["CQL", "eval return", f"{cql_result.eval_return:.1f}", "n/a", "n/a", ">= peer", "n/a"],
-        ]
-    for name in ("IQL", "BC"):
-        result = ours[name]
-        rows += [
-            [name, "updates/s", f"{result.updates_per_second:,.0f}", "-", "-", "-", "-"],
-            [name, "eval return", f"{result.eval_return:.1f}", "-", "-", "-", "-"],
-        ]
-    rows.append(["data (heuristic, eps 0.3)", "episode return", f"{data_return:.1f}", "-", "-", "-", "-"])
-    return format_table(header, rows), passed
-
-
-def main(argv: list[str] | None = None) -> int:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--updates", type=int, default=20_000, help="gradient steps per learner (default 20000)")
-    parser.add_argument("--episodes", type=int, default=200, help="recorded episodes (default 200)")
-    parser.add_argument("--eval-episodes", type=int, default=100, help="evaluation episodes per learner (default 100)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto: the GPU when there is one)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both libraries (default 1)")
-    parser.add_argument("--skip-peer", action="store_true", help="run ours only")
-    args = parser.parse_args(argv)
-    if min(args.updates, args.episodes, args.eval_episodes, args.threads) < 1:
-        parser.error("--updates, --episodes, --eval-episodes and --threads must be at least 1")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    torch.set_num_threads(args.threads)
+    parser.add_argument("--episodes", type=int, default=200, help="recorded noisy episodes (default 200)")
+    parser.add_argument("--updates", type=int, default=5000, help="updates of the speed rows (default 5000)")
+    parser.add_argument("--quality-updates", type=int, nargs="+", default=[2000, 20000])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of budgets up to 5000")
+    parser.add_argument("--long-seeds", type=int, nargs="+", default=[0], help="seeds of larger budgets")
+    parser.add_argument("--eval-episodes", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=0, help="d3rlpy's torch threads; 0: torch's default, as ours")
+    parser.add_argument("--parts", nargs="+", choices=("speed", "quality", "others"),
+                        default=["speed", "quality", "others"])
+    parser.add_argument("--smoke", action="store_true", help="tiny budgets: checks the wiring, not the targets")
+    args = parser.parse_args()
+    if args.smoke:
+        args.episodes, args.updates, args.quality_updates, args.seeds = 3, 20, [20], [0]
+        args.eval_episodes = 2
 
-    with tempfile.TemporaryDirectory(prefix="mazerun-offline-bench-") as run_dir:
-        say(f"recording {args.episodes} episodes of the heuristic with epsilon={EPSILON} ...")
-        records = record_dataset(args.episodes, Path(run_dir))
-    data = records_to_dataset(records).to(device)
-    data_return = float(np.mean([record.episode_return for record in records]))
-    say(f"dataset: {len(records)} episodes, {len(data):,} transitions, mean return {data_return:.1f}")
-
-    common = dict(n_updates=args.updates, batch_size=BATCH_SIZE, lr=LEARNING_RATE, eval_every=args.updates)
-    learners = {
-        "CQL": (cql, cql.CQLConfig(**common, gamma=GAMMA, alpha=ALPHA, tau=1.0, target_update_interval=TARGET_UPDATE_INTERVAL)),
-        "IQL": (iql, iql.IQLConfig(**common, gamma=GAMMA)),
-        "BC": (bc, bc.BCConfig(**common, validation_percentage=0.0)),
-    }
-    ours: dict[str, Result] = {}
-    for name, (module, config) in learners.items():
-        say(f"ours {name}: {args.updates} updates on {device} ...")
-        ours[name] = train_ours(name, module, config, data, args.eval_episodes, device)
-        say(f"  {ours[name].updates_per_second:,.0f} updates/s, eval return {ours[name].eval_return:.1f}")
-
-    peer: Result | None = None
-    version = None if args.skip_peer else import_d3rlpy()
-    if version is not None:
-        say(f"d3rlpy {version} DiscreteCQL: {args.updates} updates on {device} ...")
-        peer = train_d3rlpy_cql(records, args.updates, args.eval_episodes, device)
-        say(f"  {peer.updates_per_second:,.0f} updates/s, eval return {peer.eval_return:.1f}")
-    peer_name = f"d3rlpy {version} DiscreteCQL" if version else "d3rlpy (not run)"
-
-    text, passed = table(ours, peer, peer_name, data_return)
-    print(f"\n{ENV_ID}: {len(records)} episodes of the heuristic with epsilon={EPSILON} ({len(data):,} transitions), "
-          f"{args.updates:,} updates of batch {BATCH_SIZE}, {'x'.join(map(str, HIDDEN_SIZES))} {ACTIVATION} networks, "
-          f"{device}, {args.threads} thread(s); eval return over {args.eval_episodes} greedy episodes\n")
-    print(text)
-    bc_return = ours["BC"].eval_return
-    print(f"\nvalue learning vs cloning the noisy data: CQL {ours['CQL'].eval_return - bc_return:+.1f}, "
-          f"IQL {ours['IQL'].eval_return - bc_return:+.1f} eval return over BC")
-    return 0 if passed else 1
+    version = peer_version("d3rlpy", D3RLPY_INSTALL)
+    say(f"bench/offline.py: {', '.join(args.parts)}; {load_average()}")
+    table = Table(f"Offline learning, {args.episodes} noisy LunarLander episodes (epsilon {EPSILON}), "
+                  f"{'x'.join(map(str, HIDDEN_UNITS))} {ACTIVATION}, batch {BATCH_SIZE}; peer: d3rlpy "
+                  f"{version or '(missing)'}", peer_name="d3rlpy")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-offline-") as scratch, \
+            ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        work = Path(scratch)
+        say(f"recording {args.episodes} episodes of the heuristic with epsilon {EPSILON} ...")
+        run(f"env={ENV_ID}", "policy=heuristic", f"policy.epsilon={EPSILON}", f"runner.n_episodes={args.episodes}",
+            "hydra.run.dir=data", cwd=work)
+        data_dir = work / "data" / "trajectory_data"
+        data_return = json.loads((work / "data" / "rollout_stats.json").read_text())["mean"]
+        peer_pool = pool if version else None
+        if "speed" in args.parts:
+            speed(args, work, data_dir, peer_pool, table)
+        if "quality" in args.parts:
+            quality(args, work, data_dir, peer_pool, table)
+        if "others" in args.parts:
+            others(args, work, data_dir, data_return, table)
+    print(table.render())
+    print(f"({load_average()}; {time.perf_counter() - started:.0f} s in all; d3rlpy threads: "
+          f"{args.threads or 'torch default'})")
+    return table.exit_code()
 
 
 if __name__ == "__main__":

@@ -1,37 +1,42 @@
-"""PPO against Stable-Baselines3, and fine-tuning a behavioural clone against learning from scratch.
+"""PPO against Stable-Baselines3: whole runs, each phase, the return; fine-tuning a clone; CartPole.
 
-    python bench/ppo.py [--steps 1000000] [--seeds 0] [--parts speed finetune cartpole] [--jobs 1]
+    python bench/ppo.py [--steps 1000000] [--speed-steps 65536] [--repeats 3] [--seeds 0]
+                        [--parts speed return finetune cartpole]
+    python bench/ppo.py --smoke      # tiny budgets: checks the wiring, not the targets
 
-Needs the peers: ``pip install -e ".[bench]"`` (stable-baselines3). Three experiments, every
-evaluation played by :func:`mazerun.evaluation.evaluate` on the same fixed seeds for both sides:
+The peer comes from the bench extra (``pip install -e ".[bench]"``: stable-baselines3). Both sides
+run rl-zoo's LunarLander-v3 PPO: 16 envs, n_steps 1024, batch 64, 4 epochs, gamma 0.999,
+gae_lambda 0.98, ent_coef 0.01, lr 3e-4, clip 0.2, and SB3's default policy for it, separate
+64x64 tanh actor and critic (``model.hidden_sizes=[64,64]`` on our side); one torch thread each.
+Ours is always the real ``run`` command in a subprocess; SB3 runs in a spawned worker process.
 
-1. speed: PPO on LunarLander-v3 with rl-zoo's settings (16 envs, n_steps 1024, batch 64,
-   4 epochs, gamma 0.999, gae_lambda 0.98, ent_coef 0.01, separate 64x64 tanh actor and critic)
-   in mazerun and in SB3, same seeds, ``--steps`` env steps each, one torch thread on each side.
-   The target is on the steady state: the median steps/s of one iteration (a rollout and its
-   update). End-to-end steps/s (env construction, torch's lazy imports, mazerun's step-0 and
-   final evaluations, checkpoints and plot included) is shown too; it approaches the steady
-   state only over long runs. The return is the final policy's mean over 100 evaluation episodes.
-2. finetune: the seed-004 experiment. 50 heuristic episodes are recorded and cloned with BC
-   (mazerun's defaults); PPO then fine-tunes the clone (critic burn-in of 10 iterations, 100
-   evaluation episodes every 32768 steps), and PPO from scratch with the same network and
-   seeds is the baseline. Both curves go to ``bench/ppo_finetune.png``. Targets: the
-   fine-tuned return never below 200, and >= 250 at the last evaluation by 300k steps.
-3. cartpole: CartPole-v1 with rl-zoo's CartPole settings (8 envs, n_steps 32, batch 256,
-   20 epochs, gamma 0.98, gae_lambda 0.8, no entropy bonus, lr 1e-3 decaying linearly) in both
-   libraries for 100k steps, evaluated (10 episodes) every 4096 steps: the first step at which
-   the mean return is 500.
+1. speed: ``--repeats`` rounds, each one run of ours then one of SB3, ``--speed-steps`` env steps;
+   the table shows medians.
+   * whole run: our ``run env=LunarLander-v3 algorithm=ppo`` from launch to exit (imports, Hydra,
+     the evaluations at step 0 and at the end, a ``last.pt`` per iteration, the learning curve)
+     against SB3's ``learn()`` alone, as steps/s. Target: >= 2x.
+   * rollout and update phases, as steps/s of one iteration: ours from the run's own timers
+     (``train/rollout_seconds``, ``train/update_seconds``), SB3's from a callback at the start and
+     end of each rollout. Target: update >= 2x; rollout shown.
+   * start-up: seconds from launching ``run`` to its envs being ready to step (shown).
+2. return: both trained for ``--steps`` on the same seeds; the final policy (``last.pt``, SB3's
+   model) plays 100 greedy episodes on seeds no run has seen. Target at 1M steps: ours >= SB3.
+   The long runs' steps/s is shown, not judged: SB3's rollouts slow down as its policy fires the
+   engines more (LunarLander adds a Box2D particle per firing), so it is not implementation speed.
+3. finetune (seed 004): 50 heuristic episodes are recorded and cloned with BC (defaults); PPO
+   fine-tunes the clone (critic burn-in of 10 iterations, 100 evaluation episodes every 32768
+   steps), and PPO from scratch with the same (256x256) network is the baseline. Both curves go
+   to ``bench/ppo_finetune.png``. Targets: the fine-tuned return never below 200, >= 250 by 300k.
+4. cartpole: rl-zoo's CartPole-v1 settings (8 envs, n_steps 32, batch 256, 20 epochs, gamma 0.98,
+   gae_lambda 0.8, no entropy bonus, lr 1e-3 decaying linearly) for 100k steps in both, 10
+   evaluation episodes every 4096 steps: the first step with a mean return of 500.
 
-One table sums up: ours, the peer (SB3, or PPO from scratch for the fine-tune rows), their
-ratio and the target. With ``--jobs N`` the trainings run in N processes at once (one thread
-each): only on a machine with cores to spare, or the steps/s of part 1 lose their meaning.
+The command exits 1 when a target is missed or stable-baselines3 is missing.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import math
 import multiprocessing
 import statistics
@@ -41,28 +46,16 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import torch
-# Imported up front, as SB3's modules are, so that no side's import time is timed (mazerun
-# draws its learning curve with matplotlib at the end of a run).
-import matplotlib.figure  # noqa: F401
+from common import UNSEEN_SEED_OFFSET, Table, evaluate_run, load_average, peer_version, run, seconds_to_log_line
 
-from mazerun.algorithms.bc import BCConfig
-from mazerun.algorithms.ppo import PPOConfig
-from mazerun.checkpoint import load_checkpoint
-from mazerun.config import DatasetConfig, EnvConfig, PolicyConfig, RunConfig, RunnerConfig
-from mazerun.evaluation import evaluate
-from mazerun.metrics import read_metrics_csv
-from mazerun.onpolicy import plot_curves, train_on_policy
-from mazerun.policies.torch_policy import build_network
-from mazerun.rollout import rollout
-from mazerun.training import train
+from mazerun.metrics import plot_curves, read_metrics_csv
 
 LUNAR_ENV = "LunarLander-v3"
 CARTPOLE_ENV = "CartPole-v1"
-FINAL_EVAL_EPISODES = 100
 SPEED_TARGET = 2.0
+FINAL_EVAL_EPISODES = 100
 FINETUNE_FLOOR = 200.0
 FINETUNE_TARGET = 250.0
 FINETUNE_BY_STEP = 300_000
@@ -72,7 +65,10 @@ CARTPOLE_STEPS = 100_000
 CARTPOLE_EVAL_EVERY = 4096
 CARTPOLE_EVAL_EPISODES = 10
 CARTPOLE_SOLVED = 500.0
+READY_LINE = "ready to step"
+"""What the on-policy loop logs once its envs are open: the end of start-up."""
 PLOT = Path(__file__).resolve().parent / "ppo_finetune.png"
+SB3_INSTALL = 'pip install -e ".[bench]"'
 
 LUNAR = dict(n_envs=16, n_steps=1024, batch_size=64, n_epochs=4, gamma=0.999, gae_lambda=0.98, ent_coef=0.01,
              lr=3e-4, clip_range=0.2, vf_coef=0.5, max_grad_norm=0.5, linear_lr=False)
@@ -80,294 +76,270 @@ CARTPOLE = dict(n_envs=8, n_steps=32, batch_size=256, n_epochs=20, gamma=0.98, g
                 lr=1e-3, clip_range=0.2, vf_coef=0.5, max_grad_norm=0.5, linear_lr=True)
 """rl-zoo's tuned PPO settings; the clip range stays constant on both sides (rl-zoo decays it for CartPole)."""
 
-
 Curve = list[tuple[int, float]]
 
 
 @dataclass
 class Outcome:
-    """What one training job measured."""
+    """What one training run measured."""
 
     steps: int = 0
     seconds: float = 0.0
+    """Ours: the whole command; SB3: ``learn()``."""
+    rollout_seconds: list[float] = field(default_factory=list)
+    update_seconds: list[float] = field(default_factory=list)
+    startup_seconds: float = math.nan
     final_return: float = math.nan
     curve: Curve = field(default_factory=list)
-    iteration_rates: list[float] = field(default_factory=list)
-    """Steps/s of each rollout + update iteration: the steady state, without start-up or evaluations."""
-
-    @property
-    def steps_per_second(self) -> float:
-        return self.steps / self.seconds
 
 
-# ----------------------------------------------------------------------------------------------- jobs
+def overrides_for(settings: dict, env_id: str, steps: int, seed: int) -> list[str]:
+    """The `run` overrides that train ``settings`` on ``env_id``."""
+    return [
+        f"env={env_id}", "algorithm=ppo", f"algorithm.total_steps={steps}", f"runner.n_envs={settings['n_envs']}",
+        f"algorithm.n_steps={settings['n_steps']}", f"algorithm.batch_size={settings['batch_size']}",
+        f"algorithm.n_epochs={settings['n_epochs']}", f"algorithm.gamma={settings['gamma']}",
+        f"algorithm.gae_lambda={settings['gae_lambda']}", f"algorithm.ent_coef={settings['ent_coef']}",
+        f"algorithm.lr={settings['lr']}", f"algorithm.clip_range={settings['clip_range']}",
+        f"algorithm.vf_coef={settings['vf_coef']}", f"algorithm.max_grad_norm={settings['max_grad_norm']}",
+        f"algorithm.lr_schedule={'linear' if settings['linear_lr'] else 'constant'}", f"runner.seed={seed}",
+    ]
 
 
-@contextlib.contextmanager
-def quiet() -> Any:
-    """Keep the trainers' metric tables and progress bars out of the benchmark's output."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        yield
+def ours(work: Path, name: str, *overrides: str, final_episodes: int = 0) -> Outcome:
+    """Our `run` command in ``work/name``: wall time, phases and curve from its files."""
+    launched = time.time()
+    seconds = run(*overrides, f"hydra.run.dir={name}", cwd=work)
+    run_dir = work / name
+    rows = read_metrics_csv(run_dir / "metrics.csv")
 
+    def series(group: str, metric: str) -> list[tuple[int, float]]:
+        return [(row["step"], row["value"]) for row in rows if row["group"] == group and row["metric"] == metric]
 
-def ppo_config(settings: dict, total_steps: int, eval_every: int) -> PPOConfig:
-    return PPOConfig(
-        total_steps=total_steps, n_steps=settings["n_steps"], batch_size=settings["batch_size"],
-        n_epochs=settings["n_epochs"], gamma=settings["gamma"], gae_lambda=settings["gae_lambda"],
-        ent_coef=settings["ent_coef"], lr=settings["lr"], clip_range=settings["clip_range"],
-        vf_coef=settings["vf_coef"], max_grad_norm=settings["max_grad_norm"],
-        lr_schedule="linear" if settings["linear_lr"] else "constant", eval_every=eval_every,
+    return Outcome(
+        steps=max(step for step, _ in series("eval", "mean_return")), seconds=seconds,
+        rollout_seconds=[value for _, value in series("train", "rollout_seconds")],
+        update_seconds=[value for _, value in series("train", "update_seconds")],
+        startup_seconds=seconds_to_log_line(run_dir, READY_LINE, launched),
+        final_return=evaluate_run(run_dir, final_episodes, "last.pt")["mean_return"] if final_episodes else math.nan,
+        curve=series("eval", "mean_return"),
     )
-
-
-def eval_curve(run_dir: Path) -> Curve:
-    return [(row["step"], row["value"]) for row in read_metrics_csv(run_dir / "metrics.csv")
-            if row["group"] == "eval" and row["metric"] == "mean_return"]
-
-
-def evaluate_checkpoint(path: Path, env_id: str, episodes: int) -> float:
-    """Mean return of a mazerun checkpoint's greedy policy."""
-    checkpoint = load_checkpoint(path)
-    values = dict(checkpoint.model_config)
-    network = build_network(values.pop("network"), values, checkpoint.observation_space, checkpoint.action_space, None)
-    network.load_state_dict(checkpoint.model_state)
-    return evaluate(lambda obs: network.act(obs, deterministic=True), env_id, episodes,
-                    observation_space=checkpoint.observation_space, vocabulary=None, device="cpu").metrics()["mean_return"]
-
-
-def ours(env_id: str, settings: dict, seed: int, steps: int, eval_every: int, eval_repeats: int,
-         hidden_sizes: tuple[int, ...] | None = (64, 64), input_dir: str | None = None, burn_in: int = 0,
-         final_episodes: int = 0) -> Outcome:
-    """mazerun PPO, called as `run algorithm=ppo ...` would call it."""
-    torch.manual_seed(seed)
-    config = RunConfig(
-        env=EnvConfig(name=None if input_dir else env_id),
-        runner=RunnerConfig(n_envs=settings["n_envs"], seed=seed, eval_repeats=eval_repeats,
-                            critic_burn_in_epochs=burn_in),
-        algorithm=ppo_config(settings, steps, eval_every),
-        input_dir=input_dir, device="cpu",
-        model=None if hidden_sizes is None else {"hidden_sizes": list(hidden_sizes)},
-    )
-    with tempfile.TemporaryDirectory(prefix="mazerun-bench-") as directory, quiet():
-        run_dir = Path(directory)
-        start = time.perf_counter()
-        train_on_policy(config, run_dir)
-        seconds = time.perf_counter() - start
-        last = load_checkpoint(run_dir / "last.pt")
-        final = evaluate_checkpoint(run_dir / "last.pt", env_id, final_episodes) if final_episodes else math.nan
-        rates = [row["value"] for row in read_metrics_csv(run_dir / "metrics.csv")
-                 if row["group"] == "train" and row["metric"] == "sps"]
-        return Outcome(int(last.extra["step"]), seconds, final, eval_curve(run_dir), rates)
 
 
 def sb3(env_id: str, settings: dict, seed: int, steps: int, eval_every: int = 0, eval_repeats: int = 0,
         final_episodes: int = 0) -> Outcome:
-    """Stable-Baselines3's PPO with the same settings; evaluations (if any) after each update, like ours."""
+    """Stable-Baselines3's PPO with the same settings (in a worker process); evaluations, if any, between updates."""
+    import torch
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
 
+    from mazerun.evaluation import evaluate
+
     torch.set_num_threads(1)
-    curve: Curve = []
-    rollout_starts: list[tuple[float, int]] = []
+    outcome = Outcome()
 
-    def act_fn(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda obs: torch.as_tensor(model.predict(obs.numpy(), deterministic=True)[0])
+    def mean_return(model: Any, episodes: int, seed_offset: int | None = None) -> float:
+        def act(observations: torch.Tensor) -> torch.Tensor:
+            return torch.as_tensor(model.predict(observations.numpy(), deterministic=True)[0])
 
-    def mean_return(model: Any, episodes: int) -> float:
-        space = model.observation_space
-        return evaluate(act_fn(model), env_id, episodes, observation_space=space, vocabulary=None,
-                        device="cpu").metrics()["mean_return"]
+        extra = {} if seed_offset is None else {"seed_offset": seed_offset}
+        return evaluate(act, env_id, episodes, observation_space=model.observation_space, vocabulary=None,
+                        device="cpu", **extra).metrics()["mean_return"]
 
-    class EvaluateAfterUpdates(BaseCallback):
-        """At the start of a rollout, i.e. after the previous update, as mazerun's loop evaluates."""
+    class Timing(BaseCallback):
+        """Rollout phases from rollout start to end; update phases from a rollout's end to the next one's start."""
 
         def __init__(self) -> None:
             super().__init__()
-            self.next = 0
+            self.next_evaluation, self.rollout_started, self.rollout_ended = 0, 0.0, None
 
         def _on_rollout_start(self) -> None:
-            rollout_starts.append((time.perf_counter(), self.num_timesteps))
-            if eval_every and self.num_timesteps >= self.next:
-                curve.append((self.num_timesteps, mean_return(self.model, eval_repeats)))
-                self.next = (self.num_timesteps // eval_every + 1) * eval_every
+            if self.rollout_ended is not None:
+                outcome.update_seconds.append(time.perf_counter() - self.rollout_ended)
+            if eval_every and self.num_timesteps >= self.next_evaluation:  # not timed: no phase is running
+                outcome.curve.append((self.num_timesteps, mean_return(self.model, eval_repeats)))
+                self.next_evaluation = (self.num_timesteps // eval_every + 1) * eval_every
+            self.rollout_started = time.perf_counter()
+
+        def _on_rollout_end(self) -> None:
+            self.rollout_ended = time.perf_counter()
+            outcome.rollout_seconds.append(self.rollout_ended - self.rollout_started)
+
+        def _on_training_end(self) -> None:
+            outcome.update_seconds.append(time.perf_counter() - self.rollout_ended)
 
         def _on_step(self) -> bool:
             return True
 
     lr = settings["lr"]
-    with quiet():
-        start = time.perf_counter()
-        env = make_vec_env(env_id, n_envs=settings["n_envs"], seed=seed)
-        model = PPO(
-            "MlpPolicy", env, n_steps=settings["n_steps"], batch_size=settings["batch_size"],
-            n_epochs=settings["n_epochs"], gamma=settings["gamma"], gae_lambda=settings["gae_lambda"],
-            ent_coef=settings["ent_coef"], learning_rate=(lambda progress: lr * progress) if settings["linear_lr"] else lr,
-            clip_range=settings["clip_range"], vf_coef=settings["vf_coef"], max_grad_norm=settings["max_grad_norm"],
-            seed=seed, device="cpu", verbose=0,
-        )
-        model.learn(steps, callback=EvaluateAfterUpdates())
-        seconds = time.perf_counter() - start
-        if eval_every:
-            curve.append((model.num_timesteps, mean_return(model, eval_repeats)))
-        final = mean_return(model, final_episodes) if final_episodes else math.nan
-    # From one rollout start to the next: a rollout and its update (no evaluations in timed runs).
-    rates = [(steps - before) / (now - then) for (then, before), (now, steps) in zip(rollout_starts, rollout_starts[1:])]
-    return Outcome(model.num_timesteps, seconds, final, curve, rates)
-
-
-def finetuned(seed: int, steps: int) -> Outcome:
-    """Record 50 heuristic episodes, clone them with BC, fine-tune the clone with PPO."""
-    with tempfile.TemporaryDirectory(prefix="mazerun-bench-") as directory:
-        recordings, clone = Path(directory) / "records", Path(directory) / "bc"
-        with quiet():
-            rollout(LUNAR_ENV, PolicyConfig(name="heuristic"),
-                    RunnerConfig(type="sequential", n_episodes=FINETUNE_DEMOS, seed=seed), recordings,
-                    print_fn=lambda _: None)
-            torch.manual_seed(seed)
-            train(RunConfig(algorithm=BCConfig(), device="cpu", runner=RunnerConfig(
-                seed=seed, dataset=DatasetConfig(dir_or_file=str(recordings / "trajectory_data")))), clone)
-        return ours(LUNAR_ENV, LUNAR, seed, steps, FINETUNE_EVAL_EVERY, FINAL_EVAL_EPISODES,
-                    hidden_sizes=None, input_dir=str(clone), burn_in=10)
-
-
-JOBS: dict[str, Callable[..., Outcome]] = {
-    "ours-lunar": lambda seed, steps: ours(LUNAR_ENV, LUNAR, seed, steps, steps, 1, final_episodes=FINAL_EVAL_EPISODES),
-    "sb3-lunar": lambda seed, steps: sb3(LUNAR_ENV, LUNAR, seed, steps, final_episodes=FINAL_EVAL_EPISODES),
-    "ours-finetune": finetuned,
-    "ours-scratch": lambda seed, steps: ours(LUNAR_ENV, LUNAR, seed, steps, FINETUNE_EVAL_EVERY,
-                                             FINAL_EVAL_EPISODES, hidden_sizes=None),
-    "ours-cartpole": lambda seed, steps: ours(CARTPOLE_ENV, CARTPOLE, seed, CARTPOLE_STEPS, CARTPOLE_EVAL_EVERY,
-                                              CARTPOLE_EVAL_EPISODES),
-    "sb3-cartpole": lambda seed, steps: sb3(CARTPOLE_ENV, CARTPOLE, seed, CARTPOLE_STEPS, CARTPOLE_EVAL_EVERY,
-                                            CARTPOLE_EVAL_EPISODES),
-}
-PARTS = {"speed": ("ours-lunar", "sb3-lunar"), "finetune": ("ours-finetune", "ours-scratch"),
-         "cartpole": ("ours-cartpole", "sb3-cartpole")}
-
-
-def run_job(name: str, seed: int, steps: int) -> Outcome:
-    torch.set_num_threads(1)
-    return JOBS[name](seed, steps)
-
-
-# ---------------------------------------------------------------------------------------------- table
-
-
-def mean(values: list[float]) -> float:
-    return statistics.fmean(values) if values else math.nan
-
-
-def fmt(value: float, digits: int = 1) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:,.{digits}f}"
-
-
-def last_at_or_before(curve: Curve, step: int) -> float:
-    points = [value for at, value in curve if at <= step]
-    return points[-1] if points else math.nan
-
-
-def slowest(values: list[float]) -> float:
-    """The largest step count; NaN (never reached) when any run never got there."""
-    return math.nan if any(math.isnan(value) for value in values) else max(values)
-
-
-def first_reaching(curve: Curve, value: float) -> float:
-    return next((float(at) for at, achieved in curve if achieved >= value), math.nan)
-
-
-def rows_for(results: dict[str, list[Outcome]], steps: int) -> list[list[str]]:
-    rows: list[list[str]] = []
-    short = f"n/a (--steps < {FINETUNE_BY_STEP // 1000}k)"
-
-    def row(what: str, ours_value: float, peer: float, target: str, verdict: bool | str, digits: int = 1) -> None:
-        # A ratio only means something between two positive numbers (rates, or returns above 0).
-        ratio = ours_value / peer if ours_value > 0 and peer > 0 else math.nan
-        met = verdict if isinstance(verdict, str) else ("PASS" if verdict else "FAIL")
-        rows.append([what, fmt(ours_value, digits), fmt(peer, digits), fmt(ratio, 2), target, met])
-
-    if "ours-lunar" in results:
-        ours_runs, peer_runs = results["ours-lunar"], results["sb3-lunar"]
-        ours_rate = statistics.median([rate for run in ours_runs for rate in run.iteration_rates])
-        peer_rate = statistics.median([rate for run in peer_runs for rate in run.iteration_rates])
-        row(f"{LUNAR_ENV} steps/s, rollout+update (vs SB3)", ours_rate, peer_rate, f">= {SPEED_TARGET:g}x SB3",
-            ours_rate >= SPEED_TARGET * peer_rate, 0)
-        row(f"{LUNAR_ENV} steps/s, end to end (vs SB3)", mean([run.steps_per_second for run in ours_runs]),
-            mean([run.steps_per_second for run in peer_runs]), "-", "-", 0)
-        ours_return = mean([run.final_return for run in ours_runs])
-        row(f"{LUNAR_ENV} return, {FINAL_EVAL_EPISODES} ep. after {ours_runs[0].steps:,} steps (vs SB3)",
-            ours_return, mean([run.final_return for run in peer_runs]), ">= 200 at 1M steps",
-            ours_return >= 200 if steps >= 1_000_000 else "n/a (--steps < 1M)")
-    if "ours-finetune" in results:
-        tuned, scratch = results["ours-finetune"], results["ours-scratch"]
-        row("fine-tune: first eval = the BC clone (vs scratch)", mean([run.curve[0][1] for run in tuned]),
-            mean([run.curve[0][1] for run in scratch]), "-", "-")
-        lowest = min(value for run in tuned for _, value in run.curve)
-        row("fine-tune: lowest eval return (vs scratch)", lowest,
-            min(value for run in scratch for _, value in run.curve), f"never < {FINETUNE_FLOOR:g}",
-            lowest >= FINETUNE_FLOOR)
-        by_target = mean([last_at_or_before(run.curve, FINETUNE_BY_STEP) for run in tuned])
-        row(f"fine-tune: eval return by {FINETUNE_BY_STEP // 1000}k steps (vs scratch)", by_target,
-            mean([last_at_or_before(run.curve, FINETUNE_BY_STEP) for run in scratch]),
-            f">= {FINETUNE_TARGET:g}", by_target >= FINETUNE_TARGET if steps >= FINETUNE_BY_STEP else short)
-        row(f"fine-tune: eval return at {tuned[0].steps:,} steps (vs scratch)",
-            mean([run.curve[-1][1] for run in tuned]), mean([run.curve[-1][1] for run in scratch]), "-", "-")
-    if "ours-cartpole" in results:
-        ours_first = slowest([first_reaching(run.curve, CARTPOLE_SOLVED) for run in results["ours-cartpole"]])
-        peer_first = slowest([first_reaching(run.curve, CARTPOLE_SOLVED) for run in results["sb3-cartpole"]])
-        row(f"{CARTPOLE_ENV}: first step with eval return 500 (vs SB3)", ours_first, peer_first,
-            f"<= {CARTPOLE_STEPS // 1000}k", not math.isnan(ours_first) and ours_first <= CARTPOLE_STEPS, 0)
-    return rows
-
-
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
-
-    def line(cells: list[str]) -> str:
-        return " | ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
-
-    return "\n".join([line(header), "-+-".join("-" * width for width in widths), *map(line, rows)])
-
-
-def plot_finetune(results: dict[str, list[Outcome]]) -> None:
-    curves = {}
-    for name, label in (("ours-finetune", "PPO fine-tuning the BC clone"), ("ours-scratch", "PPO from scratch")):
-        for index, run in enumerate(results[name]):
-            steps, returns = zip(*run.curve)
-            curves[f"{label} (seed {index})" if len(results[name]) > 1 else label] = (list(steps), list(returns))
-    plot_curves(PLOT, curves, f"{LUNAR_ENV}: fine-tuning a clone of {FINETUNE_DEMOS} heuristic episodes vs scratch")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1_000_000, help="env steps of parts 1 and 2 (default 1M)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=list(PARTS))
-    parser.add_argument("--jobs", type=int, default=1, help="trainings at once, one process and thread each")
-    args = parser.parse_args()
-    try:
-        import stable_baselines3  # noqa: F401
-    except ImportError:
-        sys.exit('stable-baselines3 is missing: pip install -e ".[bench]"')
-
-    tasks = [(name, seed) for part in args.parts for name in PARTS[part] for seed in args.seeds]
+    env = make_vec_env(env_id, n_envs=settings["n_envs"], seed=seed)
+    model = PPO(
+        "MlpPolicy", env, n_steps=settings["n_steps"], batch_size=settings["batch_size"],
+        n_epochs=settings["n_epochs"], gamma=settings["gamma"], gae_lambda=settings["gae_lambda"],
+        ent_coef=settings["ent_coef"], learning_rate=(lambda progress: lr * progress) if settings["linear_lr"] else lr,
+        clip_range=settings["clip_range"], vf_coef=settings["vf_coef"], max_grad_norm=settings["max_grad_norm"],
+        seed=seed, device="cpu", verbose=0,
+    )
     started = time.perf_counter()
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {task: pool.submit(run_job, task[0], task[1], args.steps) for task in tasks}
-        results: dict[str, list[Outcome]] = {}
-        for (name, seed), future in futures.items():
-            outcome = future.result()
-            print(f"  {name} seed {seed}: {outcome.steps:,} steps in {outcome.seconds:.0f} s", file=sys.stderr, flush=True)
-            results.setdefault(name, []).append(outcome)
-    if "finetune" in args.parts:
-        plot_finetune(results)
-    rows = rows_for(results, args.steps)
-    print(format_table(["measure", "ours", "peer", "ratio", "target", "met"], rows))
-    print(f"seeds {args.seeds}, {args.jobs} job(s) at once, {time.perf_counter() - started:.0f} s in all"
-          + (f"; curves in {PLOT}" if "finetune" in args.parts else ""))
-    if any(row[-1] == "FAIL" for row in rows):
-        sys.exit(1)
+    model.learn(steps, callback=Timing())
+    outcome.seconds = time.perf_counter() - started
+    outcome.steps = model.num_timesteps
+    if eval_every:
+        outcome.curve.append((model.num_timesteps, mean_return(model, eval_repeats)))
+    if final_episodes:
+        outcome.final_return = mean_return(model, final_episodes, UNSEEN_SEED_OFFSET)
+    env.close()
+    return outcome
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def speed(args: argparse.Namespace, work: Path, pool: ProcessPoolExecutor | None, table: Table) -> None:
+    """Whole runs and phases, ours and SB3's in turn, ``--repeats`` times."""
+    steps, seed = args.speed_steps, args.seeds[0]
+    runs: dict[str, list[Outcome]] = {"ours": [], "sb3": []}
+    for round_number in range(args.repeats):
+        print(f"  speed round {round_number + 1}/{args.repeats} ({load_average()})", file=sys.stderr, flush=True)
+        runs["ours"].append(ours(work, f"speed{round_number}", *overrides_for(LUNAR, LUNAR_ENV, steps, seed),
+                                 "model.hidden_sizes=[64,64]"))
+        if pool is not None:
+            runs["sb3"].append(pool.submit(sb3, LUNAR_ENV, LUNAR, seed, steps).result())
+    rollout_size = LUNAR["n_envs"] * LUNAR["n_steps"]
+
+    def rates(name: str, attribute: str) -> float | str:
+        if not runs[name]:
+            return "missing"
+        if attribute == "seconds":
+            return median([outcome.steps / outcome.seconds for outcome in runs[name]])
+        return median([rollout_size / seconds for outcome in runs[name] for seconds in getattr(outcome, attribute)])
+
+    whole, rollout, update = rates("ours", "seconds"), rates("ours", "rollout_seconds"), rates("ours", "update_seconds")
+    peer_whole, peer_rollout, peer_update = (rates("sb3", "seconds"), rates("sb3", "rollout_seconds"),
+                                             rates("sb3", "update_seconds"))
+    table.add(f"whole run, {steps:,} steps: steps/s (vs learn())", whole, peer_whole, f">= {SPEED_TARGET:g}x",
+              isinstance(peer_whole, float) and whole >= SPEED_TARGET * peer_whole)
+    table.add("rollout phase: steps/s per iteration", rollout, peer_rollout)
+    table.add("update phase: steps/s per iteration", update, peer_update, f">= {SPEED_TARGET:g}x",
+              isinstance(peer_update, float) and update >= SPEED_TARGET * peer_update)
+    table.add("start-up to envs ready to step (s)", median([outcome.startup_seconds for outcome in runs["ours"]]), "-")
+    for name, outcomes in runs.items():
+        for outcome in outcomes:
+            print(f"  {name}: {outcome.seconds:.2f} s for {outcome.steps:,} steps; rollouts "
+                  f"{', '.join(f'{s:.2f}' for s in outcome.rollout_seconds)} s; updates "
+                  f"{', '.join(f'{s:.2f}' for s in outcome.update_seconds)} s", file=sys.stderr)
+
+
+def final_return(args: argparse.Namespace, work: Path, pool: ProcessPoolExecutor | None, table: Table) -> None:
+    """Both trained for ``--steps``; the final policies on unseen seeds."""
+    mine, theirs = [], []
+    for seed in args.seeds:
+        print(f"  return: ours, seed {seed}, {args.steps:,} steps ({load_average()})", file=sys.stderr, flush=True)
+        mine.append(ours(work, f"return{seed}", *overrides_for(LUNAR, LUNAR_ENV, args.steps, seed),
+                         "model.hidden_sizes=[64,64]", final_episodes=args.final_episodes))
+        if pool is not None:
+            print(f"  return: SB3, seed {seed} ({load_average()})", file=sys.stderr, flush=True)
+            theirs.append(pool.submit(sb3, LUNAR_ENV, LUNAR, seed, args.steps,
+                                      final_episodes=args.final_episodes).result())
+    ours_return = statistics.fmean(outcome.final_return for outcome in mine)
+    peer_return: float | str = statistics.fmean(o.final_return for o in theirs) if theirs else "missing"
+    checked = args.steps >= 1_000_000
+    table.add(f"return after {mine[0].steps:,} steps, {args.final_episodes} ep.", ours_return, peer_return,
+              ">= SB3 (at 1M steps)" if checked else "- (checked at 1M)",
+              (isinstance(peer_return, float) and ours_return >= peer_return) if checked else None)
+    table.add(f"whole run, {args.steps:,} steps: steps/s", statistics.fmean(o.steps / o.seconds for o in mine),
+              statistics.fmean(o.steps / o.seconds for o in theirs) if theirs else "missing")
+
+
+def finetune(args: argparse.Namespace, work: Path, table: Table) -> None:
+    """Seed 004: record, clone, fine-tune; PPO from scratch as the baseline."""
+    seed = args.seeds[0]
+    run(f"env={LUNAR_ENV}", "policy=heuristic", f"runner.n_episodes={FINETUNE_DEMOS}", f"runner.seed={seed}",
+        "hydra.run.dir=demos", cwd=work)
+    run("-cn", "conf_train", f"runner.dataset.dir_or_file={work / 'demos' / 'trajectory_data'}", f"runner.seed={seed}",
+        "hydra.run.dir=clone", cwd=work)
+    schedule = [f"algorithm.eval_every={FINETUNE_EVAL_EVERY}", f"runner.eval_repeats={FINAL_EVAL_EPISODES}"]
+    print(f"  finetune: {args.steps:,} steps from the clone and from scratch ({load_average()})", file=sys.stderr)
+    tuned = ours(work, "finetune", *overrides_for(LUNAR, LUNAR_ENV, args.steps, seed), *schedule,
+                 f"input_dir={work / 'clone'}", "algorithm.critic_burn_in_epochs=10")
+    scratch = ours(work, "scratch", *overrides_for(LUNAR, LUNAR_ENV, args.steps, seed), *schedule)
+
+    def at(curve: Curve, step: int) -> float:
+        points = [value for at_step, value in curve if at_step <= step]
+        return points[-1] if points else math.nan
+
+    table.add("fine-tune: first eval = the BC clone (vs scratch)", tuned.curve[0][1], scratch.curve[0][1])
+    lowest = min(value for _, value in tuned.curve)
+    table.add("fine-tune: lowest eval return (vs scratch)", lowest, min(value for _, value in scratch.curve),
+              f"never < {FINETUNE_FLOOR:g}", lowest >= FINETUNE_FLOOR)
+    by_target = at(tuned.curve, FINETUNE_BY_STEP)
+    reached = args.steps >= FINETUNE_BY_STEP
+    table.add(f"fine-tune: eval return by {FINETUNE_BY_STEP // 1000}k (vs scratch)", by_target,
+              at(scratch.curve, FINETUNE_BY_STEP), f">= {FINETUNE_TARGET:g}" if reached else "- (needs 300k)",
+              by_target >= FINETUNE_TARGET if reached else None)
+    table.add(f"fine-tune: eval return at {tuned.steps:,} (vs scratch)", tuned.curve[-1][1], scratch.curve[-1][1])
+    curves = {"PPO fine-tuning the BC clone": tuned.curve, "PPO from scratch": scratch.curve}
+    plot_curves(PLOT, {label: ([s for s, _ in curve], [v for _, v in curve]) for label, curve in curves.items()},
+                f"{LUNAR_ENV}: fine-tuning a clone of {FINETUNE_DEMOS} heuristic episodes vs scratch")
+
+
+def cartpole(args: argparse.Namespace, work: Path, pool: ProcessPoolExecutor | None, table: Table) -> None:
+    seed = args.seeds[0]
+    mine = ours(work, "cartpole", *overrides_for(CARTPOLE, CARTPOLE_ENV, args.cartpole_steps, seed),
+                "model.hidden_sizes=[64,64]", f"algorithm.eval_every={CARTPOLE_EVAL_EVERY}",
+                f"runner.eval_repeats={CARTPOLE_EVAL_EPISODES}")
+    theirs = (pool.submit(sb3, CARTPOLE_ENV, CARTPOLE, seed, args.cartpole_steps, CARTPOLE_EVAL_EVERY,
+                          CARTPOLE_EVAL_EPISODES).result() if pool is not None else None)
+
+    def first_solved(curve: Curve) -> float:
+        return next((float(step) for step, value in curve if value >= CARTPOLE_SOLVED), math.nan)
+
+    solved = first_solved(mine.curve)
+    table.add(f"{CARTPOLE_ENV}: first step with eval return 500", solved,
+              first_solved(theirs.curve) if theirs else "missing", f"<= {args.cartpole_steps // 1000}k",
+              not math.isnan(solved) and solved <= args.cartpole_steps)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1_000_000, help="env steps of the return and finetune parts")
+    parser.add_argument("--speed-steps", type=int, default=65_536, help="env steps of each timed run (default 65536)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds of the speed part (median)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--final-episodes", type=int, default=FINAL_EVAL_EPISODES)
+    parser.add_argument("--cartpole-steps", type=int, default=CARTPOLE_STEPS)
+    parser.add_argument("--parts", nargs="+", choices=("speed", "return", "finetune", "cartpole"),
+                        default=["speed", "return", "finetune", "cartpole"])
+    parser.add_argument("--smoke", action="store_true", help="tiny budgets: checks the wiring, not the targets")
+    args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.speed_steps, args.repeats, args.final_episodes, args.cartpole_steps = 32_768, 16_384, 1, 3, 4096
+
+    version = peer_version("stable_baselines3", SB3_INSTALL)
+    print(f"bench/ppo.py: {', '.join(args.parts)}; {load_average()}", file=sys.stderr)
+    table = Table(f"PPO vs Stable-Baselines3 {version or '(missing)'}, rl-zoo settings, 1 torch thread, "
+                  f"seeds {args.seeds}; the peer is SB3, or PPO from scratch in fine-tune rows")
+    started = time.perf_counter()
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="bench-ppo-") as scratch, \
+            ProcessPoolExecutor(1, mp_context=context) as pool:
+        work = Path(scratch)
+        peer_pool = pool if version else None
+        if "speed" in args.parts:
+            speed(args, work, peer_pool, table)
+        if "return" in args.parts:
+            final_return(args, work, peer_pool, table)
+        if "finetune" in args.parts:
+            finetune(args, work, table)
+        if "cartpole" in args.parts:
+            cartpole(args, work, peer_pool, table)
+    print(table.render())
+    print(f"({load_average()}; {time.perf_counter() - started:.0f} s in all"
+          + (f"; curves in {PLOT}" if "finetune" in args.parts else "") + ")")
+    return table.exit_code()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,7 +21,7 @@ Under the table, a CPU check (run each round) says how much more work one busy p
 core gets done than a single process on this machine at the time: the bound on the parallel
 runner's speed-up.
 
-A second table, for information, rolls out the BabyAI bot on BabyAI-GoToLocal-v0 (200 episodes)
+Two more rows, for information, roll out the BabyAI bot on BabyAI-GoToLocal-v0 (200 episodes)
 with both runners: success rate and steps/s. Records go to temporary directories, removed after
 each repeat. On a shared machine the numbers are noisy: compare the ratios, not the absolute rates.
 """
@@ -43,6 +43,8 @@ from typing import Callable, Iterator
 
 import gymnasium
 from gymnasium.envs.box2d.lunar_lander import heuristic
+
+from common import Table, load_average
 
 from mazerun.config import PolicyConfig, RunnerConfig, worker_count
 from mazerun.rollout import rollout
@@ -176,45 +178,15 @@ def measure_interleaved(
     return [Measured(variant.name, variant.episodes, kept) for variant, kept in zip(variants, timings)]
 
 
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
-
-    def line(cells: list[str]) -> str:
-        return " | ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
-
-    return "\n".join([line(header), "-+-".join("-" * width for width in widths), *map(line, rows)])
-
-
-def lunar_table(bare: Measured, sequential: Measured, parallel: Measured) -> tuple[str, bool]:
-    """The main table, and whether every checked target passed."""
-    sequential_ok = sequential.median_rate >= SEQUENTIAL_TARGET * bare.median_rate
-    parallel_ok = parallel.median_rate > sequential.median_rate
-    if parallel.episodes >= PARALLEL_MIN_EPISODES:
-        parallel_verdict = "PASS" if parallel_ok else "FAIL"
-    else:
-        parallel_ok, parallel_verdict = True, f"n/a (< {PARALLEL_MIN_EPISODES} episodes)"
-    checks = [
-        (bare, "reference", "-"),
-        (sequential, f">= {SEQUENTIAL_TARGET:.2f}x bare", "PASS" if sequential_ok else "FAIL"),
-        (parallel, "> sequential", parallel_verdict),
-    ]
-    header = ["variant", "episodes", "steps/s (median)", "vs bare", "target", "result"]
-    rows = [
-        [measured.name, str(measured.episodes), f"{measured.median_rate:,.0f}",
-         f"{measured.median_rate / bare.median_rate:.2f}x", target, verdict]
-        for measured, target, verdict in checks
-    ]
-    return format_table(header, rows), sequential_ok and parallel_ok
-
-
-def babyai_table(sequential: Measured, parallel: Measured) -> str:
-    header = ["variant", "episodes", "success rate", "steps/s (median)", "vs sequential"]
-    rows = [
-        [measured.name, str(measured.episodes), f"{measured.timings[0].success_rate or 0.0:.3f}",
-         f"{measured.median_rate:,.0f}", f"{measured.median_rate / sequential.median_rate:.2f}x"]
-        for measured in (sequential, parallel)
-    ]
-    return format_table(header, rows)
+def lunar_rows(bare: Measured, sequential: Measured, parallel: Measured, table: Table) -> None:
+    """The checked rows: sequential with recording against the bare loop, parallel against sequential."""
+    table.add(f"{LUNAR_ENV} bare loop steps/s (reference)", bare.median_rate, "-")
+    table.add("sequential + recording vs bare loop, steps/s", sequential.median_rate, bare.median_rate,
+              f">= {SEQUENTIAL_TARGET:.2f}x", sequential.median_rate >= SEQUENTIAL_TARGET * bare.median_rate)
+    checked = parallel.episodes >= PARALLEL_MIN_EPISODES
+    table.add(f"{parallel.name.replace('mazerun ', '')} vs sequential", parallel.median_rate,
+              sequential.median_rate, "> 1x" if checked else f"- (< {PARALLEL_MIN_EPISODES} episodes)",
+              parallel.median_rate > sequential.median_rate if checked else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,14 +230,18 @@ def main(argv: list[str] | None = None) -> int:
         repeats,
     )
 
-    table, passed = lunar_table(bare, sequential, parallel)
-    print(f"\n{LUNAR_ENV}, heuristic, episode i seeded i, {bare.steps:,} steps per run, median of {repeats}\n")
-    print(table)
+    table = Table(f"{LUNAR_ENV}, heuristic, episode i seeded i, {bare.steps:,} steps per run, median of {repeats}; "
+                  "the peer is the bare loop or the sequential runner", peer_name="reference")
+    lunar_rows(bare, sequential, parallel, table)
+    for measured in (babyai_sequential, babyai_parallel):
+        success = measured.timings[0].success_rate or 0.0
+        table.add(f"BabyAI {measured.name.split(' + ')[0].replace('mazerun ', '')} steps/s, success {success:.2f}",
+                  measured.median_rate, babyai_sequential.median_rate)
+    print(table.render())
     print(f"\nCPU check (median over rounds): {workers} busy processes got {statistics.median(scalings):.2f}x "
-          f"the work of one done (ideal {workers}.00x); the parallel runner's speed-up is bounded by that.")
-    print(f"\n{BABYAI_ENV}, bot (for information), median of {repeats}\n")
-    print(babyai_table(babyai_sequential, babyai_parallel))
-    return 0 if passed else 1
+          f"the work of one done (ideal {workers}.00x); the parallel runner's speed-up is bounded by that. "
+          f"({load_average()})")
+    return table.exit_code()
 
 
 if __name__ == "__main__":

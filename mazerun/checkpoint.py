@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import string
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,6 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from minigrid.core.mission import MissionSpace
 
 from mazerun.errors import MazerunError
 from mazerun.models import ModelConfig, Vocabulary, build_network
@@ -61,12 +61,18 @@ def space_to_dict(space: gym.Space) -> dict[str, Any]:
         }
     if isinstance(space, gym.spaces.Dict):
         return {"type": "dict", "spaces": {key: space_to_dict(sub) for key, sub in space.spaces.items()}}
-    if isinstance(space, MissionSpace):
+    if _is_mission_space(space):
         return {"type": "mission"}
     raise MazerunError(
         f"cannot store a {type(space).__name__} space in a checkpoint; "
         "use an environment whose spaces are Discrete, Box or Dict of those"
     )
+
+
+def _is_mission_space(space: gym.Space) -> bool:
+    """MiniGrid's mission space. Only MiniGrid envs import minigrid (a third of a second): without it loaded, there is none."""
+    mission = sys.modules.get("minigrid.core.mission")
+    return mission is not None and isinstance(space, mission.MissionSpace)
 
 
 def space_from_dict(description: dict[str, Any]) -> gym.Space:

@@ -15,6 +15,7 @@ from mazerun.config import check_fields
 from mazerun.data import SequenceBatch, TransitionBatch
 from mazerun.errors import MazerunError
 from mazerun.models import ModelConfig, Vocabulary
+from mazerun.optim import Adam
 
 Batch = TransitionBatch | SequenceBatch
 """Transitions for networks without memory, chunks of consecutive ones for networks with it."""
@@ -169,7 +170,7 @@ class OfflineAlgorithm(ABC):
     network: nn.Module
     network_type: str
     """``actor_critic`` or ``q_network``: how :func:`mazerun.models.build_network` rebuilds it."""
-    optimizer: torch.optim.Optimizer
+    optimizer: Adam
     target_networks: ClassVar[dict[str, str]] = {}
     """Target network attribute -> the online network attribute it follows after each step
     (:func:`follow_target`); a population trains the same pairs in one batched call."""
@@ -238,12 +239,12 @@ class OfflineAlgorithm(ABC):
         """Everything but the acting network that a continued run needs: the other networks, the optimiser, the step count."""
         state: dict[str, Any] = {"updates": self.updates}
         for name, value in vars(self).items():
-            if name != "network" and isinstance(value, (nn.Module, torch.optim.Optimizer)):
+            if name != "network" and isinstance(value, (nn.Module, Adam)):
                 state[name] = value.state_dict()
         return state
 
     def load_training_state(self, state: dict[str, Any]) -> None:
         self.updates = int(state["updates"])
         for name, value in vars(self).items():
-            if name != "network" and isinstance(value, (nn.Module, torch.optim.Optimizer)):
+            if name != "network" and isinstance(value, (nn.Module, Adam)):
                 value.load_state_dict(state[name])

@@ -23,7 +23,9 @@ from torch.distributions import Distribution
 from mazerun.algorithms.base import Batch, OfflineAlgorithm, OfflineConfig, flat, warm_state
 from mazerun.data import SequenceBatch
 from mazerun.envs import NO_LABEL
-from mazerun.models import ActorCritic, ModelConfig, Vocabulary, build_actor_critic, flatten_distribution
+from mazerun.models import (ActorCritic, ModelConfig, Vocabulary, build_actor_critic, flatten_distribution,
+                            log_probs_and_entropies)
+from mazerun.optim import Adam
 
 
 @dataclass
@@ -49,8 +51,9 @@ def imitation_loss(
         mean = lambda values: (values * weights).sum()  # noqa: E731
     else:
         mean = torch.mean
-    loss = -mean(distribution.log_prob(targets))
-    metrics = {"policy_loss": loss.detach(), "policy_entropy": mean(distribution.entropy()).detach()}
+    log_probs, entropies = log_probs_and_entropies(distribution, targets)
+    loss = -mean(log_probs)
+    metrics = {"policy_loss": loss.detach(), "policy_entropy": mean(entropies.detach())}
     if discrete:
         predicted = distribution.logits.argmax(dim=-1)
         metrics["discrete_accuracy"] = mean((predicted == targets).to(torch.float32))
@@ -90,7 +93,7 @@ class BehaviouralCloning(OfflineAlgorithm):
         super().__init__(config, model_config, observation_space, action_space, vocabulary, device)
         self.network = build_actor_critic(model_config, observation_space, action_space, vocabulary).to(device)
         self.actor_parameters = self.network.actor_parameters()
-        self.optimizer = torch.optim.Adam(self.actor_parameters, lr=config.lr)
+        self.optimizer = Adam(self.actor_parameters, lr=config.lr)
 
     def losses(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return cloning_loss(self.network, batch)

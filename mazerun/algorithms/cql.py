@@ -35,6 +35,7 @@ from mazerun.algorithms.base import (
 from mazerun.data import SequenceBatch
 from mazerun.errors import MazerunError
 from mazerun.models import ModelConfig, Vocabulary, build_q_network
+from mazerun.optim import Adam
 
 TD_LOSSES = ("huber", "mse")
 
@@ -98,7 +99,7 @@ class ConservativeQLearning(OfflineAlgorithm):
         super().__init__(config, model_config, observation_space, action_space, vocabulary, device)
         self.network = build_q_network(model_config, observation_space, action_space, vocabulary).to(device)
         self.target_network = frozen_copy(self.network)
-        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.lr, fused=True)
+        self.optimizer = Adam(self.network.parameters(), lr=config.lr)
 
     def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
         super().load_network_state(state)

@@ -44,6 +44,7 @@ from mazerun.config import check_fields
 from mazerun.data import SequenceBatch
 from mazerun.errors import MazerunError
 from mazerun.models import ModelConfig, ValueNetwork, Vocabulary, build_actor_critic, build_q_network
+from mazerun.optim import Adam
 
 
 @dataclass
@@ -121,7 +122,7 @@ class ImplicitQLearning(OfflineAlgorithm):
         self.value_network = ValueNetwork(model_config, observation_space, vocabulary).to(device)
         # The policy's own critic stays untouched (as in BC) until PPO trains it.
         parameters = [*self.network.actor_parameters(), *self.q_network.parameters(), *self.value_network.parameters()]
-        self.optimizer = torch.optim.Adam(parameters, lr=config.lr, fused=True)
+        self.optimizer = Adam(parameters, lr=config.lr)
 
     def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
         """Start the policy from an earlier run; Q and V, trained from scratch, take its observation statistics."""

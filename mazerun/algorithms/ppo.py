@@ -29,18 +29,21 @@ treats the step as done (the observation after it belongs to the next episode).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, ClassVar, Iterator, NamedTuple, Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.distributions import Categorical, Distribution
+from torch.distributions import Distribution
 
 from mazerun.algorithms.bc import cloning_loss
 from mazerun.config import check_fields
 from mazerun.data import TransitionBatch
 from mazerun.errors import MazerunError
-from mazerun.models import ActorCritic, ModelInput, flatten_distribution
+from mazerun.fused import LOG_SQRT_2PI, FlatAdam, FusedActorCritic, fusable
+from mazerun.models import ActorCritic, ModelInput, flatten_distribution, log_probs_and_entropies
+from mazerun.optim import Adam
 from mazerun.schedules import SCHEDULE_KINDS, LinearSchedule
 
 
@@ -87,6 +90,9 @@ class PPOConfig:
     """Demonstrations drawn beside each minibatch."""
     eval_every: int = 50_000
     """Environment steps between evaluations; the first one is at step 0."""
+    fused: bool = True
+    """Networks without memory on vector observations (and no imitation term): evaluate actor and
+    critic as one (mazerun.fused), with a hand-written backward; false: the plain autograd path."""
 
     @property
     def budget(self) -> int:
@@ -194,15 +200,9 @@ def _normalized(advantages: torch.Tensor) -> torch.Tensor:
 
 
 def log_prob_and_entropy(distribution: Distribution, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of ``actions`` and the mean entropy.
-
-    A ``Categorical`` holds normalised log-probabilities already; reading them directly skips the
-    broadcasting and clamping of the generic methods, a fifth of a small network's minibatch step.
-    """
-    if isinstance(distribution, Categorical):
-        log_p = distribution.logits
-        return log_p.gather(-1, actions.unsqueeze(-1)).squeeze(-1), -(log_p.exp() * log_p).sum(-1).mean()
-    return distribution.log_prob(actions), distribution.entropy().mean()
+    """Log-probabilities of ``actions`` and the mean entropy."""
+    log_probs, entropies = log_probs_and_entropies(distribution, actions)
+    return log_probs, entropies.mean()
 
 
 class PPO:
@@ -219,9 +219,13 @@ class PPO:
         self.network = network
         self.generator = generator
         self.parameters = [parameter for parameter in network.parameters() if parameter.requires_grad]
-        # eps=1e-5 as in Stable-Baselines3 and CleanRL's PPO; the fused kernel updates every
-        # parameter in one call, which matters when a minibatch step of a small net is ~1 ms.
-        self.optimizer = torch.optim.Adam(self.parameters, lr=config.lr, eps=1e-5, fused=True)
+        # The fused path trains what the plain path trains, the same loss and the same Adam, in a
+        # tenth of the eager ops; it cannot take the imitation term (another network pass on demos).
+        self.fused = (FusedActorCritic(network) if config.fused and config.imitation_coef == 0 and fusable(network)
+                      else None)
+        # eps=1e-5 as in Stable-Baselines3 and CleanRL's PPO.
+        self.optimizer: Adam | FlatAdam = (Adam(self.parameters, lr=config.lr, eps=1e-5) if self.fused is None else
+                                           FlatAdam(self.fused, self.parameters, lr=config.lr, eps=1e-5))
         end = config.total_steps
         self.schedules = {
             "learning_rate": LinearSchedule.of(config.lr_schedule, config.lr, end),
@@ -255,6 +259,8 @@ class PPO:
         parameters then get no gradient at all, so Adam leaves them exactly as they are.
         ``demonstrations`` draws a batch of recorded demonstrations for the imitation term.
         """
+        if self.fused is not None:
+            return self._fused_update(batch, train_policy)
         config = self.config
         device = batch.actions.device
         sequences = batch.starts is not None
@@ -297,16 +303,126 @@ class PPO:
                 with torch.no_grad():
                     losses[epoch, index] = terms
                     log_ratios[epoch, rows] = log_ratio
-        ratios = log_ratios.exp()
         means = losses.mean(dim=(0, 1)).tolist()
         metrics = dict(zip(("policy_loss", "value_loss", "entropy"), means[:3]))
         if imitate:
             metrics["imitation_loss"] = means[3]
+        return self._add_ratio_metrics(metrics, log_ratios, batch)
+
+    def _add_ratio_metrics(self, metrics: dict[str, float], log_ratios: torch.Tensor,
+                           batch: RolloutBatch) -> dict[str, float]:
+        """How far the policy moved (approximate KL, share of clipped ratios) and how well the critic explains returns."""
+        ratios = log_ratios.exp()
         # Every minibatch has the same size, so means over all rows are means of the minibatch means.
         metrics["approx_kl"] = float(((ratios - 1.0) - log_ratios).mean())
         metrics["clip_fraction"] = float(((ratios - 1.0).abs() > self.clip_range).float().mean())
         metrics["explained_variance"] = explained_variance(batch.values, batch.returns)
         return metrics
+
+    @torch.no_grad()
+    def _fused_update(self, batch: RolloutBatch, train_policy: bool) -> dict[str, float]:
+        """:meth:`update` through :class:`FusedActorCritic`: the same minibatches, loss and Adam, the gradient by hand.
+
+        With ``ratio = exp(lp - lp_old)``, ``s1 = ratio * A`` and ``s2 = clip(ratio) * A``, the
+        policy loss ``-mean(min(s1, s2))`` has ``d L / d lp = -s1 * [s1 <= s2] / B``: where the clip
+        binds, the minimum does not move with lp. Then, for a categorical policy with
+        log-probabilities ``log_p`` (``p = exp(log_p)``, entropy ``H = -sum p log_p``),
+
+            d L / d logits = g * (onehot(a) - p) + ent_coef / B * p * (log_p + H),    g = d L / d lp
+
+        and for a diagonal Gaussian with mean mu and ``log_std``, ``d lp / d mu = (a - mu) / std^2``,
+        ``d lp / d log_std = (a - mu)^2 / std^2 - 1`` and ``d H / d log_std = 1``. The value loss
+        gives ``d L / d V = vf_coef * 2 (V - R) / B`` (with ``clip_vf``, through the larger of the
+        two errors, the clipped one only inside the clip). The layers' gradients follow from
+        :meth:`FusedActorCritic.backward`; the norm clipping and Adam step the whole storage at once.
+        Losses and log-ratios are written per row and averaged at the end, as :meth:`update` averages.
+        """
+        config, fused = self.config, self.fused
+        size, batch_size = len(batch.actions), config.batch_size
+        if size % batch_size:
+            raise ValueError(f"batch_size {batch_size} does not divide the rollout size {size}")
+        n_minibatches, device = size // batch_size, batch.actions.device
+        discrete, log_std, log_std_grad = fused.discrete, fused.log_std, fused.log_std_grad
+        workspace = fused.workspace(batch_size)
+        head, values, head_grad, value_grad = workspace.head, workspace.values, workspace.head_grad, workspace.value_grad
+        head_grad.zero_()  # stays 0 during critic burn-in
+        if not train_policy and log_std_grad is not None:
+            log_std_grad.zero_()
+        inputs = fused.normalize(batch.observations)
+        # Per-row columns (N, 1), so that every per-minibatch tensor broadcasts against (B, width) heads.
+        actions = batch.actions[:, None] if discrete else batch.actions
+        columns = [batch.log_probs[:, None], batch.values[:, None], batch.returns[:, None], batch.advantages]
+        log_ratios, surrogates, value_losses, entropies = torch.zeros(4, config.n_epochs, size, 1, device=device)
+        # Constants as tensors: an op with a Python float converts it to a tensor on every call.
+        constant = partial(torch.tensor, device=device)
+        zero, one, max_norm, eps = constant(0.0), constant(1.0), constant(config.max_grad_norm), constant(1e-6)
+        inverse_batch, entropy_scale = constant(-1.0 / batch_size), constant(config.ent_coef)
+        entropy_row_scale = constant(config.ent_coef / batch_size)
+        value_scale = constant(2.0 * config.vf_coef / batch_size)
+        low, high, clip_vf = 1.0 - self.clip_range, 1.0 + self.clip_range, config.clip_vf
+        rows_to_step = (0, 1) if train_policy else (1,)
+        flat_grad, forward, backward, step = fused.flat_grad, fused.forward, fused.backward, self.optimizer.step
+        for epoch in range(config.n_epochs):
+            order = torch.randperm(size, device=device, generator=self.generator)
+            old_log_probs, old_values, returns, advantages = (column.index_select(0, order) for column in columns)
+            if config.normalize_advantage and batch_size > 1:
+                advantages = _normalized(advantages.view(n_minibatches, batch_size))
+            minibatches = zip(
+                inputs.index_select(1, order).view(2, n_minibatches, batch_size, -1).unbind(1),
+                *(tensor.view(n_minibatches, batch_size, -1).unbind(0) for tensor in (
+                    actions.index_select(0, order), old_log_probs, old_values, returns, advantages,
+                    log_ratios[epoch], surrogates[epoch], value_losses[epoch], entropies[epoch])),
+            )
+            for x, action, old_log_prob, old_value, target, advantage, log_ratio, surrogate, value_loss, entropy \
+                    in minibatches:
+                forward(workspace, x)
+                if discrete:
+                    log_p = torch.log_softmax(head, 1)
+                    log_prob = log_p.gather(1, action)
+                else:
+                    std = log_std.exp()
+                    scaled = (action - head).div_(std)  # (a - mu) / std
+                    log_prob = scaled.square().mul_(-0.5).sub_(log_std).sum(1, keepdim=True)
+                    log_prob.sub_(log_std.numel() * LOG_SQRT_2PI)
+                ratio = torch.sub(log_prob, old_log_prob, out=log_ratio).exp()
+                unclipped = ratio * advantage
+                clipped = ratio.clamp(low, high).mul_(advantage)
+                torch.minimum(unclipped, clipped, out=surrogate)
+                if discrete:
+                    p = log_p.exp()
+                    negative_entropy = (p * log_p).sum(1, keepdim=True)
+                    torch.neg(negative_entropy, out=entropy)
+                else:
+                    entropy.copy_(log_std.sum() + log_std.numel() * (0.5 + LOG_SQRT_2PI))
+
+                error = values - target
+                if clip_vf is None:
+                    torch.square(error, out=value_loss)
+                    torch.mul(error, value_scale, out=value_grad)
+                else:
+                    change = values - old_value
+                    clipped_error = change.clamp(-clip_vf, clip_vf).add_(old_value).sub_(target)
+                    squared, clipped_squared = error.square(), clipped_error.square()
+                    torch.maximum(squared, clipped_squared, out=value_loss)
+                    chosen = torch.where(squared >= clipped_squared, error, clipped_error * (change.abs() <= clip_vf))
+                    torch.mul(chosen, value_scale, out=value_grad)
+
+                if train_policy:
+                    g = torch.where(unclipped <= clipped, unclipped, zero).mul_(inverse_batch)  # d L / d lp
+                    if discrete:
+                        torch.mul(p, (log_p - negative_entropy).mul_(entropy_row_scale).sub_(g), out=head_grad)
+                        head_grad.scatter_add_(1, action, g)
+                    else:
+                        torch.mul(scaled.div(std), g, out=head_grad)
+                        torch.sum(scaled.square_().sub_(one).mul_(g), 0, out=log_std_grad)
+                        log_std_grad.sub_(entropy_scale)
+                backward(workspace, x)
+                # nn.utils.clip_grad_norm_'s arithmetic, on one tensor
+                flat_grad.mul_(torch.div(max_norm, torch.linalg.vector_norm(flat_grad).add_(eps)).clamp_(max=1.0))
+                step(rows_to_step)
+        metrics = {"policy_loss": float(-surrogates.mean()), "value_loss": float(value_losses.mean()),
+                   "entropy": float(entropies.mean())}
+        return self._add_ratio_metrics(metrics, log_ratios.view(config.n_epochs, size), batch)
 
     def _flat_minibatches(self, batch: RolloutBatch) -> Iterator[tuple[slice, Minibatch]]:
         """Shuffled rows: one gather per field and epoch, then each minibatch is a slice (a view, no copy)."""

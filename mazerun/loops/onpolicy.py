@@ -51,6 +51,7 @@ from mazerun.data import (
 )
 from mazerun.errors import MazerunError
 from mazerun.evaluation import stack_observations
+from mazerun.fused import FusedActorCritic
 from mazerun.loops.vector import VectorEpisodes, open_vector_env
 from mazerun.metrics import MetricsLogger, write_learning_curve
 from mazerun.models import ActorCritic, ModelInput, Vocabulary, build_actor_critic, sample
@@ -112,7 +113,7 @@ def train_on_policy(setup: RunSetup) -> TrainResult:
     envs = open_vector_env(setup)
     try:
         collector = RolloutCollector(envs, network, setup.observation_space, setup.vocabulary, device, config.gamma,
-                                     generator, state=None if state is None else state["envs"])
+                                     generator, state=None if state is None else state["envs"], fused=algorithm.fused)
 
         def training_state() -> dict[str, Any]:
             return {
@@ -130,6 +131,7 @@ def train_on_policy(setup: RunSetup) -> TrainResult:
         with MetricsLogger(setup.run_dir, print_fn=tqdm.write, step_offset=setup.step_offset) as logger, \
                 keeper.stop_cleanly(lambda: step), interrupts.deferred(), \
                 tqdm(total=total_steps, initial=step, unit="step", desc=config.name, disable=None) as bar:
+            log.info("%d copies of %s ready to step", runner.n_envs, setup.env_id)
             if not setup.continuing:  # a continued run was evaluated where the last one stopped
                 bar.set_postfix(eval_return=f"{evaluate(logger):.1f}")
                 keeper.save_last(step, training_state())
@@ -138,15 +140,18 @@ def train_on_policy(setup: RunSetup) -> TrainResult:
                 started = time.perf_counter()
                 scheduled = algorithm.set_progress(step)
                 collector.collect(buffer)
+                collected = time.perf_counter()
                 metrics = algorithm.update(
                     buffer.batch(collector.last_values(), config.gamma, config.gae_lambda),
                     train_policy=iteration >= config.critic_burn_in_epochs,
                     demonstrations=demonstrations,
                 )
+                updated = time.perf_counter()
                 step += rollout_size
                 iteration += 1
                 keeper.check_finite(metrics, step, FINITE_METRICS)
-                metrics.update(scheduled, sps=rollout_size / (time.perf_counter() - started))
+                metrics.update(scheduled, sps=rollout_size / (updated - started), rollout_seconds=collected - started,
+                               update_seconds=updated - collected)
                 logger.log(step, collector.episodes.episode_metrics(), "rollout")
                 logger.log(step, metrics, "train")
                 bar.update(rollout_size)
@@ -271,7 +276,8 @@ class RolloutCollector:
     """Steps the vector env with the current policy, sampling actions from the loop's generator.
 
     A network with memory is stepped from one state per env copy, restarted where an episode
-    starts; that state and the start flags travel in ``last.pt`` with the envs' episodes.
+    starts; that state and the start flags travel in ``last.pt`` with the envs' episodes. With
+    ``fused`` (the learner's view of the same network) actor and critic act in one pass.
     """
 
     def __init__(
@@ -284,8 +290,9 @@ class RolloutCollector:
         gamma: float,
         generator: torch.Generator,
         state: dict[str, Any] | None = None,
+        fused: FusedActorCritic | None = None,
     ) -> None:
-        self.network, self.gamma, self.generator = network, gamma, generator
+        self.network, self.gamma, self.generator, self.fused = network, gamma, generator, fused
         action_space = envs.single_action_space
         self.bounds = (action_space.low, action_space.high) if isinstance(action_space, gym.spaces.Box) else None
         self.episodes = VectorEpisodes(envs, observation_space, vocabulary, device, state)
@@ -309,15 +316,19 @@ class RolloutCollector:
         for t in range(buffer.n_steps):
             interrupts.check()
             observations = episodes.tensor(episodes.observations)
-            if buffer.recurrent:
-                buffer.starts[t] = self.starts
-                distribution, values, self.memory = network.step(observations, self.starts, self.memory)
+            if self.fused is not None:  # the same network, its actor and critic in one pass
+                actions, log_probs, values = self.fused.act(observations, self.generator)
             else:
-                distribution, values = network.distribution(observations), network.value(observations)
-            actions = sample(distribution, self.generator)
+                if buffer.recurrent:
+                    buffer.starts[t] = self.starts
+                    distribution, values, self.memory = network.step(observations, self.starts, self.memory)
+                else:
+                    distribution, values = network.distribution(observations), network.value(observations)
+                actions = sample(distribution, self.generator)
+                log_probs = distribution.log_prob(actions)
             buffer.store_observations(t, observations)
             buffer.actions[t] = actions
-            buffer.log_probs[t] = distribution.log_prob(actions)
+            buffer.log_probs[t] = log_probs
             buffer.values[t] = values
 
             env_actions = actions.cpu().numpy()

@@ -1,0 +1,328 @@
+"""An actor-critic's two MLPs evaluated as one: a batched matrix product per layer, a hand-written backward.
+
+PPO's minibatches are small (64 rows) and its networks smaller (8-64-64-4 and 8-64-64-1), so
+on a CPU a minibatch step is bound by the number of operations, not by arithmetic: with two
+``nn.Sequential`` networks, a ``Distribution`` and autograd it is a few hundred eager ops. The
+actor and the critic of an :class:`~mazerun.models.ActorCritic` without memory have the same
+layer widths (the heads aside), so here they live side by side in one tensor ``(2, S)``: row 0
+holds the actor's weights, row 1 the critic's. Layer ``l`` of both is then one ``baddbmm`` of a
+``(2, B, in)`` input with the stacked ``(2, out, in)`` weights, and its gradient two ``bmm``
+calls. The two networks stay separate in value: nothing mixes the rows.
+
+The module's own parameters and normalisation buffers become views into this storage, so the
+module, its checkpoints and every plain-code path see the weights this class trains, and
+``load_state_dict`` writes into it. The critic's head (1 output) is padded to the actor's head
+width with zeros that no loss reads: their gradients are 0, Adam leaves them at 0.
+
+:class:`FlatAdam` steps the storage with torch's fused Adam kernel, one call for both rows (or one
+per row while their step counts differ, after a critic burn-in), and reads and writes the
+``state_dict`` of :class:`mazerun.optim.Adam` over the module's parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from mazerun.models import NORMALIZED_OBS_CLIP, ActorCritic
+from mazerun.optim import GROUP_DEFAULTS, adam_kernel
+
+ACTIVATION_KINDS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _linear_layers(trunk: nn.Sequential) -> tuple[list[nn.Linear], str | None]:
+    """The Linear layers of an MLP trunk and its activation, or ``([], None)`` if it is anything else."""
+    layers, kinds = [], set()
+    for module in trunk:
+        if isinstance(module, nn.Linear):
+            layers.append(module)
+        elif type(module) in ACTIVATION_KINDS:
+            kinds.add(ACTIVATION_KINDS[type(module)])
+        else:
+            return [], None
+    if len(kinds) > 1 or (layers and not kinds):
+        return [], None
+    return layers, next(iter(kinds), "tanh")
+
+
+def fusable(network: nn.Module) -> bool:
+    """Whether ``network`` is an :class:`ActorCritic` this module can fuse: vector observations, no memory, MLPs."""
+    if not isinstance(network, ActorCritic) or network.recurrent:
+        return False
+    if network.actor_encoder.kind != "vector_obs" or network.critic_encoder.kind != "vector_obs":
+        return False
+    actor, actor_kind = _linear_layers(network.actor_trunk)
+    critic, critic_kind = _linear_layers(network.critic_trunk)
+    if actor_kind is None or critic_kind != actor_kind or len(actor) != len(critic):
+        return False
+    shapes = [tuple(layer.weight.shape) for layer in actor]
+    if shapes != [tuple(layer.weight.shape) for layer in critic]:
+        return False
+    parameters = [*network.parameters()]
+    return all(parameter.dtype == torch.float32 for parameter in parameters) and all(
+        layer.bias is not None for layer in [*actor, *critic, network.policy_head, network.value_head])
+
+
+@dataclass
+class _Layer:
+    weight: torch.Tensor
+    """``(2, out, in)``, a view of the storage."""
+    weight_t: torch.Tensor
+    """The same, ``(2, in, out)``: what a forward multiplies by."""
+    bias: torch.Tensor
+    """``(2, 1, out)``."""
+    weight_grad: torch.Tensor
+    bias_grad: torch.Tensor
+
+
+class FusedActorCritic:
+    """The actor (row 0) and critic (row 1) of ``network`` in one ``(2, S)`` storage; see the module docstring.
+
+    Layout of each row: every trunk layer's weight and bias, then the head's weight and bias
+    (the critic's padded to the actor's width), then the actor's ``log_std`` for continuous
+    actions (padding in the critic's row).
+    """
+
+    def __init__(self, network: ActorCritic) -> None:
+        if not fusable(network):
+            raise ValueError("only an ActorCritic with vector observations, no memory and MLP trunks can be fused")
+        self.network = network
+        actor_layers, self.activation = _linear_layers(network.actor_trunk)
+        critic_layers, _ = _linear_layers(network.critic_trunk)
+        actor_layers = [*actor_layers, network.policy_head]
+        critic_layers = [*critic_layers, network.value_head]
+        self.discrete = network.discrete
+        self.action_width = network.policy_head.out_features
+        device = network.policy_head.weight.device
+        shapes = [tuple(layer.weight.shape) for layer in actor_layers]
+        size = sum(out * inp + out for out, inp in shapes) + (0 if self.discrete else self.action_width)
+        self.flat = torch.zeros(2, size, device=device)
+        self.flat_grad = torch.zeros(2, size, device=device)
+        self.layers: list[_Layer] = []
+        offset = 0
+        for (out, inp), actor, critic in zip(shapes, actor_layers, critic_layers):
+            weight = slice(offset, offset + out * inp)
+            bias = slice(weight.stop, weight.stop + out)
+            offset = bias.stop
+            stacked = self.flat[:, weight].view(2, out, inp)
+            self.layers.append(_Layer(stacked, stacked.transpose(1, 2), self.flat[:, bias].view(2, 1, out),
+                                      self.flat_grad[:, weight].view(2, out, inp), self.flat_grad[:, bias].view(2, 1, out)))
+            for row, layer in enumerate((actor, critic)):
+                rows = layer.weight.shape[0]  # the critic's head has fewer outputs than the actor's
+                _bind(layer.weight, self.flat[row, weight].view(out, inp)[:rows])
+                _bind(layer.bias, self.flat[row, bias][:rows])
+        self.log_std: torch.Tensor | None = None
+        self.log_std_grad: torch.Tensor | None = None
+        if not self.discrete:
+            self.log_std = self.flat[0, offset:]
+            self.log_std_grad = self.flat_grad[0, offset:]
+            _bind(network.log_std, self.log_std)
+        # Both encoders' statistics, stacked (2, 1, D): set_normalization and load_state_dict copy into them.
+        width = network.actor_encoder.obs_mean.shape[0]
+        self.obs_mean = torch.zeros(2, 1, width, device=device)
+        self.obs_std = torch.ones(2, 1, width, device=device)
+        for row, encoder in enumerate((network.actor_encoder, network.critic_encoder)):
+            for name, storage in (("obs_mean", self.obs_mean), ("obs_std", self.obs_std)):
+                storage[row, 0].copy_(getattr(encoder, name))
+                setattr(encoder, name, storage[row, 0])
+        self.hidden, self.head = self.layers[:-1], self.layers[-1]
+        self._activate_ = torch.tanh_ if self.activation == "tanh" else torch.relu_
+        self._activation_backward = (torch.ops.aten.tanh_backward.grad_input if self.activation == "tanh" else
+                                     partial(torch.ops.aten.threshold_backward.grad_input, threshold=0))
+        self._workspaces: dict[int, Workspace] = {}
+
+    def normalize(self, observations: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` observations as each encoder standardises them: ``(2, N, D)``."""
+        standardized = (observations - self.obs_mean) / self.obs_std
+        return standardized.clamp_(-NORMALIZED_OBS_CLIP, NORMALIZED_OBS_CLIP)
+
+    def workspace(self, rows: int) -> Workspace:
+        """The tensors a pass over ``rows`` rows writes, allocated on first use and reused after."""
+        workspace = self._workspaces.get(rows)
+        if workspace is None:
+            device = self.flat.device
+            widths = [layer.weight.shape[1] for layer in self.hidden]  # (2, out, in)
+            hidden = [torch.zeros(2, rows, width, device=device) for width in widths]
+            hidden_grad = [torch.zeros(2, rows, width, device=device) for width in widths]
+            out = torch.zeros(2, rows, self.action_width, device=device)
+            out_grad = torch.zeros(2, rows, self.action_width, device=device)
+            workspace = self._workspaces[rows] = Workspace(
+                hidden, hidden_grad, [grad.transpose(1, 2) for grad in hidden_grad], out, out_grad,
+                out_grad.transpose(1, 2), out[0], out[1, :, :1], out_grad[0], out_grad[1, :, :1])
+        return workspace
+
+    @torch.no_grad()
+    def heads(self, observations: torch.Tensor) -> Workspace:
+        """The actor's head (``.head``: logits or means) and the critic's values (``.values``, ``(B, 1)``) of
+        ``(B, D)`` observations, in the workspace of ``B`` rows: valid until the next pass of that many rows."""
+        workspace = self.workspace(len(observations))
+        self.forward(workspace, self.normalize(observations))
+        return workspace
+
+    @torch.no_grad()
+    def act(self, observations: torch.Tensor, generator: torch.Generator | None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Actions sampled from the policy (as :func:`mazerun.models.sample` draws them), their log-probabilities
+        and the values of ``(B, D)`` observations: a rollout step without building a ``Distribution``."""
+        workspace = self.heads(observations)
+        head, values = workspace.head, workspace.values.squeeze(1)
+        if self.discrete:
+            log_p = torch.log_softmax(head, 1)
+            actions = torch.multinomial(log_p.exp(), 1, generator=generator)
+            return actions.squeeze(1), log_p.gather(1, actions).squeeze(1), values
+        noise = torch.randn(head.shape, generator=generator, device=head.device, dtype=head.dtype)
+        log_prob = noise.square().mul(-0.5).sub_(self.log_std).sum(1).sub_(self.log_std.numel() * LOG_SQRT_2PI)
+        return head + self.log_std.exp() * noise, log_prob, values
+
+    def forward(self, workspace: Workspace, inputs: torch.Tensor) -> None:
+        """Both networks on normalised ``(2, B, D)`` inputs: activations and head outputs into ``workspace``."""
+        activate = self._activate_
+        hidden = inputs
+        for layer, output in zip(self.hidden, workspace.hidden):
+            activate(torch.baddbmm(layer.bias, hidden, layer.weight_t, out=output))
+            hidden = output
+        torch.baddbmm(self.head.bias, hidden, self.head.weight_t, out=workspace.out)
+
+    def backward(self, workspace: Workspace, inputs: torch.Tensor) -> None:
+        """Write the gradient of every weight and bias into :attr:`flat_grad`, from ``workspace.out_grad`` (d loss /
+        d head outputs) and the activations :meth:`forward` left there for the same ``inputs``.
+
+        ``log_std``'s gradient is not touched: it does not depend on the layers (the caller writes it).
+        """
+        grad, grad_t = workspace.out_grad, workspace.out_grad_t
+        for index in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[index]
+            layer_input = workspace.hidden[index - 1] if index else inputs
+            torch.bmm(grad_t, layer_input, out=layer.weight_grad)
+            torch.sum(grad, 1, keepdim=True, out=layer.bias_grad)
+            if index:
+                previous = workspace.hidden_grad[index - 1]
+                torch.bmm(grad, layer.weight, out=previous)
+                self._activation_backward(previous, layer_input, grad_input=previous)
+                grad, grad_t = previous, workspace.hidden_grad_t[index - 1]
+
+
+@dataclass
+class Workspace:
+    """What one pass of ``B`` rows writes, allocated once, so that a minibatch step allocates nothing for it."""
+
+    hidden: list[torch.Tensor]
+    """Each hidden layer's activations, ``(2, B, width)``."""
+    hidden_grad: list[torch.Tensor]
+    """d loss / d each hidden layer's pre-activations."""
+    hidden_grad_t: list[torch.Tensor]
+    out: torch.Tensor
+    """The heads' outputs ``(2, B, head width)``."""
+    out_grad: torch.Tensor
+    """d loss / d ``out``: what :meth:`FusedActorCritic.backward` starts from."""
+    out_grad_t: torch.Tensor
+    head: torch.Tensor
+    """``out[0]``: the actor's logits or means."""
+    values: torch.Tensor
+    """``out[1, :, :1]``: the critic's values, ``(B, 1)``."""
+    head_grad: torch.Tensor
+    value_grad: torch.Tensor
+
+
+def _bind(parameter: torch.Tensor, view: torch.Tensor) -> None:
+    """Make ``parameter`` (same object, same value) live in ``view``."""
+    with torch.no_grad():
+        view.copy_(parameter)
+    parameter.data = view
+
+
+class FlatAdam:
+    """Adam over the ``(2, S)`` storage of a :class:`FusedActorCritic`, each row with its own step count.
+
+    The state is that of :class:`mazerun.optim.Adam` (torch's layout) over ``parameters``, the
+    module's parameters in their usual order; a row never stepped has no state, as a parameter
+    never given a gradient has none.
+    """
+
+    def __init__(self, fused: FusedActorCritic, parameters: list[torch.Tensor], lr: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.fused = fused
+        self.parameters = parameters
+        self.param_groups: list[dict[str, Any]] = [
+            {"lr": lr, "betas": tuple(betas), "eps": eps, **GROUP_DEFAULTS, "params": parameters}
+        ]
+        self.exp_avg = torch.zeros_like(fused.flat)
+        self.exp_avg_sq = torch.zeros_like(fused.flat)
+        self.counts = [0, 0]
+        """Each row's step count."""
+        self._step = torch.zeros((), device=fused.flat.device)
+        """The count the kernel reads (it takes a tensor)."""
+        storage = fused.flat
+        self._rows = [_row_of(parameter, storage) for parameter in parameters]
+
+    def step(self, rows: tuple[int, ...] = (0, 1)) -> None:
+        """One step of the rows given (both, or the critic's alone); the gradients are the fused storage's."""
+        group = self.param_groups[0]
+        beta1, beta2 = group["betas"]
+        fused, counts = self.fused, self.counts
+        if len(rows) == 2 and counts[0] == counts[1]:  # one kernel call for both rows
+            groups = [(fused.flat, fused.flat_grad, self.exp_avg, self.exp_avg_sq, counts[0] + 1)]
+        else:
+            groups = [(fused.flat[row], fused.flat_grad[row], self.exp_avg[row], self.exp_avg_sq[row], counts[row] + 1)
+                      for row in rows]
+        for parameter, grad, exp_avg, exp_avg_sq, count in groups:
+            self._step.fill_(count)
+            adam_kernel([parameter], [grad], [exp_avg], [exp_avg_sq], [self._step], lr=group["lr"], beta1=beta1,
+                        beta2=beta2, eps=group["eps"])
+        for row in rows:
+            counts[row] += 1
+
+    def _views(self, tensor: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+        """``parameter``'s part of a storage-shaped ``tensor``."""
+        offset = parameter.storage_offset() - self.fused.flat.storage_offset()
+        row, start = divmod(offset, self.fused.flat.shape[1])
+        return tensor[row, start:start + parameter.numel()].view_as(parameter)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {}
+        for index, (parameter, row) in enumerate(zip(self.parameters, self._rows)):
+            if self.counts[row] > 0:
+                state[index] = {"step": torch.tensor(float(self.counts[row])),
+                                "exp_avg": self._views(self.exp_avg, parameter).clone(),
+                                "exp_avg_sq": self._views(self.exp_avg_sq, parameter).clone()}
+        group = {key: value for key, value in self.param_groups[0].items() if key != "params"}
+        return {"state": state, "param_groups": [{**group, "params": list(range(len(self.parameters)))}]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the state of an Adam over the same parameters; each row's parameters must share one step count."""
+        (saved,) = state_dict["param_groups"]
+        if len(saved["params"]) != len(self.parameters):
+            raise ValueError(f"the saved optimiser state holds {len(saved['params'])} parameters, this one "
+                             f"{len(self.parameters)}")
+        if saved.get("weight_decay") or saved.get("amsgrad") or saved.get("maximize"):
+            raise ValueError("the saved optimiser state uses weight decay, amsgrad or maximize, which this Adam lacks")
+        self.param_groups[0].update(lr=saved["lr"], betas=tuple(saved["betas"]), eps=saved["eps"])
+        steps: list[set[float]] = [set(), set()]
+        self.exp_avg.zero_()
+        self.exp_avg_sq.zero_()
+        by_index = dict(zip(saved["params"], range(len(self.parameters))))
+        for index, values in state_dict["state"].items():
+            position = by_index[index]
+            parameter, row = self.parameters[position], self._rows[position]
+            steps[row].add(float(values["step"]))
+            self._views(self.exp_avg, parameter).copy_(values["exp_avg"])
+            self._views(self.exp_avg_sq, parameter).copy_(values["exp_avg_sq"])
+        for row, counts in enumerate(steps):
+            missing = any(self._rows[position] == row and index not in state_dict["state"]
+                          for index, position in by_index.items())
+            if len(counts) > 1 or (counts and missing):
+                raise ValueError("the saved optimiser state has different step counts within the "
+                                 f"{('actor', 'critic')[row]}; it cannot be stepped as one")
+            self.counts[row] = int(counts.pop()) if counts else 0
+
+
+def _row_of(parameter: torch.Tensor, storage: torch.Tensor) -> int:
+    if parameter.untyped_storage().data_ptr() != storage.untyped_storage().data_ptr():
+        raise ValueError("a parameter outside the fused storage")
+    return (parameter.storage_offset() - storage.storage_offset()) // storage.shape[1]

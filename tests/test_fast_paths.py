@@ -1,0 +1,205 @@
+"""The fast paths give what the plain ones give: mazerun's Adam against torch.optim's, the fused PPO
+update against autograd on the same batch, fused rollouts against the network's own forward."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import gymnasium as gym
+import pytest
+import torch
+
+from mazerun.algorithms.ppo import PPO, PPOConfig, RolloutBatch
+from mazerun.envs import make_vector_env
+from mazerun.fused import FusedActorCritic, fusable
+from mazerun.loops.onpolicy import RolloutBuffer, RolloutCollector
+from mazerun.models import ModelConfig, build_actor_critic
+from mazerun.optim import Adam, adam_step, reference_adam_step
+
+OBSERVATIONS = gym.spaces.Box(-1.0, 1.0, (5,))
+
+
+def _network(discrete: bool, hidden: tuple[int, ...] = (16, 16), activation: str = "tanh",
+             memory: str = "none") -> torch.nn.Module:
+    torch.manual_seed(0)
+    actions = gym.spaces.Discrete(3) if discrete else gym.spaces.Box(-1.0, 1.0, (2,))
+    network = build_actor_critic(ModelConfig(kind="vector_obs", hidden_sizes=hidden, activation=activation,
+                                             memory=memory), OBSERVATIONS, actions)
+    network.set_normalization(torch.randn(5) * 0.1, torch.rand(5) + 0.5)
+    with torch.no_grad():  # move the heads off their near-zero initialisation so every term matters
+        for parameter in network.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    return network
+
+
+def _batch(discrete: bool, size: int = 64) -> RolloutBatch:
+    generator = torch.Generator().manual_seed(1)
+    actions = torch.randint(0, 3, (size,), generator=generator) if discrete else torch.randn(size, 2, generator=generator)
+    return RolloutBatch(torch.randn(size, 5, generator=generator), actions,
+                        torch.randn(size, generator=generator) * 0.3 - 1.0, torch.randn(size, generator=generator),
+                        torch.randn(size, generator=generator), torch.randn(size, generator=generator))
+
+
+# ----------------------------------------------------------------------------------------------- Adam
+
+
+def test_adam_steps_exactly_as_torch_fused_adam_and_skips_parameters_without_gradients() -> None:
+    torch.manual_seed(0)
+    ours_model, theirs_model = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    theirs_model.load_state_dict(ours_model.state_dict())
+    ours = Adam(ours_model.parameters(), lr=1e-2, eps=1e-5)
+    theirs = torch.optim.Adam(theirs_model.parameters(), lr=1e-2, eps=1e-5, fused=True)
+    for step in range(3):
+        inputs = torch.randn(8, 4)
+        for model, optimizer in ((ours_model, ours), (theirs_model, theirs)):
+            optimizer.zero_grad(set_to_none=True)
+            model(inputs).square().mean().backward()
+            if step == 1:
+                model.bias.grad = None  # no gradient: left alone, its step count too
+            optimizer.step()
+    for name, value in ours_model.state_dict().items():
+        assert torch.equal(value, theirs_model.state_dict()[name]), name
+    ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+    assert [float(state["step"]) for state in ours_state["state"].values()] == [3.0, 2.0]
+    assert ours_state["param_groups"] == theirs_state["param_groups"]
+    for index, state in theirs_state["state"].items():
+        for key, value in state.items():
+            assert torch.equal(ours_state["state"][index][key], value), (index, key)
+    # each loads the other's state
+    crossed = Adam(theirs_model.parameters(), lr=1.0)
+    crossed.load_state_dict(theirs_state)
+    assert crossed.param_groups[0]["lr"] == 1e-2
+    theirs.load_state_dict(ours_state)
+
+
+def test_the_fused_kernel_is_the_formula() -> None:
+    torch.manual_seed(0)
+    tensors = [torch.randn(7) for _ in range(4)]
+    fused, reference = [t.clone() for t in tensors], [t.clone() for t in tensors]
+    fused[3].abs_()
+    reference[3].abs_()
+    steps_fused, steps_reference = [torch.tensor(4.0)], [torch.tensor(5.0)]
+    adam_step([fused[0]], [fused[1]], [fused[2]], [fused[3]], steps_fused, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-5)
+    reference_adam_step([reference[0]], [reference[1]], [reference[2]], [reference[3]], steps_reference, lr=0.1,
+                        beta1=0.9, beta2=0.999, eps=1e-5)
+    assert float(steps_fused[0]) == 5.0
+    for ours, expected in zip(fused, reference):
+        torch.testing.assert_close(ours, expected)
+
+
+# ------------------------------------------------------------------------------------- fused PPO update
+
+
+@pytest.mark.parametrize("discrete", [True, False], ids=["categorical", "gaussian"])
+@pytest.mark.parametrize("hidden,activation,clip_vf", [((16, 16), "tanh", None), ((12,), "relu", 0.2),
+                                                       ((), "tanh", None)])
+def test_the_fused_update_gives_the_plain_update_on_a_fixed_batch(
+    discrete: bool, hidden: tuple[int, ...], activation: str, clip_vf: float | None
+) -> None:
+    fused_network = _network(discrete, hidden, activation)
+    plain_network = copy.deepcopy(fused_network)
+    settings = dict(n_epochs=2, batch_size=16, clip_vf=clip_vf, ent_coef=0.05)
+    fused = PPO(PPOConfig(**settings), fused_network, torch.Generator().manual_seed(2))
+    plain = PPO(PPOConfig(**settings, fused=False), plain_network, torch.Generator().manual_seed(2))
+    assert fused.fused is not None and plain.fused is None
+    batch = _batch(discrete)
+    # critic burn-in between policy updates: the actor's Adam steps fall behind the critic's
+    for train_policy in (False, True, False, True):
+        ours, expected = fused.update(batch, train_policy), plain.update(batch, train_policy)
+        assert ours.keys() == expected.keys()
+        for name, value in expected.items():
+            assert ours[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    for name, value in plain_network.state_dict().items():
+        torch.testing.assert_close(fused_network.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    ours_state, expected_state = fused.optimizer.state_dict(), plain.optimizer.state_dict()
+    assert ours_state["param_groups"] == expected_state["param_groups"]
+    assert ours_state["state"].keys() == expected_state["state"].keys()
+    for index, state in expected_state["state"].items():
+        assert float(ours_state["state"][index]["step"]) == float(state["step"])
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ours_state["state"][index][key], state[key], rtol=1e-4, atol=1e-8)
+
+
+def test_a_plain_run_s_optimiser_state_continues_on_the_fused_path_and_back() -> None:
+    plain_network = _network(True)
+    plain = PPO(PPOConfig(n_epochs=1, batch_size=16, fused=False), plain_network, torch.Generator().manual_seed(0))
+    plain.update(_batch(True), train_policy=False)  # the critic alone: the actor has no state yet
+    fused_network = copy.deepcopy(plain_network)
+    fused = PPO(PPOConfig(n_epochs=1, batch_size=16), fused_network, torch.Generator().manual_seed(0))
+    fused.optimizer.load_state_dict(plain.optimizer.state_dict())
+    assert fused.optimizer.counts == [0, 4]
+    again = PPO(PPOConfig(n_epochs=1, batch_size=16, fused=False), copy.deepcopy(plain_network))
+    again.optimizer.load_state_dict(fused.optimizer.state_dict())
+    for index, state in plain.optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            assert torch.equal(again.optimizer.state_dict()["state"][index][key], value)
+
+
+def test_the_module_reads_and_writes_the_fused_storage() -> None:
+    network = _network(False)
+    fused = FusedActorCritic(network)
+    replacement = _network(False, hidden=(16, 16))
+    with torch.no_grad():
+        for parameter in replacement.parameters():
+            parameter.mul_(1.5)
+    network.load_state_dict(replacement.state_dict())  # a checkpoint loaded after fusing lands in the storage
+    observations = torch.randn(6, 5)
+    out = fused.heads(observations)
+    with torch.no_grad():
+        torch.testing.assert_close(out.head, network.distribution(observations).mean)
+        torch.testing.assert_close(out.values[:, 0], network.value(observations))
+        torch.testing.assert_close(out.values[:, 0], replacement.value(observations))
+    assert torch.equal(fused.log_std, replacement.log_std.detach())
+
+
+def test_networks_with_memory_or_images_take_the_plain_path() -> None:
+    assert fusable(_network(True))
+    assert not fusable(_network(True, memory="gru"))
+    ppo = PPO(PPOConfig(imitation_coef=0.5), _network(True))
+    assert ppo.fused is None and isinstance(ppo.optimizer, Adam)
+
+
+@pytest.mark.parametrize("env_id", ["LunarLander-v3", "LunarLanderContinuous-v3"])
+def test_fused_rollouts_act_as_the_network_does(env_id: str) -> None:
+    buffers = []
+    for fuse in (True, False):
+        envs = make_vector_env(env_id, 2, "sync", 30, seed=3)
+        try:
+            torch.manual_seed(0)
+            network = build_actor_critic(ModelConfig(kind="vector_obs", hidden_sizes=(8,)),
+                                         envs.single_observation_space, envs.single_action_space)
+            with torch.no_grad():
+                network.policy_head.weight.mul_(100.0)  # decided actions, so a wrong observation shows
+            buffer = RolloutBuffer(40, 2, envs.single_observation_space, envs.single_action_space, torch.device("cpu"))
+            RolloutCollector(envs, network, envs.single_observation_space, None, torch.device("cpu"), 0.99,
+                             torch.Generator().manual_seed(0),
+                             fused=FusedActorCritic(network) if fuse else None).collect(buffer)
+            buffers.append(buffer)
+        finally:
+            envs.close()
+    ours, expected = buffers
+    torch.testing.assert_close(ours.observations, expected.observations)
+    torch.testing.assert_close(ours.actions, expected.actions)
+    torch.testing.assert_close(ours.log_probs, expected.log_probs)
+    torch.testing.assert_close(ours.values, expected.values)
+
+
+def test_training_never_imports_the_compiler() -> None:
+    """torch.optim imports torch._dynamo (1.5-2 s of start-up); mazerun's training does without it."""
+    script = (
+        "import sys, tempfile\n"
+        "from pathlib import Path\n"
+        "from mazerun.algorithms.ppo import PPOConfig\n"
+        "from mazerun.config import RunConfig, RunnerConfig\n"
+        "from mazerun.train import train\n"
+        "with tempfile.TemporaryDirectory() as directory:\n"
+        "    train(RunConfig(algorithm=PPOConfig(n_steps=16, batch_size=16, total_steps=32, eval_every=32),\n"
+        "                    runner=RunnerConfig(n_envs=2, max_episode_steps=20, eval_repeats=1),\n"
+        "                    model={'hidden_sizes': [8]}, device='cpu'), Path(directory))\n"
+        "print(sorted(name for name in sys.modules if name.startswith('torch._dynamo'))[:3])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
