@@ -7,6 +7,8 @@ accepts every format. ``runner.dataset.dir_or_file`` names any of them (or a lis
     outputs/.../trajectory_data     mazerun's own records (a directory, or one .pkl)
     data/cartpole.h5                an HDF5 file (.h5 / .hdf5)
     minari:mazerun/lunar-noisy-v0   a Minari dataset stored locally (never downloaded)
+    data/lunar.store                a columnar store (:mod:`mazerun.store`): read whole here; the
+                                    offline loop samples it through memory maps instead
 
 HDF5 layout (flat arrays, one row per step, episodes back to back)::
 
@@ -48,6 +50,7 @@ import numpy as np
 
 from mazerun.errors import MazerunError
 from mazerun.records import StateTrajectoryRecord, atomic_write_bytes, load_records
+from mazerun.store import ColumnarStore, is_store
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,10 @@ def load_dataset_records(
             pickled.clear()
 
     for source in sources:
-        if is_minari(source):
+        if is_store(source):
+            flush()
+            records.extend(ColumnarStore.open(source).records(left()))
+        elif is_minari(source):
             flush()
             records.extend(read_minari(str(source)[len(MINARI_PREFIX):], env_id))
         elif is_hdf5(source):
