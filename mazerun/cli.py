@@ -31,7 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from mazerun import distributed, interrupts
@@ -135,9 +135,9 @@ class SweepOutcome(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         failed = [path for path in self.sweep_dir.rglob(FAILED_JOB) if path.stat().st_mtime >= self.started]
         _Jobs.failed = len(failed)
-        if failed:
-            log.error("%d job%s of this sweep failed: %s", len(failed), "s" * (len(failed) > 1),
-                      ", ".join(str(path.parent) for path in sorted(failed)))
+        if failed:  # each job said why on its own error line; this one says which, beside them on stderr
+            print(f"{len(failed)} job{'s' * (len(failed) > 1)} of this sweep failed: "
+                  f"{', '.join(str(path.parent) for path in sorted(failed))}", file=sys.stderr)
 
 
 @hydra.main(config_path=_config_dir(), config_name="conf_rollout", version_base="1.3")
@@ -162,10 +162,26 @@ def hydra_main(cfg: DictConfig) -> float:
         if sweep:
             _mark_failed(run_dir, str(error))
         _Jobs.failed += 1
-        return float("nan")
+        return failed_job_value(hydra_config.sweeper)
     except KeyboardInterrupt as interrupt:
         log.error("interrupted: %s", interrupt or "stopped by the user")
         raise
+
+
+def failed_job_value(sweeper: Any) -> float:
+    """What a failed job returns: NaN, or for Optuna the worst value of its direction.
+
+    hydra-optuna-sweeper (1.3, on optuna 2.10) cannot record a NaN trial as failed: it stops
+    the sweep with a traceback. The worst value keeps the sweep going and steers the search
+    away, while the job's error line, its failed.txt and the exit code say it failed.
+    """
+    if "optuna" not in str(getattr(sweeper, "_target_", "") or "").lower():
+        return float("nan")
+    direction = getattr(sweeper, "direction", "minimize")
+    if isinstance(direction, (list, tuple, ListConfig)):  # several objectives: the first is the one returned
+        direction = direction[0] if len(direction) else "minimize"
+    first = str(getattr(direction, "name", direction)).lower()  # a str, or optuna's Direction enum
+    return float("-inf") if "max" in first else float("inf")
 
 
 def _mark_failed(run_dir: Path, message: str) -> None:
