@@ -151,6 +151,7 @@ def hydra_main(cfg: DictConfig) -> float:
     sweep = hydra_config.mode == RunMode.MULTIRUN
     try:
         config = validate(cfg)
+        check_optimized_metric(config)
         check_data_parallel(config, world)
         if sweep:
             check_sweep_dataset(config)
@@ -164,7 +165,8 @@ def hydra_main(cfg: DictConfig) -> float:
         _Jobs.failed += 1
         return failed_job_value(hydra_config.sweeper)
     except KeyboardInterrupt as interrupt:
-        log.error("interrupted: %s", interrupt or "stopped by the user")
+        if world.writes:
+            log.error("interrupted: %s", interrupt or "stopped by the user")
         raise
 
 
@@ -191,6 +193,23 @@ def _mark_failed(run_dir: Path, message: str) -> None:
         atomic_write_bytes(run_dir / FAILED_JOB, f"error: {message}\n".encode())
     except MazerunError as error:  # a full disk: the log line above still says what failed
         log.error("could not mark the job as failed: %s", error)
+
+
+ROLLOUT_STATISTICS = ("mean", "std", "min", "max", "median_step_count", "mean_step_count", "total_step_count",
+                      "episode_count", "success_rate")
+
+
+def check_optimized_metric(config: RunConfig) -> None:
+    """A misspelt optimized_metric fails before the run, not after it (as far as names are known up front)."""
+    name = config.optimized_metric
+    if name is None:
+        return
+    if not config.trains and name not in ROLLOUT_STATISTICS:
+        raise MazerunError(f"optimized_metric={name} is not a statistic of a recording; choose one of: "
+                           f"{', '.join(ROLLOUT_STATISTICS)}")
+    if config.trains and "/" not in name:
+        raise MazerunError(f"optimized_metric={name} names no logged metric; write <group>/<name> as in metrics.csv, "
+                           "e.g. eval/mean_return or validation/policy_loss")
 
 
 def check_data_parallel(config: RunConfig, world: distributed.World) -> None:

@@ -138,3 +138,20 @@ def test_the_ray_launcher_runs_a_cql_sweep_on_a_local_ray_instance(workdir: Path
     for job in ("0", "1"):
         assert (workdir / "sweep" / job / "best.pt").is_file() and (workdir / "sweep" / job / "result.json").is_file()
     assert "Ray" in result.stderr or "ray" in result.stderr
+
+
+def test_optimized_metric_reads_the_last_report_and_a_misspelt_one_fails_before_the_run(workdir: Path) -> None:
+    from mazerun.errors import MazerunError
+    from mazerun.metrics import MetricsLogger, last_value
+
+    with MetricsLogger(workdir / "run", tensorboard=False, console=False) as logger:
+        logger.log(10, {"mean_return": 5.0}, "eval")
+        logger.log(20, {"mean_return": -3.0, "mean_length": 9.0}, "eval")
+    assert last_value(workdir / "run", "eval/mean_return") == -3.0
+    with pytest.raises(MazerunError, match="was never logged by this run; logged metrics: eval/mean_length"):
+        last_value(workdir / "run", "eval/mean_retrun")
+    result = run_cli("optimized_metric=mean_return", "runner.n_episodes=1", cwd=workdir)
+    assert result.returncode == 2 and error_lines(result) == [
+        "error: optimized_metric=mean_return is not a statistic of a recording; choose one of: mean, std, min, max, "
+        "median_step_count, mean_step_count, total_step_count, episode_count, success_rate"]
+    assert not list(workdir.glob("outputs/*/*/trajectory_data"))
