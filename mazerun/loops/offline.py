@@ -14,6 +14,7 @@ the run that was never stopped.
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -118,6 +119,7 @@ def train_offline(setup: RunSetup) -> TrainResult:
     metrics_logger = MetricsLogger(setup.run_dir, step_offset=setup.step_offset) if world.writes \
         else distributed.NullLogger()
     stop_check = sync.check if sync is not None else interrupts.check
+    started, first_update = time.perf_counter(), update
     with metrics_logger as logger, keeper.stop_cleanly(on_stop), interrupts.deferred():
         with tqdm(total=config.n_updates, initial=update, unit="update", desc=config.name,
                   disable=None if world.writes else True) as bar:
@@ -134,7 +136,9 @@ def train_offline(setup: RunSetup) -> TrainResult:
                     window.clear()
                     window_size = 0
                     keeper.save_last(update, training_state())
-    log.info("done: %d updates; checkpoints %s and %s in %s", update, keeper.best_path.name, keeper.last_path.name,
+    seconds = time.perf_counter() - started
+    log.info("done: %d updates (%.0f updates/s, reports included); checkpoints %s and %s in %s", update,
+             (update - first_update) / seconds if seconds > 0 else 0.0, keeper.best_path.name, keeper.last_path.name,
              setup.run_dir)
     result = keeper.result(update)
     if world.writes:
