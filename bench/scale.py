@@ -196,7 +196,7 @@ def sweeps_part(table: Table, args: argparse.Namespace, workdir: Path) -> None:
     for number, (name, (overrides, target)) in enumerate(workloads.items()):
         jobs = [*overrides, "runner.seed=0,1,2,3"]
         joblib, sequential = [], []
-        for repeat in range(args.repeats):
+        for repeat in range(args.sweep_repeats):
             sequential.append(sweep_seconds(jobs, workdir, f"sweeps/{number}-sequential-{repeat}"))
             joblib.append(sweep_seconds(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *jobs], workdir,
                                         f"sweeps/{number}-joblib-{repeat}"))
@@ -246,6 +246,7 @@ def main() -> int:
     parser.add_argument("--updates", type=int, default=2000)
     parser.add_argument("--ppo-steps", type=int, default=32768)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sweep-repeats", type=int, default=2, help="each is two 4-job sweeps of a minute or so")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1,

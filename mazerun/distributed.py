@@ -27,13 +27,15 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from mazerun import interrupts
 from mazerun.errors import MazerunError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +79,20 @@ def world_from_env(environ: Mapping[str, str] | None = None) -> World:
 
 def current_world() -> World:
     """The world of this process once :func:`init` joined it, else one process."""
-    import torch.distributed as dist
-
-    return world_from_env() if dist.is_available() and dist.is_initialized() else SINGLE
+    dist = sys.modules.get("torch.distributed")  # never imported: no group was joined
+    return world_from_env() if dist is not None and dist.is_available() and dist.is_initialized() else SINGLE
 
 
 def backend() -> str:
     """gloo for CPU tensors; NCCL as well for CUDA ones when there is a GPU."""
+    import torch  # here and below on first use: `run` starts without torch, which a recording never needs
+
     return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
 def init(world: World) -> None:
     """Join the process group torchrun set up (``MASTER_ADDR``/``MASTER_PORT`` from its environment)."""
+    import torch
     import torch.distributed as dist
 
     if torch.cuda.is_available():
@@ -105,6 +109,7 @@ def destroy() -> None:
 
 def share_run_dir(run_dir: str | None) -> None:
     """Rank 0: tell the other ranks the run directory (None: this job failed before having one)."""
+    import torch
     import torch.distributed as dist
 
     dist.broadcast_object_list([run_dir], src=0, device=torch.device("cpu"))
@@ -112,6 +117,7 @@ def share_run_dir(run_dir: str | None) -> None:
 
 def receive_run_dir() -> str | None:
     """Ranks > 0: the run directory rank 0's Hydra chose, or None if rank 0 failed first."""
+    import torch
     import torch.distributed as dist
 
     received: list[Any] = [None]
@@ -165,6 +171,8 @@ class ShardedSampler:
         self.dataset = sampler.dataset
 
     def sample(self) -> Any:
+        import torch
+
         sampler = self.sampler
         recurrent = hasattr(sampler, "nrollouts")
         count, rows = (sampler.nrollouts, len(sampler)) if recurrent else (sampler.batch_size, len(sampler.dataset))
@@ -188,6 +196,7 @@ class GradientSync:
         self.stop_signal = 0
 
     def __call__(self) -> None:
+        import torch
         import torch.distributed as dist
 
         grads = [parameter.grad for parameter in self.parameters if parameter.grad is not None]
@@ -213,6 +222,7 @@ class GradientSync:
 
     def average(self, totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-metric means over the ranks (every rank holds the same names)."""
+        import torch
         import torch.distributed as dist
 
         names = list(totals)  # the same order on every rank: the same code filled it

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -40,7 +40,10 @@ from mazerun.policies import Policy, build_policy
 from mazerun.records import (
     STATS_FILE, TRAJECTORY_DIR, EpisodeBuilder, StateTrajectoryRecord, atomic_write_bytes, record_name, write_record,
 )
-from mazerun.store import STORE_DIR, OrderedEpisodes, StoreWriter
+from mazerun.records import STORE_DIR
+
+if TYPE_CHECKING:
+    from mazerun.store import OrderedEpisodes
 
 log = logging.getLogger(__name__)
 
@@ -530,7 +533,11 @@ def rollout(
         if not sequential:
             log.info("runner.render=true: playing the episodes one after another in this process")
             sequential = True
-    store = OrderedEpisodes(StoreWriter(spec.run_dir / STORE_DIR)) if runner.store else None
+    store = None
+    if runner.store:
+        from mazerun.store import OrderedEpisodes, StoreWriter  # torch with it: only when a store is asked for
+
+        store = OrderedEpisodes(StoreWriter(spec.run_dir / STORE_DIR))
     try:
         with tqdm(total=runner.n_episodes, unit="episode", desc="rollout", disable=None) as progress:
             result = (_run_sequential if sequential else _run_parallel)(spec, progress, store)
