@@ -178,9 +178,33 @@ def memory_part(table: Table, args: argparse.Namespace, workdir: Path) -> None:
 # -- 2. sweeps --------------------------------------------------------------------------------
 
 
+def idle_share(seconds: float = 2.0) -> float:
+    """The share of all CPUs left idle over ``seconds`` (from /proc/stat)."""
+    def totals() -> tuple[int, int]:
+        values = [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return values[3] + values[4], sum(values)  # idle + iowait, all
+
+    idle, total = totals()
+    time.sleep(seconds)
+    idle_after, total_after = totals()
+    return (idle_after - idle) / max(1, total_after - total)
+
+
+def wait_for_quiet(limit: float) -> float:
+    """Wait (up to ``limit`` seconds) until others leave the CPUs >= 90 % idle: a parallel sweep needs the
+    cores a serial one leaves free, which another user's job takes. Returns the idle share last seen."""
+    deadline = time.monotonic() + limit
+    while True:
+        share = idle_share()
+        if share >= 0.9 or time.monotonic() >= deadline:
+            return share
+        time.sleep(5)
+
+
 def sweep_seconds(overrides: list[str], workdir: Path, sweep_dir: str) -> float:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "mazerun", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"],
+    result = subprocess.run([sys.executable, "-m", "mazerun", "-m", *overrides,
+                             f"hydra.sweep.dir={sweep_dir}-{time.time_ns()}"],
                             cwd=workdir, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])
@@ -195,13 +219,15 @@ def sweeps_part(table: Table, args: argparse.Namespace, workdir: Path) -> None:
     }
     for number, (name, (overrides, target)) in enumerate(workloads.items()):
         jobs = [*overrides, "runner.seed=0,1,2,3"]
-        joblib, sequential = [], []
+        joblib, sequential, idle = [], [], []
         for repeat in range(args.sweep_repeats):
+            idle.append(wait_for_quiet(args.quiet_wait))
             sequential.append(sweep_seconds(jobs, workdir, f"sweeps/{number}-sequential-{repeat}"))
             joblib.append(sweep_seconds(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *jobs], workdir,
                                         f"sweeps/{number}-joblib-{repeat}"))
         ours, peer = statistics.median(joblib), statistics.median(sequential)
-        table.add(f"4-job sweep s, joblib(2) vs one by one: {name}", round(ours, 1), round(peer, 1), target,
+        table.add(f"4-job sweep s, joblib(2) vs one by one: {name} (idle before: "
+                  f"{', '.join(f'{share:.0%}' for share in idle)})", round(ours, 1), round(peer, 1), target,
                   ours <= 0.6 * peer if target else None)
 
 
@@ -247,6 +273,8 @@ def main() -> int:
     parser.add_argument("--ppo-steps", type=int, default=32768)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sweep-repeats", type=int, default=2, help="each is two 4-job sweeps of a minute or so")
+    parser.add_argument("--quiet-wait", type=float, default=300,
+                        help="seconds to wait for idle CPUs before each pair of sweeps (shared machines)")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1,
