@@ -1,9 +1,16 @@
 """The `run` command: Hydra composes the config, this module hands it to plain functions.
 
-The task function returns each job's selection metric, so a Hydra sweeper (Optuna) can read
-it, and it never exits: a failed job of a ``-m`` sweep is reported and the sweep goes on.
-:func:`main` decides the exit code once Hydra returns, and turns Hydra's own multi-line
-reports (a misspelt key, an unknown group, an override it cannot parse) into one line.
+The task function returns each job's selection metric (or the metric ``optimized_metric``
+names), so a Hydra sweeper (Optuna) can read it, and it never exits: a failed job of a ``-m``
+sweep is reported and the sweep goes on. :func:`main` decides the exit code once Hydra
+returns, and turns Hydra's own multi-line reports (a misspelt key, an unknown group, an
+override it cannot parse, a launcher plugin that is not installed) into one line.
+
+Jobs of a sweep may run in other processes (joblib, submitit, Ray): a job that fails leaves
+``failed.txt`` (its one-line error) in its directory, and :class:`SweepOutcome`, a Hydra
+callback in the main process, counts them when the sweep ends. Under ``torchrun`` every rank
+runs this module; rank 0 lets Hydra pick the run directory and tells the other ranks (see
+:mod:`mazerun.distributed`).
 """
 
 from __future__ import annotations
@@ -24,19 +31,22 @@ import fcntl
 import gc
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, ListConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from mazerun import interrupts
+from mazerun import distributed, interrupts
 from mazerun.config import RunConfig
 from mazerun.errors import MazerunError
-from mazerun.validation import validate
+from mazerun.validation import RECORD_STAGE, validate
 
 log = logging.getLogger("mazerun")
 
@@ -44,9 +54,11 @@ CONFIG_GROUPS = ("env", "policy", "runner", "algorithm", "pipeline", "expert", "
 PLUGIN_EXTRAS = {"joblib": "launchers", "submitit_local": "launchers", "submitit_slurm": "launchers",
                  "optuna": "launchers", "ray": "ray"}
 """Hydra launcher and sweeper plugins, and the mazerun extra that installs each."""
-RUN_OUTPUTS = ("trajectory_data", "best.pt", "last.pt", "metrics.csv", "pipeline.json", "result.json",
-               "rollout_stats.json")
+RUN_OUTPUTS = ("trajectory_data", "trajectory_store", "best.pt", "last.pt", "metrics.csv", "pipeline.json",
+               "result.json", "rollout_stats.json")
 """What a run leaves in its directory; finding any of them means the directory was used before."""
+FAILED_JOB = "failed.txt"
+"""Left in a sweep job's directory when the job failed: its one-line error."""
 
 
 def _config_dir() -> str:
@@ -56,7 +68,21 @@ def _config_dir() -> str:
 
 
 def execute(config: RunConfig, run_dir: Path) -> float:
-    """Roll out, train or run a pipeline, as the config says; returns the selection metric (NaN if none)."""
+    """Roll out, train or run a pipeline, as the config says; returns the metric a sweeper optimises (NaN if none).
+
+    That is the run's selection metric (best ``eval/mean_return``, or best
+    ``validation/policy_loss`` for BC with a validation split; a recording's mean return), or,
+    with ``optimized_metric=<group>/<name>``, that metric's value at the run's last report.
+    """
+    metric = _run(config, run_dir)
+    if config.optimized_metric is None:
+        return metric
+    from mazerun.metrics import last_value
+
+    return last_value(run_dir, config.optimized_metric)
+
+
+def _run(config: RunConfig, run_dir: Path) -> float:
     if config.hpo is not None:
         from mazerun.population import train_population
 
@@ -101,25 +127,138 @@ def claim_run_dir(run_dir: Path) -> Iterator[None]:
 
 
 class _Jobs:
-    """How the jobs of this invocation ended (a ``-m`` sweep runs several in this process)."""
+    """How the jobs of this invocation ended (a ``-m`` sweep runs several, maybe in other processes)."""
 
     failed = 0
+    run_dir_shared = False
+    """Rank 0 of a torchrun job has told the other ranks where the run is."""
+
+
+class SweepOutcome(Callback):
+    """Counts the failed jobs of a ``-m`` sweep, wherever its launcher ran them (see ``conf_rollout.yaml``)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.sweep_dir = Path(str(config.hydra.sweep.dir))
+        self.started = time.time() - 1  # failed.txt of an earlier sweep in the same directory is not counted
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        failed = [path for path in self.sweep_dir.rglob(FAILED_JOB) if path.stat().st_mtime >= self.started]
+        _Jobs.failed = len(failed)
+        if failed:  # each job said why on its own error line; this one says which, beside them on stderr
+            print(f"{len(failed)} job{'s' * (len(failed) > 1)} of this sweep failed: "
+                  f"{', '.join(str(path.parent) for path in sorted(failed))}", file=sys.stderr)
 
 
 @hydra.main(config_path=_config_dir(), config_name="conf_rollout", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_config = HydraConfig.get()
+    run_dir = Path(hydra_config.runtime.output_dir)
+    world = distributed.current_world()
+    if world.distributed and world.writes:
+        distributed.share_run_dir(str(run_dir))
+        _Jobs.run_dir_shared = True
+    sweep = hydra_config.mode == RunMode.MULTIRUN
     try:
         config = validate(cfg)
-        with claim_run_dir(run_dir):
+        check_optimized_metric(config)
+        check_data_parallel(config, world)
+        if sweep:
+            check_sweep_dataset(config)
+        with claim_run_dir(run_dir) if world.writes else contextlib.nullcontext():
             return execute(config, run_dir)
     except MazerunError as error:
-        log.error("error: %s", error)
+        if world.writes:
+            log.error("error: %s", error)
+        if sweep:
+            _mark_failed(run_dir, str(error))
         _Jobs.failed += 1
-        return float("nan")
+        return failed_job_value(hydra_config.sweeper)
     except KeyboardInterrupt as interrupt:
-        log.error("interrupted: %s", interrupt or "stopped by the user")
+        if world.writes:
+            log.error("interrupted: %s", interrupt or "stopped by the user")
         raise
+
+
+def failed_job_value(sweeper: Any) -> float:
+    """What a failed job returns: NaN, or for Optuna the worst value of its direction.
+
+    hydra-optuna-sweeper (1.3, on optuna 2.10) cannot record a NaN trial as failed: it stops
+    the sweep with a traceback. The worst value keeps the sweep going and steers the search
+    away, while the job's error line, its failed.txt and the exit code say it failed.
+    """
+    if "optuna" not in str(getattr(sweeper, "_target_", "") or "").lower():
+        return float("nan")
+    direction = getattr(sweeper, "direction", "minimize")
+    if isinstance(direction, (list, tuple, ListConfig)):  # several objectives: the first is the one returned
+        direction = direction[0] if len(direction) else "minimize"
+    first = str(getattr(direction, "name", direction)).lower()  # a str, or optuna's Direction enum
+    return float("-inf") if "max" in first else float("inf")
+
+
+def _mark_failed(run_dir: Path, message: str) -> None:
+    from mazerun.records import atomic_write_bytes
+
+    try:
+        atomic_write_bytes(run_dir / FAILED_JOB, f"error: {message}\n".encode())
+    except MazerunError as error:  # a full disk: the log line above still says what failed
+        log.error("could not mark the job as failed: %s", error)
+
+
+ROLLOUT_STATISTICS = ("mean", "std", "min", "max", "median_step_count", "mean_step_count", "total_step_count",
+                      "episode_count", "success_rate")
+
+
+def check_optimized_metric(config: RunConfig) -> None:
+    """A misspelt optimized_metric fails before the run, not after it (as far as names are known up front)."""
+    name = config.optimized_metric
+    if name is None:
+        return
+    if not config.trains and name not in ROLLOUT_STATISTICS:
+        raise MazerunError(f"optimized_metric={name} is not a statistic of a recording; choose one of: "
+                           f"{', '.join(ROLLOUT_STATISTICS)}")
+    if config.trains and "/" not in name:
+        raise MazerunError(f"optimized_metric={name} names no logged metric; write <group>/<name> as in metrics.csv, "
+                           "e.g. eval/mean_return or validation/policy_loss")
+
+
+def check_data_parallel(config: RunConfig, world: distributed.World) -> None:
+    """Under torchrun with more than one process, only bc, cql and iql train (see :mod:`mazerun.distributed`)."""
+    if not world.distributed:
+        return
+    if config.pipeline is not None:
+        what, loop = "pipeline=" + config.pipeline.name, None
+    elif config.hpo is not None:
+        what, loop = "hpo=evolution", None
+    elif config.algorithm is not None:
+        what, loop = f"algorithm={config.algorithm.name}", config.algorithm.loop
+    else:
+        what, loop = "a recording (run without algorithm=)", None
+    distributed.check_supported(loop, what, "", 0, world)
+
+
+def check_sweep_dataset(config: RunConfig) -> None:
+    """In a sweep, training on "the newest recording" could pick another job's, still being written: refuse."""
+    if config.runner.dataset.dir_or_file is not None:
+        return
+    if config.algorithm is not None and config.algorithm.needs_dataset:
+        reader = f"algorithm={config.algorithm.name}"
+    elif config.pipeline is not None:
+        reader = None
+        for stage, section in config.pipeline.stages.items():
+            if section.name == RECORD_STAGE:
+                return  # later stages learn from this job's own recording
+            if section.needs_dataset:
+                reader = f"pipeline stage {stage} ({section.name})"
+                break
+        if reader is None:
+            return
+    else:
+        return
+    raise MazerunError(
+        f"{reader} would train on the newest recording under outputs/, which another job of this sweep may be "
+        "writing; inside a sweep name the data: runner.dataset.dir_or_file=<records>, or use a pipeline that "
+        "records its own (pipeline=bc_ppo)"
+    )
 
 
 def check_group_choices(arguments: list[str], config_dir: Path) -> None:
@@ -161,27 +300,83 @@ def _unknown_key(full_key: str, section: Any) -> str:
 
 def _missing_config(message: str) -> str:
     for plugin, extra in PLUGIN_EXTRAS.items():
-        if f"/{plugin}'" in message:
-            return f"{plugin} needs its Hydra plugin: pip install 'mazerun[{extra}]'"
+        for group in ("launcher", "sweeper"):
+            if f"hydra/{group}/{plugin}'" in message:
+                return (f"hydra/{group}={plugin} needs its Hydra plugin, which is not installed: "
+                        f"pip install 'mazerun[{extra}]'")
+    for group in ("launcher", "sweeper"):
+        if f"'hydra/{group}/" in message:
+            plugin = message.split(f"'hydra/{group}/", 1)[1].split("'", 1)[0]
+            known = ", ".join(f"{name} (mazerun[{extra}])" for name, extra in PLUGIN_EXTRAS.items())
+            return f"hydra/{group}={plugin} is not an installed Hydra plugin; mazerun's extras bring {known}"
     return message.strip().splitlines()[0]
+
+
+HYDRA_FLAGS_WITH_VALUE = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--cfg", "-c",
+                          "--package", "-p", "--experimental-rerun")
+
+
+def hydra_argv(arguments: list[str]) -> list[str]:
+    """Hydra's flags first, then the overrides in their order: ``run -m a=1 -cn conf_train b=2`` as typed.
+
+    Hydra's argparse takes the overrides as one positional list, which a flag between them
+    would cut short ("unrecognized arguments").
+    """
+    flags: list[str] = []
+    overrides: list[str] = []
+    position = 0
+    while position < len(arguments):
+        argument = arguments[position]
+        if argument.startswith("-") and argument != "-":
+            flags.append(argument)
+            name = argument.split("=", 1)[0]
+            if name in HYDRA_FLAGS_WITH_VALUE and "=" not in argument and position + 1 < len(arguments):
+                position += 1
+                flags.append(arguments[position])
+            elif name in ("--info", "-i") and position + 1 < len(arguments) and "=" not in arguments[position + 1] \
+                    and not arguments[position + 1].startswith("-"):
+                position += 1
+                flags.append(arguments[position])
+        else:
+            overrides.append(argument)
+        position += 1
+    return flags + overrides
 
 
 def main() -> None:
     """Console entry point of `run` (and `python -m mazerun`); the exit code is decided here."""
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's errors reach this function, which reports them in one line
     interrupts.install()
+    sys.argv[1:] = hydra_argv(sys.argv[1:])
+    world = distributed.SINGLE
     try:
+        world = distributed.world_from_env()
+        if world.distributed:
+            _join_data_parallel(world)
         check_group_choices(sys.argv[1:], Path(_config_dir()))
         hydra_main()
     except MazerunError as error:
-        _fail(str(error))
+        _fail(str(error), world)
     except KeyboardInterrupt as interrupt:
         sys.exit(interrupt.exit_code if isinstance(interrupt, interrupts.Interrupted) else 130)
     except HydraException as error:
-        _fail(explain_hydra_error(error))
+        _fail(explain_hydra_error(error), world)
     except OSError as error:
-        _fail(f"{error.strerror or error}: {error.filename or ''}; point hydra.run.dir at a writable directory")
+        _fail(f"{error.strerror or error}: {error.filename or ''}; point hydra.run.dir at a writable directory", world)
+    except RuntimeError as error:
+        if world.distributed and distributed.is_peer_failure(error):
+            _fail(f"another process of this torchrun job stopped ({str(error).splitlines()[0]}); "
+                  "its own output says why", world)
+        if "slurm" in str(error).lower():  # submitit looks for srun/sbatch when the launcher starts
+            _fail(f"hydra/launcher=submitit_slurm: {error}; run the sweep on a SLURM login node, or use "
+                  "hydra/launcher=submitit_local or hydra/launcher=joblib on this machine", world)
+        raise
     finally:
+        if world.distributed:
+            if world.writes and not _Jobs.run_dir_shared:
+                with contextlib.suppress(Exception):
+                    distributed.share_run_dir(None)  # Hydra failed before the job began: the others stop too
+            distributed.destroy()
         # The process ends here: the interpreter's last garbage collections would walk torch's whole
         # object graph (a third of a second); every file is written and closed by now.
         gc.freeze()
@@ -189,7 +384,22 @@ def main() -> None:
         sys.exit(2)
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+def _join_data_parallel(world: distributed.World) -> None:
+    """A torchrun rank: join the group; ranks > 0 run in rank 0's directory and write nothing there."""
+    if any(argument in ("-m", "--multirun") for argument in sys.argv[1:]):
+        raise MazerunError("torchrun runs one training job: drop -m, or run the sweep with a launcher "
+                           "(hydra/launcher=joblib) and no torchrun")
+    distributed.init(world)
+    if world.writes:
+        return
+    run_dir = distributed.receive_run_dir()
+    if run_dir is None:
+        sys.exit(2)  # rank 0 failed before its run began and said why
+    sys.argv += distributed.follower_overrides(run_dir)
+
+
+def _fail(message: str, world: distributed.World = distributed.SINGLE) -> None:
+    if world.writes:  # under torchrun rank 0 says it once; the other ranks fail the same way
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 

@@ -84,6 +84,8 @@ class RunnerConfig:
     render: bool = False
     record_video: bool = False
     record_trajectory: bool = True
+    store: Optional[str] = None
+    """``columnar``: also write the episodes as a columnar store under ``<run>/trajectory_store``."""
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     eval_repeats: int = 10
     """Training: episodes per evaluation rollout (deterministic actions, fixed seeds)."""
@@ -113,6 +115,9 @@ class RunConfig:
     input_dir: Optional[str] = None
     """An earlier run (or checkpoint file) to start from, to continue, or to roll out."""
     device: str = "auto"
+    optimized_metric: Optional[str] = None
+    """What the run returns to a Hydra sweeper: None = its selection metric at its best; a logged
+    metric (``eval/mean_return``) or a rollout statistic (``mean``) = its value at the last report."""
     model: Any = None
     wrappers: Optional[WrappersConfig] = None
     critic: Any = None
@@ -190,6 +195,8 @@ def check_rollout(config: RunConfig) -> None:
         )
     if runner.seed < 0:
         raise MazerunError(f"runner.seed={runner.seed} must be >= 0")
+    if runner.store not in (None, "columnar"):
+        raise MazerunError(f"runner.store={runner.store!r} is unknown; use runner.store=columnar or leave it null")
     if runner.dataset.max_episodes is not None and runner.dataset.max_episodes <= 0:
         raise MazerunError(f"runner.dataset.max_episodes={runner.dataset.max_episodes} must be >= 1 (or null for all)")
     policy = config.policy

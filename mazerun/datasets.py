@@ -7,6 +7,8 @@ accepts every format. ``runner.dataset.dir_or_file`` names any of them (or a lis
     outputs/.../trajectory_data     mazerun's own records (a directory, or one .pkl)
     data/cartpole.h5                an HDF5 file (.h5 / .hdf5)
     minari:mazerun/lunar-noisy-v0   a Minari dataset stored locally (never downloaded)
+    data/lunar.store                a columnar store (:mod:`mazerun.store`): read whole here; the
+                                    offline loop samples it through memory maps instead
 
 HDF5 layout (flat arrays, one row per step, episodes back to back)::
 
@@ -42,12 +44,13 @@ import tempfile
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from mazerun.errors import MazerunError
-from mazerun.records import StateTrajectoryRecord, atomic_write_bytes, load_records
+from mazerun.records import StateTrajectoryRecord, _read_record, atomic_write_bytes, load_records, record_files
+from mazerun.store import EPISODE_COLUMNS, STORE_FORMAT, STORE_VERSION, ColumnarStore, StoreWriter, is_store
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,10 @@ def load_dataset_records(
             pickled.clear()
 
     for source in sources:
-        if is_minari(source):
+        if is_store(source):
+            flush()
+            records.extend(ColumnarStore.open(source).records(left()))
+        elif is_minari(source):
             flush()
             records.extend(read_minari(str(source)[len(MINARI_PREFIX):], env_id))
         elif is_hdf5(source):
@@ -348,6 +354,57 @@ def write_minari(records: Sequence[StateTrajectoryRecord], dataset_id: str) -> P
 # -- export command --------------------------------------------------------------------------
 
 
+# -- columnar stores ------------------------------------------------------------------------------
+
+
+def iter_source_records(source: str, env_id: str | None = None) -> Iterator[tuple[StateTrajectoryRecord, str]]:
+    """The episodes of one source, one at a time where the format allows (pickles, stores)."""
+
+    if is_store(source):
+        store = ColumnarStore.open(source)
+        for record in store.iter_records():
+            yield record, source
+    elif is_minari(source):
+        for record in read_minari(source[len("minari:"):], env_id):
+            yield record, source
+    elif is_hdf5(source):
+        for record in read_hdf5(Path(source), env_id):
+            yield record, source
+    else:
+        for file in record_files(source):
+            yield _read_record(file), str(file)
+
+
+def write_store(sources: Iterable[str], destination: str | Path, *, append: bool = False,
+                env_id: str | None = None) -> str:
+    """Convert (or append) every episode of ``sources`` into the store at ``destination``; says what it wrote."""
+    destination = Path(destination)
+    sources = list(sources)
+    for source in sources:
+        if Path(source).resolve() == destination.resolve():
+            raise MazerunError(f"{source} is the destination itself; name other sources")
+    with StoreWriter(destination, append=append) as writer:
+        for source in sources:
+            for record, where in iter_source_records(source, env_id):
+                writer.add(record, where)
+        if writer.added == 0:
+            raise MazerunError(f"{', '.join(sources)} hold no episodes")
+    index = writer.index
+    verb = "appended" if append else "wrote"
+    return (f"{verb} {writer.added} episodes to {destination}: now {index['episodes']} episodes, "
+            f"{index['transitions']} transitions of {index['env_id']}")
+
+
+def describe(path: str | Path) -> str:
+    store = ColumnarStore.open(path)
+    columns = ", ".join(f"{name} {np.dtype(spec['dtype'])}{tuple(spec['shape'])}"
+                        for name, spec in store.index["columns"].items() if name not in EPISODE_COLUMNS)
+    size = sum((store.path / f"{name}.bin").stat().st_size for name in store.columns)
+    return (f"{store.path}: format {STORE_FORMAT} version {STORE_VERSION}, env {store.env_id}, "
+            f"{store.n_episodes} episodes, {store.n_transitions} transitions, {size / 2**20:.1f} MiB; "
+            f"columns: {columns}; policies: {', '.join(store.policies)}")
+
+
 def export(source: Sequence[str], destination: str, env_id: str | None = None) -> str:
     """Read ``source`` (any readable format) and write it to ``destination``; returns what was written."""
     records = load_dataset_records(list(source), env_id)
@@ -367,19 +424,37 @@ def export(source: Sequence[str], destination: str, env_id: str | None = None) -
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mazerun.datasets",
-        description="Convert offline datasets: trajectory_data, HDF5 files and local Minari datasets.",
+        description="Convert offline datasets: trajectory_data, HDF5 files, local Minari datasets and columnar stores.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    sources_help = "trajectory_data directories, record files, .h5 files, minari:<id> or stores"
     command = commands.add_parser("export", help="write records (or an HDF5 file, or minari:<id>) to HDF5 or Minari")
-    command.add_argument("source", nargs="+", help="trajectory_data directories, record files, .h5 files or minari:<id>")
+    command.add_argument("source", nargs="+", help=sources_help)
     command.add_argument("destination", help="<file>.h5 or minari:<dataset id>, e.g. minari:mazerun/lunar-noisy-v0")
     command.add_argument("--env", default=None, help="env id of sources that do not name one")
+    for name, text in (("convert", "write a new columnar store from any sources"),
+                       ("append", "append the episodes of any sources to an existing store (a sweep's stores)")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("source", nargs="+", help=sources_help)
+        command.add_argument("destination", help="the store directory")
+        command.add_argument("--env", default=None, help="env id of sources that do not name one")
+    info = commands.add_parser("info", help="describe a columnar store")
+    info.add_argument("store")
     arguments = parser.parse_args(argv)
     try:
-        print(export(arguments.source, arguments.destination, arguments.env))
+        if arguments.command == "info":
+            print(describe(arguments.store))
+        elif arguments.command == "export":
+            print(export(arguments.source, arguments.destination, arguments.env))
+        else:
+            print(write_store(arguments.source, arguments.destination, append=arguments.command == "append",
+                              env_id=arguments.env))
     except MazerunError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: stopped; nothing was written", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -71,6 +71,11 @@ def check() -> None:
         raise pending
 
 
+def pending() -> Interrupted | None:
+    """The stop a signal asked for that :func:`check` has not raised yet (data-parallel ranks share it first)."""
+    return _requested
+
+
 def restated(interrupt: KeyboardInterrupt, message: str) -> KeyboardInterrupt:
     """The same stop (its signal and exit code kept) told as ``message``: where it stopped, how to go on."""
     interrupt.args = (message,)

@@ -190,3 +190,33 @@ def write_learning_curve(run_dir: Path, title: str) -> None:
     steps, returns = evaluation_curve(run_dir)
     if steps:
         plot_curves(Path(run_dir) / LEARNING_CURVE, {"eval mean return": (steps, returns)}, title)
+
+
+def last_value(run_dir: Path, name: str) -> float:
+    """The value of ``name`` at a run's last report, for a sweeper (``optimized_metric``).
+
+    Training runs read their ``metrics.csv`` (``<group>/<metric>``; a pipeline its last stage
+    that logged it), recordings their ``rollout_stats.json`` (``mean``, ``median_step_count``...).
+    """
+    import json
+
+    from mazerun.errors import MazerunError
+
+    run_dir = Path(run_dir)
+    stats_file = run_dir / "rollout_stats.json"
+    if stats_file.is_file() and not (run_dir / METRICS_CSV).is_file():
+        stats = json.loads(stats_file.read_text())
+        if name in stats and isinstance(stats[name], (int, float)):
+            return float(stats[name])
+        known = ", ".join(key for key, value in stats.items() if isinstance(value, (int, float)))
+        raise MazerunError(f"optimized_metric={name} is not a statistic of this recording; choose one of: {known}")
+    files = sorted(run_dir.glob(f"**/{METRICS_CSV}"), key=lambda path: path.stat().st_mtime)
+    logged: list[str] = []
+    for path in reversed(files):
+        rows = [row for row in read_metrics_csv(path) if f"{row['group']}/{row['metric']}" == name]
+        if rows:
+            return max(rows, key=lambda row: row["step"])["value"]
+        logged += [f"{row['group']}/{row['metric']}" for row in read_metrics_csv(path)]
+    known = ", ".join(sorted(set(logged))) or "none"
+    raise MazerunError(f"optimized_metric={name} was never logged by this run; logged metrics: {known}")
+

@@ -30,7 +30,7 @@ from mazerun.checkpoint import LAST_CHECKPOINT, PIPELINE_MANIFEST, read_pipeline
 from mazerun.config import PolicyConfig, RunConfig
 from mazerun.errors import MazerunError
 from mazerun.metrics import LEARNING_CURVE, evaluation_curve, plot_curves
-from mazerun.records import TRAJECTORY_DIR, atomic_write_bytes, finished_recording
+from mazerun.records import STORE_DIR, TRAJECTORY_DIR, atomic_write_bytes, finished_recording
 from mazerun.rollout import rollout
 from mazerun.runsetup import TrainResult
 from mazerun.train import train_stage
@@ -174,9 +174,11 @@ def _expert_env(config: RunConfig) -> str:
 
 
 def _recorded(entries: list[StageEntry]) -> str | None:
-    """The trajectory_data of the newest record stage before this one, if any."""
+    """The trajectory_data (or, without pickles, the columnar store) of the newest record stage before this one."""
     for entry in reversed(entries):
         data = Path(entry.dir) / TRAJECTORY_DIR
+        if not data.is_dir() and (Path(entry.dir) / STORE_DIR).is_dir():
+            data = Path(entry.dir) / STORE_DIR  # runner.record_trajectory=false with runner.store=columnar
         if entry.algorithm == RECORD_STAGE and finished_recording(data) is not None:
             return str(data)
     return None

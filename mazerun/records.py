@@ -40,6 +40,8 @@ optional column with a default, like ``expert_actions``, is compatible: older fi
 
 TRAJECTORY_DIR = "trajectory_data"
 """Where a run keeps its records."""
+STORE_DIR = "trajectory_store"
+"""Where a recording keeps its columnar store (``runner.store=columnar``; :mod:`mazerun.store`)."""
 STATS_FILE = "rollout_stats.json"
 """Written once a recording ends: its presence marks a recording that finished."""
 
@@ -334,7 +336,9 @@ def find_newest_recording(root: Path = Path("outputs")) -> Path:
     for base in (root, root.parent / "multirun"):
         if not base.is_dir():
             continue
-        for path in base.glob(f"**/{TRAJECTORY_DIR}"):
+        found = [*base.glob(f"**/{TRAJECTORY_DIR}"),
+                 *(path for path in base.glob(f"**/{STORE_DIR}") if not (path.parent / TRAJECTORY_DIR).is_dir())]
+        for path in found:  # a recording's store counts when it wrote no pickles (runner.record_trajectory=false)
             stats = finished_recording(path)
             if stats is not None and not str(stats.get("policy", "")).startswith("torch_policy"):
                 candidates.append(path)

@@ -4,6 +4,12 @@ Episode ``i`` is always seeded ``seed + i`` and its policy reset with the same s
 records do not depend on the runner or on the number of workers. Each worker writes its own
 records atomically, so an interrupt, a failing episode or a dying worker never loses the
 finished ones.
+
+With ``runner.store=columnar`` the workers also send each finished episode to this process,
+which appends it to a columnar store (:mod:`mazerun.store`) in episode-index order, so the
+store lists the episodes as the pickles do. The store is written in a scratch directory and
+renamed to ``<run>/trajectory_store`` when the run ends (an interrupted run keeps its finished
+episodes there too); a write that fails leaves no store at all.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -32,8 +38,12 @@ from mazerun.errors import MazerunError
 from mazerun.interrupts import HANDLED_SIGNALS
 from mazerun.policies import Policy, build_policy
 from mazerun.records import (
-    STATS_FILE, TRAJECTORY_DIR, EpisodeBuilder, atomic_write_bytes, record_name, write_record,
+    STATS_FILE, TRAJECTORY_DIR, EpisodeBuilder, StateTrajectoryRecord, atomic_write_bytes, record_name, write_record,
 )
+from mazerun.records import STORE_DIR
+
+if TYPE_CHECKING:
+    from mazerun.store import OrderedEpisodes
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +72,8 @@ class EpisodeSummary:
     success: bool | None
     record_path: str | None
     policy: str
+    record: StateTrajectoryRecord | None = None
+    """The episode itself, on its way to the parent's columnar store (``runner.store=columnar``)."""
 
 
 class EpisodeFailed(Exception):
@@ -132,6 +144,7 @@ class EpisodePlayer:
             success=bool(terminated and reward > 0) if self.minigrid else None,
             record_path=record_path,
             policy=policy.name,
+            record=record if self.spec.runner.store else None,
         )
 
 
@@ -168,7 +181,16 @@ class RolloutResult:
     """Why the run stopped before its last episode, when it was not an interrupt."""
 
 
-def _run_sequential(spec: RolloutSpec, progress: tqdm) -> RolloutResult:
+def _keep(summary: EpisodeSummary, store: OrderedEpisodes | None) -> EpisodeSummary:
+    """Hand the episode to the store (if any); the summary the parent keeps drops it."""
+    if summary.record is not None:
+        if store is not None:
+            store.add(summary.index, summary.record)
+        summary.record = None
+    return summary
+
+
+def _run_sequential(spec: RolloutSpec, progress: tqdm, store: OrderedEpisodes | None = None) -> RolloutResult:
     if spec.runner.render:
         render_mode: str | None = "human"
     else:
@@ -178,7 +200,7 @@ def _run_sequential(spec: RolloutSpec, progress: tqdm) -> RolloutResult:
     try:
         for index in range(spec.runner.n_episodes):
             try:
-                result.summaries.append(player.play(index))
+                result.summaries.append(_keep(player.play(index), store))
             except EpisodeFailed as failure:
                 result.failures.append(str(failure))
             progress.update()
@@ -377,9 +399,10 @@ class _WorkerPool:
 class _ParallelRollout:
     """Episodes handed out to a :class:`_WorkerPool` until all are played or the run stops."""
 
-    def __init__(self, spec: RolloutSpec, progress: tqdm) -> None:
+    def __init__(self, spec: RolloutSpec, progress: tqdm, store: OrderedEpisodes | None = None) -> None:
         self.spec = spec
         self.progress = progress
+        self.store = store
         self.pool = _WorkerPool(spec)
         self.pending = deque(range(spec.runner.n_episodes))
         self.result = RolloutResult([], [], interrupted=False)
@@ -425,7 +448,7 @@ class _ParallelRollout:
             raise MazerunError(payload)
         worker.episode = None
         if kind == "done":
-            self.result.summaries.append(payload)
+            self.result.summaries.append(_keep(payload, self.store))
         else:
             self.result.failures.append(payload)
         self.progress.update()
@@ -457,8 +480,8 @@ class _ParallelRollout:
             self.pool.start(worker.number)
 
 
-def _run_parallel(spec: RolloutSpec, progress: tqdm) -> RolloutResult:
-    rollout = _ParallelRollout(spec, progress)
+def _run_parallel(spec: RolloutSpec, progress: tqdm, store: OrderedEpisodes | None = None) -> RolloutResult:
+    rollout = _ParallelRollout(spec, progress, store)
     try:
         try:
             rollout.start()
@@ -510,8 +533,20 @@ def rollout(
         if not sequential:
             log.info("runner.render=true: playing the episodes one after another in this process")
             sequential = True
-    with tqdm(total=runner.n_episodes, unit="episode", desc="rollout", disable=None) as progress:
-        result = (_run_sequential if sequential else _run_parallel)(spec, progress)
+    store = None
+    if runner.store:
+        from mazerun.store import OrderedEpisodes, StoreWriter  # torch with it: only when a store is asked for
+
+        store = OrderedEpisodes(StoreWriter(spec.run_dir / STORE_DIR))
+    try:
+        with tqdm(total=runner.n_episodes, unit="episode", desc="rollout", disable=None) as progress:
+            result = (_run_sequential if sequential else _run_parallel)(spec, progress, store)
+        if store is not None:
+            store.finish() if store.writer.added + len(store.waiting) else store.writer.abort()
+    except BaseException:
+        if store is not None:
+            store.writer.abort()
+        raise
 
     summaries = sorted(result.summaries, key=lambda summary: summary.index)
     stats = rollout_statistics(summaries)
@@ -522,6 +557,8 @@ def rollout(
         atomic_write_bytes(spec.run_dir / STATS_FILE, json.dumps(described, indent=2).encode())
     if runner.record_trajectory and summaries:
         log.info("recorded %d episodes to %s", len(summaries), spec.run_dir / TRAJECTORY_DIR)
+    if store is not None and summaries:
+        log.info("stored %d episodes in %s", len(summaries), spec.run_dir / STORE_DIR)
     if result.interrupted:
         raise KeyboardInterrupt(f"{len(summaries)} finished episodes kept in {spec.run_dir}")
     problems = [result.abandoned] if result.abandoned else []

@@ -38,12 +38,14 @@ from mazerun.checkpoint import (
 from mazerun.config import DEFAULT_ENV_ID, ExpertConfig, RunConfig, RunnerConfig, structured
 from mazerun.data import build_vocabulary, check_records_match_spaces, env_id_of
 from mazerun.datasets import load_dataset_records
+from mazerun.distributed import SINGLE, World, current_world
 from mazerun.envs import make_env, resolve_env_id
 from mazerun.errors import MazerunError
 from mazerun.evaluation import Stepper, evaluate
 from mazerun.metrics import copy_metrics_history
 from mazerun.models import ModelConfig, Vocabulary, default_model_kind
 from mazerun.records import StateTrajectoryRecord, atomic_write_bytes, find_newest_recording
+from mazerun.store import ColumnarStore, is_store
 
 log = logging.getLogger(__name__)
 
@@ -101,22 +103,40 @@ def sample_mission_vocabulary(env: gym.Env, seed: int) -> Vocabulary:
     return Vocabulary.build(missions)
 
 
-def load_dataset(
-    dir_or_file: str | Sequence[str] | None, env_id: str | None = None, max_episodes: int | None = None
-) -> tuple[list[StateTrajectoryRecord], list[str]]:
-    """Records from the configured source (the newest finished recording when none is given) and where they came from.
-
-    Sources may be trajectory_data, HDF5 files or ``minari:<id>`` (:mod:`mazerun.datasets`);
-    ``env_id`` labels the episodes of those that do not name their env. ``max_episodes`` keeps
-    the first N episodes.
-    """
+def dataset_sources(dir_or_file: str | Sequence[str] | None) -> list[str]:
+    """The configured sources, or the newest finished recording when none is given."""
     if dir_or_file is None:
         source: Any = find_newest_recording()
         log.info("training on the newest finished recording: %s", source)
     else:
         source = dir_or_file
-    sources = [str(source)] if isinstance(source, (str, Path)) else [str(item) for item in source]
+    return [str(source)] if isinstance(source, (str, Path)) else [str(item) for item in source]
+
+
+def load_dataset(
+    dir_or_file: str | Sequence[str] | None, env_id: str | None = None, max_episodes: int | None = None
+) -> tuple[list[StateTrajectoryRecord], list[str]]:
+    """Records from the configured source (the newest finished recording when none is given) and where they came from.
+
+    Sources may be trajectory_data, HDF5 files, ``minari:<id>`` or columnar stores
+    (:mod:`mazerun.datasets`, :mod:`mazerun.store`); ``env_id`` labels the episodes of those that
+    do not name their env. ``max_episodes`` keeps the first N episodes.
+    """
+    sources = dataset_sources(dir_or_file)
     return load_dataset_records(sources, env_id, max_episodes), sources
+
+
+def streamed_store(sources: list[str]) -> ColumnarStore | None:
+    """The store to train on through memory maps, when the sources are one store (with others: refused)."""
+    stores = [source for source in sources if is_store(source)]
+    if not stores:
+        return None
+    if len(sources) > 1:
+        raise MazerunError(
+            f"{stores[0]} is a columnar store and trains alone (memory-mapped); add the other sources to it with "
+            f"python -m mazerun.datasets append <sources> {stores[0]}, then train on the store"
+        )
+    return ColumnarStore.open(stores[0])
 
 
 @dataclass
@@ -177,6 +197,10 @@ class RunSetup:
     start: Start | None
     records: list[StateTrajectoryRecord] | None
     dataset_sources: list[str]
+    store: ColumnarStore | None = None
+    """The columnar store the offline loop samples through memory maps (records is None then)."""
+    world: World = SINGLE
+    """This process's place in a torchrun job (one process: rank 0 of 1)."""
     step_offset: int = 0
     """Added to every logged step: where this stage begins on its pipeline's counter."""
     expert: ExpertConfig | None = None
@@ -219,9 +243,17 @@ def prepare(
     dataset: Any = None,
     step_offset: int = 0,
     continue_hint: Path | None = None,
+    stream: bool = False,
 ) -> RunSetup:
-    """Settle device, start, records, env, spaces, vocabulary and model config for one run (or stage)."""
+    """Settle device, start, records, env, spaces, vocabulary and model config for one run (or stage).
+
+    With ``stream`` (the offline loop), a dataset that is one columnar store stays on disk and is
+    sampled through memory maps; otherwise every source is read into records.
+    """
+    world = current_world()
     device = resolve_device(config.device)
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
     network_type = algorithm_module(algorithm_config.name).Algorithm.network_type
     explicit = config.env.name
     if explicit is not None:  # an env the algorithm cannot learn in fails before any record is read
@@ -230,15 +262,20 @@ def prepare(
         algorithm_config.check_spaces(env.observation_space, env.action_space)
 
     start = load_start(input_dir, algorithm_config.name, network_type) if input_dir else None
-    records, sources = None, []
+    records, sources, store = None, [], None
     if algorithm_config.needs_dataset:
         if dataset is None:
             algorithm_config.check_implicit_dataset(prefix)
-        records, sources = load_dataset(dataset, explicit, config.runner.dataset.max_episodes)
+        sources = dataset_sources(dataset)
+        store = streamed_store(sources) if stream else None
+        if store is None:
+            records = load_dataset_records(sources, explicit, config.runner.dataset.max_episodes)
 
     env_id = explicit
     if records is not None:
         env_id = choose_env_id(env_id, env_id_of(records), f"the records in {', '.join(sources)}")
+    if store is not None:
+        env_id = choose_env_id(env_id, store.env_id, f"the store {store.path}")
     env = make_env(resolve_env_id(env_id or (start.checkpoint.env_id if start else DEFAULT_ENV_ID)),
                    max_episode_steps=config.runner.max_episode_steps)
     try:
@@ -250,6 +287,8 @@ def prepare(
         algorithm_config.check_spaces(observation_space, action_space)
         if records is not None:
             check_records_match_spaces(records, observation_space, action_space)
+        if store is not None:
+            store.check_spaces(observation_space, action_space)
 
         if start is not None:
             _, model_config = model_config_from_checkpoint(start.checkpoint)
@@ -266,7 +305,8 @@ def prepare(
         run_dir=Path(run_dir), algorithm=algorithm_config, prefix=prefix, device=device, env_id=env_id,
         observation_space=observation_space, action_space=action_space, vocabulary=vocabulary,
         model_config=model_config, runner=config.runner, start=start, records=records, dataset_sources=sources,
-        step_offset=step_offset, expert=config.expert, continue_hint=continue_hint or Path(run_dir),
+        step_offset=step_offset, expert=config.expert, continue_hint=continue_hint or Path(run_dir), store=store,
+        world=world,
     )
     setup.budget_reached()
     if start is not None and start.continuing:
@@ -347,9 +387,11 @@ class CheckpointKeeper:
 
     def _save(self, path: Path, step: int, training_state: dict[str, Any] | None) -> None:
         setup = self.setup
+        if not setup.world.writes:
+            return  # under torchrun rank 0 alone writes checkpoints
         extra: dict[str, Any] = {
             "step": step, "global_step": setup.step_offset + step, "best": {self.tracker.metric: self.tracker.best},
-            "dataset": setup.dataset_sources,
+            "dataset": setup.dataset_sources, "world_size": setup.world.size,
         }
         if training_state is not None:
             extra[TRAINING_STATE] = training_state

@@ -49,9 +49,9 @@ def train_stage(
     continue_hint: Path | None = None,
 ) -> TrainResult:
     """One algorithm's training in ``run_dir``: a whole run, or one stage of a pipeline."""
-    setup = prepare(config, algorithm_config, run_dir, prefix=prefix, input_dir=input_dir, dataset=dataset,
-                    step_offset=step_offset, continue_hint=continue_hint)
     loop = algorithm_config.loop
+    setup = prepare(config, algorithm_config, run_dir, prefix=prefix, input_dir=input_dir, dataset=dataset,
+                    step_offset=step_offset, continue_hint=continue_hint, stream=loop == "offline")
     single = loop in SINGLE_THREADED_LOOPS and setup.device.type == "cpu"
     torch.set_num_threads(1 if single else _DEFAULT_THREADS)
     module, function = LOOPS[loop]

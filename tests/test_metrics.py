@@ -17,6 +17,13 @@ def test_format_table_matches_maze_layout():
     assert [line.index("|") for line in lines] == [5] * 4
 
 
+def test_numbers_print_with_four_significant_digits():
+    rows = [("train", "learning_rate", 3e-4), ("train", "loss", 1.23456), ("eval", "mean_return", -191.2345),
+            ("train", "sps", 5340.0), ("train", "tiny", 0.000012345678)]
+    values = [line.rsplit("|", 1)[1].strip() for line in format_table(1, rows).splitlines()[2:]]
+    assert values == ["0.0003", "1.235", "-191.2", "5340", "1.235e-05"]
+
+
 def test_format_table_widens_columns_for_large_cells():
     table = format_table(1234567, [("eval", "x" * 80, 123456789.0)])
     lines = table.splitlines()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import gymnasium as gym
 import torch
@@ -171,6 +171,8 @@ class OfflineAlgorithm(ABC):
     network_type: str
     """``actor_critic`` or ``q_network``: how :func:`mazerun.models.build_network` rebuilds it."""
     optimizer: Adam
+    gradient_sync: Callable[[], None] | None = None
+    """Set by the offline loop under torchrun: averages the gradients over the processes after each backward."""
     target_networks: ClassVar[dict[str, str]] = {}
     """Target network attribute -> the online network attribute it follows after each step
     (:func:`follow_target`); a population trains the same pairs in one batched call."""
@@ -207,6 +209,8 @@ class OfflineAlgorithm(ABC):
         loss, metrics = self.losses(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.gradient_sync is not None:
+            self.gradient_sync()
         self.after_backward(metrics)
         self.optimizer.step()
         self.updates += 1

@@ -14,6 +14,7 @@ the run that was never stopped.
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -21,7 +22,7 @@ import gymnasium as gym
 import torch
 from tqdm import tqdm
 
-from mazerun import interrupts
+from mazerun import distributed, interrupts
 from mazerun.algorithms import algorithm_module
 from mazerun.algorithms.base import OfflineAlgorithm
 from mazerun.data import (
@@ -37,6 +38,7 @@ from mazerun.data import (
 from mazerun.errors import MazerunError
 from mazerun.metrics import MetricsLogger
 from mazerun.runsetup import TRAINING_STATE, CheckpointKeeper, RunSetup, TrainResult
+from mazerun.store import StoreDataset, store_split
 
 log = logging.getLogger(__name__)
 
@@ -45,34 +47,39 @@ def train_offline(setup: RunSetup) -> TrainResult:
     """Learn from the setup's records with its offline algorithm, up to ``n_updates`` in total."""
     config = setup.algorithm
     device = setup.device
-    train_records, validation_records = split_by_episode(setup.records, config.validation_percentage, setup.seed)
-    train_data = records_to_dataset(train_records, setup.vocabulary)
-    validation_data = records_to_dataset(validation_records, setup.vocabulary) if validation_records else None
-    train_data = train_data.to(device)
-    validation_data = validation_data.to(device) if validation_data is not None else None
-    log.info(
-        "dataset: %d episodes (%d transitions) for training, %d held out for validation",
-        len(train_records), len(train_data), len(validation_records or []),
-    )
+    world = setup.world
+    train_data, validation_data = _datasets(setup)
 
     algorithm: OfflineAlgorithm = algorithm_module(config.name).Algorithm(
         config, setup.model_config, setup.observation_space, setup.action_space, setup.vocabulary, device
     )
     sampler = make_sampler(train_data, setup)
     validation_sampler = make_sampler(validation_data, setup) if validation_data else None
+    sync = None
+    if world.distributed:  # torchrun: each rank gathers its share of the global batch, gradients are averaged
+        key = f"{setup.prefix}.{'nrollouts' if setup.model_config.recurrent else 'batch_size'}"
+        distributed.check_supported(config.loop, f"algorithm={config.name}", key, _global_batch(config, setup), world)
+        sampler = distributed.ShardedSampler(sampler, world)
+        sync = algorithm.gradient_sync = distributed.GradientSync(
+            [parameter for group in algorithm.optimizer.param_groups for parameter in group["params"]], world)
+        log.info("data-parallel: world size %d (%s); each process samples %d of every global batch",
+                 world.size, distributed.backend(), _global_batch(config, setup) // world.size)
     window: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
     window_size = 0
     start = setup.start
     if start is not None:
         algorithm.load_network_state(start.checkpoint.model_state)
     elif not isinstance(setup.observation_space, gym.spaces.Dict):
-        algorithm.set_normalization(*observation_stats(train_data.observations))
+        algorithm.set_normalization(*(train_data.observation_stats() if isinstance(train_data, StoreDataset)
+                                      else observation_stats(train_data.observations)))
     if setup.continuing:
         state = start.checkpoint.extra[TRAINING_STATE]
         algorithm.load_training_state(state["algorithm"])
         sampler.generator.set_state(state["sampler"])
         window.update({name: value.to(device) for name, value in state["window"].items()})
         window_size = int(state["window_size"])
+    if world.distributed:
+        distributed.broadcast_modules([value for value in vars(algorithm).values() if isinstance(value, torch.nn.Module)])
     keeper = CheckpointKeeper(setup, algorithm.network, algorithm.network_type,
                               algorithm.selection_metric(validation_data is not None))
     update = setup.start.step if setup.start is not None else 0
@@ -86,8 +93,11 @@ def train_offline(setup: RunSetup) -> TrainResult:
         }
 
     def report(logger: MetricsLogger) -> None:
-        train_metrics = {name: float(total) / window_size for name, total in window.items()}
+        totals = sync.average(window) if sync is not None else window
+        train_metrics = {name: float(total) / window_size for name, total in totals.items()}
         keeper.check_finite(train_metrics, update)
+        if not world.writes:
+            return  # rank 0 validates, evaluates and keeps the best; the others wait in the next all-reduce
         train_metrics.update(algorithm.report_metrics())
         logger.log(update, train_metrics, "train")
         everything = {f"train/{name}": value for name, value in train_metrics.items()}
@@ -106,11 +116,15 @@ def train_offline(setup: RunSetup) -> TrainResult:
 
     if not setup.continuing:
         keeper.save_last(update, training_state())  # a run that fails early still has a start to go on from
-    with MetricsLogger(setup.run_dir, step_offset=setup.step_offset) as logger, keeper.stop_cleanly(on_stop), \
-            interrupts.deferred():
-        with tqdm(total=config.n_updates, initial=update, unit="update", desc=config.name, disable=None) as bar:
+    metrics_logger = MetricsLogger(setup.run_dir, step_offset=setup.step_offset) if world.writes \
+        else distributed.NullLogger()
+    stop_check = sync.check if sync is not None else interrupts.check
+    started, first_update = time.perf_counter(), update
+    with metrics_logger as logger, keeper.stop_cleanly(on_stop), interrupts.deferred():
+        with tqdm(total=config.n_updates, initial=update, unit="update", desc=config.name,
+                  disable=None if world.writes else True) as bar:
             while update < config.n_updates:
-                interrupts.check()
+                stop_check()
                 metrics = algorithm.update(sampler.sample())
                 for name, value in metrics.items():
                     window[name] += value
@@ -122,11 +136,40 @@ def train_offline(setup: RunSetup) -> TrainResult:
                     window.clear()
                     window_size = 0
                     keeper.save_last(update, training_state())
-    log.info("done: %d updates; checkpoints %s and %s in %s", update, keeper.best_path.name, keeper.last_path.name,
+    seconds = time.perf_counter() - started
+    log.info("done: %d updates (%.0f updates/s, reports included); checkpoints %s and %s in %s", update,
+             (update - first_update) / seconds if seconds > 0 else 0.0, keeper.best_path.name, keeper.last_path.name,
              setup.run_dir)
     result = keeper.result(update)
-    result.write()
+    if world.writes:
+        result.write()
     return result
+
+
+def _datasets(setup: RunSetup) -> tuple[TransitionDataset | StoreDataset, TransitionDataset | StoreDataset | None]:
+    """Training and validation transitions: tensors built once from records, or views of a memory-mapped store."""
+    config = setup.algorithm
+    if setup.store is not None:
+        train_data, validation_data = store_split(setup.store, config.validation_percentage, setup.seed, setup.device,
+                                                  setup.runner.dataset.max_episodes)
+        log.info("dataset: %d episodes (%d transitions) for training, %d held out for validation, memory-mapped "
+                 "from %s", len(train_data.episodes), len(train_data),
+                 0 if validation_data is None else len(validation_data.episodes), setup.store.path)
+        return train_data, validation_data
+    train_records, validation_records = split_by_episode(setup.records, config.validation_percentage, setup.seed)
+    train_data = records_to_dataset(train_records, setup.vocabulary).to(setup.device)
+    validation_data = None
+    if validation_records:
+        validation_data = records_to_dataset(validation_records, setup.vocabulary).to(setup.device)
+    log.info(
+        "dataset: %d episodes (%d transitions) for training, %d held out for validation",
+        len(train_records), len(train_data), len(validation_records or []),
+    )
+    return train_data, validation_data
+
+
+def _global_batch(config: Any, setup: RunSetup) -> int:
+    return config.nrollouts if setup.model_config.recurrent else config.batch_size
 
 
 def make_sampler(data: TransitionDataset, setup: RunSetup) -> BatchSampler | SequenceSampler:
@@ -134,7 +177,7 @@ def make_sampler(data: TransitionDataset, setup: RunSetup) -> BatchSampler | Seq
     config = setup.algorithm
     if not setup.model_config.recurrent:
         return BatchSampler(data, config.batch_size, seed=setup.seed)
-    longest = longest_episode(data)
+    longest = data.longest_episode() if isinstance(data, StoreDataset) else longest_episode(data)
     if config.rollout_len > longest:
         raise MazerunError(
             f"{setup.prefix}.rollout_len={config.rollout_len} is longer than every episode (the longest has "
