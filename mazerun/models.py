@@ -239,18 +239,25 @@ def obs_to_tensor(
     }
 
 
-def layer_init(layer: nn.Module, gain: float = math.sqrt(2)) -> nn.Module:
-    """Orthogonal weights and zero bias, as in CleanRL/SB3's PPO."""
-    nn.init.orthogonal_(layer.weight, gain)
-    nn.init.zeros_(layer.bias)
+def layer_init(layer: nn.Module, gain: float = math.sqrt(2), orthogonal: bool = True) -> nn.Module:
+    """Orthogonal weights and zero bias, as in CleanRL/SB3's PPO; ``orthogonal=False`` keeps torch's default.
+
+    Policies and critics trained by PPO and BC start orthogonal. Q- and V-networks keep torch's
+    default (uniform within 1/sqrt(fan_in)), as SB3's DQN and d3rlpy do: orthogonal layers with
+    a unit-gain head start with Q-values several times larger, and on LunarLander's logged data
+    CQL's return after 2,000 updates fell from 183 to 135 with them (bench/offline.py).
+    """
+    if orthogonal:
+        nn.init.orthogonal_(layer.weight, gain)
+        nn.init.zeros_(layer.bias)
     return layer
 
 
-def mlp(input_dim: int, hidden_sizes: Sequence[int], activation: str) -> tuple[nn.Sequential, int]:
+def mlp(input_dim: int, hidden_sizes: Sequence[int], activation: str, orthogonal: bool = True) -> tuple[nn.Sequential, int]:
     """Linear + activation layers, and their output size (``input_dim`` when there are none)."""
     layers: list[nn.Module] = []
     for size in hidden_sizes:
-        layers += [layer_init(nn.Linear(input_dim, size)), ACTIVATIONS[activation]()]
+        layers += [layer_init(nn.Linear(input_dim, size), orthogonal=orthogonal), ACTIVATIONS[activation]()]
         input_dim = size
     return nn.Sequential(*layers), input_dim
 
@@ -265,7 +272,8 @@ class ObservationEncoder(nn.Module):
     """
 
     def __init__(
-        self, config: ModelConfig, observation_space: gym.Space, vocabulary: Vocabulary | None = None
+        self, config: ModelConfig, observation_space: gym.Space, vocabulary: Vocabulary | None = None,
+        orthogonal: bool = True,
     ) -> None:
         super().__init__()
         _check_kind(config.kind, observation_space)
@@ -286,7 +294,7 @@ class ObservationEncoder(nn.Module):
         convs: list[nn.Module] = []
         in_channels = config.embedding_dim
         for out_channels in config.image_channels:
-            convs.append(layer_init(nn.Conv2d(in_channels, out_channels, 3, padding=1)))
+            convs.append(layer_init(nn.Conv2d(in_channels, out_channels, 3, padding=1), orthogonal=orthogonal))
             in_channels = out_channels
         pooled = min(IMAGE_POOLED_GRID, height), min(IMAGE_POOLED_GRID, width)
         self.film = config.film
@@ -414,14 +422,15 @@ class Torso(nn.Module):
     states a sequence left (the next observation of each transition).
     """
 
-    def __init__(self, config: ModelConfig, observation_space: gym.Space, vocabulary: Vocabulary | None) -> None:
+    def __init__(self, config: ModelConfig, observation_space: gym.Space, vocabulary: Vocabulary | None,
+                 orthogonal: bool = True) -> None:
         super().__init__()
-        self.encoder = ObservationEncoder(config, observation_space, vocabulary)
+        self.encoder = ObservationEncoder(config, observation_space, vocabulary, orthogonal)
         width = self.encoder.output_dim
         self.memory = Memory(config.memory, width, config.memory_size) if config.recurrent else None
         if self.memory is not None:
             width = config.memory_size
-        self.trunk, self.output_dim = mlp(width, config.hidden_sizes, config.activation)
+        self.trunk, self.output_dim = mlp(width, config.hidden_sizes, config.activation, orthogonal)
         self.state_size = 0 if self.memory is None else self.memory.state_size
 
     def forward(self, obs: ModelInput) -> torch.Tensor:
@@ -661,8 +670,8 @@ class QNetwork(Recurrent, Torso):
                 "use algorithm=bc or algorithm=ppo for continuous actions"
             )
         _check_action_space(action_space)
-        super().__init__(config, observation_space, vocabulary)
-        self.head = layer_init(nn.Linear(self.output_dim, int(action_space.n)), gain=1.0)
+        super().__init__(config, observation_space, vocabulary, orthogonal=False)  # see layer_init
+        self.head = nn.Linear(self.output_dim, int(action_space.n))
 
     def forward(self, obs: ModelInput) -> torch.Tensor:
         """Q-values ``(B, n_actions)`` (networks without memory)."""
@@ -703,8 +712,8 @@ class ValueNetwork(Recurrent, Torso):
     """State values V(s): encoder, optional memory, MLP trunk and one output."""
 
     def __init__(self, config: ModelConfig, observation_space: gym.Space, vocabulary: Vocabulary | None = None) -> None:
-        super().__init__(config, observation_space, vocabulary)
-        self.head = layer_init(nn.Linear(self.output_dim, 1), gain=1.0)
+        super().__init__(config, observation_space, vocabulary, orthogonal=False)  # see layer_init
+        self.head = nn.Linear(self.output_dim, 1)
 
     def forward(self, obs: ModelInput) -> torch.Tensor:
         """Values ``(B,)`` (networks without memory)."""
