@@ -31,11 +31,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from common import (D3RLPY_INSTALL, Table, d3rlpy_run, evaluate_run, expert_return, load_average, peer_version,
-                    record, run)  # first: it sets OpenMP's wait policy before torch loads
-
 import torch
 import torch.nn.functional as F
+from common import (D3RLPY_INSTALL, Table, d3rlpy_run, evaluate_run, expert_return, load_average, peer_version,
+                    record, run)
 
 from mazerun.algorithms.bc import BCConfig
 from mazerun.config import DatasetConfig, EnvConfig, RunConfig, RunnerConfig

@@ -6,16 +6,11 @@ peer is missing, so a bench run can gate a change like a test.
 
 from __future__ import annotations
 
-import os
-
-# The run command makes idle OpenMP threads sleep (mazerun/cli.py); the peers' worker processes,
-# spawned from a bench, inherit the same setting.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import contextlib
 import datetime
 import importlib
 import io
+import os
 import subprocess
 import sys
 import time

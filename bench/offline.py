@@ -1,6 +1,6 @@
 """Offline learning on noisy LunarLander data: our whole `run` command against d3rlpy's `fit()`, and CQL's return.
 
-    python bench/offline.py [--episodes 200] [--updates 5000] [--quality-updates 2000 20000]
+    python bench/offline.py [--episodes 200] [--updates 5000] [--repeats 3] [--quality-updates 2000 20000]
                             [--seeds 0 1 2] [--long-seeds 0] [--eval-episodes 100] [--threads 0]
                             [--parts speed quality others]
     python bench/offline.py --smoke     # tiny budgets: checks the wiring, not the targets
@@ -14,7 +14,8 @@ torch thread count as our command (``--threads``, 0: torch's default, the cores 
    truncated episode's last step bootstraps from its final observation in both libraries).
    Networks: 256x256 ReLU (d3rlpy's default encoder; ``model.activation=relu`` on our side), batch
    256, lr 3e-4, gamma 0.99, observations standardised with the dataset's statistics.
-2. speed: ``--updates`` updates of CQL and of BC. Ours is the whole command, from launch to exit:
+2. speed: ``--updates`` updates of CQL and of BC, ``--repeats`` rounds of ours then d3rlpy (medians). Ours
+   is the whole command, from launch to exit:
    start-up, loading the records, building the tensors, training, the reports every 2000 updates
    (CQL's default; 10 evaluation episodes each) and checkpoints:
    ``run -cn conf_train algorithm=cql|bc algorithm.n_updates=5000 algorithm.eval_every=2000 ...``.
@@ -64,15 +65,19 @@ def ours(work: Path, name: str, algorithm: str, updates: int, data_dir: Path, *e
 def speed(args: argparse.Namespace, work: Path, data_dir: Path, pool: ProcessPoolExecutor | None,
           table: Table) -> None:
     for algorithm, extra in (("cql", []), ("bc", ["algorithm.validation_percentage=0"])):
-        say(f"speed: {algorithm}, {args.updates} updates ({load_average()})")
-        seconds = ours(work, f"speed_{algorithm}", algorithm, args.updates, data_dir,
-                       f"algorithm.eval_every={min(REPORT_EVERY, args.updates)}", *extra)
-        peer: float | str = "missing"
-        if pool is not None:
-            fitted = pool.submit(d3rlpy_run, algorithm, data_dir, [args.updates], seed=0, threads=args.threads,
-                                 hidden_units=HIDDEN_UNITS, activation=ACTIVATION).result()
-            peer = args.updates / fitted[args.updates][0]
-        ours_rate = args.updates / seconds
+        ours_rates, peer_rates = [], []
+        for repeat in range(args.repeats):  # alternating, so that a noisy minute hits both sides alike
+            say(f"speed: {algorithm}, {args.updates} updates, round {repeat + 1}/{args.repeats} ({load_average()})")
+            seconds = ours(work, f"speed_{algorithm}_{repeat}", algorithm, args.updates, data_dir,
+                           f"algorithm.eval_every={min(REPORT_EVERY, args.updates)}", *extra)
+            ours_rates.append(args.updates / seconds)
+            if pool is not None:
+                fitted = pool.submit(d3rlpy_run, algorithm, data_dir, [args.updates], seed=0, threads=args.threads,
+                                     hidden_units=HIDDEN_UNITS, activation=ACTIVATION).result()
+                peer_rates.append(args.updates / fitted[args.updates][0])
+            say(f"  ours {ours_rates[-1]:.1f} updates/s" + (f", d3rlpy {peer_rates[-1]:.1f}" if peer_rates else ""))
+        ours_rate = statistics.median(ours_rates)
+        peer: float | str = statistics.median(peer_rates) if peer_rates else "missing"
         name = "DiscreteCQL" if algorithm == "cql" else "DiscreteBC"
         table.add(f"{algorithm.upper()} {args.updates:,} updates/s: run vs {name} fit()", ours_rate, peer,
                   f">= {SPEED_TARGET:g}x", isinstance(peer, float) and ours_rate >= SPEED_TARGET * peer)
@@ -124,6 +129,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--episodes", type=int, default=200, help="recorded noisy episodes (default 200)")
     parser.add_argument("--updates", type=int, default=5000, help="updates of the speed rows (default 5000)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the speed rows, each ours then d3rlpy (median)")
     parser.add_argument("--quality-updates", type=int, nargs="+", default=[2000, 20000])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of budgets up to 5000")
     parser.add_argument("--long-seeds", type=int, nargs="+", default=[0], help="seeds of larger budgets")
@@ -134,7 +140,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny budgets: checks the wiring, not the targets")
     args = parser.parse_args()
     if args.smoke:
-        args.episodes, args.updates, args.quality_updates, args.seeds = 3, 20, [20], [0]
+        args.episodes, args.updates, args.quality_updates, args.seeds, args.repeats = 3, 20, [20], [0], 1
         args.eval_episodes = 2
 
     version = peer_version("d3rlpy", D3RLPY_INSTALL)

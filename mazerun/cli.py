@@ -15,21 +15,13 @@ runs this module; rank 0 lets Hydra pick the run directory and tells the other r
 
 from __future__ import annotations
 
-import os
-
-# Before anything loads torch's OpenMP runtime: threads that wait for work sleep instead of
-# spinning. Spinning threads make every parallel op wait for the slowest core, so on a machine
-# whose other core is busy, 2 threads ran CQL's updates 18x slower than 1; passive threads ran
-# them as fast as 1 thread there, and lose little on an idle machine (batches of 256 rows are
-# coarse work). A value the user set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import contextlib
 import difflib
 import errno
 import fcntl
 import gc
 import logging
+import os
 import sys
 import time
 from pathlib import Path
