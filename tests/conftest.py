@@ -14,6 +14,7 @@ import gymnasium as gym
 import pytest
 import torch
 
+from mazerun.algorithms.ppo import RolloutBatch
 from mazerun.checkpoint import save_checkpoint
 from mazerun.models import ModelConfig
 from mazerun.runsetup import model_config_dict
@@ -93,3 +94,14 @@ def save_network(
                     observation_space=observation_space, action_space=action_space, env_id=env_id,
                     algorithm=algorithm, extra=extra or {})
     return path
+
+
+def synthetic_batch(network: torch.nn.Module, size: int = 64) -> RolloutBatch:
+    """A seeded PPO rollout of ``size`` random LunarLander-shaped observations acted on by ``network``."""
+    generator = torch.Generator().manual_seed(1)
+    observations = torch.randn(size, 8, generator=generator)
+    with torch.no_grad():
+        distribution = network.distribution(observations)
+        actions = distribution.sample()
+        return RolloutBatch(observations, actions, distribution.log_prob(actions), network.value(observations),
+                            torch.randn(size, generator=generator), torch.randn(size, generator=generator))

@@ -11,8 +11,8 @@ import gymnasium as gym
 import pytest
 import torch
 
-from conftest import newest_run_dir, run_cli, run_ok, spawn_cli
-from mazerun.algorithms.ppo import PPO, PPOConfig, RolloutBatch
+from conftest import newest_run_dir, run_cli, run_ok, spawn_cli, synthetic_batch
+from mazerun.algorithms.ppo import PPO, PPOConfig
 from mazerun.checkpoint import load_checkpoint
 from mazerun.data import TransitionBatch
 from mazerun.metrics import read_metrics_csv
@@ -110,16 +110,6 @@ def test_bad_pipeline_input_is_one_line(workdir: Path, overrides: list[str], mes
 # -------------------------------------------------------------------------------- imitation in PPO
 
 
-def _rollout(network: torch.nn.Module, size: int = 64) -> RolloutBatch:
-    generator = torch.Generator().manual_seed(1)
-    observations = torch.randn(size, 8, generator=generator)
-    with torch.no_grad():
-        distribution = network.distribution(observations)
-        actions = distribution.sample()
-        return RolloutBatch(observations, actions, distribution.log_prob(actions), network.value(observations),
-                            torch.randn(size, generator=generator), torch.randn(size, generator=generator))
-
-
 def _demonstrations() -> TransitionBatch:
     generator = torch.Generator().manual_seed(2)
     actions = torch.randint(0, 4, (32,), generator=generator)
@@ -131,7 +121,7 @@ def _updated(coef: float, demonstrations: bool) -> tuple[dict[str, torch.Tensor]
     network = build_actor_critic(ModelConfig(kind="vector_obs", hidden_sizes=(16,)), gym.spaces.Box(-1, 1, (8,)),
                                  gym.spaces.Discrete(4))
     ppo = PPO(PPOConfig(batch_size=16, n_epochs=2, imitation_coef=coef), network, torch.Generator().manual_seed(3))
-    metrics = ppo.update(_rollout(network), demonstrations=_demonstrations if demonstrations else None)
+    metrics = ppo.update(synthetic_batch(network), demonstrations=_demonstrations if demonstrations else None)
     return network.state_dict(), metrics
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import newest_run_dir, run_cli, run_ok, save_network
+from conftest import newest_run_dir, run_cli, run_ok, save_network, synthetic_batch
 from mazerun.algorithms.bc import BCConfig
-from mazerun.algorithms.ppo import PPO, PPOConfig, RolloutBatch, compute_gae, log_prob_and_entropy
+from mazerun.algorithms.ppo import PPO, PPOConfig, compute_gae, log_prob_and_entropy
 from mazerun.checkpoint import load_checkpoint, network_from_checkpoint
 from mazerun.cli import execute
 from mazerun.config import DatasetConfig, PolicyConfig, RunConfig, RunnerConfig
@@ -156,16 +156,6 @@ def test_continuous_actions_are_clipped_for_the_env_but_stored_as_sampled() -> N
 
 
 # ------------------------------------------------------------------------------------------- update
-
-
-def synthetic_batch(network: torch.nn.Module, size: int = 64) -> RolloutBatch:
-    generator = torch.Generator().manual_seed(1)
-    observations = torch.randn(size, 8, generator=generator)
-    with torch.no_grad():
-        distribution = network.distribution(observations)
-        actions = distribution.sample()
-        return RolloutBatch(observations, actions, distribution.log_prob(actions), network.value(observations),
-                            torch.randn(size, generator=generator), torch.randn(size, generator=generator))
 
 
 def test_critic_burn_in_update_leaves_every_policy_weight_bit_identical() -> None:
