@@ -56,7 +56,7 @@ from mazerun.metrics import MetricsLogger, copy_metrics_history
 from mazerun.models import ModelConfig
 from mazerun.records import atomic_write_bytes
 from mazerun.runsetup import TRAINING_STATE, RunSetup, TrainResult, model_config_dict, prepare
-from mazerun.train import _DEFAULT_THREADS
+from mazerun.train import DEFAULT_THREADS
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def train_population(config: RunConfig, run_dir: Path) -> TrainResult:
     # Process-wide settings belong here, above the loop (as in mazerun.train): the initial
     # networks draw from torch's global generator; everything after draws from the search's own.
     torch.manual_seed(hpo.seed)
-    torch.set_num_threads(_DEFAULT_THREADS)
+    torch.set_num_threads(DEFAULT_THREADS)
     data = _dataset(setup)
     population = Population(setup, hpo, data)
     if saved is not None:

@@ -27,7 +27,8 @@ SINGLE_THREADED_LOOPS = ("on_policy", "interactive")
 """Loops of many tiny ops (one env step, one small minibatch): on the CPU, more threads only add
 synchronisation, and spin on a busy machine. Offline batches of 256 gain from every core."""
 
-_DEFAULT_THREADS = torch.get_num_threads()
+DEFAULT_THREADS = torch.get_num_threads()
+"""Torch's thread count at import (OMP_NUM_THREADS or every usable core): what offline training and the population use."""
 
 
 def train(config: RunConfig, run_dir: Path) -> TrainResult:
@@ -53,6 +54,6 @@ def train_stage(
     setup = prepare(config, algorithm_config, run_dir, prefix=prefix, input_dir=input_dir, dataset=dataset,
                     step_offset=step_offset, continue_hint=continue_hint, stream=loop == "offline")
     single = loop in SINGLE_THREADED_LOOPS and setup.device.type == "cpu"
-    torch.set_num_threads(1 if single else _DEFAULT_THREADS)
+    torch.set_num_threads(1 if single else DEFAULT_THREADS)
     module, function = LOOPS[loop]
     return getattr(importlib.import_module(module), function)(setup)
