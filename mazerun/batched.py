@@ -30,6 +30,7 @@ from torch.func import functional_call, vmap
 
 from mazerun.data import TransitionBatch, TransitionDataset
 from mazerun.evolution import Agent
+from mazerun.fused import StackedQLearner
 
 
 class _LossShell(nn.Module):
@@ -158,7 +159,27 @@ class Cohort:
                     self.adam_steps[index] = float(moments["step"])
         self.updates = [agent.algorithm.updates for agent in agents]
         self._batched: dict[tuple[bool, ...], Any] = {}
+        self.stack = self._stack()
         self.refresh_hyperparameters()
+
+    def _stack(self) -> StackedQLearner | None:
+        """The hand-written step over this cohort's storage, where the template has one (CQL on an MLP) and the
+        stacked parameters are its layout: the online network's layers, and the target's in the same order."""
+        stack = getattr(self.template, "stack", None)
+        if not isinstance(stack, StackedQLearner) or self.target_flat is None:
+            return None
+        layers = [(f"{layer}.weight", f"{layer}.bias") for layer in (*(f"trunk.{index}" for index, module in
+                  enumerate(self.template.network.trunk) if isinstance(module, nn.Linear)), "head")]
+        expected = [name for pair in layers for name in pair]
+        if (self.trainable_names != [f"networks.network.{name}" for name in expected]
+                or self.target_names != [f"networks.target_network.{name}" for name in expected]):
+            return None
+        count = len(self.agents)
+        self.flat_grad = torch.zeros_like(self.flat, requires_grad=False)
+        self.obs_mean, self.obs_std = (self.buffers[f"networks.network.encoder.{name}"].view(count, 1, -1)
+                                       for name in ("obs_mean", "obs_std"))
+        return StackedQLearner(self.flat.detach(), self.flat_grad, self.target_flat, stack.online.shapes,
+                               stack.activation)
 
     def _views(self, flat: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
         count = flat.shape[0]
@@ -204,6 +225,14 @@ class Cohort:
 
     def step(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
         """One learn step of every agent on its slice of ``batch``; returns metrics shaped ``(agents,)``."""
+        if self.stack is not None:
+            with torch.no_grad():
+                _, metrics = self.stack.gradient(batch.observations, batch.next_observations, self.obs_mean,
+                                                 self.obs_std, self.template.head_gradient(batch, self.gammas[:, None]))
+            self._adam(self.flat_grad)
+            self.updates = [count + 1 for count in self.updates]
+            self._follow_targets()
+            return metrics
         losses, metrics = self._losses(batch)
         # Agents' losses share no parameter, so the gradient of their sum holds each agent's own.
         self.flat.grad = None

@@ -129,7 +129,7 @@ def save_checkpoint(
     str, int, float, bool and None; anything else raises ``TypeError`` here rather than
     at load time.
     """
-    payload = {
+    payload = _compact({
         "format": CHECKPOINT_MARKER,
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "model_state": model_state,
@@ -140,7 +140,7 @@ def save_checkpoint(
         "algorithm": algorithm,
         "vocabulary": None if vocabulary is None else list(vocabulary),
         "extra": {} if extra is None else extra,
-    }
+    })
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     try:
@@ -148,6 +148,18 @@ def save_checkpoint(
     except Exception as error:
         raise TypeError(f"checkpoint content is not loadable with weights_only=True: {error}") from error
     atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def _compact(value: Any) -> Any:
+    """``value`` with every tensor that is a view into larger storage copied out: ``torch.save`` writes a
+    tensor's whole storage, and fused training keeps weights as views of one flat tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.untyped_storage().nbytes() > value.numel() * value.element_size() else value
+    if isinstance(value, dict):
+        return {key: _compact(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_compact(item) for item in value)
+    return value
 
 
 def read_pipeline_manifest(run_dir: Path) -> dict | None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -72,13 +72,191 @@ def fusable(network: nn.Module) -> bool:
 @dataclass
 class _Layer:
     weight: torch.Tensor
-    """``(2, out, in)``, a view of the storage."""
+    """``(K, out, in)``, a view of the storage."""
     weight_t: torch.Tensor
-    """The same, ``(2, in, out)``: what a forward multiplies by."""
+    """The same, ``(K, in, out)``: what a forward multiplies by."""
     bias: torch.Tensor
-    """``(2, 1, out)``."""
-    weight_grad: torch.Tensor
-    bias_grad: torch.Tensor
+    """``(K, 1, out)``."""
+    weight_grad: torch.Tensor | None
+    bias_grad: torch.Tensor | None
+
+
+@dataclass
+class Workspace:
+    """What one pass of ``B`` rows writes, allocated once, so that a step allocates nothing for it."""
+
+    hidden: list[torch.Tensor]
+    """Each hidden layer's activations, ``(K, B, width)``."""
+    hidden_grad: list[torch.Tensor]
+    """d loss / d each hidden layer's pre-activations."""
+    hidden_grad_t: list[torch.Tensor]
+    out: torch.Tensor
+    """The heads' outputs ``(K, B, head width)``."""
+    out_grad: torch.Tensor
+    """d loss / d ``out``: what :meth:`StackedMLP.backward` starts from."""
+    out_grad_t: torch.Tensor
+
+
+class StackedMLP:
+    """``K`` MLPs of one layout whose weights are the rows of one ``(K, S)`` storage.
+
+    Each row holds ``[W_0, b_0, W_1, b_1, ..., W_n, b_n]`` (``W_l`` of shape ``(out, in)``, as
+    ``nn.Linear`` stores it) from column 0, the last layer being the head (no activation); the
+    columns after them are the caller's. A forward is one ``baddbmm`` per layer for all ``K``
+    networks, a backward two ``bmm`` per layer into the same layout of ``flat_grad``.
+    """
+
+    def __init__(self, flat: torch.Tensor, flat_grad: torch.Tensor | None, shapes: list[tuple[int, int]],
+                 activation: str) -> None:
+        count = flat.shape[0]
+        self.shapes = list(shapes)
+        self.layers: list[_Layer] = []
+        offset = 0
+        for out, inp in shapes:
+            weight = slice(offset, offset + out * inp)
+            bias = slice(weight.stop, weight.stop + out)
+            offset = bias.stop
+            stacked = flat[:, weight].view(count, out, inp)
+            self.layers.append(_Layer(
+                stacked, stacked.transpose(1, 2), flat[:, bias].view(count, 1, out),
+                None if flat_grad is None else flat_grad[:, weight].view(count, out, inp),
+                None if flat_grad is None else flat_grad[:, bias].view(count, 1, out)))
+        self.columns = offset
+        """Columns of each row the layers use."""
+        self.count = count
+        self.hidden, self.head = self.layers[:-1], self.layers[-1]
+        self._activate_ = torch.tanh_ if activation == "tanh" else torch.relu_
+        self._activation_backward = (torch.ops.aten.tanh_backward.grad_input if activation == "tanh" else
+                                     partial(torch.ops.aten.threshold_backward.grad_input, threshold=0))
+
+    def allocate(self, rows: int) -> Workspace:
+        """A new workspace for passes over ``rows`` rows."""
+        device, count = self.head.weight.device, self.count
+        widths = [layer.weight.shape[1] for layer in self.hidden]  # (K, out, in)
+        hidden = [torch.zeros(count, rows, width, device=device) for width in widths]
+        hidden_grad = [torch.zeros(count, rows, width, device=device) for width in widths]
+        out = torch.zeros(count, rows, self.head.weight.shape[1], device=device)
+        out_grad = torch.zeros_like(out)
+        return Workspace(hidden, hidden_grad, [grad.transpose(1, 2) for grad in hidden_grad], out, out_grad,
+                         out_grad.transpose(1, 2))
+
+    def forward(self, workspace: Workspace, inputs: torch.Tensor) -> torch.Tensor:
+        """Every network on its ``(K, B, D)`` inputs: activations and head outputs into ``workspace``; returns ``out``."""
+        activate = self._activate_
+        hidden = inputs
+        for layer, output in zip(self.hidden, workspace.hidden):
+            activate(torch.baddbmm(layer.bias, hidden, layer.weight_t, out=output))
+            hidden = output
+        return torch.baddbmm(self.head.bias, hidden, self.head.weight_t, out=workspace.out)
+
+    def backward(self, workspace: Workspace, inputs: torch.Tensor) -> None:
+        """Write the gradient of every weight and bias into ``flat_grad``, from ``workspace.out_grad`` (d loss /
+        d head outputs) and the activations :meth:`forward` left there for the same ``inputs``."""
+        grad, grad_t = workspace.out_grad, workspace.out_grad_t
+        for index in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[index]
+            layer_input = workspace.hidden[index - 1] if index else inputs
+            torch.bmm(grad_t, layer_input, out=layer.weight_grad)
+            torch.sum(grad, 1, keepdim=True, out=layer.bias_grad)
+            if index:
+                previous = workspace.hidden_grad[index - 1]
+                torch.bmm(grad, layer.weight, out=previous)
+                self._activation_backward(previous, layer_input, grad_input=previous)
+                grad, grad_t = previous, workspace.hidden_grad_t[index - 1]
+
+
+def mlp_layers(encoder: nn.Module, memory: nn.Module | None, trunk: nn.Sequential, head: nn.Linear
+               ) -> tuple[list[nn.Linear], str] | None:
+    """The Linear layers (trunk, then head) and activation of a network :class:`StackedMLP` can run, else None:
+    vector observations, no memory, a float32 MLP trunk of one activation (tanh or ReLU), biases everywhere."""
+    if getattr(encoder, "kind", None) != "vector_obs" or memory is not None:
+        return None
+    layers, activation = _linear_layers(trunk)
+    if activation is None:
+        return None
+    layers = [*layers, head]
+    if any(layer.bias is None or layer.weight.dtype != torch.float32 for layer in layers):
+        return None
+    return layers, activation
+
+
+def bind_layers(layers: list[nn.Linear], row: torch.Tensor, grad_row: torch.Tensor | None = None) -> None:
+    """Make the layers' weights and biases live in ``row`` (:class:`StackedMLP`'s layout of one network), their
+    values kept; with ``grad_row``, their ``.grad`` too, so an optimiser over the parameters steps what a
+    :meth:`StackedMLP.backward` writes."""
+    offset = 0
+    for layer in layers:
+        for parameter in (layer.weight, layer.bias):
+            view = slice(offset, offset + parameter.numel())
+            _bind(parameter, row[view].view_as(parameter))
+            if grad_row is not None:
+                parameter.grad = grad_row[view].view_as(parameter)
+            offset += parameter.numel()
+
+
+def stack_size(layers: list[nn.Linear]) -> int:
+    """Columns of a :class:`StackedMLP` row holding ``layers``."""
+    return sum(layer.weight.numel() + layer.bias.numel() for layer in layers)
+
+
+def normalize(observations: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """What :class:`~mazerun.models.ObservationEncoder` does to vector observations, for stacked ``(K, B, D)``."""
+    return ((observations - mean) / std).clamp_(-NORMALIZED_OBS_CLIP, NORMALIZED_OBS_CLIP)
+
+
+HeadGradient = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                        tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""``(Q(s), Q_online(s'), Q_target(s'), out) -> (losses (K,), metrics)``, writing d loss / d Q(s) into ``out``."""
+
+
+class StackedQLearner:
+    """``K`` Q-networks (rows of ``flat``) and their targets (rows of ``target_flat``), one learn step's passes.
+
+    A value-learning step reads three passes: the online network on s (trained), on s' (to pick
+    the next action) and the target network on s' (to value it). Here each is three ``baddbmm``
+    for all ``K`` agents; the algorithm's :data:`HeadGradient` turns the Q-values into losses and
+    d loss / d Q(s), and :meth:`StackedMLP.backward` into ``flat_grad``. One agent is ``K = 1``
+    (:meth:`of_networks`); a population's cohort hands its stacked storage in.
+    """
+
+    def __init__(self, flat: torch.Tensor, flat_grad: torch.Tensor, target_flat: torch.Tensor,
+                 shapes: list[tuple[int, int]], activation: str) -> None:
+        self.online = StackedMLP(flat, flat_grad, shapes, activation)
+        self.target = StackedMLP(target_flat, None, shapes, activation)
+        self.activation = activation
+        self._workspaces: dict[int, tuple[Workspace, Workspace, Workspace]] = {}
+
+    @classmethod
+    def of_networks(cls, network: nn.Module, target: nn.Module) -> StackedQLearner | None:
+        """One :class:`~mazerun.models.QNetwork` and its target, their parameters (and the online one's
+        gradients) moved into new storage; None when the network is not an MLP on vector observations."""
+        online_layers = mlp_layers(network.encoder, network.memory, network.trunk, network.head)
+        target_layers = mlp_layers(target.encoder, target.memory, target.trunk, target.head)
+        if online_layers is None or target_layers is None:
+            return None
+        layers, activation = online_layers
+        flat, flat_grad, target_flat = torch.zeros(3, 1, stack_size(layers), device=network.head.weight.device)
+        bind_layers(layers, flat[0], flat_grad[0])
+        bind_layers(target_layers[0], target_flat[0])
+        return cls(flat, flat_grad, target_flat, [tuple(layer.weight.shape) for layer in layers], activation)
+
+    def gradient(self, observations: torch.Tensor, next_observations: torch.Tensor, mean: torch.Tensor,
+                 std: torch.Tensor, head_gradient: HeadGradient) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Losses ``(K,)`` and metrics of ``(K, B, D)`` transitions (raw observations, statistics ``(K, 1, D)``);
+        the gradient of each agent's loss goes into its row of ``flat_grad``."""
+        rows = observations.shape[1]
+        workspaces = self._workspaces.get(rows)
+        if workspaces is None:
+            workspaces = self._workspaces[rows] = (self.online.allocate(rows), self.online.allocate(rows),
+                                                   self.target.allocate(rows))
+        trained, chooser, valuer = workspaces
+        inputs, next_inputs = normalize(observations, mean, std), normalize(next_observations, mean, std)
+        q_values = self.online.forward(trained, inputs)
+        next_online = self.online.forward(chooser, next_inputs)
+        next_target = self.target.forward(valuer, next_inputs)
+        losses, metrics = head_gradient(q_values, next_online, next_target, trained.out_grad)
+        self.online.backward(trained, inputs)
+        return losses, metrics
 
 
 class FusedActorCritic:
@@ -104,19 +282,15 @@ class FusedActorCritic:
         size = sum(out * inp + out for out, inp in shapes) + (0 if self.discrete else self.action_width)
         self.flat = torch.zeros(2, size, device=device)
         self.flat_grad = torch.zeros(2, size, device=device)
-        self.layers: list[_Layer] = []
-        offset = 0
-        for (out, inp), actor, critic in zip(shapes, actor_layers, critic_layers):
-            weight = slice(offset, offset + out * inp)
-            bias = slice(weight.stop, weight.stop + out)
-            offset = bias.stop
-            stacked = self.flat[:, weight].view(2, out, inp)
-            self.layers.append(_Layer(stacked, stacked.transpose(1, 2), self.flat[:, bias].view(2, 1, out),
-                                      self.flat_grad[:, weight].view(2, out, inp), self.flat_grad[:, bias].view(2, 1, out)))
-            for row, layer in enumerate((actor, critic)):
+        self.stack = StackedMLP(self.flat, self.flat_grad, shapes, self.activation)
+        self.layers = self.stack.layers
+        for row, layers in enumerate((actor_layers, critic_layers)):
+            offset = 0
+            for (out, inp), layer in zip(shapes, layers):
                 rows = layer.weight.shape[0]  # the critic's head has fewer outputs than the actor's
-                _bind(layer.weight, self.flat[row, weight].view(out, inp)[:rows])
-                _bind(layer.bias, self.flat[row, bias][:rows])
+                _bind(layer.weight, self.flat[row, offset:offset + out * inp].view(out, inp)[:rows])
+                _bind(layer.bias, self.flat[row, offset + out * inp:offset + out * inp + out][:rows])
+                offset += out * inp + out
         self.log_std: torch.Tensor | None = None
         self.log_std_grad: torch.Tensor | None = None
         if not self.discrete:
@@ -131,34 +305,25 @@ class FusedActorCritic:
             for name, storage in (("obs_mean", self.obs_mean), ("obs_std", self.obs_std)):
                 storage[row, 0].copy_(getattr(encoder, name))
                 setattr(encoder, name, storage[row, 0])
-        self.hidden, self.head = self.layers[:-1], self.layers[-1]
-        self._activate_ = torch.tanh_ if self.activation == "tanh" else torch.relu_
-        self._activation_backward = (torch.ops.aten.tanh_backward.grad_input if self.activation == "tanh" else
-                                     partial(torch.ops.aten.threshold_backward.grad_input, threshold=0))
-        self._workspaces: dict[int, Workspace] = {}
+        self.forward, self.backward = self.stack.forward, self.stack.backward
+        self._workspaces: dict[int, ActorCriticWorkspace] = {}
 
     def normalize(self, observations: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` observations as each encoder standardises them: ``(2, N, D)``."""
-        standardized = (observations - self.obs_mean) / self.obs_std
-        return standardized.clamp_(-NORMALIZED_OBS_CLIP, NORMALIZED_OBS_CLIP)
+        return normalize(observations, self.obs_mean, self.obs_std)
 
-    def workspace(self, rows: int) -> Workspace:
+    def workspace(self, rows: int) -> ActorCriticWorkspace:
         """The tensors a pass over ``rows`` rows writes, allocated on first use and reused after."""
         workspace = self._workspaces.get(rows)
         if workspace is None:
-            device = self.flat.device
-            widths = [layer.weight.shape[1] for layer in self.hidden]  # (2, out, in)
-            hidden = [torch.zeros(2, rows, width, device=device) for width in widths]
-            hidden_grad = [torch.zeros(2, rows, width, device=device) for width in widths]
-            out = torch.zeros(2, rows, self.action_width, device=device)
-            out_grad = torch.zeros(2, rows, self.action_width, device=device)
-            workspace = self._workspaces[rows] = Workspace(
-                hidden, hidden_grad, [grad.transpose(1, 2) for grad in hidden_grad], out, out_grad,
-                out_grad.transpose(1, 2), out[0], out[1, :, :1], out_grad[0], out_grad[1, :, :1])
+            base = self.stack.allocate(rows)
+            out, out_grad = base.out, base.out_grad
+            workspace = self._workspaces[rows] = ActorCriticWorkspace(
+                **vars(base), head=out[0], values=out[1, :, :1], head_grad=out_grad[0], value_grad=out_grad[1, :, :1])
         return workspace
 
     @torch.no_grad()
-    def heads(self, observations: torch.Tensor) -> Workspace:
+    def heads(self, observations: torch.Tensor) -> ActorCriticWorkspace:
         """The actor's head (``.head``: logits or means) and the critic's values (``.values``, ``(B, 1)``) of
         ``(B, D)`` observations, in the workspace of ``B`` rows: valid until the next pass of that many rows."""
         workspace = self.workspace(len(observations))
@@ -180,48 +345,12 @@ class FusedActorCritic:
         log_prob = noise.square().mul(-0.5).sub_(self.log_std).sum(1).sub_(self.log_std.numel() * LOG_SQRT_2PI)
         return head + self.log_std.exp() * noise, log_prob, values
 
-    def forward(self, workspace: Workspace, inputs: torch.Tensor) -> None:
-        """Both networks on normalised ``(2, B, D)`` inputs: activations and head outputs into ``workspace``."""
-        activate = self._activate_
-        hidden = inputs
-        for layer, output in zip(self.hidden, workspace.hidden):
-            activate(torch.baddbmm(layer.bias, hidden, layer.weight_t, out=output))
-            hidden = output
-        torch.baddbmm(self.head.bias, hidden, self.head.weight_t, out=workspace.out)
-
-    def backward(self, workspace: Workspace, inputs: torch.Tensor) -> None:
-        """Write the gradient of every weight and bias into :attr:`flat_grad`, from ``workspace.out_grad`` (d loss /
-        d head outputs) and the activations :meth:`forward` left there for the same ``inputs``.
-
-        ``log_std``'s gradient is not touched: it does not depend on the layers (the caller writes it).
-        """
-        grad, grad_t = workspace.out_grad, workspace.out_grad_t
-        for index in range(len(self.layers) - 1, -1, -1):
-            layer = self.layers[index]
-            layer_input = workspace.hidden[index - 1] if index else inputs
-            torch.bmm(grad_t, layer_input, out=layer.weight_grad)
-            torch.sum(grad, 1, keepdim=True, out=layer.bias_grad)
-            if index:
-                previous = workspace.hidden_grad[index - 1]
-                torch.bmm(grad, layer.weight, out=previous)
-                self._activation_backward(previous, layer_input, grad_input=previous)
-                grad, grad_t = previous, workspace.hidden_grad_t[index - 1]
 
 
 @dataclass
-class Workspace:
-    """What one pass of ``B`` rows writes, allocated once, so that a minibatch step allocates nothing for it."""
+class ActorCriticWorkspace(Workspace):
+    """A :class:`Workspace` of the two rows, with views of each network's part of the head outputs."""
 
-    hidden: list[torch.Tensor]
-    """Each hidden layer's activations, ``(2, B, width)``."""
-    hidden_grad: list[torch.Tensor]
-    """d loss / d each hidden layer's pre-activations."""
-    hidden_grad_t: list[torch.Tensor]
-    out: torch.Tensor
-    """The heads' outputs ``(2, B, head width)``."""
-    out_grad: torch.Tensor
-    """d loss / d ``out``: what :meth:`FusedActorCritic.backward` starts from."""
-    out_grad_t: torch.Tensor
     head: torch.Tensor
     """``out[0]``: the actor's logits or means."""
     values: torch.Tensor

@@ -1,5 +1,5 @@
-"""The fast paths give what the plain ones give: mazerun's Adam against torch.optim's, the fused PPO
-update against autograd on the same batch, fused rollouts against the network's own forward."""
+"""The fast paths give what the plain ones give: mazerun's Adam against torch.optim's, the fused PPO and
+CQL updates against autograd on the same batches, fused rollouts against the network's own forward."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ import gymnasium as gym
 import pytest
 import torch
 
+from mazerun.algorithms.cql import ConservativeQLearning, CQLConfig
 from mazerun.algorithms.ppo import PPO, PPOConfig, RolloutBatch
+from mazerun.checkpoint import save_checkpoint
+from mazerun.data import TransitionBatch
 from mazerun.envs import make_vector_env
 from mazerun.fused import FusedActorCritic, fusable
 from mazerun.loops.onpolicy import RolloutBuffer, RolloutCollector
@@ -203,3 +206,61 @@ def test_training_never_imports_the_compiler() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+# ------------------------------------------------------------------------------------------- CQL
+
+
+def _cql(fused: bool, td_loss: str) -> ConservativeQLearning:
+    torch.manual_seed(0)
+    algorithm = ConservativeQLearning(
+        CQLConfig(fused=fused, td_loss=td_loss, alpha=0.7, gamma=0.9, target_update_interval=2),
+        ModelConfig(kind="vector_obs", hidden_sizes=(16, 16), activation="relu"), OBSERVATIONS, gym.spaces.Discrete(3),
+        None, torch.device("cpu"))
+    algorithm.set_normalization(torch.randn(5) * 0.1, torch.rand(5) + 0.5)
+    return algorithm
+
+
+def _transitions(generator: torch.Generator, size: int = 32) -> TransitionBatch:
+    return TransitionBatch(torch.randn(size, 5, generator=generator) * 2, torch.randint(0, 3, (size,), generator=generator),
+                           torch.randn(size, generator=generator) * 3, torch.randn(size, 5, generator=generator) * 2,
+                           (torch.rand(size, generator=generator) < 0.2).float(), None)
+
+
+@pytest.mark.parametrize("td_loss", ["huber", "mse"])
+def test_the_fused_cql_step_gives_the_autograd_step(td_loss: str) -> None:
+    """Five steps (two target copies) on the same batches: same metrics, weights, targets and Adam moments."""
+    fused, plain = _cql(True, td_loss), _cql(False, td_loss)
+    assert fused.stack is not None and plain.stack is None
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        batch = _transitions(generator)
+        ours, expected = fused.update(batch), plain.update(batch)
+        for name, value in expected.items():
+            assert torch.allclose(ours[name], value, rtol=1e-5, atol=1e-5), name
+    for attribute in ("network", "target_network"):
+        ours_state, expected_state = getattr(fused, attribute).state_dict(), getattr(plain, attribute).state_dict()
+        for key, value in expected_state.items():
+            assert torch.allclose(ours_state[key], value, atol=1e-5), f"{attribute}.{key}"
+    for key, state in plain.optimizer.state_dict()["state"].items():
+        for entry, value in state.items():
+            assert torch.allclose(fused.optimizer.state_dict()["state"][key][entry], value, atol=1e-6), entry
+
+
+def test_a_copy_of_a_fused_cql_learner_trains_its_own_weights_and_checkpoints_hold_no_storage_around_them(
+        tmp_path) -> None:
+    original = _cql(True, "huber")
+    before = [parameter.clone() for parameter in original.network.parameters()]
+    copied = copy.deepcopy(original)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        copied.update(_transitions(generator))
+    assert all(torch.equal(old, now) for old, now in zip(before, original.network.parameters()))
+    assert not any(torch.equal(old, now) for old, now in zip(before, copied.network.parameters()))
+    state = copied.network.state_dict()
+    save_checkpoint(tmp_path / "q.pt", model_state=state, model_config={}, observation_space=OBSERVATIONS,
+                    action_space=gym.spaces.Discrete(3), env_id="none", algorithm="cql")
+    saved = torch.load(tmp_path / "q.pt", weights_only=True)["model_state"]
+    for key, value in state.items():  # each tensor saved alone, not the flat storage it is a view of
+        assert saved[key].untyped_storage().nbytes() == value.numel() * value.element_size(), key
+        assert torch.equal(saved[key], value)

@@ -17,7 +17,9 @@ says (hard copy every ``target_update_interval`` updates by default). The acting
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from functools import partial
 
 import gymnasium as gym
 import torch
@@ -32,8 +34,9 @@ from mazerun.algorithms.base import (
     frozen_copy,
     warm_state,
 )
-from mazerun.data import SequenceBatch
+from mazerun.data import SequenceBatch, TransitionBatch
 from mazerun.errors import MazerunError
+from mazerun.fused import HeadGradient, StackedQLearner
 from mazerun.models import ModelConfig, Vocabulary, build_q_network
 from mazerun.optim import Adam
 
@@ -49,6 +52,9 @@ class CQLConfig(ValueLearningConfig):
     """Weight of the conservative term; 0 is plain double DQN."""
     td_loss: str = "huber"
     """huber (robust to the large rewards of crashes and landings) or mse."""
+    fused: bool = True
+    """An MLP on vector observations learns through :class:`mazerun.fused.StackedQLearner` (the same
+    loss and Adam, the gradient by hand: :func:`conservative_q_gradient`); false: the autograd path."""
 
     def check(self, prefix: str = "algorithm") -> None:
         super().check(prefix)
@@ -83,6 +89,39 @@ def conservative_loss(q_values: torch.Tensor, actions: torch.Tensor) -> torch.Te
     return (torch.logsumexp(q_values, dim=1) - q_data).mean()
 
 
+def conservative_q_gradient(
+    q_values: torch.Tensor, next_online: torch.Tensor, next_target: torch.Tensor, out: torch.Tensor,
+    actions: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor, gamma: torch.Tensor | float,
+    alpha: torch.Tensor | float, td_loss: str,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of :meth:`ConservativeQLearning.losses` for ``K`` agents at once, and its gradient by hand.
+
+    Q-values are ``(K, B, A)``; actions, rewards and dones ``(K, B)``; ``gamma`` and ``alpha`` floats
+    or ``(K, 1)``. With ``e = Q(s, a_data) - y`` (y held fixed), the TD loss gives ``d/dQ(s, a_data) =
+    clamp(e, -1, 1) / B`` (Huber, delta 1) or ``2 e / B`` (squared error), and the conservative term
+    ``d/dQ(s, .) = (softmax(Q(s, .)) - onehot(a_data)) / B``. Writes ``d loss / d Q(s, .)`` into ``out``;
+    returns each agent's loss ``(K,)`` and its metrics.
+    """
+    rows = q_values.shape[1]
+    next_values = next_target.gather(2, next_online.argmax(dim=2, keepdim=True)).squeeze(2)
+    targets = rewards + gamma * (1.0 - dones) * next_values
+    data_actions = actions.unsqueeze(2)
+    q_data = q_values.gather(2, data_actions).squeeze(2)
+    error = q_data - targets
+    if td_loss == "huber":
+        td = F.huber_loss(q_data, targets, reduction="none").mean(1, keepdim=True)
+        data_grad = error.clamp(-1.0, 1.0).div_(rows)
+    else:
+        td = error.square().mean(1, keepdim=True)
+        data_grad = error.mul(2.0 / rows)
+    conservative = (torch.logsumexp(q_values, dim=2) - q_data).mean(1, keepdim=True)
+    scale = alpha / rows
+    torch.softmax(q_values, dim=2, out=out).mul_(scale)
+    out.scatter_add_(2, data_actions, (data_grad - scale).unsqueeze(2))
+    metrics = {"td_loss": td.squeeze(1), "conservative_loss": conservative.squeeze(1), "mean_q": q_data.mean(1)}
+    return (td + alpha * conservative).squeeze(1), metrics
+
+
 class ConservativeQLearning(OfflineAlgorithm):
     network_type = "q_network"
     target_networks = {"target_network": "network"}
@@ -99,7 +138,19 @@ class ConservativeQLearning(OfflineAlgorithm):
         super().__init__(config, model_config, observation_space, action_space, vocabulary, device)
         self.network = build_q_network(model_config, observation_space, action_space, vocabulary).to(device)
         self.target_network = frozen_copy(self.network)
+        self.stack = StackedQLearner.of_networks(self.network, self.target_network) if config.fused else None
         self.optimizer = Adam(self.network.parameters(), lr=config.lr)
+
+    def __deepcopy__(self, memo: dict) -> ConservativeQLearning:
+        """A copy whose fused storage is its own: ``deepcopy`` copies each parameter out of the storage it
+        lives in, so the copy's networks are bound into a new one."""
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for name, value in vars(self).items():
+            if name != "stack":
+                setattr(clone, name, copy.deepcopy(value, memo))
+        clone.stack = None if self.stack is None else StackedQLearner.of_networks(clone.network, clone.target_network)
+        return clone
 
     def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
         super().load_network_state(state)
@@ -119,6 +170,28 @@ class ConservativeQLearning(OfflineAlgorithm):
             "mean_q": q_data.detach().mean(),
         }
         return loss, metrics
+
+    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
+        if self.stack is None or not isinstance(batch, TransitionBatch):
+            return super().update(batch)
+        with torch.no_grad():
+            encoder = self.network.encoder
+            stacked = TransitionBatch(*(None if field is None else field[None] for field in batch))
+            _, metrics = self.stack.gradient(stacked.observations, stacked.next_observations, encoder.obs_mean,
+                                             encoder.obs_std, self.head_gradient(stacked, self.config.gamma))
+            if self.gradient_sync is not None:
+                self.gradient_sync()
+            self.optimizer.step()
+        self.updates += 1
+        self.after_step()
+        return {name: value.squeeze(0) for name, value in metrics.items()}
+
+    def head_gradient(self, batch: TransitionBatch, gamma: torch.Tensor | float) -> HeadGradient:
+        """The :data:`~mazerun.fused.HeadGradient` of the loss on a stacked ``(K, B, ...)`` batch, ``gamma`` a float
+        or one per agent ``(K, 1)``: what :class:`~mazerun.fused.StackedQLearner` calls, here and in a cohort."""
+        config = self.config
+        return partial(conservative_q_gradient, actions=batch.actions, rewards=batch.rewards, dones=batch.dones,
+                       gamma=gamma, alpha=config.alpha, td_loss=config.td_loss)
 
     def q_estimates(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``Q(s, .)`` of the online network, and ``Q(s', .)`` of the online and target networks (no gradient).
