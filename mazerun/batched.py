@@ -5,11 +5,11 @@ algorithm's own :meth:`~mazerun.algorithms.base.OfflineAlgorithm.losses` once fo
 under ``torch.func.vmap`` (through ``functional_call`` on a spare copy of the networks, so the
 loss is the same code a single agent runs), then one backward pass through the sum of the
 agents' losses: they share no parameter, so each agent's slice of the gradient is its own.
-Linear layers become batched matrix products, and the optimiser is one Adam over a flat
-``(agents, parameters)`` tensor with a learning rate per agent, so a step is one set of
-kernels however many agents there are (AgileRL steps its agents one by one). On a GPU that
-divides the launch overhead by the number of agents; on a CPU, where these networks are bound
-by their matrix products, it costs about what separate updates cost.
+Linear layers become batched matrix products over a flat ``(agents, parameters)`` tensor, and
+each agent's row steps with its own learning rate and step count in torch's fused Adam kernel
+(AgileRL steps its agents one by one). An algorithm with a hand-written step for MLPs (CQL:
+:class:`mazerun.fused.StackedQLearner`) skips vmap and autograd: the same three passes and
+backward run on the cohort's storage, a ``baddbmm`` or ``bmm`` per layer for all agents.
 
 Each agent keeps its own batch stream, learning rate, discount and target-network schedule:
 the cohort draws every agent's batch from that agent's generator and updates its target with
@@ -31,6 +31,7 @@ from torch.func import functional_call, vmap
 from mazerun.data import TransitionBatch, TransitionDataset
 from mazerun.evolution import Agent
 from mazerun.fused import StackedQLearner
+from mazerun.optim import adam_kernel
 
 
 class _LossShell(nn.Module):
@@ -147,6 +148,8 @@ class Cohort:
         self.exp_avg = torch.zeros_like(self.flat)
         self.exp_avg_sq = torch.zeros_like(self.flat)
         self.adam_steps = torch.zeros(count, dtype=torch.float64)
+        self._step = torch.zeros((), device=self.flat.device)
+        """The count the Adam kernel reads (it takes a tensor)."""
         for index, agent in enumerate(agents):
             state = agent.algorithm.optimizer.state
             parameters = dict(shells[index].named_parameters())
@@ -244,15 +247,15 @@ class Cohort:
 
     @torch.no_grad()
     def _adam(self, gradients: torch.Tensor) -> None:
-        """torch.optim.Adam's update (no weight decay, no amsgrad) with a step count and lr per agent."""
+        """torch.optim.Adam's update (no weight decay, no amsgrad) with a step count and lr per agent: the
+        kernel a single agent's :class:`~mazerun.optim.Adam` calls, once per agent's row."""
         beta1, beta2 = self.betas
         self.adam_steps += 1
-        step_size = (self.lrs / (1 - beta1 ** self.adam_steps)).to(self.flat)[:, None]
-        correction = torch.sqrt(1 - beta2 ** self.adam_steps).to(self.flat)[:, None]
-        self.exp_avg.lerp_(gradients, 1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(gradients, gradients, value=1 - beta2)
-        denominator = (self.exp_avg_sq.sqrt() / correction).add_(self.eps)
-        self.flat.sub_(step_size * self.exp_avg / denominator)
+        weights = self.flat.detach()
+        for row, (lr, steps) in enumerate(zip(self.lrs.tolist(), self.adam_steps.tolist())):
+            self._step.fill_(steps)
+            adam_kernel([weights[row]], [gradients[row]], [self.exp_avg[row]], [self.exp_avg_sq[row]], [self._step],
+                        lr=lr, beta1=beta1, beta2=beta2, eps=self.eps)
 
     @torch.no_grad()
     def _follow_targets(self) -> None:
