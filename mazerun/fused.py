@@ -109,7 +109,7 @@ class StackedMLP:
     def __init__(self, flat: torch.Tensor, flat_grad: torch.Tensor | None, shapes: list[tuple[int, int]],
                  activation: str) -> None:
         count = flat.shape[0]
-        self.shapes = list(shapes)
+        self.flat, self.flat_grad, self.shapes, self.activation = flat, flat_grad, list(shapes), activation
         self.layers: list[_Layer] = []
         offset = 0
         for out, inp in shapes:
@@ -128,6 +128,14 @@ class StackedMLP:
         self._activate_ = torch.tanh_ if activation == "tanh" else torch.relu_
         self._activation_backward = (torch.ops.aten.tanh_backward.grad_input if activation == "tanh" else
                                      partial(torch.ops.aten.threshold_backward.grad_input, threshold=0))
+        self._workspaces: dict[int, Workspace] = {}
+
+    def workspace(self, rows: int) -> Workspace:
+        """The workspace of passes over ``rows`` rows, allocated on first use and reused after."""
+        workspace = self._workspaces.get(rows)
+        if workspace is None:
+            workspace = self._workspaces[rows] = self.allocate(rows)
+        return workspace
 
     def allocate(self, rows: int) -> Workspace:
         """A new workspace for passes over ``rows`` rows."""
@@ -194,9 +202,13 @@ def bind_layers(layers: list[nn.Linear], row: torch.Tensor, grad_row: torch.Tens
             offset += parameter.numel()
 
 
-def stack_size(layers: list[nn.Linear]) -> int:
-    """Columns of a :class:`StackedMLP` row holding ``layers``."""
-    return sum(layer.weight.numel() + layer.bias.numel() for layer in layers)
+def single_stack(layers: list[nn.Linear], activation: str) -> StackedMLP:
+    """A one-row :class:`StackedMLP` in new storage that ``layers``' parameters (values kept) and their
+    ``.grad`` now live in: an optimiser over those parameters steps what its backward writes."""
+    size = sum(layer.weight.numel() + layer.bias.numel() for layer in layers)
+    flat, flat_grad = torch.zeros(2, 1, size, device=layers[0].weight.device)
+    bind_layers(layers, flat[0], flat_grad[0])
+    return StackedMLP(flat, flat_grad, [tuple(layer.weight.shape) for layer in layers], activation)
 
 
 def normalize(observations: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -223,7 +235,6 @@ class StackedQLearner:
                  shapes: list[tuple[int, int]], activation: str) -> None:
         self.online = StackedMLP(flat, flat_grad, shapes, activation)
         self.target = StackedMLP(target_flat, None, shapes, activation)
-        self.activation = activation
         self._workspaces: dict[int, tuple[Workspace, Workspace, Workspace]] = {}
 
     @classmethod
@@ -234,11 +245,10 @@ class StackedQLearner:
         target_layers = mlp_layers(target.encoder, target.memory, target.trunk, target.head)
         if online_layers is None or target_layers is None:
             return None
-        layers, activation = online_layers
-        flat, flat_grad, target_flat = torch.zeros(3, 1, stack_size(layers), device=network.head.weight.device)
-        bind_layers(layers, flat[0], flat_grad[0])
+        online = single_stack(*online_layers)
+        target_flat = torch.zeros_like(online.flat)
         bind_layers(target_layers[0], target_flat[0])
-        return cls(flat, flat_grad, target_flat, [tuple(layer.weight.shape) for layer in layers], activation)
+        return cls(online.flat, online.flat_grad, target_flat, online.shapes, online.activation)
 
     def gradient(self, observations: torch.Tensor, next_observations: torch.Tensor, mean: torch.Tensor,
                  std: torch.Tensor, head_gradient: HeadGradient) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

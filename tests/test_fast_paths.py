@@ -1,5 +1,5 @@
 """The fast paths give what the plain ones give: mazerun's Adam against torch.optim's, the fused PPO and
-CQL updates against autograd on the same batches, fused rollouts against the network's own forward."""
+CQL and BC updates against autograd on the same batches, fused rollouts against the network's own forward."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import gymnasium as gym
 import pytest
 import torch
 
+from mazerun.algorithms.bc import BCConfig, BehaviouralCloning
 from mazerun.algorithms.cql import ConservativeQLearning, CQLConfig
 from mazerun.algorithms.ppo import PPO, PPOConfig, RolloutBatch
 from mazerun.checkpoint import save_checkpoint
 from mazerun.data import TransitionBatch
-from mazerun.envs import make_vector_env
+from mazerun.envs import NO_LABEL, make_vector_env
 from mazerun.fused import FusedActorCritic, fusable
 from mazerun.loops.onpolicy import RolloutBuffer, RolloutCollector
 from mazerun.models import ModelConfig, build_actor_critic
@@ -264,3 +265,35 @@ def test_a_copy_of_a_fused_cql_learner_trains_its_own_weights_and_checkpoints_ho
     for key, value in state.items():  # each tensor saved alone, not the flat storage it is a view of
         assert saved[key].untyped_storage().nbytes() == value.numel() * value.element_size(), key
         assert torch.equal(saved[key], value)
+
+
+# -------------------------------------------------------------------------------------------- BC
+
+
+def _bc(fused: bool) -> BehaviouralCloning:
+    torch.manual_seed(0)
+    algorithm = BehaviouralCloning(BCConfig(fused=fused), ModelConfig(kind="vector_obs", hidden_sizes=(16, 16)),
+                                   OBSERVATIONS, gym.spaces.Discrete(3), None, torch.device("cpu"))
+    algorithm.set_normalization(torch.randn(5) * 0.1, torch.rand(5) + 0.5)
+    return algorithm
+
+
+@pytest.mark.parametrize("labelled", [False, True])
+def test_the_fused_bc_step_gives_the_autograd_step(labelled: bool) -> None:
+    """Four steps on the same batches, with DAgger's expert labels (some missing) or the actions taken."""
+    fused, plain = _bc(True), _bc(False)
+    assert fused.stack is not None and plain.stack is None
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        batch = _transitions(generator)
+        if labelled:
+            labels = torch.randint(0, 3, (32,), generator=generator)
+            labels[::5] = NO_LABEL
+            batch = batch._replace(expert_actions=labels)
+        ours, expected = fused.update(batch), plain.update(batch)
+        assert ours.keys() == expected.keys()
+        for name, value in expected.items():
+            assert torch.allclose(ours[name], value, rtol=1e-5, atol=1e-6), name
+    expected_state = plain.network.state_dict()
+    for key, value in fused.network.state_dict().items():
+        assert torch.allclose(value, expected_state[key], atol=1e-6), key

@@ -173,6 +173,9 @@ class OfflineAlgorithm(ABC):
     optimizer: Adam
     gradient_sync: Callable[[], None] | None = None
     """Set by the offline loop under torchrun: averages the gradients over the processes after each backward."""
+    stack: Any = None
+    """The hand-written fast path's state where the algorithm has one for this network (:meth:`build_stack`),
+    else None: the autograd path."""
     target_networks: ClassVar[dict[str, str]] = {}
     """Target network attribute -> the online network attribute it follows after each step
     (:func:`follow_target`); a population trains the same pairs in one batched call."""
@@ -189,6 +192,22 @@ class OfflineAlgorithm(ABC):
         self.config = config
         self.updates = 0
         """Gradient steps taken so far (continued runs included)."""
+
+    def build_stack(self) -> Any:
+        """Move the networks' parameters into the fast path's storage and return its state; None by default."""
+        return None
+
+    def __deepcopy__(self, memo: dict) -> OfflineAlgorithm:
+        """A copy with a fast path of its own: ``deepcopy`` copies each parameter out of the storage the fast path
+        keeps it in, so the copy's networks are bound into new storage."""
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for name, value in vars(self).items():
+            if name != "stack":
+                setattr(clone, name, copy.deepcopy(value, memo))
+        if self.stack is not None:
+            clone.stack = clone.build_stack()
+        return clone
 
     def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Standardise vector observations in every network of the algorithm with the dataset's statistics."""

@@ -21,8 +21,9 @@ import torch
 from torch.distributions import Distribution
 
 from mazerun.algorithms.base import Batch, OfflineAlgorithm, OfflineConfig, flat, warm_state
-from mazerun.data import SequenceBatch
+from mazerun.data import SequenceBatch, TransitionBatch
 from mazerun.envs import NO_LABEL
+from mazerun.fused import StackedMLP, mlp_layers, normalize, single_stack
 from mazerun.models import (ActorCritic, ModelConfig, Vocabulary, build_actor_critic, flatten_distribution,
                             log_probs_and_entropies)
 from mazerun.optim import Adam
@@ -34,6 +35,9 @@ class BCConfig(OfflineConfig):
     n_updates: int = 3000
     eval_every: int = 500
     validation_percentage: float = 10.0
+    fused: bool = True
+    """A categorical MLP policy on vector observations learns through :class:`mazerun.fused.StackedMLP` (the
+    same loss and Adam, the gradient by hand: :func:`imitation_gradient`); false: the autograd path."""
 
 
 def imitation_loss(
@@ -58,6 +62,28 @@ def imitation_loss(
         predicted = distribution.logits.argmax(dim=-1)
         metrics["discrete_accuracy"] = mean((predicted == targets).to(torch.float32))
     return loss, metrics
+
+
+def imitation_gradient(logits: torch.Tensor, targets: torch.Tensor, labelled_only: bool, out: torch.Tensor
+                       ) -> dict[str, torch.Tensor]:
+    """The metrics of :func:`imitation_loss` for a categorical policy's ``(B, A)`` logits, and its gradient by hand:
+    with weights ``w`` (``1 / B``, or over labelled states only), ``d loss / d logits = w * (softmax - onehot(a))``,
+    written into ``out``."""
+    if labelled_only:
+        valid = targets != NO_LABEL
+        weights = (valid.to(torch.float32) / valid.sum().clamp(min=1)).unsqueeze(1)
+        targets = targets.clamp(min=0)
+    else:
+        weights = torch.full((1, 1), 1.0 / len(targets), device=logits.device)
+    targets = targets.unsqueeze(1)
+    log_p = torch.log_softmax(logits, 1)
+    p = log_p.exp()
+    torch.mul(p, weights, out=out).scatter_add_(1, targets, -weights.expand_as(targets))
+    weighted_sum = lambda values: (values * weights).sum()  # noqa: E731
+    correct = logits.argmax(dim=1, keepdim=True) == targets
+    return {"policy_loss": -weighted_sum(log_p.gather(1, targets)),
+            "policy_entropy": -weighted_sum((p * log_p).sum(1, keepdim=True)),
+            "discrete_accuracy": weighted_sum(correct.to(torch.float32))}
 
 
 def policy_of(network: ActorCritic, batch: Batch) -> Distribution:
@@ -93,7 +119,33 @@ class BehaviouralCloning(OfflineAlgorithm):
         super().__init__(config, model_config, observation_space, action_space, vocabulary, device)
         self.network = build_actor_critic(model_config, observation_space, action_space, vocabulary).to(device)
         self.actor_parameters = self.network.actor_parameters()
+        self.stack = self.build_stack() if config.fused else None
         self.optimizer = Adam(self.actor_parameters, lr=config.lr)
+
+    def build_stack(self) -> StackedMLP | None:
+        network = self.network
+        layers = mlp_layers(network.actor_encoder, network.actor_memory, network.actor_trunk, network.policy_head)
+        return single_stack(*layers) if layers is not None and network.discrete else None
+
+    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
+        if self.stack is None or not isinstance(batch, TransitionBatch):
+            return super().update(batch)
+        with torch.no_grad():
+            stack, encoder = self.stack, self.network.actor_encoder
+            workspace = stack.workspace(len(batch.actions))
+            inputs = normalize(batch.observations[None], encoder.obs_mean, encoder.obs_std)
+            labelled = batch.expert_actions is not None
+            logits = stack.forward(workspace, inputs)[0]
+            metrics = imitation_gradient(logits, batch.expert_actions if labelled else batch.actions, labelled,
+                                         workspace.out_grad[0])
+            stack.backward(workspace, inputs)
+            if self.gradient_sync is not None:
+                self.gradient_sync()
+            metrics["policy_grad_norm"] = torch.linalg.vector_norm(stack.flat_grad)
+            self.optimizer.step()
+        self.updates += 1
+        self.after_step()
+        return metrics
 
     def losses(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return cloning_loss(self.network, batch)

@@ -17,7 +17,6 @@ says (hard copy every ``target_update_interval`` updates by default). The acting
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from functools import partial
 
@@ -138,19 +137,11 @@ class ConservativeQLearning(OfflineAlgorithm):
         super().__init__(config, model_config, observation_space, action_space, vocabulary, device)
         self.network = build_q_network(model_config, observation_space, action_space, vocabulary).to(device)
         self.target_network = frozen_copy(self.network)
-        self.stack = StackedQLearner.of_networks(self.network, self.target_network) if config.fused else None
+        self.stack = self.build_stack() if config.fused else None
         self.optimizer = Adam(self.network.parameters(), lr=config.lr)
 
-    def __deepcopy__(self, memo: dict) -> ConservativeQLearning:
-        """A copy whose fused storage is its own: ``deepcopy`` copies each parameter out of the storage it
-        lives in, so the copy's networks are bound into a new one."""
-        clone = type(self).__new__(type(self))
-        memo[id(self)] = clone
-        for name, value in vars(self).items():
-            if name != "stack":
-                setattr(clone, name, copy.deepcopy(value, memo))
-        clone.stack = None if self.stack is None else StackedQLearner.of_networks(clone.network, clone.target_network)
-        return clone
+    def build_stack(self) -> StackedQLearner | None:
+        return StackedQLearner.of_networks(self.network, self.target_network)
 
     def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
         super().load_network_state(state)

@@ -66,6 +66,8 @@ class DAggerConfig:
     """sample from the learner's policy, or greedy: its most likely action (what evaluation executes)."""
     eval_every: int = 5000
     """Env steps between evaluations and checkpoints; the first one is after the first iteration."""
+    fused: bool = True
+    """Behavioural cloning's hand-written step where the policy allows it (see ``BCConfig.fused``)."""
 
     @property
     def budget(self) -> int:
