@@ -111,6 +111,8 @@ def main() -> int:
                 fitted = pool.submit(d3rlpy_run, "bc", data, [args.updates], seed=0, threads=torch.get_num_threads(),
                                      hidden_units=(256, 256), activation="tanh").result()
                 speeds["d3rlpy"].append(args.updates / fitted[args.updates][0])
+            print("    " + ", ".join(f"{name} {values[-1]:.1f}" for name, values in speeds.items() if values)
+                  + " updates/s", file=sys.stderr, flush=True)
         ours, bare = statistics.median(speeds["ours"]), statistics.median(speeds["bare"])
         peer = statistics.median(speeds["d3rlpy"]) if speeds["d3rlpy"] else "missing"
         table.add("BC updates/s vs a bare torch loop", ours, bare, ">= 0.9x", ours >= 0.9 * bare)
