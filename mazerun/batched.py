@@ -232,15 +232,14 @@ class Cohort:
             with torch.no_grad():
                 _, metrics = self.stack.gradient(batch.observations, batch.next_observations, self.obs_mean,
                                                  self.obs_std, self.template.head_gradient(batch, self.gammas[:, None]))
-            self._adam(self.flat_grad)
-            self.updates = [count + 1 for count in self.updates]
-            self._follow_targets()
-            return metrics
-        losses, metrics = self._losses(batch)
-        # Agents' losses share no parameter, so the gradient of their sum holds each agent's own.
-        self.flat.grad = None
-        losses.sum().backward()
-        self._adam(self.flat.grad)
+            gradients = self.flat_grad
+        else:
+            losses, metrics = self._losses(batch)
+            # Agents' losses share no parameter, so the gradient of their sum holds each agent's own.
+            self.flat.grad = None
+            losses.sum().backward()
+            gradients = self.flat.grad
+        self._adam(gradients)
         self.updates = [count + 1 for count in self.updates]
         self._follow_targets()
         return {name: value.detach() for name, value in metrics.items()}

@@ -121,8 +121,6 @@ class StackedMLP:
                 stacked, stacked.transpose(1, 2), flat[:, bias].view(count, 1, out),
                 None if flat_grad is None else flat_grad[:, weight].view(count, out, inp),
                 None if flat_grad is None else flat_grad[:, bias].view(count, 1, out)))
-        self.columns = offset
-        """Columns of each row the layers use."""
         self.count = count
         self.hidden, self.head = self.layers[:-1], self.layers[-1]
         self._activate_ = torch.tanh_ if activation == "tanh" else torch.relu_
@@ -188,18 +186,16 @@ def mlp_layers(encoder: nn.Module, memory: nn.Module | None, trunk: nn.Sequentia
     return layers, activation
 
 
-def bind_layers(layers: list[nn.Linear], row: torch.Tensor, grad_row: torch.Tensor | None = None) -> None:
-    """Make the layers' weights and biases live in ``row`` (:class:`StackedMLP`'s layout of one network), their
-    values kept; with ``grad_row``, their ``.grad`` too, so an optimiser over the parameters steps what a
-    :meth:`StackedMLP.backward` writes."""
-    offset = 0
-    for layer in layers:
-        for parameter in (layer.weight, layer.bias):
-            view = slice(offset, offset + parameter.numel())
-            _bind(parameter, row[view].view_as(parameter))
-            if grad_row is not None:
-                parameter.grad = grad_row[view].view_as(parameter)
-            offset += parameter.numel()
+def bind_row(stack: StackedMLP, row: int, layers: list[nn.Linear], gradients: bool = False) -> None:
+    """Make ``layers``' weights and biases (values kept) live in row ``row`` of ``stack``; with ``gradients``,
+    their ``.grad`` too, so an optimiser over the parameters steps what :meth:`StackedMLP.backward` writes.
+    A layer with fewer outputs than the stack's (the critic's value head) takes the first rows of its slot."""
+    for slot, layer in zip(stack.layers, layers):
+        rows = layer.weight.shape[0]
+        _bind(layer.weight, slot.weight[row, :rows])
+        _bind(layer.bias, slot.bias[row, 0, :rows])
+        if gradients:
+            layer.weight.grad, layer.bias.grad = slot.weight_grad[row, :rows], slot.bias_grad[row, 0, :rows]
 
 
 def single_stack(layers: list[nn.Linear], activation: str) -> StackedMLP:
@@ -207,8 +203,9 @@ def single_stack(layers: list[nn.Linear], activation: str) -> StackedMLP:
     ``.grad`` now live in: an optimiser over those parameters steps what its backward writes."""
     size = sum(layer.weight.numel() + layer.bias.numel() for layer in layers)
     flat, flat_grad = torch.zeros(2, 1, size, device=layers[0].weight.device)
-    bind_layers(layers, flat[0], flat_grad[0])
-    return StackedMLP(flat, flat_grad, [tuple(layer.weight.shape) for layer in layers], activation)
+    stack = StackedMLP(flat, flat_grad, [tuple(layer.weight.shape) for layer in layers], activation)
+    bind_row(stack, 0, layers, gradients=True)
+    return stack
 
 
 def normalize(observations: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -246,9 +243,9 @@ class StackedQLearner:
         if online_layers is None or target_layers is None:
             return None
         online = single_stack(*online_layers)
-        target_flat = torch.zeros_like(online.flat)
-        bind_layers(target_layers[0], target_flat[0])
-        return cls(online.flat, online.flat_grad, target_flat, online.shapes, online.activation)
+        learner = cls(online.flat, online.flat_grad, torch.zeros_like(online.flat), online.shapes, online.activation)
+        bind_row(learner.target, 0, target_layers[0])
+        return learner
 
     def gradient(self, observations: torch.Tensor, next_observations: torch.Tensor, mean: torch.Tensor,
                  std: torch.Tensor, head_gradient: HeadGradient) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -293,19 +290,14 @@ class FusedActorCritic:
         self.flat = torch.zeros(2, size, device=device)
         self.flat_grad = torch.zeros(2, size, device=device)
         self.stack = StackedMLP(self.flat, self.flat_grad, shapes, self.activation)
-        self.layers = self.stack.layers
         for row, layers in enumerate((actor_layers, critic_layers)):
-            offset = 0
-            for (out, inp), layer in zip(shapes, layers):
-                rows = layer.weight.shape[0]  # the critic's head has fewer outputs than the actor's
-                _bind(layer.weight, self.flat[row, offset:offset + out * inp].view(out, inp)[:rows])
-                _bind(layer.bias, self.flat[row, offset + out * inp:offset + out * inp + out][:rows])
-                offset += out * inp + out
+            bind_row(self.stack, row, layers)  # the critic's head has fewer outputs than the actor's
         self.log_std: torch.Tensor | None = None
         self.log_std_grad: torch.Tensor | None = None
         if not self.discrete:
-            self.log_std = self.flat[0, offset:]
-            self.log_std_grad = self.flat_grad[0, offset:]
+            layers_end = size - self.action_width
+            self.log_std = self.flat[0, layers_end:]
+            self.log_std_grad = self.flat_grad[0, layers_end:]
             _bind(network.log_std, self.log_std)
         # Both encoders' statistics, stacked (2, 1, D): set_normalization and load_state_dict copy into them.
         width = network.actor_encoder.obs_mean.shape[0]

@@ -225,9 +225,13 @@ class OfflineAlgorithm(ABC):
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One gradient step on ``batch``; returns detached scalar metrics (averaged over a report window)."""
-        loss, metrics = self.losses(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.stack is not None and isinstance(batch, TransitionBatch):
+            with torch.no_grad():
+                metrics = self.fused_gradient(batch)
+        else:
+            loss, metrics = self.losses(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         if self.gradient_sync is not None:
             self.gradient_sync()
         self.after_backward(metrics)
@@ -235,6 +239,11 @@ class OfflineAlgorithm(ABC):
         self.updates += 1
         self.after_step()
         return metrics
+
+    def fused_gradient(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
+        """The fast path's part of :meth:`update` (with :attr:`stack`): write the gradient of the loss on ``batch``
+        into the parameters' ``.grad`` by hand and return the metrics :meth:`losses` would."""
+        raise NotImplementedError(f"{type(self).__name__} has no hand-written step")
 
     def after_backward(self, metrics: dict[str, torch.Tensor]) -> None:
         """Gradient metrics, read between backward and step; none by default."""

@@ -127,24 +127,15 @@ class BehaviouralCloning(OfflineAlgorithm):
         layers = mlp_layers(network.actor_encoder, network.actor_memory, network.actor_trunk, network.policy_head)
         return single_stack(*layers) if layers is not None and network.discrete else None
 
-    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
-        if self.stack is None or not isinstance(batch, TransitionBatch):
-            return super().update(batch)
-        with torch.no_grad():
-            stack, encoder = self.stack, self.network.actor_encoder
-            workspace = stack.workspace(len(batch.actions))
-            inputs = normalize(batch.observations[None], encoder.obs_mean, encoder.obs_std)
-            labelled = batch.expert_actions is not None
-            logits = stack.forward(workspace, inputs)[0]
-            metrics = imitation_gradient(logits, batch.expert_actions if labelled else batch.actions, labelled,
-                                         workspace.out_grad[0])
-            stack.backward(workspace, inputs)
-            if self.gradient_sync is not None:
-                self.gradient_sync()
-            metrics["policy_grad_norm"] = torch.linalg.vector_norm(stack.flat_grad)
-            self.optimizer.step()
-        self.updates += 1
-        self.after_step()
+    def fused_gradient(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
+        stack, encoder = self.stack, self.network.actor_encoder
+        workspace = stack.workspace(len(batch.actions))
+        inputs = normalize(batch.observations[None], encoder.obs_mean, encoder.obs_std)
+        labelled = batch.expert_actions is not None
+        logits = stack.forward(workspace, inputs)[0]
+        metrics = imitation_gradient(logits, batch.expert_actions if labelled else batch.actions, labelled,
+                                     workspace.out_grad[0])
+        stack.backward(workspace, inputs)
         return metrics
 
     def losses(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

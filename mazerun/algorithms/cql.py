@@ -162,19 +162,11 @@ class ConservativeQLearning(OfflineAlgorithm):
         }
         return loss, metrics
 
-    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
-        if self.stack is None or not isinstance(batch, TransitionBatch):
-            return super().update(batch)
-        with torch.no_grad():
-            encoder = self.network.encoder
-            stacked = TransitionBatch(*(None if field is None else field[None] for field in batch))
-            _, metrics = self.stack.gradient(stacked.observations, stacked.next_observations, encoder.obs_mean,
-                                             encoder.obs_std, self.head_gradient(stacked, self.config.gamma))
-            if self.gradient_sync is not None:
-                self.gradient_sync()
-            self.optimizer.step()
-        self.updates += 1
-        self.after_step()
+    def fused_gradient(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
+        encoder = self.network.encoder
+        stacked = TransitionBatch(*(None if field is None else field[None] for field in batch))
+        _, metrics = self.stack.gradient(stacked.observations, stacked.next_observations, encoder.obs_mean,
+                                         encoder.obs_std, self.head_gradient(stacked, self.config.gamma))
         return {name: value.squeeze(0) for name, value in metrics.items()}
 
     def head_gradient(self, batch: TransitionBatch, gamma: torch.Tensor | float) -> HeadGradient:
