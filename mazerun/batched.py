@@ -182,7 +182,7 @@ class Cohort:
         self.obs_mean, self.obs_std = (self.buffers[f"networks.network.encoder.{name}"].view(count, 1, -1)
                                        for name in ("obs_mean", "obs_std"))
         return StackedQLearner(self.flat.detach(), self.flat_grad, self.target_flat, stack.online.shapes,
-                               stack.online.activation)
+                               stack.online.activation, stack.matmul_dtype)
 
     def _views(self, flat: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
         count = flat.shape[0]

@@ -16,6 +16,7 @@ from mazerun.algorithms.cql import ConservativeQLearning, CQLConfig
 from mazerun.algorithms.ppo import PPO, PPOConfig, RolloutBatch
 from mazerun.checkpoint import save_checkpoint
 from mazerun.data import TransitionBatch
+from mazerun.errors import MazerunError
 from mazerun.envs import NO_LABEL, make_vector_env
 from mazerun.fused import FusedActorCritic, fusable
 from mazerun.loops.onpolicy import RolloutBuffer, RolloutCollector
@@ -212,12 +213,13 @@ def test_training_never_imports_the_compiler() -> None:
 # ------------------------------------------------------------------------------------------- CQL
 
 
-def _cql(fused: bool, td_loss: str) -> ConservativeQLearning:
+def _cql(fused: bool, td_loss: str, matmul_dtype: str = "float32", activation: str = "relu") -> ConservativeQLearning:
     torch.manual_seed(0)
     algorithm = ConservativeQLearning(
-        CQLConfig(fused=fused, td_loss=td_loss, alpha=0.7, gamma=0.9, target_update_interval=2),
-        ModelConfig(kind="vector_obs", hidden_sizes=(16, 16), activation="relu"), OBSERVATIONS, gym.spaces.Discrete(3),
-        None, torch.device("cpu"))
+        CQLConfig(fused=fused, td_loss=td_loss, alpha=0.7, gamma=0.9, target_update_interval=2,
+                  matmul_dtype=matmul_dtype),
+        ModelConfig(kind="vector_obs", hidden_sizes=(16, 16), activation=activation), OBSERVATIONS,
+        gym.spaces.Discrete(3), None, torch.device("cpu"))
     algorithm.set_normalization(torch.randn(5) * 0.1, torch.rand(5) + 0.5)
     return algorithm
 
@@ -246,6 +248,35 @@ def test_the_fused_cql_step_gives_the_autograd_step(td_loss: str) -> None:
     for key, state in plain.optimizer.state_dict()["state"].items():
         for entry, value in state.items():
             assert torch.allclose(fused.optimizer.state_dict()["state"][key][entry], value, atol=1e-6), entry
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_the_bfloat16_cql_step_errs_from_float32_no_more_than_torch_autocast(activation: str) -> None:
+    """bfloat16 products round each hidden activation to 8 bits of mantissa, so the gradient moves off the
+    float32 one (most where ReLUs sit near their kink): by no more than autograd under torch.autocast's
+    bfloat16 moves it on the same batch. What is stored stays float32."""
+    low, plain, autocast = (_cql(True, "huber", "bfloat16", activation), _cql(False, "huber", activation=activation),
+                            _cql(False, "huber", activation=activation))
+    assert low.stack is not None and low.stack.online.dtype == torch.bfloat16
+    batch = _transitions(torch.Generator().manual_seed(3), size=256)
+    ours, expected = low.update(batch), plain.update(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast.update(batch)
+    for name, value in expected.items():
+        assert torch.allclose(ours[name], value, rtol=1e-2, atol=1e-2), name
+    gradients = [torch.cat([parameter.grad.flatten() for parameter in algorithm.network.parameters()])
+                 for algorithm in (low, plain, autocast)]
+    error, autocast_error = ((gradient - gradients[1]).norm() / gradients[1].norm() for gradient in
+                             (gradients[0], gradients[2]))
+    assert 0 < error <= 1.25 * autocast_error and error < 0.05
+    assert all(parameter.dtype == torch.float32 for parameter in low.network.parameters())
+
+
+def test_bfloat16_products_need_the_fused_step() -> None:
+    with pytest.raises(MazerunError, match=r"algorithm.matmul_dtype=bfloat16 needs the fused step"):
+        CQLConfig(fused=False, matmul_dtype="bfloat16").check()
+    with pytest.raises(MazerunError, match=r"algorithm.matmul_dtype='float16' is unknown; use float32 or bfloat16"):
+        CQLConfig(matmul_dtype="float16").check()
 
 
 def test_a_copy_of_a_fused_cql_learner_trains_its_own_weights_and_checkpoints_hold_no_storage_around_them(

@@ -218,14 +218,17 @@ def test_a_mutated_copy_owns_an_optimiser_of_its_own_parameters(name: str, kind:
 # -- the batched update ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["cql", "cql_autograd", "iql", "bc"])
+@pytest.mark.parametrize("name", ["cql", "cql_bfloat16", "cql_autograd", "iql", "bc"])
 def test_the_batched_update_equals_per_agent_updates(name: str) -> None:
-    """CQL's cohort steps by hand (mazerun.fused), with fused=false through vmap and autograd like the others."""
-    module = MODULES[name.removesuffix("_autograd")]
+    """CQL's cohort steps by hand (mazerun.fused; in bfloat16 too), with fused=false through vmap and autograd
+    like the others."""
+    module = MODULES[name.split("_")[0]]
     data = tiny_data()
     settings = [{"lr": 1e-2}, {"lr": 3e-3}, {"lr": 5e-3}]
     if name == "cql_autograd":
         settings = [{**values, "fused": False} for values in settings]
+    if name == "cql_bfloat16":
+        settings = [{**values, "matmul_dtype": "bfloat16"} for values in settings]
     if name != "bc":  # each agent its own discount and target schedule
         settings = [{**values, "gamma": gamma, "tau": tau, "target_update_interval": interval}
                     for values, gamma, tau, interval in zip(settings, (0.9, 0.95, 0.99), (1.0, 0.5, 0.1), (2, 1, 3))]
@@ -233,7 +236,7 @@ def test_the_batched_update_equals_per_agent_updates(name: str) -> None:
     references = [copy.deepcopy(agent) for agent in agents]
     template = builder(module)(agents[0].algorithm.config, TINY)
     cohort = Cohort(agents, template)
-    assert (cohort.stack is not None) == (name == "cql")
+    assert (cohort.stack is not None) == (name in ("cql", "cql_bfloat16"))
     for _ in range(6):
         metrics = cohort.step(cohort.sample(data))
         for index, reference in enumerate(references):
