@@ -9,7 +9,9 @@ Linear layers become batched matrix products over a flat ``(agents, parameters)`
 each agent's row steps with its own learning rate and step count in torch's fused Adam kernel
 (AgileRL steps its agents one by one). An algorithm with a hand-written step for MLPs (CQL:
 :class:`mazerun.fused.StackedQLearner`) skips vmap and autograd: the same three passes and
-backward run on the cohort's storage, a ``baddbmm`` or ``bmm`` per layer for all agents.
+backward run on the cohort's storage, a ``baddbmm`` or ``bmm`` per layer for all agents, and
+while the agents copy their targets rarely the target pass becomes a lookup in a table of the
+target networks' values over the dataset (:meth:`Cohort.learn`).
 
 Each agent keeps its own batch stream, learning rate, discount and target-network schedule:
 the cohort draws every agent's batch from that agent's generator and updates its target with
@@ -32,6 +34,9 @@ from mazerun.data import TransitionBatch, TransitionDataset
 from mazerun.evolution import Agent
 from mazerun.fused import StackedQLearner
 from mazerun.optim import adam_kernel
+
+TARGET_TABLE_BYTES = 256 * 2**20
+"""The largest table of target Q-values a cohort keeps (:meth:`Cohort._next_target`)."""
 
 
 class _LossShell(nn.Module):
@@ -163,6 +168,9 @@ class Cohort:
         self.updates = [agent.algorithm.updates for agent in agents]
         self._batched: dict[tuple[bool, ...], Any] = {}
         self.stack = self._stack()
+        self._target_table: torch.Tensor | None = None
+        self._table_data: TransitionDataset | None = None
+        self._table_stale = True
         self.refresh_hyperparameters()
 
     def _stack(self) -> StackedQLearner | None:
@@ -217,21 +225,58 @@ class Cohort:
         finally:
             self.template.config = self.base_config
 
-    def sample(self, data: TransitionDataset) -> TransitionBatch:
-        """Every agent's next batch from its own generator, stacked ``(agents, batch, ...)``."""
+    def sample_index(self, data: TransitionDataset) -> torch.Tensor:
+        """Every agent's next batch of rows of ``data`` ``(agents, batch)``, drawn from its own generator."""
         batch_size = int(self.agents[0].algorithm.config.batch_size)
-        index = torch.stack([
+        return torch.stack([
             torch.randint(len(data), (batch_size,), generator=agent.generator, device=data.device)
             for agent in self.agents
         ])
-        return gather(data, index)
 
-    def step(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
-        """One learn step of every agent on its slice of ``batch``; returns metrics shaped ``(agents,)``."""
+    def sample(self, data: TransitionDataset) -> TransitionBatch:
+        """Every agent's next batch from its own generator, stacked ``(agents, batch, ...)``."""
+        return gather(data, self.sample_index(data))
+
+    def learn(self, data: TransitionDataset) -> dict[str, torch.Tensor]:
+        """:meth:`step` on the agents' next batches of ``data``, with the target networks' values of the next
+        observations read from a table over ``data`` where that saves work (:meth:`_next_target`)."""
+        index = self.sample_index(data)
+        return self.step(gather(data, index), self._next_target(data, index))
+
+    @torch.no_grad()
+    def _next_target(self, data: TransitionDataset, index: torch.Tensor) -> torch.Tensor | None:
+        """The target networks' Q-values ``(agents, batch, actions)`` of the batches' next observations.
+
+        Between two hard copies a target network does not change, so its values of every next
+        observation of ``data`` make a table (``N`` rows, refreshed after each copy) that each step
+        reads instead of running the target pass on its batch. None (each step runs that pass) without
+        a hand-written step, when an agent averages its target in (``tau`` < 1), when copies come so
+        often that a refresh costs more than the passes it saves (``interval x batch < N``), or when
+        the table would pass :data:`TARGET_TABLE_BYTES`.
+        """
+        stack = self.stack
+        if stack is None or any(tau != 1.0 for tau in self.taus) or not torch.is_tensor(data.next_observations):
+            return None
+        count, rows = len(self.agents), len(data)
+        actions = stack.target.head.weight.shape[1]
+        if min(self.intervals) * index.shape[1] < rows or count * rows * actions * 4 > TARGET_TABLE_BYTES:
+            return None
+        if self._target_table is None or self._table_data is not data:
+            self._target_table = torch.empty(count, rows, actions, device=self.flat.device)
+            self._table_data, self._table_stale = data, True
+        if self._table_stale:
+            stack.target_values(data.next_observations, self.obs_mean, self.obs_std, out=self._target_table)
+            self._table_stale = False
+        return self._target_table.gather(1, index.unsqueeze(2).expand(-1, -1, actions))
+
+    def step(self, batch: TransitionBatch, next_target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One learn step of every agent on its slice of ``batch``; returns metrics shaped ``(agents,)``.
+        ``next_target``: the target networks' Q-values of the next observations, where known."""
         if self.stack is not None:
             with torch.no_grad():
                 _, metrics = self.stack.gradient(batch.observations, batch.next_observations, self.obs_mean,
-                                                 self.obs_std, self.template.head_gradient(batch, self.gammas[:, None]))
+                                                 self.obs_std, self.template.head_gradient(batch, self.gammas[:, None]),
+                                                 next_target)
             gradients = self.flat_grad
         else:
             losses, metrics = self._losses(batch)
@@ -264,6 +309,7 @@ class Cohort:
         due = [count % interval == 0 for count, interval in zip(self.updates, self.intervals)]
         if not any(due):
             return
+        self._table_stale = True
         weights = torch.tensor([tau if is_due else 0.0 for tau, is_due in zip(self.taus, due)],
                                dtype=self.flat.dtype, device=self.flat.device)
         online = self.flat.index_select(1, self.source_index)

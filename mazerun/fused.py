@@ -344,9 +344,11 @@ class StackedQLearner:
         return learner
 
     def gradient(self, observations: torch.Tensor, next_observations: torch.Tensor, mean: torch.Tensor,
-                 std: torch.Tensor, head_gradient: HeadGradient) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 std: torch.Tensor, head_gradient: HeadGradient, next_target: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Losses ``(K,)`` and metrics of ``(K, B, D)`` transitions (raw observations, statistics ``(K, 1, D)``);
-        the gradient of each agent's loss goes into its row of ``flat_grad``."""
+        the gradient of each agent's loss goes into its row of ``flat_grad``. ``next_target``, the target
+        network's ``(K, B, A)`` Q-values of the next observations where the caller has them, skips that pass."""
         rows = observations.shape[1]
         workspaces = self._workspaces.get(rows)
         if workspaces is None:
@@ -356,10 +358,22 @@ class StackedQLearner:
         inputs, next_inputs = normalize(observations, mean, std), normalize(next_observations, mean, std)
         q_values = self.online.forward(trained, inputs)
         next_online = self.online.forward(chooser, next_inputs)
-        next_target = self.target.forward(valuer, next_inputs)
+        if next_target is None:
+            next_target = self.target.forward(valuer, next_inputs)
         losses, metrics = head_gradient(q_values, next_online, next_target, trained.out_grad)
         self.online.backward(trained, inputs)
         return losses, metrics
+
+    def target_values(self, next_observations: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                      out: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """The target networks' Q-values ``(K, N, A)`` of ``N`` shared next observations ``(N, D)``, into
+        ``out``, ``chunk`` rows at a time: a table a learner that copies its target rarely can read
+        :meth:`gradient`'s ``next_target`` from."""
+        for start in range(0, next_observations.shape[0], chunk):
+            rows = next_observations[start:start + chunk]
+            inputs = normalize(rows.expand(self.target.count, -1, -1), mean, std)
+            out[:, start:start + rows.shape[0]] = self.target.forward(self.target.workspace(rows.shape[0]), inputs)
+        return out
 
 
 class FusedActorCritic:

@@ -327,7 +327,7 @@ class Population:
         try:
             for _ in range(steps):
                 interrupts.check()
-                metrics = cohort.step(cohort.sample(self.data))
+                metrics = cohort.learn(self.data)
                 for name, value in metrics.items():
                     sums[name] = sums[name] + value if name in sums else value.clone()
                 taken += 1

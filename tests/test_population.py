@@ -218,6 +218,27 @@ def test_a_mutated_copy_owns_an_optimiser_of_its_own_parameters(name: str, kind:
 # -- the batched update ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("matmul_dtype", ["float32", "bfloat16"])
+def test_a_cohort_that_copies_its_targets_rarely_reads_their_values_from_a_table(matmul_dtype: str) -> None:
+    """Batch 5, 40 rows, a copy every 8 steps: 8 x 5 >= 40, so the target's values come from a table over
+    the data, refreshed after each copy; through two copies the steps equal those that run the target pass."""
+    data = tiny_data()
+    agents = [tiny_agent(seed=seed, lr=1e-2, target_update_interval=8, matmul_dtype=matmul_dtype) for seed in (0, 1)]
+    twins = [copy.deepcopy(agent) for agent in agents]
+    template = builder(cql)(agents[0].algorithm.config, TINY)
+    with_table, without = Cohort(agents, template), Cohort(twins, template)
+    for _ in range(20):
+        metrics, expected = with_table.learn(data), without.step(without.sample(data))
+        for name, value in expected.items():
+            assert torch.allclose(metrics[name], value, rtol=1e-5, atol=1e-6), name
+    assert with_table._target_table is not None and without._target_table is None
+    assert torch.allclose(with_table.flat, without.flat, atol=1e-6)
+    often = Cohort([copy.deepcopy(agent) for agent in twins], template)
+    often.intervals = [7, 8]  # 7 x 5 < 40: a refresh would cost more than it saves
+    often.learn(data)
+    assert often._target_table is None
+
+
 @pytest.mark.parametrize("name", ["cql", "cql_bfloat16", "cql_autograd", "iql", "bc"])
 def test_the_batched_update_equals_per_agent_updates(name: str) -> None:
     """CQL's cohort steps by hand (mazerun.fused; in bfloat16 too), with fused=false through vmap and autograd
