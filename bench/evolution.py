@@ -15,9 +15,9 @@
    AgileRL's Q-network needs an encoder, latent and head: 8-256-128-256-4, the same multiply-adds).
 
    * ours: ``algorithm=cql hpo=evolution`` (double DQN + conservative term, Huber TD loss, hard
-     target copy every 1000 updates), run in this process through ``train_population``, twice: with
-     float32 products, and with ``algorithm.matmul_dtype=bfloat16`` (hidden layers multiply in
-     bfloat16 with float32 accumulation; weights, gradients and Adam stay float32);
+     target copy every 1000 updates), run in this process through ``train_population``, with float32
+     products, then (on a CPU that has them natively) with ``algorithm.matmul_dtype=bfloat16`` (hidden
+     layers multiply in bfloat16 with float32 accumulation; weights, gradients and Adam stay float32);
    * peer: AgileRL 2.58's CQN population (double Q, CQL term, soft target tau 1e-3), driven by
      bench/agilerl_offline_peer.py in AgileRL's own interpreter (``--agilerl-python``).
 3. Wall time: from opening the dataset to the end of the search (training, evaluations, selection,
@@ -31,7 +31,8 @@
    what evolution adds over spending the same compute on one agent.
 
 Targets (BENCHMARKS.md): AgileRL's wall time >= 3x ours with bfloat16 products (float32's ratio is
-shown beside it), and each of our elites' return >= AgileRL's.
+shown beside it), and each of our elites' return >= AgileRL's. On a CPU without AVX512-BF16 or AMX
+bfloat16 is emulated (~20x slower), so the bfloat16 run is left out and float32 carries the target.
 The table has one row per measure; the command exits 1 when a target is missed or AgileRL is
 missing. AgileRL pins torch and numpy differently from mazerun, so it lives in its own venv:
 ``python3 -m venv /work/agilerl-venv && /work/agilerl-venv/bin/pip install agilerl==2.58.0 peft box2d==2.3.10``.
@@ -57,6 +58,7 @@ from mazerun.checkpoint import BEST_CHECKPOINT, load_checkpoint, network_from_ch
 from mazerun.config import PolicyConfig, RunnerConfig
 from mazerun.datasets import write_hdf5
 from mazerun.evaluation import evaluate
+from mazerun.fused import native_low_precision
 from mazerun.population import train_population
 from mazerun.records import load_records
 from mazerun.records import TRAJECTORY_DIR
@@ -177,13 +179,17 @@ def main() -> int:
         args.episodes, args.max_steps, args.evo_steps = 4, 40, 20
         args.eval_loop, args.test_episodes, args.max_episode_steps = 1, 3, 200
 
+    # bfloat16 where the CPU multiplies it natively; elsewhere it is emulated, ~20x slower, and float32 is our best.
+    dtypes = ["float32"] + (["bfloat16"] if native_low_precision(torch.bfloat16, torch.device("cpu")) else [])
+    if len(dtypes) == 1:
+        say("bfloat16 products left out: this CPU has no AVX512-BF16 or AMX, so float32 carries the speed target")
     with tempfile.TemporaryDirectory(prefix="bench_evolution_") as scratch:
         root = Path(scratch)
         say(f"recording {args.episodes} noisy LunarLander episodes (epsilon {EPSILON}) ...")
         dataset = record_dataset(args.episodes, root / "data", args.max_episode_steps)
         warm_up()
         ours = {}
-        for matmul_dtype in ("float32", "bfloat16"):
+        for matmul_dtype in dtypes:
             say(f"mazerun: {args.population} CQL agents x {args.max_steps} learn steps, {matmul_dtype} products ...")
             ours[matmul_dtype] = run_ours(dataset, args, root / f"ours_{matmul_dtype}", matmul_dtype)
         say(f"AgileRL: {args.population} CQN agents x {args.max_steps} learn steps ...")
@@ -194,8 +200,8 @@ def main() -> int:
             single = run_single(dataset, args, root / "single")
 
     rows = []
-    for matmul_dtype, target in (("float32", False), ("bfloat16", True)):
-        mine = ours[matmul_dtype]
+    for matmul_dtype in dtypes:
+        mine, target = ours[matmul_dtype], matmul_dtype == dtypes[-1]
         speedup = peer["wall"] / mine["wall"] if peer else None
         rows += [(f"search wall time (s), {matmul_dtype}", f"{mine['wall']:.1f}",
                   f"{peer['wall']:.1f}" if peer else "missing", f"{speedup:.2f}x" if peer else "-",

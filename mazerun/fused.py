@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+import logging
 import math
 from typing import Any, Callable
 
@@ -31,6 +32,10 @@ from torch import nn
 
 from mazerun.models import NORMALIZED_OBS_CLIP, ActorCritic
 from mazerun.optim import GROUP_DEFAULTS, adam_kernel
+
+log = logging.getLogger(__name__)
+_warned_slow_dtypes: set[torch.dtype] = set()
+"""Low-precision dtypes this process has already warned about: a population builds many learners."""
 
 ACTIVATION_KINDS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -106,6 +111,9 @@ class StackedMLP:
     networks, a backward two ``bmm`` per layer into the same layout of ``flat_grad``.
     """
 
+    hidden_dtype = torch.float32
+    """What the hidden layers' activations and their gradients are held in."""
+
     def __init__(self, flat: torch.Tensor, flat_grad: torch.Tensor | None, shapes: list[tuple[int, int]],
                  activation: str) -> None:
         count = flat.shape[0]
@@ -139,8 +147,8 @@ class StackedMLP:
         """A new workspace for passes over ``rows`` rows."""
         device, count = self.head.weight.device, self.count
         widths = [layer.weight.shape[1] for layer in self.hidden]  # (K, out, in)
-        hidden = [torch.zeros(count, rows, width, device=device) for width in widths]
-        hidden_grad = [torch.zeros(count, rows, width, device=device) for width in widths]
+        hidden = [torch.zeros(count, rows, width, device=device, dtype=self.hidden_dtype) for width in widths]
+        hidden_grad = [torch.zeros_like(activations) for activations in hidden]
         out = torch.zeros(count, rows, self.head.weight.shape[1], device=device)
         out_grad = torch.zeros_like(out)
         return Workspace(hidden, hidden_grad, [grad.transpose(1, 2) for grad in hidden_grad], out, out_grad,
@@ -200,7 +208,7 @@ class LowPrecisionMLP(StackedMLP):
     def __init__(self, flat: torch.Tensor, flat_grad: torch.Tensor | None, shapes: list[tuple[int, int]],
                  activation: str, dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__(flat, flat_grad, shapes, activation)
-        self.dtype = dtype
+        self.hidden_dtype = dtype
         self.low_layers = []
         for layer in self.hidden:
             weight = torch.empty(layer.weight.shape, dtype=dtype, device=flat.device)
@@ -208,17 +216,11 @@ class LowPrecisionMLP(StackedMLP):
                                           torch.empty(layer.bias.shape, dtype=dtype, device=flat.device), None, None))
 
     def allocate(self, rows: int) -> LowPrecisionWorkspace:
-        device, count, dtype = self.head.weight.device, self.count, self.dtype
-        widths = [layer.weight.shape[1] for layer in self.hidden]
-        hidden = [torch.zeros(count, rows, width, device=device, dtype=dtype) for width in widths]
-        hidden_grad = [torch.zeros_like(activations) for activations in hidden]
-        out = torch.zeros(count, rows, self.head.weight.shape[1], device=device)
-        out_grad = torch.zeros_like(out)
+        base, device, count = super().allocate(rows), self.head.weight.device, self.count
         head_width = self.head.weight.shape[2]
         return LowPrecisionWorkspace(
-            hidden, hidden_grad, [grad.transpose(1, 2) for grad in hidden_grad], out, out_grad,
-            out_grad.transpose(1, 2),
-            low_inputs=torch.zeros(count, rows, self.layers[0].weight.shape[2], device=device, dtype=dtype),
+            **vars(base),
+            low_inputs=torch.zeros(count, rows, self.layers[0].weight.shape[2], device=device, dtype=self.hidden_dtype),
             head_inputs=torch.zeros(count, rows, head_width, device=device),
             head_inputs_grad=torch.zeros(count, rows, head_width, device=device),
             weight_grads=[torch.zeros_like(low.weight) for low in self.low_layers])
@@ -257,6 +259,19 @@ class LowPrecisionMLP(StackedMLP):
                 torch.bmm(grad, low.weight, out=previous)
                 self._activation_backward(previous, layer_input, grad_input=previous)
                 grad = previous
+
+
+def native_low_precision(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``device`` multiplies ``dtype`` in hardware. A CPU without AVX512-BF16 or AMX (an AVX2-only
+    one, say) falls back to a scalar bfloat16 matrix product about 20x slower than float32's."""
+    if dtype == torch.float32:
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported() and (
+        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
 
 
 def mlp_layers(encoder: nn.Module, memory: nn.Module | None, trunk: nn.Sequential, head: nn.Linear
@@ -323,9 +338,16 @@ class StackedQLearner:
             self.online = StackedMLP(flat, flat_grad, shapes, activation)
             self.target = StackedMLP(target_flat, None, shapes, activation)
         else:
+            if not native_low_precision(matmul_dtype, flat.device) and matmul_dtype not in _warned_slow_dtypes:
+                _warned_slow_dtypes.add(matmul_dtype)
+                name = str(matmul_dtype).removeprefix("torch.")
+                log.warning("algorithm.matmul_dtype=%s: this %s has no native %s matrix products%s, so they run "
+                            "many times slower than float32's; set algorithm.matmul_dtype=float32", name,
+                            flat.device.type, name, " (AVX512-BF16 or AMX)" if flat.device.type == "cpu" else "")
             self.online = LowPrecisionMLP(flat, flat_grad, shapes, activation, matmul_dtype)
             self.target = LowPrecisionMLP(target_flat, None, shapes, activation, matmul_dtype)
-        self._workspaces: dict[int, tuple[Workspace, Workspace, Workspace]] = {}
+        self._workspaces: dict[int, tuple[Workspace, Workspace]] = {}
+        """The online network's two workspaces per batch size: on s (trained through) and on s'."""
 
     @classmethod
     def of_networks(cls, network: nn.Module, target: nn.Module, matmul_dtype: torch.dtype = torch.float32
@@ -352,14 +374,13 @@ class StackedQLearner:
         rows = observations.shape[1]
         workspaces = self._workspaces.get(rows)
         if workspaces is None:
-            workspaces = self._workspaces[rows] = (self.online.allocate(rows), self.online.allocate(rows),
-                                                   self.target.allocate(rows))
-        trained, chooser, valuer = workspaces
+            workspaces = self._workspaces[rows] = (self.online.allocate(rows), self.online.allocate(rows))
+        trained, chooser = workspaces
         inputs, next_inputs = normalize(observations, mean, std), normalize(next_observations, mean, std)
         q_values = self.online.forward(trained, inputs)
         next_online = self.online.forward(chooser, next_inputs)
         if next_target is None:
-            next_target = self.target.forward(valuer, next_inputs)
+            next_target = self.target.forward(self.target.workspace(rows), next_inputs)
         losses, metrics = head_gradient(q_values, next_online, next_target, trained.out_grad)
         self.online.backward(trained, inputs)
         return losses, metrics

@@ -4,6 +4,7 @@ CQL and BC updates against autograd on the same batches, fused rollouts against 
 from __future__ import annotations
 
 import copy
+import logging
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from mazerun.checkpoint import save_checkpoint
 from mazerun.data import TransitionBatch
 from mazerun.errors import MazerunError
 from mazerun.envs import NO_LABEL, make_vector_env
+from mazerun import fused
 from mazerun.fused import FusedActorCritic, fusable
 from mazerun.loops.onpolicy import RolloutBuffer, RolloutCollector
 from mazerun.models import ModelConfig, build_actor_critic
@@ -257,7 +259,7 @@ def test_the_bfloat16_cql_step_errs_from_float32_no_more_than_torch_autocast(act
     bfloat16 moves it on the same batch. What is stored stays float32."""
     low, plain, autocast = (_cql(True, "huber", "bfloat16", activation), _cql(False, "huber", activation=activation),
                             _cql(False, "huber", activation=activation))
-    assert low.stack is not None and low.stack.online.dtype == torch.bfloat16
+    assert low.stack is not None and low.stack.online.hidden_dtype == torch.bfloat16
     batch = _transitions(torch.Generator().manual_seed(3), size=256)
     ours, expected = low.update(batch), plain.update(batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -277,6 +279,20 @@ def test_bfloat16_products_need_the_fused_step() -> None:
         CQLConfig(fused=False, matmul_dtype="bfloat16").check()
     with pytest.raises(MazerunError, match=r"algorithm.matmul_dtype='float16' is unknown; use float32 or bfloat16"):
         CQLConfig(matmul_dtype="float16").check()
+
+
+def test_bfloat16_products_on_a_cpu_that_lacks_them_warn_once(monkeypatch, caplog) -> None:
+    """Without AVX512-BF16 or AMX torch multiplies bfloat16 with a scalar loop, ~20x slower than float32."""
+    monkeypatch.setattr(fused, "native_low_precision", lambda dtype, device: dtype == torch.float32)
+    monkeypatch.setattr(fused, "_warned_slow_dtypes", set())
+    with caplog.at_level(logging.WARNING, logger="mazerun.fused"):
+        _cql(True, "huber")
+        assert not caplog.records
+        for _ in range(2):
+            _cql(True, "huber", "bfloat16")
+    assert [record.getMessage() for record in caplog.records] == [
+        "algorithm.matmul_dtype=bfloat16: this cpu has no native bfloat16 matrix products (AVX512-BF16 or AMX), so "
+        "they run many times slower than float32's; set algorithm.matmul_dtype=float32"]
 
 
 def test_a_copy_of_a_fused_cql_learner_trains_its_own_weights_and_checkpoints_hold_no_storage_around_them(

@@ -59,8 +59,9 @@ class CQLConfig(ValueLearningConfig):
     loss and Adam, the gradient by hand: :func:`conservative_q_gradient`); false: the autograd path."""
     matmul_dtype: str = "float32"
     """float32, or bfloat16: the fused step's hidden layers multiply in bfloat16 with float32 accumulation
-    (:class:`mazerun.fused.LowPrecisionMLP`), 2-4x faster on CPUs with AVX512-BF16 or AMX; weights,
-    gradients, Adam, evaluation and checkpoints stay float32. Needs the fused step."""
+    (:class:`mazerun.fused.LowPrecisionMLP`), 2-4x faster on CPUs with AVX512-BF16 or AMX, about 20x
+    slower on those without (a warning says so); weights, gradients, Adam, evaluation and checkpoints
+    stay float32. Needs the fused step."""
 
     def check(self, prefix: str = "algorithm") -> None:
         super().check(prefix)
