@@ -150,7 +150,6 @@ class BehaviouralCloning(OfflineAlgorithm):
     def report_metrics(self) -> dict[str, float]:
         return {"policy_l2_norm": float(torch.sqrt(sum(p.pow(2).sum() for p in self.actor_parameters)))}
 
-
     def selection_metric(self, has_validation: bool) -> tuple[str, str]:
         return ("validation/policy_loss", "min") if has_validation else ("eval/mean_return", "max")
 
