@@ -207,6 +207,11 @@ def evolution_config(values: Any, algorithm: Any) -> EvolutionConfig:
             f"hpo=evolution supports {', '.join(SUPPORTED_ALGORITHMS)} (offline algorithms sharing one dataset); "
             f"algorithm={algorithm.name} is not supported yet"
         )
+    if algorithm.lr_schedule != "constant":
+        raise MazerunError(
+            f"hpo=evolution mutates each agent's learning rate, which algorithm.lr_schedule={algorithm.lr_schedule} "
+            "would overwrite; set algorithm.lr_schedule=constant"
+        )
     for name, value in hyperparameters_of(algorithm).items():
         space = getattr(config.space, name)
         if not space.min <= value <= space.max:

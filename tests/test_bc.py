@@ -104,6 +104,27 @@ def test_checkpoint_round_trip_gives_identical_actions(tmp_path: Path, lunar_rec
     assert [policy.act(observation) for observation in observations] == expected.tolist()
 
 
+def test_a_linear_learning_rate_decays_to_zero_and_a_raised_budget_continues_it(lunar_records: Path) -> None:
+    env = gym.make("LunarLander-v3")
+    sampler = BatchSampler(records_to_dataset(load_records(lunar_records)), 32, seed=0)
+    config = BCConfig(n_updates=10, lr=1e-3, lr_schedule="linear")
+    bc = BehaviouralCloning(config, ModelConfig(kind="vector_obs"), env.observation_space, env.action_space, None,
+                            torch.device("cpu"))
+    used = []
+    for _ in range(10):
+        bc.update(sampler.sample())
+        used.append(bc.optimizer.param_groups[0]["lr"])
+    assert used == pytest.approx([1e-3 * (1 - k / 10) for k in range(10)])  # 1e-3 at step 0, 1e-4 at step 9
+    saved = bc.training_state()
+    continued = BehaviouralCloning(BCConfig(n_updates=20, lr=1e-3, lr_schedule="linear"), ModelConfig(kind="vector_obs"),
+                                   env.observation_space, env.action_space, None, torch.device("cpu"))
+    continued.load_training_state(saved)
+    assert continued.lr_schedule(10) == 0.0 and continued.lr_schedule(15) == 0.0  # ended at 0: it stays there
+    saved["updates"] = 5  # as if stopped halfway: from 5e-4 at update 5 down to 0 at 20
+    continued.load_training_state(saved)
+    assert [continued.lr_schedule(step) for step in (5, 10, 20)] == pytest.approx([5e-4, 5e-4 * 10 / 15, 0.0])
+
+
 def test_a_short_clone_beats_random_clearly(workdir: Path) -> None:
     data = record(workdir / "expert", episodes=10)
     run_ok("-cn", "conf_train", f"runner.dataset.dir_or_file={data}", "algorithm.n_updates=1500",
@@ -130,6 +151,7 @@ def _mixed_records(directory: Path) -> list[str]:
     ("zero_updates", "algorithm.n_updates=0 must be > 0"),
     ("zero_batch", "algorithm.batch_size=0 must be > 0"),
     ("zero_lr", "algorithm.lr=0.0 must be > 0"),
+    ("unknown_lr_schedule", "algorithm.lr_schedule='cosine' is unknown; use constant or linear"),
     ("missing_input_dir", "does not exist"),
     ("input_dir_without_checkpoint", "no checkpoint (best.pt or last.pt)"),
     ("env_mismatch", "differs from LunarLander-v3"),
@@ -143,6 +165,7 @@ def test_bad_training_input_is_one_line_error(workdir: Path, lunar_records: Path
         "zero_updates": [dataset, "algorithm.n_updates=0"],
         "zero_batch": [dataset, "algorithm.batch_size=0"],
         "zero_lr": [dataset, "algorithm.lr=0"],
+        "unknown_lr_schedule": [dataset, "algorithm.lr_schedule=cosine"],
         "missing_input_dir": [dataset, "input_dir=nowhere"],
         "input_dir_without_checkpoint": [dataset, f"input_dir={workdir}"],
         "env_mismatch": [dataset, "env=CartPole-v1"],

@@ -393,6 +393,7 @@ def test_defaults_of_the_yaml_pass_for_every_supported_algorithm() -> None:
     (("hpo=evolution",), "add algorithm=<bc|cql|iql>"),
     (("algorithm=cql", "hpo=evolution", "hpo.population_size=1"), "hpo.population_size=1 must be at least 2"),
     (("algorithm=cql", "hpo=evolution", "hpo.tournament_size=5"), "hpo.tournament_size=5 is larger than"),
+    (("algorithm=bc", "hpo=evolution", "algorithm.lr_schedule=linear"), "set algorithm.lr_schedule=constant"),
 ])
 def test_bad_searches_through_run_fail_in_one_line_and_write_nothing(workdir: Path, overrides: tuple,
                                                                       message: str) -> None:

@@ -16,6 +16,7 @@ from mazerun.data import SequenceBatch, TransitionBatch
 from mazerun.errors import MazerunError
 from mazerun.models import ModelConfig, Vocabulary
 from mazerun.optim import Adam
+from mazerun.schedules import SCHEDULE_KINDS, LinearSchedule
 
 Batch = TransitionBatch | SequenceBatch
 """Transitions for networks without memory, chunks of consecutive ones for networks with it."""
@@ -36,6 +37,8 @@ class OfflineConfig:
     """Gradient steps in total; a continued run trains up to this many (budgets are totals)."""
     batch_size: int = 256
     lr: float = 3e-4
+    lr_schedule: str = "constant"
+    """constant, or linear: decays to 0 at n_updates, so the last weights are the settled ones."""
     eval_every: int = 1000
     """Updates between two reports (train/validation metrics, evaluation rollout, checkpoints)."""
     validation_percentage: float = 0.0
@@ -63,6 +66,8 @@ class OfflineConfig:
                 f"{prefix}.validation_percentage={self.validation_percentage} is outside [0, 100); "
                 "use e.g. 10 to hold out a tenth of the episodes, or 0 for no validation"
             )
+        if self.lr_schedule not in SCHEDULE_KINDS:
+            raise MazerunError(f"{prefix}.lr_schedule={self.lr_schedule!r} is unknown; use constant or linear")
 
     def check_spaces(self, observation_space: gym.Space, action_space: gym.Space) -> None:
         """Fail early, in one line, on an environment the algorithm cannot learn in; any fits by default."""
@@ -192,6 +197,8 @@ class OfflineAlgorithm(ABC):
         self.config = config
         self.updates = 0
         """Gradient steps taken so far (continued runs included)."""
+        self.lr_schedule = LinearSchedule.of(config.lr_schedule, config.lr, config.n_updates)
+        """The learning rate at each update; ``constant`` leaves the optimiser's own (which a search may mutate)."""
 
     def build_stack(self) -> Any:
         """Move the networks' parameters into the fast path's storage and return its state; None by default."""
@@ -235,6 +242,8 @@ class OfflineAlgorithm(ABC):
         if self.gradient_sync is not None:
             self.gradient_sync()
         self.after_backward(metrics)
+        if self.config.lr_schedule != "constant":
+            self.optimizer.param_groups[0]["lr"] = self.lr_schedule(self.updates)
         self.optimizer.step()
         self.updates += 1
         self.after_step()
@@ -269,14 +278,18 @@ class OfflineAlgorithm(ABC):
 
     def training_state(self) -> dict[str, Any]:
         """Everything but the acting network that a continued run needs: the other networks, the optimiser, the step count."""
-        state: dict[str, Any] = {"updates": self.updates}
+        state: dict[str, Any] = {"updates": self.updates, "lr_schedule": self.lr_schedule.to_list()}
         for name, value in vars(self).items():
             if name != "network" and isinstance(value, (nn.Module, Adam)):
                 state[name] = value.state_dict()
         return state
 
     def load_training_state(self, state: dict[str, Any]) -> None:
+        """Continue at the saved update; a raised ``n_updates`` stretches the schedule from there, without a jump."""
         self.updates = int(state["updates"])
+        if "lr_schedule" in state:  # absent from checkpoints written before schedules: those keep the config's
+            self.lr_schedule = LinearSchedule.from_list(state["lr_schedule"]).extended_to(self.updates,
+                                                                                            self.config.n_updates)
         for name, value in vars(self).items():
             if name != "network" and isinstance(value, (nn.Module, Adam)):
                 value.load_state_dict(state[name])

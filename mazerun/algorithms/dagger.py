@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Optional
 from mazerun.algorithms.bc import BehaviouralCloning
 from mazerun.config import check_fields
 from mazerun.errors import MazerunError
-from mazerun.schedules import LinearSchedule
+from mazerun.schedules import SCHEDULE_KINDS, LinearSchedule
 
 
 @dataclass
@@ -55,6 +55,8 @@ class DAggerConfig:
     """Gradient steps in total, spread over the iterations in proportion to the labels collected."""
     batch_size: int = 256
     lr: float = 3e-4
+    lr_schedule: str = "constant"
+    """constant, or linear: decays to 0 at n_updates."""
     teacher_forcing: TeacherForcingConfig = field(default_factory=TeacherForcingConfig)
     rollout_len: int = 32
     """Models with memory: steps per chunk of an env copy's consecutive steps (truncated BPTT)."""
@@ -85,6 +87,8 @@ class DAggerConfig:
                                              "rollout_len", "nrollouts"), non_negative=("burn_in",))
         if self.learner_actions not in ("sample", "greedy"):
             raise MazerunError(f"{prefix}.learner_actions={self.learner_actions!r} is unknown; use sample or greedy")
+        if self.lr_schedule not in SCHEDULE_KINDS:
+            raise MazerunError(f"{prefix}.lr_schedule={self.lr_schedule!r} is unknown; use constant or linear")
         forcing = self.teacher_forcing
         check_fields(forcing, f"{prefix}.teacher_forcing", unit_interval=("start", "end"))
         if forcing.steps is not None and forcing.steps <= 0:
