@@ -93,13 +93,13 @@ class Workspace:
     hidden: list[torch.Tensor]
     """Each hidden layer's activations, ``(K, B, width)``."""
     hidden_grad: list[torch.Tensor]
-    """d loss / d each hidden layer's pre-activations."""
+    """d loss / d each hidden layer's pre-activations; empty in a workspace of forward passes only."""
     hidden_grad_t: list[torch.Tensor]
     out: torch.Tensor
     """The heads' outputs ``(K, B, head width)``."""
-    out_grad: torch.Tensor
-    """d loss / d ``out``: what :meth:`StackedMLP.backward` starts from."""
-    out_grad_t: torch.Tensor
+    out_grad: torch.Tensor | None
+    """d loss / d ``out``: what :meth:`StackedMLP.backward` starts from; None for forward passes only."""
+    out_grad_t: torch.Tensor | None
 
 
 class StackedMLP:
@@ -137,19 +137,22 @@ class StackedMLP:
         self._workspaces: dict[int, Workspace] = {}
 
     def workspace(self, rows: int) -> Workspace:
-        """The workspace of passes over ``rows`` rows, allocated on first use and reused after."""
+        """The workspace of passes over ``rows`` rows, allocated on first use and reused after; without gradient
+        buffers where the stack has no gradients (a target network)."""
         workspace = self._workspaces.get(rows)
         if workspace is None:
-            workspace = self._workspaces[rows] = self.allocate(rows)
+            workspace = self._workspaces[rows] = self.allocate(rows, gradients=self.flat_grad is not None)
         return workspace
 
-    def allocate(self, rows: int) -> Workspace:
-        """A new workspace for passes over ``rows`` rows."""
+    def allocate(self, rows: int, gradients: bool = True) -> Workspace:
+        """A new workspace for passes over ``rows`` rows; ``gradients=False``: for forward passes only."""
         device, count = self.head.weight.device, self.count
         widths = [layer.weight.shape[1] for layer in self.hidden]  # (K, out, in)
         hidden = [torch.zeros(count, rows, width, device=device, dtype=self.hidden_dtype) for width in widths]
-        hidden_grad = [torch.zeros_like(activations) for activations in hidden]
         out = torch.zeros(count, rows, self.head.weight.shape[1], device=device)
+        if not gradients:
+            return Workspace(hidden, [], [], out, None, None)
+        hidden_grad = [torch.zeros_like(activations) for activations in hidden]
         out_grad = torch.zeros_like(out)
         return Workspace(hidden, hidden_grad, [grad.transpose(1, 2) for grad in hidden_grad], out, out_grad,
                          out_grad.transpose(1, 2))
@@ -187,8 +190,8 @@ class LowPrecisionWorkspace(Workspace):
     """The first layer's inputs in the low dtype, ``(K, B, D)``."""
     head_inputs: torch.Tensor
     """The last hidden layer's activations in float32: what the head multiplies."""
-    head_inputs_grad: torch.Tensor
-    """d loss / d the last hidden layer's pre-activations in float32, before rounding."""
+    head_inputs_grad: torch.Tensor | None
+    """d loss / d the last hidden layer's pre-activations in float32, before rounding; None for forward passes only."""
     weight_grads: list[torch.Tensor]
     """Each hidden layer's weight gradient in the low dtype, copied into ``flat_grad`` after."""
 
@@ -215,15 +218,15 @@ class LowPrecisionMLP(StackedMLP):
             self.low_layers.append(_Layer(weight, weight.transpose(1, 2),
                                           torch.empty(layer.bias.shape, dtype=dtype, device=flat.device), None, None))
 
-    def allocate(self, rows: int) -> LowPrecisionWorkspace:
-        base, device, count = super().allocate(rows), self.head.weight.device, self.count
+    def allocate(self, rows: int, gradients: bool = True) -> LowPrecisionWorkspace:
+        base, device, count = super().allocate(rows, gradients), self.head.weight.device, self.count
         head_width = self.head.weight.shape[2]
         return LowPrecisionWorkspace(
             **vars(base),
             low_inputs=torch.zeros(count, rows, self.layers[0].weight.shape[2], device=device, dtype=self.hidden_dtype),
             head_inputs=torch.zeros(count, rows, head_width, device=device),
-            head_inputs_grad=torch.zeros(count, rows, head_width, device=device),
-            weight_grads=[torch.zeros_like(low.weight) for low in self.low_layers])
+            head_inputs_grad=torch.zeros(count, rows, head_width, device=device) if gradients else None,
+            weight_grads=[torch.zeros_like(low.weight) for low in self.low_layers] if gradients else [])
 
     def forward(self, workspace: LowPrecisionWorkspace, inputs: torch.Tensor) -> torch.Tensor:
         if not self.hidden:
@@ -374,7 +377,8 @@ class StackedQLearner:
         rows = observations.shape[1]
         workspaces = self._workspaces.get(rows)
         if workspaces is None:
-            workspaces = self._workspaces[rows] = (self.online.allocate(rows), self.online.allocate(rows))
+            workspaces = self._workspaces[rows] = (self.online.allocate(rows),
+                                                   self.online.allocate(rows, gradients=False))
         trained, chooser = workspaces
         inputs, next_inputs = normalize(observations, mean, std), normalize(next_observations, mean, std)
         q_values = self.online.forward(trained, inputs)

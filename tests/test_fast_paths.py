@@ -250,6 +250,9 @@ def test_the_fused_cql_step_gives_the_autograd_step(td_loss: str) -> None:
     for key, state in plain.optimizer.state_dict()["state"].items():
         for entry, value in state.items():
             assert torch.allclose(fused.optimizer.state_dict()["state"][key][entry], value, atol=1e-6), entry
+    (trained, chooser), target = fused.stack._workspaces[32], fused.stack.target.workspace(32)
+    assert trained.out_grad is not None and len(trained.hidden_grad) == 2  # only the pass trained through
+    assert all(not workspace.hidden_grad and workspace.out_grad is None for workspace in (chooser, target))
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
@@ -271,6 +274,7 @@ def test_the_bfloat16_cql_step_errs_from_float32_no_more_than_torch_autocast(act
     error, autocast_error = ((gradient - gradients[1]).norm() / gradients[1].norm() for gradient in
                              (gradients[0], gradients[2]))
     assert 0 < error <= 1.25 * autocast_error and error < 0.05
+    assert low.stack.target.workspace(256).head_inputs_grad is None and not low.stack.target.workspace(256).weight_grads
     assert all(parameter.dtype == torch.float32 for parameter in low.network.parameters())
 
 
