@@ -112,6 +112,11 @@ class ModelConfig:
         return cls(**values)
 
 
+KIND_ACTIVATIONS = {"vector_obs": "tanh", "minigrid": "relu"}
+"""Each kind's trunk activation where the config leaves it unset (``model=auto``), as in ``conf/model/<kind>.yaml``:
+tanh as SB3's and rl-zoo's PPO MLPs, ReLU as the BabyAI baselines."""
+
+
 def default_model_kind(observation_space: gym.Space) -> str:
     """The model kind that reads ``observation_space``."""
     if isinstance(observation_space, gym.spaces.Dict) and "image" in observation_space.spaces:

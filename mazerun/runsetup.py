@@ -43,7 +43,7 @@ from mazerun.envs import make_env, resolve_env_id
 from mazerun.errors import MazerunError
 from mazerun.evaluation import Stepper, evaluate
 from mazerun.metrics import copy_metrics_history
-from mazerun.models import ModelConfig, Vocabulary, default_model_kind
+from mazerun.models import KIND_ACTIVATIONS, ModelConfig, Vocabulary, default_model_kind
 from mazerun.records import StateTrajectoryRecord, atomic_write_bytes, find_newest_recording
 from mazerun.store import ColumnarStore, is_store
 
@@ -80,10 +80,13 @@ def choose_env_id(explicit: str | None, source_env_id: str | None, source: str) 
 
 
 def resolve_model_config(values: Any, observation_space: gym.Space) -> ModelConfig:
-    """The model group's values as a :class:`ModelConfig`, its kind picked from the space when unset."""
+    """The model group's values as a :class:`ModelConfig`, its kind picked from the space when unset and its
+    activation from the kind, so ``model=auto`` builds what ``model=<kind>`` would."""
     values = dict(values or {})
     if values.get("kind") is None:
         values["kind"] = default_model_kind(observation_space)
+    if values.get("activation") is None:
+        values["activation"] = KIND_ACTIVATIONS.get(values["kind"], "tanh")
     return structured(ModelConfig, values, "model")
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.distributions import Categorical, Independent
 
 from mazerun.envs import make_env
@@ -21,6 +23,9 @@ from mazerun.models import (
     default_model_kind,
     obs_to_tensor,
 )
+from mazerun.runsetup import resolve_model_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 VECTOR = ModelConfig(kind="vector_obs", hidden_sizes=(32, 32))
 
@@ -100,6 +105,18 @@ def test_default_model_kind_follows_the_observation_space() -> None:
         default_model_kind(gym.spaces.Discrete(5))
     with pytest.raises(MazerunError, match="vector_obs.*minigrid"):
         default_model_kind(gym.spaces.Box(0, 255, (84, 84, 3), np.uint8))
+
+
+def test_model_auto_builds_what_the_kind_s_own_group_would() -> None:
+    """model=auto leaves kind and activation unset: BabyAI gets model=minigrid's ReLU trunk, LunarLander tanh."""
+    auto = OmegaConf.load(CONF / "model" / "auto.yaml")
+    for env_id, kind in (("BabyAI-GoToLocal-v0", "minigrid"), ("LunarLander-v3", "vector_obs")):
+        own = OmegaConf.load(CONF / "model" / f"{kind}.yaml")
+        resolved = resolve_model_config(OmegaConf.to_container(auto), make_env(env_id).observation_space)
+        assert resolved == resolve_model_config(OmegaConf.to_container(own), make_env(env_id).observation_space)
+    assert resolved.activation == "tanh"
+    chosen = resolve_model_config({"kind": None, "activation": "tanh"}, make_env("BabyAI-GoToLocal-v0").observation_space)
+    assert chosen.activation == "tanh"  # an explicit model.activation wins
 
 
 def test_config_errors_name_the_choices() -> None:
