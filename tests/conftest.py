@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -58,18 +59,37 @@ def spawn_cli(*overrides: str, cwd: Path, env: dict[str, str] | None = None) -> 
     try:
         yield process
     finally:
-        if process.poll() is None or _group_alive(process.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+        if process.poll() is None or group_members(process.pid):
+            kill_group(process.pid)
         process.communicate()
 
 
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
+def group_members(group: int) -> list[int]:
+    """Live processes of process group ``group`` (zombies are dead already)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it just ended
+        state, process_group = fields[0], int(fields[2])
+        if process_group == group and state != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def kill_group(group: int, timeout: float = 10.0) -> None:
+    """SIGKILL every process of ``group`` and wait until none is left alive.
+
+    A kill only marks a process: it may take a moment to exit, and a worker whose parent already
+    ended is nobody's child to wait for. Without the wait, the last test's workers could outlive
+    the suite by a few milliseconds.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while group_members(group) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def newest_run_dir(cwd: Path) -> Path:

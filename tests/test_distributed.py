@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import _default_signals, run_ok
+from conftest import _default_signals, kill_group, run_ok
 from mazerun.checkpoint import load_checkpoint
 from mazerun.config import PolicyConfig, RunnerConfig
 from mazerun.metrics import read_metrics_csv
@@ -42,8 +40,7 @@ def torchrun(*overrides: str, cwd: Path, processes: int = 2, timeout: float = 24
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        kill_group(process.pid)
         process.communicate()
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import newest_run_dir, spawn_cli
+from conftest import group_members, newest_run_dir, spawn_cli
 from mazerun import config
 from mazerun.config import PolicyConfig, RunnerConfig, usable_cpus, worker_count
 from mazerun.errors import MazerunError
@@ -36,20 +36,6 @@ def _children(pid: int) -> list[int]:
     return children
 
 
-def _group_members(group: int) -> list[int]:
-    """Live processes of process group ``group`` (zombies are dead already)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        state, process_group = fields[0], int(fields[2])
-        if process_group == group and state != "Z":
-            members.append(int(stat.parent.name))
-    return members
-
-
 def test_a_killed_worker_is_replaced_and_no_episode_is_lost(workdir: Path) -> None:
     with spawn_cli("runner.n_episodes=300", "runner.n_workers=2", "runner.max_episode_steps=60", cwd=workdir) as process:
         deadline = time.monotonic() + 60
@@ -62,7 +48,7 @@ def test_a_killed_worker_is_replaced_and_no_episode_is_lost(workdir: Path) -> No
         assert process.returncode == 0, stderr
         assert stderr.count("SIGKILL") == 1, stderr
         assert "playing it again in a fresh worker" in stderr
-        assert not _group_members(process.pid), "a process of the run outlived it"
+        assert not group_members(process.pid), "a process of the run outlived it"
     data = newest_run_dir(workdir) / "trajectory_data"
     assert not [path for path in data.iterdir() if path.suffix != ".pkl"]  # no temp files left
     assert sorted(record.seed for record in load_records(data)) == list(range(300))
