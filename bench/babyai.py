@@ -5,8 +5,9 @@
 
 Every clone trains on CPU through the real `run` command, on the first N of one set of 10k bot
 demos (`runner.dataset.max_episodes`), for the same number of updates at the same learning rate
-(1e-3, decaying linearly to 0), and is scored with its best.pt on unseen seeds. Targets: the recurrent clone of 10k demos reaches >= 0.95 success in
-<= 15 minutes of CPU training, and beats the feed-forward clone at every demo count. Also
+(1e-3, decaying linearly to 0), and is scored with its best.pt on unseen seeds. Targets: the
+recurrent clone of 10k demos reaches >= 0.95 success in <= 15 minutes of CPU training, and beats
+the feed-forward clone at every demo count. Also
 reported: recurrent DAgger's success and the labels it took, and PPO on CartPole with its
 velocities hidden (feed-forward against recurrent, return after 200k steps). Exits non-zero
 when a target is missed.

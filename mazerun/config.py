@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mazerun.errors import MazerunError
+from mazerun.schedules import SCHEDULE_KINDS
 
 DEFAULT_ENV_ID = "LunarLander-v3"
 
@@ -163,9 +164,9 @@ def check_finite(instance: Any, prefix: str = "") -> None:
 
 def check_fields(
     config: Any, prefix: str, positive: tuple[str, ...] = (), unit_interval: tuple[str, ...] = (),
-    non_negative: tuple[str, ...] = (),
+    non_negative: tuple[str, ...] = (), schedules: tuple[str, ...] = (),
 ) -> None:
-    """Shared range checks of config sections: name the key and the range it needs."""
+    """Shared range checks of config sections: name the key and the range (or, for schedules, the kinds) it needs."""
     for key in positive:
         value = getattr(config, key)
         if value <= 0:
@@ -178,6 +179,10 @@ def check_fields(
         value = getattr(config, key)
         if not 0.0 <= value <= 1.0:
             raise MazerunError(f"{prefix}.{key}={value} must lie in [0, 1]")
+    for key in schedules:
+        value = getattr(config, key)
+        if value not in SCHEDULE_KINDS:
+            raise MazerunError(f"{prefix}.{key}={value!r} is unknown; use {' or '.join(SCHEDULE_KINDS)}")
 
 
 def check_rollout(config: RunConfig) -> None:

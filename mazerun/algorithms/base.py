@@ -16,7 +16,7 @@ from mazerun.data import SequenceBatch, TransitionBatch
 from mazerun.errors import MazerunError
 from mazerun.models import ModelConfig, Vocabulary
 from mazerun.optim import Adam
-from mazerun.schedules import SCHEDULE_KINDS, LinearSchedule
+from mazerun.schedules import LinearSchedule
 
 Batch = TransitionBatch | SequenceBatch
 """Transitions for networks without memory, chunks of consecutive ones for networks with it."""
@@ -60,14 +60,12 @@ class OfflineConfig:
 
     def check(self, prefix: str = "algorithm") -> None:
         check_fields(self, prefix, positive=("n_updates", "batch_size", "lr", "eval_every", "rollout_len", "nrollouts"),
-                     non_negative=("burn_in",))
+                     non_negative=("burn_in",), schedules=("lr_schedule",))
         if not 0 <= self.validation_percentage < 100:
             raise MazerunError(
                 f"{prefix}.validation_percentage={self.validation_percentage} is outside [0, 100); "
                 "use e.g. 10 to hold out a tenth of the episodes, or 0 for no validation"
             )
-        if self.lr_schedule not in SCHEDULE_KINDS:
-            raise MazerunError(f"{prefix}.lr_schedule={self.lr_schedule!r} is unknown; use constant or linear")
 
     def check_spaces(self, observation_space: gym.Space, action_space: gym.Space) -> None:
         """Fail early, in one line, on an environment the algorithm cannot learn in; any fits by default."""

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Optional
 from mazerun.algorithms.bc import BehaviouralCloning
 from mazerun.config import check_fields
 from mazerun.errors import MazerunError
-from mazerun.schedules import SCHEDULE_KINDS, LinearSchedule
+from mazerun.schedules import LinearSchedule
 
 
 @dataclass
@@ -84,11 +84,10 @@ class DAggerConfig:
 
     def check(self, prefix: str = "algorithm") -> None:
         check_fields(self, prefix, positive=("total_steps", "n_steps", "n_updates", "batch_size", "lr", "eval_every",
-                                             "rollout_len", "nrollouts"), non_negative=("burn_in",))
+                                             "rollout_len", "nrollouts"), non_negative=("burn_in",),
+                     schedules=("lr_schedule",))
         if self.learner_actions not in ("sample", "greedy"):
             raise MazerunError(f"{prefix}.learner_actions={self.learner_actions!r} is unknown; use sample or greedy")
-        if self.lr_schedule not in SCHEDULE_KINDS:
-            raise MazerunError(f"{prefix}.lr_schedule={self.lr_schedule!r} is unknown; use constant or linear")
         forcing = self.teacher_forcing
         check_fields(forcing, f"{prefix}.teacher_forcing", unit_interval=("start", "end"))
         if forcing.steps is not None and forcing.steps <= 0:
