@@ -328,6 +328,8 @@ def main() -> int:
                         default=["speed", "return", "finetune", "cartpole"])
     parser.add_argument("--smoke", action="store_true", help="tiny budgets: checks the wiring, not the targets")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: use 1 or more runs at a time")
     if args.smoke:
         args.steps, args.speed_steps, args.repeats, args.final_episodes, args.cartpole_steps = 32_768, 16_384, 1, 3, 4096
 
