@@ -233,7 +233,7 @@ def speed(args: argparse.Namespace, work: Path, pool: ProcessPoolExecutor | None
                   f"{', '.join(f'{s:.2f}' for s in outcome.update_seconds)} s", file=sys.stderr)
 
 
-def final_return(args: argparse.Namespace, work: Path, pool: ProcessPoolExecutor | None, table: Table) -> None:
+def final_return(args: argparse.Namespace, work: Path, peer: bool, table: Table) -> None:
     """Both trained for ``--steps`` on each seed; the final policies on unseen seeds.
 
     With ``--jobs N`` the runs share N worker processes: a return does not depend on the load, so
@@ -243,7 +243,6 @@ def final_return(args: argparse.Namespace, work: Path, pool: ProcessPoolExecutor
     with ProcessPoolExecutor(args.jobs, mp_context=context) as jobs:
         print(f"  return: {len(args.seeds)} seeds, {args.steps:,} steps, {args.jobs} at a time ({load_average()})",
               file=sys.stderr, flush=True)
-        peer = pool is not None
         # The peer's runs are the long ones: submitted first, so that no worker is left with one at the end.
         theirs_pending = [jobs.submit(sb3, LUNAR_ENV, LUNAR, seed, args.steps, final_episodes=args.final_episodes)
                           for seed in args.seeds] if peer else []
@@ -346,7 +345,7 @@ def main() -> int:
         if "speed" in args.parts:
             speed(args, work, peer_pool, table)
         if "return" in args.parts:
-            final_return(args, work, peer_pool, table)
+            final_return(args, work, peer_pool is not None, table)
         if "finetune" in args.parts:
             finetune(args, work, table)
         if "cartpole" in args.parts:

@@ -59,8 +59,7 @@ def spawn_cli(*overrides: str, cwd: Path, env: dict[str, str] | None = None) -> 
     try:
         yield process
     finally:
-        if process.poll() is None or group_members(process.pid):
-            kill_group(process.pid)
+        kill_group(process.pid)
         process.communicate()
 
 
@@ -79,12 +78,14 @@ def group_members(group: int) -> list[int]:
 
 
 def kill_group(group: int, timeout: float = 10.0) -> None:
-    """SIGKILL every process of ``group`` and wait until none is left alive.
+    """SIGKILL every process of ``group`` and wait until none is left alive; a group with none is left alone.
 
     A kill only marks a process: it may take a moment to exit, and a worker whose parent already
     ended is nobody's child to wait for. Without the wait, the last test's workers could outlive
-    the suite by a few milliseconds.
+    the suite by a few milliseconds. An emptied group's number may be reused, so it is not signalled.
     """
+    if not group_members(group):
+        return
     with contextlib.suppress(ProcessLookupError):
         os.killpg(group, signal.SIGKILL)
     deadline = time.monotonic() + timeout
