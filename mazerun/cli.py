@@ -38,6 +38,7 @@ from omegaconf.errors import OmegaConfBaseException
 from mazerun import distributed, interrupts
 from mazerun.config import RunConfig
 from mazerun.errors import MazerunError
+from mazerun.tuned import applied_tuned_defaults, config_dirs
 from mazerun.validation import RECORD_STAGE, validate
 
 log = logging.getLogger("mazerun")
@@ -157,6 +158,10 @@ def hydra_main(cfg: DictConfig) -> float:
         if sweep:
             check_sweep_dataset(config)
         with claim_run_dir(run_dir) if world.writes else contextlib.nullcontext():
+            for line in applied_tuned_defaults(hydra_config.runtime.choices,
+                                               config_dirs(hydra_config.runtime.config_sources),
+                                               hydra_config.overrides.task):
+                log.info("%s", line)
             return execute(config, run_dir)
     except MazerunError as error:
         if world.writes:

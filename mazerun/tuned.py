@@ -1,0 +1,74 @@
+"""Which tuned defaults a run took: ``conf/tuned/<env option>_<algorithm or pipeline>.yaml``.
+
+Hydra itself applies them: ``conf_rollout.yaml``'s defaults list names the file that matches the
+run's ``env`` and ``algorithm`` (or ``pipeline``) choices, so ``--cfg job`` shows the values,
+a sweep gets each job's own, and an override on the command line wins as over any default.
+This module only reads back what applied, so that ``run.log`` can say it.
+
+To tune an env of your own, add ``conf/env/<id>.yaml`` (``name: <id>``) and
+``conf/tuned/<id>_<algorithm>.yaml`` with that algorithm's keys, in mazerun's conf/ or in a
+directory on ``hydra.searchpath``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from omegaconf import OmegaConf
+
+TUNED_GROUP = "tuned"
+
+
+def _flatten(values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def overridden_keys(task_overrides: Iterable[str]) -> set[str]:
+    """The dotted keys set on the command line (``algorithm.lr=0.01``, ``+algorithm.x=1``)."""
+    return {override.split("=", 1)[0].lstrip("+~") for override in task_overrides if "=" in override}
+
+
+def applied_tuned_defaults(choices: Mapping[str, Any], config_dirs: Iterable[Path],
+                           task_overrides: Iterable[str]) -> list[str]:
+    """One line per tuned-defaults file this run composed: its keys and values, and which the command line overrode.
+
+    ``choices`` is Hydra's ``runtime.choices`` (``{"tuned@algorithm": "CartPole-v1_ppo", ...}``; an
+    optional entry whose file does not exist is listed there too, and skipped here).
+    """
+    explicit = overridden_keys(task_overrides)
+    dirs = list(config_dirs)
+    lines = []
+    for entry, choice in sorted(choices.items()):
+        group, _, package = entry.partition("@")
+        if group != TUNED_GROUP or not choice:
+            continue
+        path = next((folder / TUNED_GROUP / f"{choice}.yaml" for folder in dirs
+                     if (folder / TUNED_GROUP / f"{choice}.yaml").is_file()), None)
+        if path is None:
+            continue
+        values = OmegaConf.to_container(OmegaConf.load(path))
+        assert isinstance(values, dict)
+        values.pop("defaults", None)
+        flat = _flatten(values, package)
+        if not flat:
+            continue  # a file that only includes others (a pipeline's), which are listed themselves
+        taken = [f"{key}={value}" for key, value in flat.items() if key not in explicit]
+        line = f"tuned defaults {TUNED_GROUP}/{choice}.yaml: {', '.join(taken) or 'none taken'}"
+        overridden = sorted(key for key in flat if key in explicit)
+        if overridden:
+            line += f"; the command line overrides {', '.join(overridden)}"
+        lines.append(line)
+    return lines
+
+
+def config_dirs(config_sources: Iterable[Any]) -> list[Path]:
+    """The file-system directories among Hydra's ``runtime.config_sources`` (mazerun's conf/, hydra.searchpath)."""
+    return [Path(source.path) for source in config_sources if source.schema == "file" and source.path]
