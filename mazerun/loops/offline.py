@@ -30,7 +30,6 @@ from mazerun.data import (
     SequenceBatch,
     SequenceSampler,
     TransitionDataset,
-    longest_episode,
     observation_stats,
     records_to_dataset,
     split_by_episode,
@@ -177,11 +176,12 @@ def make_sampler(data: TransitionDataset, setup: RunSetup) -> BatchSampler | Seq
     config = setup.algorithm
     if not setup.model_config.recurrent:
         return BatchSampler(data, config.batch_size, seed=setup.seed)
-    longest = data.longest_episode() if isinstance(data, StoreDataset) else longest_episode(data)
-    if config.rollout_len > longest:
+    # A chunk may be longer than any episode: it crosses episode ends, where a mask restarts the
+    # state. It cannot be longer than the whole dataset.
+    if config.rollout_len > len(data):
         raise MazerunError(
-            f"{setup.prefix}.rollout_len={config.rollout_len} is longer than every episode (the longest has "
-            f"{longest} steps); use {setup.prefix}.rollout_len={longest} or less"
+            f"{setup.prefix}.rollout_len={config.rollout_len} is longer than the whole training set "
+            f"({len(data)} steps); use {setup.prefix}.rollout_len={len(data)} or less, or train on more episodes"
         )
     return SequenceSampler(data, config.rollout_len, config.nrollouts, config.burn_in, seed=setup.seed)
 

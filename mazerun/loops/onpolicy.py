@@ -182,19 +182,13 @@ def demonstration_sampler(data: TransitionDataset, setup: RunSetup) -> BatchSamp
 def checked_total_steps(config: PPOConfig, n_envs: int, prefix: str = "algorithm", recurrent: bool = False) -> int:
     """``total_steps`` rounded up to whole rollouts; the minibatch size must split a rollout evenly.
 
-    With memory a minibatch is whole env sequences: ``batch_size`` is ``n_steps`` times a number
-    of envs that divides ``n_envs``.
+    With memory a minibatch is whole env sequences, so ``batch_size`` must be ``n_steps`` times a
+    number of envs that divides ``n_envs``; one that is not becomes the nearest such size, said in
+    one line (the user cannot know it in advance: the tuned and the default n_steps differ per env).
     """
     rollout_size = config.n_steps * n_envs
     if recurrent:
-        envs, left = divmod(config.batch_size, config.n_steps)
-        if left or not envs or n_envs % envs:
-            fits = [count * config.n_steps for count in range(1, n_envs + 1) if n_envs % count == 0]
-            raise MazerunError(
-                f"with model.memory PPO's minibatches are whole env sequences, so {prefix}.batch_size="
-                f"{config.batch_size} must be n_steps={config.n_steps} times a divisor of runner.n_envs={n_envs}; "
-                f"use one of {', '.join(map(str, fits))}"
-            )
+        config.batch_size = whole_sequence_batch_size(config.batch_size, config.n_steps, n_envs, prefix)
     if rollout_size % config.batch_size:
         divisors = [size for size in range(1, rollout_size + 1) if rollout_size % size == 0]
         below = max(size for size in divisors if size < config.batch_size)
@@ -209,6 +203,16 @@ def checked_total_steps(config: PPOConfig, n_envs: int, prefix: str = "algorithm
         log.info("%s.total_steps=%d is not a multiple of the rollout size %d (n_steps * n_envs); "
                  "training for %d steps", prefix, config.total_steps, rollout_size, rounded)
     return rounded
+
+
+def whole_sequence_batch_size(batch_size: int, n_steps: int, n_envs: int, prefix: str = "algorithm") -> int:
+    """The size ``n_steps * k`` (``k`` a divisor of ``n_envs``) nearest to ``batch_size``; the smaller on a tie."""
+    fits = [count * n_steps for count in range(1, n_envs + 1) if n_envs % count == 0]
+    nearest = min(fits, key=lambda size: (abs(size - batch_size), size))
+    if nearest != batch_size:
+        log.info("%s.batch_size=%d becomes %d: with model.memory a minibatch is whole env sequences, n_steps=%d "
+                 "times a divisor of runner.n_envs=%d", prefix, batch_size, nearest, n_steps, n_envs)
+    return nearest
 
 
 def load_policy_weights(network: ActorCritic, state: dict[str, torch.Tensor]) -> None:
