@@ -11,13 +11,16 @@ import torch
 
 from conftest import newest_run_dir, run_cli, run_ok
 from mazerun.algorithms.dagger import DAggerConfig, TeacherForcingConfig
+from mazerun import interrupts
 from mazerun.checkpoint import load_checkpoint
+from mazerun.config import EnvConfig, RunConfig, RunnerConfig
 from mazerun.envs import ExpertActions, make_env, make_vector_env
-from mazerun.loops.interactive import LabelledStates
+from mazerun.loops.interactive import LabelledStates, due_updates
 from mazerun.metrics import read_metrics_csv
 from mazerun.policies.heuristic import BabyAIBotPolicy, LunarLanderHeuristic
 from mazerun.records import load_records
 from mazerun.schedules import LinearSchedule
+from mazerun.train import train
 
 TINY = ["algorithm=dagger", "algorithm.n_steps=16", "runner.n_envs=4", "runner.eval_repeats=2",
         "model.hidden_sizes=[32,32]"]
@@ -164,3 +167,42 @@ def test_bad_dagger_input_is_one_line_and_writes_nothing(workdir: Path, override
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not list(workdir.glob("outputs/*/*/*.pt")) and not list(workdir.glob("outputs/*/*/trajectory_data"))
+
+
+def dagger_config(input_dir: Path | None = None) -> RunConfig:
+    algorithm = DAggerConfig(total_steps=256, n_steps=16, n_updates=40, eval_every=128, batch_size=32)
+    return RunConfig(algorithm=algorithm, env=EnvConfig(name="LunarLander-v3"),
+                     runner=RunnerConfig(n_envs=4, eval_repeats=1, max_episode_steps=40),
+                     input_dir=None if input_dir is None else str(input_dir), model={"hidden_sizes": [16, 16]},
+                     device="cpu")
+
+
+def test_labels_and_updates_are_spread_in_proportion() -> None:
+    config = DAggerConfig(total_steps=100_000, n_updates=10_000)
+    assert [due_updates(config, step) for step in (0, 1024, 50_000, 100_000, 101_024)] == [0, 102, 5000, 10_000,
+                                                                                             10_000]
+
+
+def test_a_stop_inside_an_update_phase_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 iterations of 64 labels, 10 updates each; the stop lands in the second phase, before the report at 128."""
+    train(dagger_config(), tmp_path / "whole")
+    check, calls = interrupts.check, {"n": 0}
+
+    def stop_in_the_second_update_phase() -> None:  # checks: 1 per iteration, then 1 per update
+        calls["n"] += 1
+        if calls["n"] == 18:
+            raise KeyboardInterrupt
+        check()
+
+    monkeypatch.setattr(interrupts, "check", stop_in_the_second_update_phase)
+    with pytest.raises(KeyboardInterrupt):
+        train(dagger_config(), tmp_path / "stopped")
+    monkeypatch.setattr(interrupts, "check", check)
+    stopped = load_checkpoint(tmp_path / "stopped" / "last.pt")
+    assert stopped.extra["step"] == 128 and stopped.extra["training_state"]["algorithm"]["updates"] == 15
+    train(dagger_config(input_dir=tmp_path / "stopped"), tmp_path / "continued")
+
+    whole, continued = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(tmp_path / "continued" / "last.pt")
+    for name, value in whole.model_state.items():
+        assert torch.equal(value, continued.model_state[name]), name
+    assert read_metrics_csv(tmp_path / "continued" / "metrics.csv") == read_metrics_csv(tmp_path / "whole" / "metrics.csv")

@@ -44,6 +44,7 @@ from mazerun.errors import MazerunError
 from mazerun.loops.vector import VectorEpisodes, open_vector_env
 from mazerun.metrics import MetricsLogger, write_learning_curve
 from mazerun.models import ModelInput
+from mazerun.progress import Progress
 from mazerun.policies import Policy, build_policy
 from mazerun.records import TRAJECTORY_DIR, EpisodeBuilder, write_record
 from mazerun.runsetup import TRAINING_STATE, CheckpointKeeper, RunSetup, TrainResult
@@ -187,7 +188,7 @@ def train_interactive(setup: RunSetup) -> TrainResult:
             return {
                 "algorithm": algorithm.training_state(), "generator": generator.get_state(),
                 "aggregate": aggregate.state(), "envs": collector.state(), "records_written": recorder.written,
-                "window": window.state(),
+                "window": window.state(), "next_report": next_report,
             }
 
         def report(logger: MetricsLogger) -> None:
@@ -204,28 +205,48 @@ def train_interactive(setup: RunSetup) -> TrainResult:
             keeper.save_last(step, training_state())
             return step
 
-        log.info("DAgger on %s with the %s expert: %d env copies, %d steps each per iteration",
-                 setup.env_id, expert_name, runner.n_envs, config.n_steps)
-        next_report = (step // config.eval_every + 1) * config.eval_every
+        def owed_batches() -> Callable[[], Any] | None:
+            """Draws for the updates the labels so far are owed; None when none are owed (or none can be drawn yet)."""
+            if algorithm.updates >= due_updates(config, step):
+                return None
+            return _batches(aggregate, config, generator, setup.model_config.recurrent)
+
+        def pay_updates(batches: Callable[[], Any]) -> None:
+            """The owed gradient steps, each after a stop check: a phase can take minutes (recurrent networks)."""
+            due = due_updates(config, step)
+            with Progress(due, initial=algorithm.updates, unit="update", desc=f"{config.name} updates",
+                          leave=False) as updates_bar:
+                while algorithm.updates < due:
+                    interrupts.check()
+                    window.add_update(algorithm.update(batches()))
+                    updates_bar.update()
+
+        log.info("DAgger on %s with the %s expert: %d env copies, %d steps each per iteration; %d labels, "
+                 "%d updates", setup.env_id, expert_name, runner.n_envs, config.n_steps, config.total_steps,
+                 config.n_updates)
+        # A continued run reports where the stopped one would have: a stop between the labels and their
+        # updates leaves that iteration's report to come.
+        next_report = state.get("next_report", _next_report(config, step)) if state else _next_report(config, step)
         with MetricsLogger(setup.run_dir, print_fn=tqdm.write, step_offset=setup.step_offset) as logger, \
                 keeper.stop_cleanly(on_stop), interrupts.deferred(), \
-                tqdm(total=config.total_steps, initial=step, unit="step", desc=config.name, disable=None) as bar:
-            while step < config.total_steps:
+                Progress(config.total_steps, initial=step, unit="step", desc=config.name) as bar:
+            while step < config.total_steps or owed_batches() is not None:
                 interrupts.check()
-                for _ in range(config.n_steps):
-                    window.add_step(collector.step(beta(step)))
-                    step += runner.n_envs
-                if normalise and len(aggregate):  # follow the aggregate: early states alone would mis-scale later ones
-                    algorithm.set_normalization(*observation_stats(aggregate.observations[: len(aggregate)]))
-                due = round(config.n_updates * min(step, config.total_steps) / config.total_steps)
-                batches = _batches(aggregate, config, generator, setup.model_config.recurrent)
-                while batches is not None and algorithm.updates < due:
-                    window.add_update(algorithm.update(batches()))
-                bar.update(runner.n_envs * config.n_steps)
+                batches = owed_batches()
+                if batches is None:  # the labels so far are trained on: collect more
+                    for _ in range(config.n_steps):
+                        window.add_step(collector.step(beta(step)))
+                        step += runner.n_envs
+                    bar.update(runner.n_envs * config.n_steps)
+                    if normalise and len(aggregate):  # follow the aggregate: early states alone would mis-scale later ones
+                        algorithm.set_normalization(*observation_stats(aggregate.observations[: len(aggregate)]))
+                    batches = owed_batches()
+                if batches is not None:
+                    pay_updates(batches)
                 if step >= next_report or step >= config.total_steps:
                     report(logger)
                     window = ReportWindow()
-                    next_report = (step // config.eval_every + 1) * config.eval_every
+                    next_report = _next_report(config, step)
                     keeper.save_last(step, training_state())
     finally:
         envs.close()
@@ -236,6 +257,15 @@ def train_interactive(setup: RunSetup) -> TrainResult:
     result = keeper.result(step)
     result.write()
     return result
+
+
+def due_updates(config: DAggerConfig, step: int) -> int:
+    """Gradient steps owed once ``step`` labels are in: ``n_updates`` spread in proportion to the labels."""
+    return round(config.n_updates * min(step, config.total_steps) / config.total_steps)
+
+
+def _next_report(config: DAggerConfig, step: int) -> int:
+    return (step // config.eval_every + 1) * config.eval_every
 
 
 def _batches(aggregate: LabelledStates, config: DAggerConfig, generator: torch.Generator,
