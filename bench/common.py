@@ -22,6 +22,7 @@ from mazerun.checkpoint import load_checkpoint, network_from_checkpoint, resolve
 from mazerun.config import PolicyConfig, RunnerConfig
 from mazerun.evaluation import evaluate
 from mazerun.models import Vocabulary
+from mazerun.records import load_records, write_record
 from mazerun.rollout import rollout
 
 D3RLPY_INSTALL = 'pip install -e ".[bench]" && pip install --no-deps "d3rlpy==2.8.1"'
@@ -76,6 +77,23 @@ def expert_return(env_id: str, episodes: int, directory: Path) -> dict[str, floa
                                                         record_trajectory=False), directory, **QUIET)
 
 
+def labelled_subset(source: Path, labels: int, directory: Path) -> Path:
+    """Whole expert episodes from ``source`` up to ``labels`` steps, the last one cut to fit."""
+    left = labels
+    for index, episode in enumerate(load_records(source)):
+        if left <= 0:
+            break
+        if len(episode) > left:  # cut: a time limit, as far as the data is concerned
+            episode.observations = episode.observations[: left + 1]
+            episode.actions, episode.rewards = episode.actions[:left], episode.rewards[:left]
+            episode.terminated, episode.truncated = False, True
+        write_record(episode, directory, index)
+        left -= len(episode)
+    if left > 0:
+        raise RuntimeError(f"{source} holds {labels - left} expert steps, fewer than the {labels} asked for")
+    return directory
+
+
 def evaluate_run(run_dir: Path, episodes: int, checkpoint_name: str = "best.pt") -> dict[str, float]:
     """Greedy episodes of a run's checkpoint on the unseen seeds (a pipeline run: its last stage)."""
     checkpoint = load_checkpoint(resolve_run_dir(run_dir) / checkpoint_name)
@@ -95,8 +113,6 @@ def d3rlpy_dataset(data_dir: Path, action_size: int) -> Any:
     """
     import d3rlpy
     import numpy as np
-
-    from mazerun.records import load_records
 
     observations, actions, rewards, terminals, timeouts = [], [], [], [], []
     for record in load_records(data_dir):

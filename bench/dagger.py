@@ -22,26 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import Table, evaluate_run, expert_return, load_average, record, run
-
-from mazerun.records import load_records, write_record
-
-
-def labelled_subset(source: Path, labels: int, directory: Path) -> Path:
-    """Whole expert episodes from ``source`` up to ``labels`` steps, the last one cut to fit."""
-    left = labels
-    for index, episode in enumerate(load_records(source)):
-        if left <= 0:
-            break
-        if len(episode) > left:  # cut: a time limit, as far as the data is concerned
-            episode.observations = episode.observations[: left + 1]
-            episode.actions, episode.rewards = episode.actions[:left], episode.rewards[:left]
-            episode.terminated, episode.truncated = False, True
-        write_record(episode, directory, index)
-        left -= len(episode)
-    if left > 0:
-        raise RuntimeError(f"{source} holds {labels - left} expert steps, fewer than the {labels} asked for")
-    return directory
+from common import Table, evaluate_run, expert_return, labelled_subset, load_average, record, run
 
 
 def compare(env_id: str, budgets: list[int], args: argparse.Namespace, scratch: Path, table: Table) -> dict:
