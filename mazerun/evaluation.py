@@ -18,6 +18,7 @@ import torch
 
 from mazerun.envs import is_minigrid, make_env
 from mazerun.models import ModelInput, Vocabulary, obs_to_tensor
+from mazerun.progress import Progress
 
 EVAL_SEED_OFFSET = 1_000_000
 """Evaluation episode i is seeded EVAL_SEED_OFFSET + i; recordings start at runner.seed (0)."""
@@ -106,6 +107,7 @@ def evaluate(
     state = stepper.initial_state(n_envs, device)
     starts = torch.ones(n_envs, dtype=torch.bool, device=device)
     result = EvaluationResult([], [], [] if is_minigrid(env_id) else None)
+    progress = Progress(n_episodes, unit="episode", desc="evaluation", leave=False)
     try:
         while active:
             batch = obs_to_tensor(stack_observations([observations[i] for i in active]),
@@ -126,6 +128,7 @@ def evaluate(
                     continue
                 result.returns.append(float(returns[env_index]))
                 result.lengths.append(int(lengths[env_index]))
+                progress.update()
                 if result.successes is not None:
                     result.successes.append(bool(terminated and reward > 0))
                 if next_seed < n_episodes:
@@ -136,6 +139,7 @@ def evaluate(
                     still_active.append(env_index)
             active = still_active
     finally:
+        progress.close()
         for env in envs:
             env.close()
     return result

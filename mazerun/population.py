@@ -34,7 +34,6 @@ from typing import Any
 
 import gymnasium as gym
 import torch
-from tqdm import tqdm
 
 from mazerun import interrupts
 from mazerun.algorithms import algorithm_module
@@ -54,6 +53,7 @@ from mazerun.evolution import (
 )
 from mazerun.metrics import MetricsLogger, copy_metrics_history
 from mazerun.models import ModelConfig
+from mazerun.progress import Progress
 from mazerun.records import atomic_write_bytes
 from mazerun.runsetup import TRAINING_STATE, RunSetup, TrainResult, model_config_dict, prepare
 from mazerun.train import DEFAULT_THREADS
@@ -266,8 +266,8 @@ class Population:
         reason = None
         try:
             with MetricsLogger(self.run_dir, console=False) as logger, interrupts.deferred(), \
-                    tqdm(total=total, initial=done, unit="step", desc=f"{self.setup.algorithm.name} x{hpo.population_size}",
-                         disable=None) as bar:
+                    Progress(total, initial=done, unit="step", desc=f"{self.setup.algorithm.name} x{hpo.population_size}") \
+                    as bar:
                 while True:
                     if search.phase == "train":
                         self._train_generation(bar)
@@ -300,7 +300,7 @@ class Population:
         search = self.search
         return search.steps if search.phase == "evaluated" else search.start_steps
 
-    def _train_generation(self, bar: tqdm) -> None:
+    def _train_generation(self, bar: Progress) -> None:
         """Every agent learns up to this generation's end: cohorts of equal architecture together, others alone."""
         search, hpo = self.search, self.hpo
         end = min(search.start_steps + hpo.evo_steps, hpo.max_steps)
@@ -316,7 +316,7 @@ class Population:
             else:
                 self._train_alone(agents[0], end - steps, bar)
 
-    def _train_cohort(self, agents: list[Agent], steps: int, key: tuple, bar: tqdm) -> None:
+    def _train_cohort(self, agents: list[Agent], steps: int, key: tuple, bar: Progress) -> None:
         template = self.templates.get(key)
         if template is None:
             template = self.templates[key] = self.build(agents[0].algorithm.config, agents[0].model_config)
@@ -341,7 +341,7 @@ class Population:
                 for name, column in values.items():
                     agent.window[name] = agent.window.get(name, 0.0) + column[index]
 
-    def _train_alone(self, agent: Agent, steps: int, bar: tqdm) -> None:
+    def _train_alone(self, agent: Agent, steps: int, bar: Progress) -> None:
         config = agent.algorithm.config
         sums: dict[str, torch.Tensor] = {}
         taken = 0

@@ -20,7 +20,6 @@ from typing import Any
 
 import gymnasium as gym
 import torch
-from tqdm import tqdm
 
 from mazerun import distributed, interrupts
 from mazerun.algorithms import algorithm_module
@@ -36,6 +35,7 @@ from mazerun.data import (
 )
 from mazerun.errors import MazerunError
 from mazerun.metrics import MetricsLogger
+from mazerun.progress import Progress
 from mazerun.runsetup import TRAINING_STATE, CheckpointKeeper, RunSetup, TrainResult
 from mazerun.store import StoreDataset, store_split
 
@@ -120,8 +120,8 @@ def train_offline(setup: RunSetup) -> TrainResult:
     stop_check = sync.check if sync is not None else interrupts.check
     started, first_update = time.perf_counter(), update
     with metrics_logger as logger, keeper.stop_cleanly(on_stop), interrupts.deferred():
-        with tqdm(total=config.n_updates, initial=update, unit="update", desc=config.name,
-                  disable=None if world.writes else True) as bar:
+        with Progress(config.n_updates, initial=update, unit="update", desc=config.name,
+                      disable=None if world.writes else True) as bar:
             while update < config.n_updates:
                 stop_check()
                 metrics = algorithm.update(sampler.sample())

@@ -55,6 +55,7 @@ from mazerun.fused import FusedActorCritic
 from mazerun.loops.vector import VectorEpisodes, open_vector_env
 from mazerun.metrics import MetricsLogger, write_learning_curve
 from mazerun.models import ActorCritic, ModelInput, Vocabulary, build_actor_critic, sample
+from mazerun.progress import Progress
 from mazerun.runsetup import TRAINING_STATE, CheckpointKeeper, RunSetup, TrainResult
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def train_on_policy(setup: RunSetup) -> TrainResult:
 
         with MetricsLogger(setup.run_dir, print_fn=tqdm.write, step_offset=setup.step_offset) as logger, \
                 keeper.stop_cleanly(lambda: step), interrupts.deferred(), \
-                tqdm(total=total_steps, initial=step, unit="step", desc=config.name, disable=None) as bar:
+                Progress(total_steps, initial=step, unit="step", desc=config.name) as bar:
             log.info("%d copies of %s ready to step", runner.n_envs, setup.env_id)
             if not setup.continuing:  # a continued run was evaluated where the last one stopped
                 bar.set_postfix(eval_return=f"{evaluate(logger):.1f}")
