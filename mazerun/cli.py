@@ -259,14 +259,35 @@ def check_sweep_dataset(config: RunConfig) -> None:
 
 
 def check_group_choices(arguments: list[str], config_dir: Path) -> None:
-    """Name an unknown group option in one line, before Hydra's multi-line report."""
+    """Name an unknown group option in one line, before Hydra's multi-line report.
+
+    Options come from mazerun's conf/ and from the directories the command adds
+    (``hydra.searchpath=[file://...]``, ``--config-dir``), where a user keeps envs of their own.
+    """
+    config_dirs = [config_dir, *_added_config_dirs(arguments)]
     for argument in arguments:
         group, sep, choice = argument.lstrip("+~").partition("=")
         if not sep or group not in CONFIG_GROUPS or choice in ("", "null") or "," in choice:
             continue
-        options = sorted(path.stem for path in (config_dir / group).glob("*.yaml"))
+        options = sorted({path.stem for folder in config_dirs for path in (folder / group).glob("*.yaml")})
         if choice not in options:
             raise MazerunError(f"unknown {group} {choice!r}; choose one of: {', '.join(options)}")
+
+
+def _added_config_dirs(arguments: list[str]) -> list[Path]:
+    """``file://`` entries of ``hydra.searchpath=[...]`` and the ``--config-dir``/``-cd`` directory."""
+    found: list[Path] = []
+    for position, argument in enumerate(arguments):
+        key, sep, value = argument.lstrip("+~").partition("=")
+        if key == "hydra.searchpath" and sep:
+            found += [Path(entry.strip().strip("'\"")[len("file://"):])
+                      for entry in value.strip("[]").split(",") if entry.strip().strip("'\"").startswith("file://")]
+        elif key in ("--config-dir", "-cd"):
+            if sep:
+                found.append(Path(value))
+            elif position + 1 < len(arguments):
+                found.append(Path(arguments[position + 1]))
+    return found
 
 
 def explain_hydra_error(error: Exception) -> str:

@@ -1,0 +1,82 @@
+"""Tuned defaults per env: composed by Hydra, overridden by the command line, named in run.log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from conftest import newest_run_dir, run_ok
+from mazerun.checkpoint import load_checkpoint
+from mazerun.cli import _config_dir
+from mazerun.tuned import applied_tuned_defaults
+from mazerun.validation import validate
+
+TUNED_FILES = sorted((Path(_config_dir()) / "tuned").glob("*.yaml"))
+
+
+def test_the_report_lists_each_files_keys_and_what_the_command_line_overrode(tmp_path: Path) -> None:
+    (tmp_path / "tuned").mkdir()
+    (tmp_path / "tuned" / "Env-v0_ppo.yaml").write_text("lr: 0.001\nn_steps: 32\n")
+    (tmp_path / "tuned" / "Env-v0_dagger_ppo.yaml").write_text("defaults:\n  - /tuned@stages.dagger: Env-v0_ppo\n")
+    choices = {"tuned@algorithm": "Env-v0_ppo", "tuned@pipeline": "Env-v0_None", "env": "Env-v0", "algorithm": "ppo"}
+    assert applied_tuned_defaults(choices, [tmp_path], ["env=Env-v0", "algorithm.lr=0.01"]) == [
+        "tuned defaults tuned/Env-v0_ppo.yaml: algorithm.n_steps=32; the command line overrides algorithm.lr"]
+    # a pipeline's file only includes the stage's, which is listed under the stage's own package
+    choices = {"tuned@pipeline": "Env-v0_dagger_ppo", "tuned@pipeline.stages.dagger": "Env-v0_ppo"}
+    assert applied_tuned_defaults(choices, [tmp_path], []) == [
+        "tuned defaults tuned/Env-v0_ppo.yaml: pipeline.stages.dagger.lr=0.001, pipeline.stages.dagger.n_steps=32"]
+
+
+@pytest.mark.parametrize("path", TUNED_FILES, ids=[path.stem for path in TUNED_FILES])
+def test_every_tuned_file_composes_into_a_valid_run(path: Path) -> None:
+    """Each file names an env option and an algorithm or pipeline that exist, and only keys they have."""
+    env, _, name = path.stem.partition("_")
+    assert (Path(_config_dir()) / "env" / f"{env}.yaml").is_file()
+    group = "pipeline" if (Path(_config_dir()) / "pipeline" / f"{name}.yaml").is_file() else "algorithm"
+    assert (Path(_config_dir()) / group / f"{name}.yaml").is_file()
+    with initialize_config_dir(config_dir=_config_dir(), version_base="1.3"):
+        cfg = compose("conf_rollout", overrides=[f"env={env}", f"{group}={name}"], return_hydra_config=False)
+    tuned = yaml.safe_load(path.read_text())
+    section = cfg.algorithm if group == "algorithm" else cfg.pipeline
+    for key, value in tuned.items():
+        if key != "defaults":
+            assert section[key] == value, key
+    validate(cfg)
+
+
+def test_tuned_defaults_apply_an_explicit_override_wins_and_run_log_names_them(workdir: Path) -> None:
+    run_ok("env=CartPole-v1", "algorithm=ppo", "algorithm.lr=0.002", "algorithm.total_steps=512",
+           "algorithm.eval_every=512", "runner.eval_repeats=1", cwd=workdir)
+    run_dir = newest_run_dir(workdir)
+    assert load_checkpoint(run_dir / "last.pt").extra["step"] == 512
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["algorithm"]
+    assert (config["n_steps"], config["batch_size"], config["gamma"]) == (32, 256, 0.98)  # conf/tuned/CartPole-v1_ppo
+    assert config["lr"] == 0.002 and config["total_steps"] == 512  # the command line
+    log = (run_dir / "run.log").read_text()
+    assert "tuned defaults tuned/CartPole-v1_ppo.yaml: algorithm.n_steps=32, algorithm.batch_size=256" in log
+    assert "the command line overrides algorithm.eval_every, algorithm.lr, algorithm.total_steps" in log
+
+
+def test_cfg_job_shows_the_tuned_values_of_an_algorithm_and_of_a_pipelines_stage(workdir: Path) -> None:
+    shown = yaml.safe_load(run_ok("env=BabyAI-GoToLocal-v0", "algorithm=dagger", "--cfg", "job", cwd=workdir).stdout)
+    assert shown["algorithm"]["total_steps"] == 100_000 and shown["algorithm"]["lr"] == 0.001
+    shown = yaml.safe_load(run_ok("pipeline=dagger_ppo", "env=BabyAI-GoToLocal-v0", "pipeline.stages.dagger.lr=0.01",
+                                  "--cfg", "job", cwd=workdir).stdout)
+    assert shown["pipeline"]["stages"]["dagger"]["total_steps"] == 100_000
+    assert shown["pipeline"]["stages"]["dagger"]["lr"] == 0.01
+    shown = yaml.safe_load(run_ok("env=LunarLander-v3", "algorithm=dagger", "--cfg", "job", cwd=workdir).stdout)
+    assert shown["algorithm"]["total_steps"] == 20_000  # no tuned file: the algorithm's own default
+
+
+def test_an_env_of_ones_own_is_tuned_from_a_search_path_directory(workdir: Path) -> None:
+    conf = workdir / "myconf"
+    (conf / "env").mkdir(parents=True)
+    (conf / "tuned").mkdir()
+    (conf / "env" / "Acrobot-v1.yaml").write_text("name: Acrobot-v1\n")
+    (conf / "tuned" / "Acrobot-v1_ppo.yaml").write_text("n_epochs: 3\n")
+    shown = yaml.safe_load(run_ok(f"hydra.searchpath=[file://{conf}]", "env=Acrobot-v1", "algorithm=ppo", "--cfg",
+                                  "job", cwd=workdir).stdout)
+    assert shown["env"]["name"] == "Acrobot-v1" and shown["algorithm"]["n_epochs"] == 3
