@@ -211,15 +211,13 @@ def train_interactive(setup: RunSetup) -> TrainResult:
                 return None
             return _batches(aggregate, config, generator, setup.model_config.recurrent)
 
-        def pay_updates(batches: Callable[[], Any]) -> None:
+        def pay_updates(batches: Callable[[], Any], updates_bar: Progress) -> None:
             """The owed gradient steps, each after a stop check: a phase can take minutes (recurrent networks)."""
             due = due_updates(config, step)
-            with Progress(due, initial=algorithm.updates, unit="update", desc=f"{config.name} updates",
-                          leave=False) as updates_bar:
-                while algorithm.updates < due:
-                    interrupts.check()
-                    window.add_update(algorithm.update(batches()))
-                    updates_bar.update()
+            while algorithm.updates < due:
+                interrupts.check()
+                window.add_update(algorithm.update(batches()))
+                updates_bar.update()
 
         log.info("DAgger on %s with the %s expert: %d env copies, %d steps each per iteration; %d labels, "
                  "%d updates", setup.env_id, expert_name, runner.n_envs, config.n_steps, config.total_steps,
@@ -229,7 +227,9 @@ def train_interactive(setup: RunSetup) -> TrainResult:
         next_report = state.get("next_report", _next_report(config, step)) if state else _next_report(config, step)
         with MetricsLogger(setup.run_dir, print_fn=tqdm.write, step_offset=setup.step_offset) as logger, \
                 keeper.stop_cleanly(on_stop), interrupts.deferred(), \
-                Progress(config.total_steps, initial=step, unit="step", desc=config.name) as bar:
+                Progress(config.total_steps, initial=step, unit="step", desc=config.name) as bar, \
+                Progress(config.n_updates, initial=algorithm.updates, unit="update", desc=f"{config.name} updates",
+                         leave=False) as updates_bar:
             while step < config.total_steps or owed_batches() is not None:
                 interrupts.check()
                 batches = owed_batches()
@@ -242,7 +242,7 @@ def train_interactive(setup: RunSetup) -> TrainResult:
                         algorithm.set_normalization(*observation_stats(aggregate.observations[: len(aggregate)]))
                     batches = owed_batches()
                 if batches is not None:
-                    pay_updates(batches)
+                    pay_updates(batches, updates_bar)
                 if step >= next_report or step >= config.total_steps:
                     report(logger)
                     window = ReportWindow()
