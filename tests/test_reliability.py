@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -266,21 +267,37 @@ def test_writes_are_flushed_to_disk_before_the_rename(tmp_path: Path, monkeypatc
     assert (tmp_path / "file.bin").read_bytes() == b"data"
 
 
-def test_a_run_dir_that_holds_a_run_or_is_in_use_is_refused(workdir: Path) -> None:
+def file_hashes(directory: Path) -> dict[str, str]:
+    """Every file under ``directory`` (hidden ones too) and the hash of its bytes."""
+    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def test_a_run_dir_that_holds_a_run_or_is_in_use_is_refused_and_left_byte_identical(workdir: Path) -> None:
     run_ok("runner.n_episodes=1", "runner.max_episode_steps=20", "hydra.run.dir=taken", cwd=workdir)
-    before = sorted(path.name for path in (workdir / "taken" / "trajectory_data").iterdir())
+    before = file_hashes(workdir / "taken")
+    assert ".hydra/config.yaml" in before and "run.log" in before
     result = run_cli("runner.n_episodes=2", "runner.max_episode_steps=20", "hydra.run.dir=taken", cwd=workdir)
     one_line_error(result, "already holds an earlier run's")
-    assert sorted(path.name for path in (workdir / "taken" / "trajectory_data").iterdir()) == before
+    assert file_hashes(workdir / "taken") == before  # not its .hydra/*.yaml, not its run.log
 
-    with spawn_cli("runner.n_episodes=1000", "hydra.run.dir=busy", cwd=workdir) as process:
+    with spawn_cli("runner.n_episodes=1000", "runner.type=sequential", "hydra.run.dir=busy", cwd=workdir) as process:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not list((workdir / "busy").glob("trajectory_data/*.pkl")):
             time.sleep(0.05)
+        before = file_hashes(workdir / "busy")
         second = run_cli("runner.n_episodes=1", "hydra.run.dir=busy", cwd=workdir)
+        after = file_hashes(workdir / "busy")  # the running run adds records; the files it had stay as they were
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=60)
     one_line_error(second, "is in use by another run")
+    assert {name: after[name] for name in before} == before
+
+
+@pytest.mark.parametrize("directory", ["", "."])
+def test_a_run_dir_that_is_the_current_directory_is_refused(workdir: Path, directory: str) -> None:
+    one_line_error(run_cli("runner.n_episodes=1", f"hydra.run.dir='{directory}'", cwd=workdir), "the current directory")
+    assert not list(workdir.iterdir())
 
 
 # ------------------------------------------------------------------- 7, 8. newest recording, order
