@@ -11,6 +11,7 @@ import signal
 import time
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -20,7 +21,7 @@ from mazerun import interrupts
 from mazerun.algorithms.bc import BCConfig
 from mazerun.algorithms.cql import CQLConfig
 from mazerun.algorithms.iql import IQLConfig
-from mazerun.checkpoint import load_checkpoint
+from mazerun.checkpoint import load_checkpoint, space_to_dict
 from mazerun.config import DatasetConfig, PolicyConfig, RunConfig, RunnerConfig
 from mazerun.errors import MazerunError
 from mazerun.metrics import read_metrics_csv
@@ -298,6 +299,68 @@ def test_a_run_dir_that_holds_a_run_or_is_in_use_is_refused_and_left_byte_identi
 def test_a_run_dir_that_is_the_current_directory_is_refused(workdir: Path, directory: str) -> None:
     one_line_error(run_cli("runner.n_episodes=1", f"hydra.run.dir='{directory}'", cwd=workdir), "the current directory")
     assert not list(workdir.iterdir())
+
+
+# ------------------------------------------------------------------------------ 6. damaged checkpoints
+
+
+@pytest.fixture(scope="module")
+def bc_run(records: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 20-update BC run (last.pt and best.pt)."""
+    directory = tmp_path_factory.mktemp("bc")
+    run_ok("-cn", "conf_train", f"runner.dataset.dir_or_file={records}", "algorithm.n_updates=20",
+           "algorithm.validation_percentage=0", *QUICK, "hydra.run.dir=run", cwd=directory)
+    return directory / "run"
+
+
+def _nan_weights(payload: dict) -> None:
+    for value in payload["model_state"].values():
+        if value.is_floating_point():
+            value.fill_(float("nan"))
+
+
+WATCH = ("policy=torch_policy", "runner.n_episodes=1", "runner.max_episode_steps=10")
+
+
+@pytest.mark.parametrize(("damage", "command", "message"), [
+    (lambda payload: payload["model_state"].update({next(iter(payload["model_state"])): torch.zeros(3)}), WATCH,
+     "has shape (3,), but the actor_critic"),
+    (lambda payload: payload.update(observation_space=space_to_dict(gym.spaces.Box(-1, 1, (9,)))), WATCH,
+     "for its Box observations of shape (9,) needs"),
+    (lambda payload: payload.pop("model_state"), WATCH, "it has no model_state"),
+    (_nan_weights, WATCH, "holds NaN or infinite weights"),
+    (lambda payload: payload["extra"].update(training_state={}), ("-cn", "conf_train", "algorithm.n_updates=40"),
+     "its training_state lacks the algorithm's state or its step, so its run cannot be continued"),
+    (lambda payload: payload.update(extra=[1]), ("-cn", "conf_train", "algorithm.n_updates=40"), "its extra is a list"),
+], ids=["tensor-shape", "observation-space", "no-model-state", "nan-weights", "empty-training-state", "extra-not-dict"])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(
+    workdir: Path, bc_run: Path, records: Path, damage, command: tuple[str, ...], message: str
+) -> None:
+    payload = torch.load(bc_run / "last.pt", weights_only=True)
+    damage(payload)
+    torch.save(payload, workdir / "damaged.pt")
+    training = (f"runner.dataset.dir_or_file={records}", *QUICK) if "-cn" in command else ()
+    result = run_cli(*command, *training, f"input_dir={workdir / 'damaged.pt'}", cwd=workdir)
+    line = one_line_error(result, message)
+    assert f"{workdir / 'damaged.pt'} is damaged" in line and "or train again" in line
+
+
+def test_a_continued_run_that_diverges_names_the_checkpoint_that_holds_its_start(workdir: Path, records: Path) -> None:
+    common = ("-cn", "conf_train", "algorithm=cql", "algorithm.td_loss=mse", f"runner.dataset.dir_or_file={records}",
+              *QUICK)
+    run_ok(*common, "algorithm.n_updates=20", "hydra.run.dir=cql", cwd=workdir)
+    payload = torch.load(workdir / "cql" / "last.pt", weights_only=True)
+    state = payload["extra"]["training_state"]["algorithm"]
+    state["lr_schedule"][:2] = [1e38, 1e38]  # a continued run keeps its schedule and optimiser: raise the lr there
+    for optimizer in (value for value in state.values() if isinstance(value, dict) and "param_groups" in value):
+        for group in optimizer["param_groups"]:
+            group["lr"] = 1e38
+    (workdir / "first").mkdir()
+    torch.save(payload, workdir / "first" / "last.pt")
+    result = run_cli(*common, "input_dir=first", "algorithm.n_updates=40", "hydra.run.dir=continued", cwd=workdir)
+    line = one_line_error(result, "training diverged and stopped")
+    assert "first/last.pt holds update 20" in line  # the continued run had not written its own last.pt yet
+    assert not (workdir / "continued" / "last.pt").exists()
 
 
 # ------------------------------------------------------------------- 7, 8. newest recording, order
