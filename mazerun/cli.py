@@ -377,7 +377,7 @@ def main() -> None:
     except MazerunError as error:
         _fail(str(error), world)
     except KeyboardInterrupt as interrupt:
-        sys.exit(interrupt.exit_code if isinstance(interrupt, interrupts.Interrupted) else 130)
+        sys.exit(interrupts.exit_code(interrupt))
     except HydraException as error:
         _fail(explain_hydra_error(error), world)
     except OSError as error:
