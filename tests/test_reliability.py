@@ -8,6 +8,7 @@ import os
 import pickle
 import resource
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -181,6 +182,69 @@ def test_sighup_stops_a_ppo_run_like_ctrl_c(workdir: Path) -> None:
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGHUP, stderr
     assert "stopped by SIGHUP at step" in stderr and "last.pt holds step" in stderr and "Traceback" not in stderr
+
+
+START_UP_DELAYS = (0.2, 0.5, 0.8, 1.2, 1.6, 2.0)
+"""Seconds after the start of `run` at which a SIGTERM lands: imports, Hydra, records, the first updates."""
+
+
+def test_sigterm_at_any_moment_of_start_up_exits_143_without_a_traceback(workdir: Path, records: Path) -> None:
+    for delay in START_UP_DELAYS:
+        with spawn_cli("-cn", "conf_train", f"runner.dataset.dir_or_file={records}", "algorithm.n_updates=1000000",
+                       *QUICK, f"hydra.run.dir=run_{delay}", cwd=workdir) as process:
+            time.sleep(delay)
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 128 + signal.SIGTERM, f"SIGTERM after {delay} s:\n{stderr}"
+        assert "Traceback" not in stderr and "Exception ignored" not in stderr, f"SIGTERM after {delay} s:\n{stderr}"
+
+
+def test_a_stop_raised_where_python_swallows_it_is_raised_at_the_next_check(capfd: pytest.CaptureFixture) -> None:
+    """The signal handler runs wherever the interpreter is: here inside a __del__, which swallows what it raises."""
+    handlers, hook = {number: signal.getsignal(number) for number in interrupts.HANDLED_SIGNALS}, sys.unraisablehook
+
+    class Dropped:
+        def __del__(self) -> None:
+            signal.raise_signal(signal.SIGTERM)
+
+    try:
+        interrupts.install()
+        Dropped()
+        with pytest.raises(interrupts.Interrupted) as stop:
+            interrupts.check()
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        sys.unraisablehook = hook
+    assert stop.value.exit_code == 128 + signal.SIGTERM
+    assert "Exception ignored" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_stop_a_recording_with_their_own_exit_code(workdir: Path, stop: signal.Signals) -> None:
+    with spawn_cli("runner.n_episodes=1000", "hydra.run.dir=recording", cwd=workdir) as process:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not list((workdir / "recording").glob("trajectory_data/*.pkl")):
+            time.sleep(0.05)
+        process.send_signal(stop)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + stop, stderr
+    assert f"stopped by {stop.name}; " in stderr and "finished episodes kept in" in stderr and "Traceback" not in stderr
+
+
+def test_a_convert_stopped_while_torch_loads_exits_130_quietly_and_a_finished_one_exits_0(
+    workdir: Path, records: Path
+) -> None:
+    with spawn_cli("convert", str(records), "early.store", cwd=workdir, module="mazerun.datasets") as process:
+        time.sleep(0.3)  # numpy and torch are still loading
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    with spawn_cli("convert", str(records), "late.store", cwd=workdir, module="mazerun.datasets") as process:
+        assert process.stdout.readline().startswith("wrote ")  # main is done; the interpreter tears down
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0 and "Traceback" not in stderr, stderr
 
 
 # ---------------------------------------------------------------------------------------- 4. NaN
