@@ -1,3 +1,11 @@
-from mazerun.cli import main
+"""`run` and `python -m mazerun`: the stop signals are handled before Hydra and torch load (see :func:`run_command`)."""
 
-main()
+from mazerun.interrupts import run_command
+
+
+def main() -> None:
+    run_command("mazerun.cli")
+
+
+if __name__ == "__main__":
+    main()

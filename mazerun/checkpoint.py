@@ -40,6 +40,9 @@ LAST_CHECKPOINT = "last.pt"
 CHECKPOINT_NAMES = (BEST_CHECKPOINT, LAST_CHECKPOINT)
 """Files looked for, in order, when a run directory is given instead of a file."""
 
+TRAINING_STATE = "training_state"
+"""Key of ``last.pt``'s extra that holds what a continued run needs beyond the weights."""
+
 PIPELINE_MANIFEST = "pipeline.json"
 """In a pipeline run's directory: its stages in order, where each one ran and whether it finished."""
 
@@ -226,24 +229,77 @@ def load_checkpoint(path_or_run_dir: str | Path, prefer: tuple[str, ...] = CHECK
             f"{path} has checkpoint format version {version}, this mazerun reads version "
             f"{CHECKPOINT_FORMAT_VERSION}; use the mazerun release that wrote it or train again"
         )
-    return Checkpoint(
-        model_state=payload["model_state"],
-        model_config=payload["model_config"],
-        observation_space=space_from_dict(payload["observation_space"]),
-        action_space=space_from_dict(payload["action_space"]),
-        env_id=payload["env_id"],
-        algorithm=payload["algorithm"],
-        vocabulary=payload["vocabulary"],
-        extra=payload["extra"],
-        format_version=version,
-        path=path,
+    return _checked(payload, path)
+
+
+FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "model_state": dict, "model_config": dict, "observation_space": dict, "action_space": dict, "env_id": str,
+    "algorithm": str, "vocabulary": (list, type(None)), "extra": dict,
+}
+"""Each field of a checkpoint and the type it must hold."""
+
+
+def _checked(payload: dict, path: Path) -> Checkpoint:
+    """The payload as a :class:`Checkpoint`, refused in one line if a part is missing, damaged or does not fit
+    the others: checked once here, so no later use of a checkpoint fails with a traceback."""
+    def damaged(what: str) -> MazerunError:
+        return MazerunError(f"{path} is damaged: {what}; use another checkpoint of that run (best.pt or last.pt) "
+                            "or train again")
+
+    for field, kind in FIELD_TYPES.items():
+        if field not in payload:
+            raise damaged(f"it has no {field}")
+        if not isinstance(payload[field], kind):
+            raise damaged(f"its {field} is a {type(payload[field]).__name__}")
+    try:
+        observation_space = space_from_dict(payload["observation_space"])
+        action_space = space_from_dict(payload["action_space"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise damaged(f"a space it describes cannot be rebuilt ({type(error).__name__}: {error})") from None
+    checkpoint = Checkpoint(
+        model_state=payload["model_state"], model_config=payload["model_config"], observation_space=observation_space,
+        action_space=action_space, env_id=payload["env_id"], algorithm=payload["algorithm"],
+        vocabulary=payload["vocabulary"], extra=payload["extra"], format_version=payload["format_version"], path=path,
     )
+    training_state = checkpoint.extra.get(TRAINING_STATE)
+    if training_state is not None and not (isinstance(training_state, dict)
+                                           and isinstance(training_state.get("algorithm"), dict)
+                                           and all(isinstance(checkpoint.extra.get(key), int)
+                                                   for key in ("step", "global_step"))):
+        raise damaged(f"its {TRAINING_STATE} lacks the algorithm's state or its step, so its run cannot be continued")
+    for name, value in checkpoint.model_state.items():
+        if not isinstance(value, torch.Tensor):
+            raise damaged(f"model_state[{name!r}] is a {type(value).__name__}, not a tensor")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise damaged(f"model_state[{name!r}] holds NaN or infinite weights")
+    try:
+        with torch.random.fork_rng(devices=[]):  # building draws initial weights: the caller's seed is not touched
+            expected = _build_network(checkpoint).state_dict()
+    except (KeyError, TypeError, ValueError) as error:
+        raise damaged(f"its model_config cannot build a network ({type(error).__name__}: {error})") from None
+    network = checkpoint.model_config["network"]
+    for name, value in expected.items():
+        found = checkpoint.model_state.get(name)
+        if found is None:
+            raise damaged(f"model_state has no {name!r}, which its {network} needs")
+        if found.shape != value.shape:
+            raise damaged(f"model_state[{name!r}] has shape {tuple(found.shape)}, but the {network} of its model_config "
+                          f"for its {type(observation_space).__name__} observations of shape {observation_space.shape} "
+                          f"needs {tuple(value.shape)}")
+    unexpected = sorted(set(checkpoint.model_state) - set(expected))
+    if unexpected:
+        raise damaged(f"model_state holds {unexpected[0]!r}, which its {network} does not have")
+    return checkpoint
+
+
+def _build_network(checkpoint: Checkpoint) -> torch.nn.Module:
+    vocabulary = Vocabulary.from_list(checkpoint.vocabulary) if checkpoint.vocabulary is not None else None
+    return build_network(checkpoint.model_config["network"], ModelConfig.from_dict(checkpoint.model_config),
+                         checkpoint.observation_space, checkpoint.action_space, vocabulary)
 
 
 def network_from_checkpoint(checkpoint: Checkpoint) -> torch.nn.Module:
     """The checkpoint's network with its weights, built from the package's own classes, in eval mode."""
-    vocabulary = Vocabulary.from_list(checkpoint.vocabulary) if checkpoint.vocabulary is not None else None
-    network = build_network(checkpoint.model_config["network"], ModelConfig.from_dict(checkpoint.model_config),
-                            checkpoint.observation_space, checkpoint.action_space, vocabulary)
+    network = _build_network(checkpoint)
     network.load_state_dict(checkpoint.model_state)
     return network.eval()

@@ -100,6 +100,9 @@ def _metric(value: float | None) -> float:
 @contextlib.contextmanager
 def claim_run_dir(run_dir: Path) -> Iterator[None]:
     """Hold ``run_dir`` for this run alone: another run there at the same time, or before, would mix outputs."""
+    if run_dir.resolve() == Path.cwd().resolve():
+        raise MazerunError(f"hydra.run.dir names the current directory {run_dir}, which the run would fill with its "
+                           "outputs; give it a directory of its own, e.g. hydra.run.dir=outputs/<name>")
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / ".lock", "a+") as lock:
         try:
@@ -125,10 +128,33 @@ class _Jobs:
     failed = 0
     run_dir_shared = False
     """Rank 0 of a torchrun job has told the other ranks where the run is."""
+    claimed: Path | None = None
+    """The run directory :meth:`SweepOutcome.on_run_start` claimed for this process, before Hydra wrote into it."""
+    claim = contextlib.ExitStack()
+    """Holds that claim (its lock) until :func:`main` returns."""
 
 
 class SweepOutcome(Callback):
-    """Counts the failed jobs of a ``-m`` sweep, wherever its launcher ran them (see ``conf_rollout.yaml``)."""
+    """mazerun's Hydra callback (see ``conf_rollout.yaml``): claims a single run's directory before Hydra
+    writes into it, and counts the failed jobs of a ``-m`` sweep, wherever its launcher ran them."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Refuse a used or busy ``hydra.run.dir`` here: Hydra writes ``.hydra/`` and opens ``run.log`` right after,
+        so a check in the task function would already have changed the run it refuses.
+
+        Hydra turns an exception of a callback into a warning, so the refusal exits here (SystemExit passes).
+        """
+        world = distributed.current_world()
+        if not world.writes:
+            return
+        run_dir = Path(os.path.abspath(str(config.hydra.run.dir)))  # as Hydra's run_job resolves it
+        try:
+            _Jobs.claim.enter_context(claim_run_dir(run_dir))
+        except MazerunError as error:
+            _fail(str(error), world)
+        except OSError as error:
+            _fail(unwritable(error), world)
+        _Jobs.claimed = run_dir
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -157,7 +183,8 @@ def hydra_main(cfg: DictConfig) -> float:
         check_data_parallel(config, world)
         if sweep:
             check_sweep_dataset(config)
-        with claim_run_dir(run_dir) if world.writes else contextlib.nullcontext():
+        claimed = not world.writes or _Jobs.claimed == run_dir  # a sweep's job claims its directory here
+        with contextlib.nullcontext() if claimed else claim_run_dir(run_dir):
             for line in applied_tuned_defaults(hydra_config.runtime.choices,
                                                config_dirs(hydra_config.runtime.config_sources),
                                                hydra_config.overrides.task):
@@ -376,11 +403,11 @@ def main() -> None:
     except MazerunError as error:
         _fail(str(error), world)
     except KeyboardInterrupt as interrupt:
-        sys.exit(interrupt.exit_code if isinstance(interrupt, interrupts.Interrupted) else 130)
+        sys.exit(interrupts.exit_code(interrupt))
     except HydraException as error:
         _fail(explain_hydra_error(error), world)
     except OSError as error:
-        _fail(f"{error.strerror or error}: {error.filename or ''}; point hydra.run.dir at a writable directory", world)
+        _fail(unwritable(error), world)
     except RuntimeError as error:
         if world.distributed and distributed.is_peer_failure(error):
             _fail(f"another process of this torchrun job stopped ({str(error).splitlines()[0]}); "
@@ -395,6 +422,7 @@ def main() -> None:
                 with contextlib.suppress(Exception):
                     distributed.share_run_dir(None)  # Hydra failed before the job began: the others stop too
             distributed.destroy()
+        _Jobs.claim.close()
         # The process ends here: the interpreter's last garbage collections would walk torch's whole
         # object graph (a third of a second); every file is written and closed by now.
         gc.freeze()
@@ -414,6 +442,10 @@ def _join_data_parallel(world: distributed.World) -> None:
     if run_dir is None:
         sys.exit(2)  # rank 0 failed before its run began and said why
     sys.argv += distributed.follower_overrides(run_dir)
+
+
+def unwritable(error: OSError) -> str:
+    return f"{error.strerror or error}: {error.filename or ''}; point hydra.run.dir at a writable directory"
 
 
 def _fail(message: str, world: distributed.World = distributed.SINGLE) -> None:

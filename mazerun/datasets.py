@@ -46,6 +46,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from mazerun import interrupts
+
+if __name__ == "__main__":  # `python -m mazerun.datasets`: stop signals handled before numpy and torch load
+    interrupts.run_command("mazerun.datasets")
+
 import numpy as np
 
 from mazerun.errors import MazerunError
@@ -452,11 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MazerunError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print("error: stopped; nothing was written", file=sys.stderr)
-        return 130
+        return interrupts.exit_code(interrupt)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

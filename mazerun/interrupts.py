@@ -5,15 +5,21 @@ handled like Ctrl-C. Inside a :func:`deferred` region (a training loop) the firs
 sets a flag, and the loop stops at its next :func:`check`, between two updates, where its
 state is whole and can be saved to be continued exactly. A second signal stops at once.
 Outside such regions a signal raises :class:`Interrupted` where the program is, as Ctrl-C
-always does. The CLI installs the handlers; code run without it (tests, notebooks) still gets
-Python's own KeyboardInterrupt, which the loops handle the same way.
+always does, and is recorded as well: Python swallows an exception raised inside a ``__del__``,
+a weakref or GC callback (the handler runs wherever the interpreter is), so the request stays
+pending until a :func:`check` raises it, and the unraisable hook keeps quiet about it. Loops and
+long phases call :func:`check`; :func:`run_command` makes a module's ``main`` a command whose
+stop signals are handled from its first moment. The CLI installs the handlers; code run without
+it (tests, notebooks) still gets Python's own KeyboardInterrupt, which the loops handle the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import signal
-from typing import Any, Iterator
+import sys
+from typing import Any, Callable, Iterator, NoReturn
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -34,13 +40,26 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signal_number
 
 
+def exit_code(interrupt: KeyboardInterrupt) -> int:
+    """The exit code of a stop: 128 + its signal, 130 for Python's own KeyboardInterrupt."""
+    return interrupt.exit_code if isinstance(interrupt, Interrupted) else 128 + signal.SIGINT
+
+
 def _handle(signal_number: int, frame: Any) -> None:
+    """Record the stop; raise it now unless a deferred region waits for it (a second signal always raises)."""
     global _requested
     interrupted = Interrupted(signal_number)
-    if _deferring and _requested is None:
+    if _requested is None:
         _requested = interrupted
-        return
+        if _deferring:
+            return
     raise interrupted
+
+
+def _unraisable(report: Any) -> None:
+    """A stop raised where Python can only print it (a ``__del__``, a weakref or GC callback) stays pending, silently."""
+    if not isinstance(report.exc_value, Interrupted):
+        sys.__unraisablehook__(report)
 
 
 def install() -> None:
@@ -48,6 +67,29 @@ def install() -> None:
     for number in HANDLED_SIGNALS:
         if signal.getsignal(number) is not signal.SIG_IGN:
             signal.signal(number, _handle)
+    sys.unraisablehook = _unraisable
+
+
+def run_command(module: str) -> NoReturn:
+    """Run ``module``'s ``main()`` as a command and exit with its code (``run``, ``python -m mazerun.datasets``).
+
+    The handlers come first: a stop asked for while the module imports (torch takes a second)
+    waits for the import to end, then exits quietly with its code; raised inside the import it
+    printed a traceback, or was swallowed there. Once ``main`` returns, later stop signals are
+    ignored: Python's teardown restores their default action, which turned a finished command
+    into one killed by the signal.
+    """
+    install()
+    try:
+        with deferred():
+            main: Callable[[], int | None] = importlib.import_module(module).main
+        code = main()
+    except KeyboardInterrupt as interrupt:
+        code = exit_code(interrupt)
+    finally:
+        for number in HANDLED_SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
+    sys.exit(code)
 
 
 @contextlib.contextmanager

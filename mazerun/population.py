@@ -281,10 +281,10 @@ class Population:
         except KeyboardInterrupt as interrupt:
             self._save_last()
             stopped = str(interrupt) or "stopped"
-            raise KeyboardInterrupt(
+            raise interrupts.restated(interrupt, (
                 f"{stopped} in generation {search.generation} at {search.steps} learn steps per agent; "
                 f"{self.run_dir / LAST_CHECKPOINT} holds the population (continue with input_dir={self.run_dir})"
-            ) from None
+            )) from None
         best = search.best or {}
         log.info("done: %s; best.pt holds agent %s of generation %s (fitness %.4g); population.csv in %s",
                  reason, best.get("agent"), best.get("generation"), best.get(FITNESS_METRIC, math.nan), self.run_dir)

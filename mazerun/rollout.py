@@ -35,6 +35,7 @@ from tqdm import tqdm
 from mazerun.config import DEFAULT_ENV_ID, PolicyConfig, RunConfig, RunnerConfig, worker_count
 from mazerun.envs import check_display_for_human_render, is_minigrid, make_env, resolve_env_id
 from mazerun.errors import MazerunError
+from mazerun import interrupts
 from mazerun.interrupts import HANDLED_SIGNALS
 from mazerun.policies import Policy, build_policy
 from mazerun.records import (
@@ -176,7 +177,8 @@ def write_video(frames: list[np.ndarray], path: Path, metadata: dict) -> None:
 class RolloutResult:
     summaries: list[EpisodeSummary]
     failures: list[str]
-    interrupted: bool
+    interrupted: KeyboardInterrupt | None
+    """The stop that ended the run early (its signal gives the exit code)."""
     abandoned: str | None = None
     """Why the run stopped before its last episode, when it was not an interrupt."""
 
@@ -196,16 +198,17 @@ def _run_sequential(spec: RolloutSpec, progress: tqdm, store: OrderedEpisodes | 
     else:
         render_mode = "rgb_array" if spec.runner.record_video else None
     player = EpisodePlayer(spec, render_mode)
-    result = RolloutResult([], [], interrupted=False)
+    result = RolloutResult([], [], interrupted=None)
     try:
         for index in range(spec.runner.n_episodes):
+            interrupts.check()  # a stop whose signal was raised where Python swallowed it
             try:
                 result.summaries.append(_keep(player.play(index), store))
             except EpisodeFailed as failure:
                 result.failures.append(str(failure))
             progress.update()
-    except KeyboardInterrupt:
-        result.interrupted = True
+    except KeyboardInterrupt as interrupt:
+        result.interrupted = interrupt
     finally:
         player.env.close()
     return result
@@ -405,7 +408,7 @@ class _ParallelRollout:
         self.store = store
         self.pool = _WorkerPool(spec)
         self.pending = deque(range(spec.runner.n_episodes))
-        self.result = RolloutResult([], [], interrupted=False)
+        self.result = RolloutResult([], [], interrupted=None)
         self.stopping = False
         """No episode is handed out any more; those in hand finish and write their records."""
         self.killed_a_worker: set[int] = set()
@@ -421,6 +424,8 @@ class _ParallelRollout:
             self._hand_out()
         while self.pool.busy():
             ready = self.pool.wait()  # a Ctrl-C here leaves every reply unread, to be read by the drain
+            if not self.stopping:
+                interrupts.check()  # a stop whose signal was raised where Python swallowed it
             with _signals_held():
                 replies, ended = self.pool.collect(ready)
                 for worker, messages in replies:
@@ -486,8 +491,8 @@ def _run_parallel(spec: RolloutSpec, progress: tqdm, store: OrderedEpisodes | No
         try:
             rollout.start()
             rollout.run()
-        except KeyboardInterrupt:
-            rollout.result.interrupted = True
+        except KeyboardInterrupt as interrupt:
+            rollout.result.interrupted = interrupt
             rollout.stop()
             rollout.run()  # the episodes in hand finish and write their records; queued ones are dropped
     finally:
@@ -552,15 +557,16 @@ def rollout(
     stats = rollout_statistics(summaries)
     if summaries:
         print_fn(format_rollout_table(summaries, stats))
-        finished = not (result.interrupted or result.failures or result.abandoned)
+        finished = not (result.interrupted is not None or result.failures or result.abandoned)
         described = {**stats, "env_id": env_id, "policy": summaries[0].policy, "finished": finished}
         atomic_write_bytes(spec.run_dir / STATS_FILE, json.dumps(described, indent=2).encode())
     if runner.record_trajectory and summaries:
         log.info("recorded %d episodes to %s", len(summaries), spec.run_dir / TRAJECTORY_DIR)
     if store is not None and summaries:
         log.info("stored %d episodes in %s", len(summaries), spec.run_dir / STORE_DIR)
-    if result.interrupted:
-        raise KeyboardInterrupt(f"{len(summaries)} finished episodes kept in {spec.run_dir}")
+    if result.interrupted is not None:
+        message = f"{result.interrupted or 'stopped'}; {len(summaries)} finished episodes kept in {spec.run_dir}"
+        raise interrupts.restated(result.interrupted, message)
     problems = [result.abandoned] if result.abandoned else []
     if result.failures:
         shown = "; ".join(result.failures[:3])

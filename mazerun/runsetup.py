@@ -30,6 +30,7 @@ from mazerun.algorithms import algorithm_module
 from mazerun.checkpoint import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
+    TRAINING_STATE,
     Checkpoint,
     load_checkpoint,
     resolve_run_dir,
@@ -51,8 +52,6 @@ log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 """Written when a training run (or a pipeline stage) reaches its budget."""
-TRAINING_STATE = "training_state"
-"""Key of ``last.pt``'s extra that holds what a continued run needs beyond the weights."""
 MISSION_SAMPLES = 500
 """Seeded resets whose missions make the vocabulary of a MiniGrid/BabyAI run without records."""
 
@@ -386,6 +385,8 @@ class CheckpointKeeper:
         self.tracker = BestTracker(*selection, best=best)
         self.last_saved_step: int | None = setup.start.step if setup.continuing else None
         self.last_path = setup.run_dir / LAST_CHECKPOINT
+        self.last_saved_path: Path | None = setup.start.checkpoint.path if setup.continuing else None
+        """Where ``last_saved_step`` is: the continued run's own checkpoint until this run writes its ``last.pt``."""
         self.best_path = setup.run_dir / BEST_CHECKPOINT
 
     def _save(self, path: Path, step: int, training_state: dict[str, Any] | None) -> None:
@@ -412,7 +413,7 @@ class CheckpointKeeper:
 
     def save_last(self, step: int, training_state: dict[str, Any]) -> None:
         self._save(self.last_path, step, training_state)
-        self.last_saved_step = step
+        self.last_saved_step, self.last_saved_path = step, self.last_path
 
     def consider(self, metrics: dict[str, float], step: int) -> bool:
         """Save ``best.pt`` if ``metrics`` beat the best so far."""
@@ -424,9 +425,9 @@ class CheckpointKeeper:
 
     def kept(self) -> str:
         """Which checkpoint the run can go on from, for messages."""
-        if self.last_saved_step is None:
+        if self.last_saved_path is None:
             return "no checkpoint was written yet"
-        return f"{self.last_path} holds {self.setup.algorithm.step_unit} {self.last_saved_step}"
+        return f"{self.last_saved_path} holds {self.setup.algorithm.step_unit} {self.last_saved_step}"
 
     def result(self, step: int) -> TrainResult:
         setup = self.setup

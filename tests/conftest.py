@@ -48,11 +48,13 @@ def _default_signals() -> None:
 
 
 @contextlib.contextmanager
-def spawn_cli(*overrides: str, cwd: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
-    """`run <overrides>` as a background process the test can signal; killed with its workers on every exit path."""
+def spawn_cli(*overrides: str, cwd: Path, env: dict[str, str] | None = None,
+              module: str = "mazerun") -> Iterator[subprocess.Popen]:
+    """`run <overrides>` (or `python -m <module> <arguments>`) as a background process the test can signal;
+    killed with its workers on every exit path."""
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(
-        [sys.executable, "-m", "mazerun", *overrides], cwd=cwd, env=environment,
+        [sys.executable, "-m", module, *overrides], cwd=cwd, env=environment,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=_default_signals, start_new_session=True,
     )

@@ -15,6 +15,8 @@ from mazerun.checkpoint import (
 )
 from mazerun.envs import make_env
 from mazerun.errors import MazerunError
+from mazerun.models import ModelConfig, Vocabulary, build_actor_critic, default_model_kind
+from mazerun.runsetup import model_config_dict
 
 
 def _trained_linear() -> tuple[nn.Linear, torch.optim.Adam]:
@@ -26,17 +28,24 @@ def _trained_linear() -> tuple[nn.Linear, torch.optim.Adam]:
     return model, optimizer
 
 
+def _network_fields(observation_space: gym.Space, action_space: gym.Space, vocabulary: list[str] | None = None) -> dict:
+    """model_state and model_config of a small actor-critic for these spaces, as training writes them."""
+    config = ModelConfig(kind=default_model_kind(observation_space), hidden_sizes=(8, 8))
+    network = build_actor_critic(config, observation_space, action_space,
+                                 None if vocabulary is None else Vocabulary.from_list(vocabulary))
+    return {"model_state": network.state_dict(), "model_config": model_config_dict(config, "actor_critic")}
+
+
 def _save(path: Path, **overrides) -> None:
-    model, optimizer = _trained_linear()
     arguments = dict(
-        model_state=model.state_dict(),
-        model_config={"hidden": [64, 64], "activation": "tanh"},
         observation_space=gym.spaces.Box(-1.0, 1.0, (4,), np.float32),
         action_space=gym.spaces.Discrete(2),
         env_id="CartPole-v1",
         algorithm="bc",
     )
     arguments.update(overrides)
+    arguments = {**_network_fields(arguments["observation_space"], arguments["action_space"],
+                                   arguments.get("vocabulary")), **arguments}
     save_checkpoint(path, **arguments)
 
 
@@ -47,12 +56,12 @@ def test_round_trip_box_discrete_with_optimizer_state(tmp_path: Path):
         high=np.array([np.inf, 2.5, 1.0], dtype=np.float32),
         dtype=np.float32,
     )
-    action_space = gym.spaces.Discrete(5, start=1)
+    action_space = gym.spaces.Discrete(5)
     path = tmp_path / "run" / "best.pt"
+    fields = _network_fields(observation_space, action_space)
     save_checkpoint(
         path,
-        model_state=model.state_dict(),
-        model_config={"hidden": [64, 64], "lr": 0.001, "shared": True},
+        **fields,
         observation_space=observation_space,
         action_space=action_space,
         env_id="LunarLander-v3",
@@ -70,18 +79,16 @@ def test_round_trip_box_discrete_with_optimizer_state(tmp_path: Path):
     assert checkpoint.env_id == "LunarLander-v3"
     assert checkpoint.algorithm == "ppo"
     assert checkpoint.vocabulary is None
-    assert checkpoint.model_config == {"hidden": [64, 64], "lr": 0.001, "shared": True}
+    assert checkpoint.model_config == fields["model_config"]
     assert checkpoint.observation_space == observation_space
     assert checkpoint.observation_space.dtype == np.float32
     assert np.isneginf(checkpoint.observation_space.low[0])
     assert checkpoint.action_space == action_space
-    assert checkpoint.action_space.start == 1
     assert checkpoint.extra["global_step"] == 1234
 
+    for name, tensor in fields["model_state"].items():
+        assert torch.equal(checkpoint.model_state[name], tensor)
     restored = nn.Linear(4, 2)
-    restored.load_state_dict(checkpoint.model_state)
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(restored.state_dict()[name], tensor)
 
     restored_optimizer = torch.optim.Adam(restored.parameters(), lr=1e-3)
     restored_optimizer.load_state_dict(checkpoint.extra["optimizer"])
@@ -136,6 +143,7 @@ def test_space_dicts_are_plain_python():
     }
     assert type(description["spaces"]["a"]["n"]) is int
     assert space_from_dict(description)["a"] == gym.spaces.Discrete(3)
+    assert space_from_dict(space_to_dict(gym.spaces.Discrete(5, start=1))).start == 1
 
 
 def test_unsupported_space_is_rejected(tmp_path: Path):

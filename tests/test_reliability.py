@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import resource
 import signal
+import sys
 import time
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -19,7 +22,7 @@ from mazerun import interrupts
 from mazerun.algorithms.bc import BCConfig
 from mazerun.algorithms.cql import CQLConfig
 from mazerun.algorithms.iql import IQLConfig
-from mazerun.checkpoint import load_checkpoint
+from mazerun.checkpoint import load_checkpoint, space_to_dict
 from mazerun.config import DatasetConfig, PolicyConfig, RunConfig, RunnerConfig
 from mazerun.errors import MazerunError
 from mazerun.metrics import read_metrics_csv
@@ -181,6 +184,69 @@ def test_sighup_stops_a_ppo_run_like_ctrl_c(workdir: Path) -> None:
     assert "stopped by SIGHUP at step" in stderr and "last.pt holds step" in stderr and "Traceback" not in stderr
 
 
+START_UP_DELAYS = (0.2, 0.5, 0.8, 1.2, 1.6, 2.0)
+"""Seconds after the start of `run` at which a SIGTERM lands: imports, Hydra, records, the first updates."""
+
+
+def test_sigterm_at_any_moment_of_start_up_exits_143_without_a_traceback(workdir: Path, records: Path) -> None:
+    for delay in START_UP_DELAYS:
+        with spawn_cli("-cn", "conf_train", f"runner.dataset.dir_or_file={records}", "algorithm.n_updates=1000000",
+                       *QUICK, f"hydra.run.dir=run_{delay}", cwd=workdir) as process:
+            time.sleep(delay)
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 128 + signal.SIGTERM, f"SIGTERM after {delay} s:\n{stderr}"
+        assert "Traceback" not in stderr and "Exception ignored" not in stderr, f"SIGTERM after {delay} s:\n{stderr}"
+
+
+def test_a_stop_raised_where_python_swallows_it_is_raised_at_the_next_check(capfd: pytest.CaptureFixture) -> None:
+    """The signal handler runs wherever the interpreter is: here inside a __del__, which swallows what it raises."""
+    handlers, hook = {number: signal.getsignal(number) for number in interrupts.HANDLED_SIGNALS}, sys.unraisablehook
+
+    class Dropped:
+        def __del__(self) -> None:
+            signal.raise_signal(signal.SIGTERM)
+
+    try:
+        interrupts.install()
+        Dropped()
+        with pytest.raises(interrupts.Interrupted) as stop:
+            interrupts.check()
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        sys.unraisablehook = hook
+    assert stop.value.exit_code == 128 + signal.SIGTERM
+    assert "Exception ignored" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_stop_a_recording_with_their_own_exit_code(workdir: Path, stop: signal.Signals) -> None:
+    with spawn_cli("runner.n_episodes=1000", "hydra.run.dir=recording", cwd=workdir) as process:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not list((workdir / "recording").glob("trajectory_data/*.pkl")):
+            time.sleep(0.05)
+        process.send_signal(stop)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + stop, stderr
+    assert f"stopped by {stop.name}; " in stderr and "finished episodes kept in" in stderr and "Traceback" not in stderr
+
+
+def test_a_convert_stopped_while_torch_loads_exits_130_quietly_and_a_finished_one_exits_0(
+    workdir: Path, records: Path
+) -> None:
+    with spawn_cli("convert", str(records), "early.store", cwd=workdir, module="mazerun.datasets") as process:
+        time.sleep(0.3)  # numpy and torch are still loading
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    with spawn_cli("convert", str(records), "late.store", cwd=workdir, module="mazerun.datasets") as process:
+        assert process.stdout.readline().startswith("wrote ")  # main is done; the interpreter tears down
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0 and "Traceback" not in stderr, stderr
+
+
 # ---------------------------------------------------------------------------------------- 4. NaN
 
 
@@ -266,21 +332,100 @@ def test_writes_are_flushed_to_disk_before_the_rename(tmp_path: Path, monkeypatc
     assert (tmp_path / "file.bin").read_bytes() == b"data"
 
 
-def test_a_run_dir_that_holds_a_run_or_is_in_use_is_refused(workdir: Path) -> None:
+def file_hashes(directory: Path) -> dict[str, str]:
+    """Every file under ``directory`` (hidden ones too) and the hash of its bytes; a running run's temporary
+    files (renamed a moment later) are not files of the run."""
+    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(directory.rglob("*")) if path.is_file() and not path.name.endswith(".tmp")}
+
+
+def test_a_run_dir_that_holds_a_run_or_is_in_use_is_refused_and_left_byte_identical(workdir: Path) -> None:
     run_ok("runner.n_episodes=1", "runner.max_episode_steps=20", "hydra.run.dir=taken", cwd=workdir)
-    before = sorted(path.name for path in (workdir / "taken" / "trajectory_data").iterdir())
+    before = file_hashes(workdir / "taken")
+    assert ".hydra/config.yaml" in before and "run.log" in before
     result = run_cli("runner.n_episodes=2", "runner.max_episode_steps=20", "hydra.run.dir=taken", cwd=workdir)
     one_line_error(result, "already holds an earlier run's")
-    assert sorted(path.name for path in (workdir / "taken" / "trajectory_data").iterdir()) == before
+    assert file_hashes(workdir / "taken") == before  # not its .hydra/*.yaml, not its run.log
 
-    with spawn_cli("runner.n_episodes=1000", "hydra.run.dir=busy", cwd=workdir) as process:
+    with spawn_cli("runner.n_episodes=1000", "runner.type=sequential", "hydra.run.dir=busy", cwd=workdir) as process:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not list((workdir / "busy").glob("trajectory_data/*.pkl")):
             time.sleep(0.05)
+        before = file_hashes(workdir / "busy")
         second = run_cli("runner.n_episodes=1", "hydra.run.dir=busy", cwd=workdir)
+        after = file_hashes(workdir / "busy")  # the running run adds records; the files it had stay as they were
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=60)
     one_line_error(second, "is in use by another run")
+    assert {name: after[name] for name in before} == before
+
+
+@pytest.mark.parametrize("directory", ["", "."])
+def test_a_run_dir_that_is_the_current_directory_is_refused(workdir: Path, directory: str) -> None:
+    one_line_error(run_cli("runner.n_episodes=1", f"hydra.run.dir='{directory}'", cwd=workdir), "the current directory")
+    assert not list(workdir.iterdir())
+
+
+# ------------------------------------------------------------------------------ 6. damaged checkpoints
+
+
+@pytest.fixture(scope="module")
+def bc_run(records: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 20-update BC run (last.pt and best.pt)."""
+    directory = tmp_path_factory.mktemp("bc")
+    run_ok("-cn", "conf_train", f"runner.dataset.dir_or_file={records}", "algorithm.n_updates=20",
+           "algorithm.validation_percentage=0", *QUICK, "hydra.run.dir=run", cwd=directory)
+    return directory / "run"
+
+
+def _nan_weights(payload: dict) -> None:
+    for value in payload["model_state"].values():
+        if value.is_floating_point():
+            value.fill_(float("nan"))
+
+
+WATCH = ("policy=torch_policy", "runner.n_episodes=1", "runner.max_episode_steps=10")
+
+
+@pytest.mark.parametrize(("damage", "command", "message"), [
+    (lambda payload: payload["model_state"].update({next(iter(payload["model_state"])): torch.zeros(3)}), WATCH,
+     "has shape (3,), but the actor_critic"),
+    (lambda payload: payload.update(observation_space=space_to_dict(gym.spaces.Box(-1, 1, (9,)))), WATCH,
+     "for its Box observations of shape (9,) needs"),
+    (lambda payload: payload.pop("model_state"), WATCH, "it has no model_state"),
+    (_nan_weights, WATCH, "holds NaN or infinite weights"),
+    (lambda payload: payload["extra"].update(training_state={}), ("-cn", "conf_train", "algorithm.n_updates=40"),
+     "its training_state lacks the algorithm's state or its step, so its run cannot be continued"),
+    (lambda payload: payload.update(extra=[1]), ("-cn", "conf_train", "algorithm.n_updates=40"), "its extra is a list"),
+], ids=["tensor-shape", "observation-space", "no-model-state", "nan-weights", "empty-training-state", "extra-not-dict"])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(
+    workdir: Path, bc_run: Path, records: Path, damage, command: tuple[str, ...], message: str
+) -> None:
+    payload = torch.load(bc_run / "last.pt", weights_only=True)
+    damage(payload)
+    torch.save(payload, workdir / "damaged.pt")
+    training = (f"runner.dataset.dir_or_file={records}", *QUICK) if "-cn" in command else ()
+    result = run_cli(*command, *training, f"input_dir={workdir / 'damaged.pt'}", cwd=workdir)
+    line = one_line_error(result, message)
+    assert f"{workdir / 'damaged.pt'} is damaged" in line and "or train again" in line
+
+
+def test_a_continued_run_that_diverges_names_the_checkpoint_that_holds_its_start(workdir: Path, records: Path) -> None:
+    common = ("-cn", "conf_train", "algorithm=cql", "algorithm.td_loss=mse", f"runner.dataset.dir_or_file={records}",
+              *QUICK)
+    run_ok(*common, "algorithm.n_updates=20", "hydra.run.dir=cql", cwd=workdir)
+    payload = torch.load(workdir / "cql" / "last.pt", weights_only=True)
+    state = payload["extra"]["training_state"]["algorithm"]
+    state["lr_schedule"][:2] = [1e38, 1e38]  # a continued run keeps its schedule and optimiser: raise the lr there
+    for optimizer in (value for value in state.values() if isinstance(value, dict) and "param_groups" in value):
+        for group in optimizer["param_groups"]:
+            group["lr"] = 1e38
+    (workdir / "first").mkdir()
+    torch.save(payload, workdir / "first" / "last.pt")
+    result = run_cli(*common, "input_dir=first", "algorithm.n_updates=40", "hydra.run.dir=continued", cwd=workdir)
+    line = one_line_error(result, "training diverged and stopped")
+    assert "first/last.pt holds update 20" in line  # the continued run had not written its own last.pt yet
+    assert not (workdir / "continued" / "last.pt").exists()
 
 
 # ------------------------------------------------------------------- 7, 8. newest recording, order
