@@ -266,6 +266,9 @@ def prepare(
     start = load_start(input_dir, algorithm_config.name, network_type) if input_dir else None
     records, sources, store = None, [], None
     if algorithm_config.needs_dataset:
+        if dataset is None and start is not None and start.checkpoint.extra.get("dataset"):
+            dataset = list(start.checkpoint.extra["dataset"])  # e.g. PPO's imitation term on the clone's own demos
+            log.info("%s reads the data %s trained on: %s", prefix, start.checkpoint.path, ", ".join(dataset))
         if dataset is None:
             algorithm_config.check_implicit_dataset(prefix)
         sources = dataset_sources(dataset)

@@ -157,3 +157,11 @@ def test_ppo_with_an_imitation_loss_on_recorded_demonstrations(workdir: Path) ->
     missing = run_cli(*common, "algorithm.imitation_coef=0.1", cwd=workdir)
     assert missing.returncode == 2
     assert "algorithm.imitation_coef=0.1 needs recorded demonstrations" in missing.stderr and "runner.dataset.dir_or_file" in missing.stderr
+
+    # fine-tuning a clone: the imitation term reads the demonstrations the clone was trained on
+    run_ok("-cn", "conf_train", "runner.dataset.dir_or_file=demos/trajectory_data", "algorithm.n_updates=4",
+           "algorithm.eval_every=4", "algorithm.validation_percentage=0", *SMALL, "hydra.run.dir=clone", cwd=workdir)
+    result = run_ok(*common, "algorithm.imitation_coef=0.1", "input_dir=clone", cwd=workdir)
+    assert "algorithm reads the data" in result.stderr and "demos/trajectory_data" in result.stderr
+    logged = {row["metric"] for row in read_metrics_csv(newest_run_dir(workdir) / "metrics.csv")}
+    assert "imitation_loss" in logged

@@ -106,10 +106,11 @@ class PPOConfig:
         """PPO learns in any env the models read."""
 
     def check_implicit_dataset(self, prefix: str) -> None:
-        """The imitation term's demonstrations are never guessed: they must be named."""
+        """The imitation term's demonstrations are never guessed: named, or those of the clone it starts from."""
         raise MazerunError(
             f"{prefix}.imitation_coef={self.imitation_coef} needs recorded demonstrations; set "
-            "runner.dataset.dir_or_file=<a trajectory_data directory>, or drop the imitation term"
+            "runner.dataset.dir_or_file=<a trajectory_data directory>, start from a clone with input_dir=<bc run> "
+            "(its demonstrations are used), or drop the imitation term"
         )
 
     def check(self, prefix: str = "algorithm") -> None:
