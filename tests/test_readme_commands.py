@@ -21,6 +21,7 @@ from pathlib import Path
 import h5py
 import pytest
 import yaml
+from _pytest.mark import ParameterSet
 
 from conftest import MAZERUN, REPO, run_cli, spawn_cli
 
@@ -274,7 +275,11 @@ def evolution_run(runs: Path, lunar_records: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def stopped_pipeline_run(runs: Path) -> Path:
-    """bc_ppo stopped by Ctrl-C as its ppo stage starts: record and bc finished, ppo not."""
+    """bc_ppo stopped by Ctrl-C as its ppo stage starts: record and bc finished, ppo not.
+
+    A stop at a fixed line, not after some PPO iterations: those take a tenth of a second, and a
+    stage that reached the commands' budget would be refused as trained, not continued.
+    """
     directory = runs / "stopped"
     arguments = ["pipeline=bc_ppo", *tiny_budgets(["pipeline=bc_ppo"]), "pipeline.stages.ppo.total_steps=1000000"]
     with spawn_cli(*arguments, f"hydra.run.dir={directory}", cwd=runs) as process:
@@ -396,7 +401,8 @@ def prepare_workdir(argv: list[str], workdir: Path, request: pytest.FixtureReque
     overrides = overrides_of(argv)
     if trained_algorithm(argv) in OFFLINE and not {"runner.dataset.dir_or_file", "pipeline"} & overrides.keys():
         recording = "bot_recording" if "BabyAI" in " ".join(argv) else "lunar_recording"
-        shutil.copytree(request.getfixturevalue(recording), workdir / "outputs" / "2026-01-01" / "00-00-00-000000")
+        run_dir = workdir / "outputs" / "2026-01-01" / "00-00-00-000000"  # named as Hydra names one
+        shutil.copytree(request.getfixturevalue(recording), run_dir)
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
@@ -417,7 +423,7 @@ def program_of(argv: list[str]) -> tuple[tuple[str, ...], list[str]]:
     return (str(Path(sys.executable).parent / first),), rest
 
 
-def case(command: str) -> pytest.param:
+def case(command: str) -> ParameterSet:
     marks = [pytest.mark.skip(reason=reason) for key, reason in EXCLUDED.items() if key in command]
     marks += [pytest.mark.xfail(strict=True, reason=reason) for key, reason in XFAIL.items() if key in command]
     return pytest.param(command, marks=marks, id=command if len(command) <= 80 else command[:77] + "...")
@@ -428,8 +434,7 @@ def test_command_exits_0(command: str, tmp_path: Path, request: pytest.FixtureRe
     argv = shlex.split(fill(command, request))
     env = prepare_workdir(argv, tmp_path, request)
     program, arguments = program_of(argv)
-    runs_mazerun = program == MAZERUN or ["-m", "mazerun"] in [arguments[i:i + 2] for i in range(len(arguments))]
-    budgets = tiny_budgets(arguments) if runs_mazerun else []  # torchrun -m mazerun too; not mazerun.datasets
+    budgets = tiny_budgets(arguments) if "mazerun" in (*program, *arguments) else []  # not mazerun.datasets
     result = run_cli(*arguments, *budgets, program=program, cwd=tmp_path, env=env, timeout=TIMEOUT)
     assert result.returncode == 0, f"exit {result.returncode}:\n{result.stderr[-3000:]}"
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
