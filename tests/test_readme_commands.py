@@ -426,7 +426,8 @@ def program_of(argv: list[str]) -> tuple[tuple[str, ...], list[str]]:
 def case(command: str) -> ParameterSet:
     marks = [pytest.mark.skip(reason=reason) for key, reason in EXCLUDED.items() if key in command]
     marks += [pytest.mark.xfail(strict=True, reason=reason) for key, reason in XFAIL.items() if key in command]
-    return pytest.param(command, marks=marks, id=command if len(command) <= 80 else command[:77] + "...")
+    short = command if len(command) <= 110 else f"{command[:60]}...{command[-45:]}"  # -k finds both ends
+    return pytest.param(command, marks=marks, id=short)
 
 
 @pytest.mark.parametrize("command", [case(command) for command in COMMANDS])
