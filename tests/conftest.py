@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import gymnasium as gym
 import pytest
@@ -23,9 +23,15 @@ from mazerun.runsetup import model_config_dict
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_cli(*overrides: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+MAZERUN = (sys.executable, "-m", "mazerun")
+"""The `run` command; ``program=`` takes another (``DATASETS``, ``torchrun``)."""
+DATASETS = (sys.executable, "-m", "mazerun.datasets")
+
+
+def run_cli(*overrides: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300,
+            program: Sequence[str] = MAZERUN) -> subprocess.CompletedProcess:
     """`run <overrides>` in ``cwd``; the output is captured, the exit code left to the test."""
-    with spawn_cli(*overrides, cwd=cwd, env=env) as process:
+    with spawn_cli(*overrides, cwd=cwd, env=env, program=program) as process:
         stdout, stderr = process.communicate(timeout=timeout)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
@@ -49,12 +55,11 @@ def _default_signals() -> None:
 
 @contextlib.contextmanager
 def spawn_cli(*overrides: str, cwd: Path, env: dict[str, str] | None = None,
-              module: str = "mazerun") -> Iterator[subprocess.Popen]:
-    """`run <overrides>` (or `python -m <module> <arguments>`) as a background process the test can signal;
-    killed with its workers on every exit path."""
+              program: Sequence[str] = MAZERUN) -> Iterator[subprocess.Popen]:
+    """`run <overrides>` as a background process the test can signal; killed with its workers on every exit path."""
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(
-        [sys.executable, "-m", module, *overrides], cwd=cwd, env=environment,
+        [*program, *overrides], cwd=cwd, env=environment,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=_default_signals, start_new_session=True,
     )

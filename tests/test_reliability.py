@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import newest_run_dir, run_cli, run_ok, spawn_cli
+from conftest import DATASETS, newest_run_dir, run_cli, run_ok, spawn_cli
 from mazerun import interrupts
 from mazerun.algorithms.bc import BCConfig
 from mazerun.algorithms.cql import CQLConfig
@@ -235,12 +235,12 @@ def test_sigterm_and_sighup_stop_a_recording_with_their_own_exit_code(workdir: P
 def test_a_convert_stopped_while_torch_loads_exits_130_quietly_and_a_finished_one_exits_0(
     workdir: Path, records: Path
 ) -> None:
-    with spawn_cli("convert", str(records), "early.store", cwd=workdir, module="mazerun.datasets") as process:
+    with spawn_cli("convert", str(records), "early.store", cwd=workdir, program=DATASETS) as process:
         time.sleep(0.3)  # numpy and torch are still loading
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
-    with spawn_cli("convert", str(records), "late.store", cwd=workdir, module="mazerun.datasets") as process:
+    with spawn_cli("convert", str(records), "late.store", cwd=workdir, program=DATASETS) as process:
         assert process.stdout.readline().startswith("wrote ")  # main is done; the interpreter tears down
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
