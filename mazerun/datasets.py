@@ -384,6 +384,9 @@ def write_store(sources: Iterable[str], destination: str | Path, *, append: bool
         if Path(source).resolve() == destination.resolve():
             raise MazerunError(f"{source} is the destination itself; name other sources")
     with StoreWriter(destination, append=append) as writer:
+        for source in sources:  # every episode is checked before the first is written: a bad one changes nothing
+            for record, where in iter_source_records(source, env_id):
+                writer.check(record, where)
         for source in sources:
             for record, where in iter_source_records(source, env_id):
                 writer.add(record, where)
