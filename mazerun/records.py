@@ -394,9 +394,7 @@ def read_regular_file(path: Path, what: str, fix: str) -> bytes:
     opened non-blocking, so neither a FIFO nor an endless device can hang or exhaust a reader.
     """
     try:
-        status = os.stat(path)
-        if not stat.S_ISREG(status.st_mode):
-            raise MazerunError(f"{what} {path} is not a regular file ({_file_kind(status.st_mode)}); {fix}")
+        check_regular_file(path, what, fix)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -407,6 +405,16 @@ def read_regular_file(path: Path, what: str, fix: str) -> bytes:
             os.close(fd)
     except OSError as error:
         raise MazerunError(f"cannot read {what} {path}: {error.strerror or error}; {fix}") from None
+
+
+def check_regular_file(path: Path, what: str, fix: str) -> None:
+    """Refuse ``path`` unless it resolves to a regular file, without opening it (a FIFO would block)."""
+    try:
+        status = os.stat(path)
+    except OSError as error:
+        raise MazerunError(f"cannot read {what} {path}: {error.strerror or error}; {fix}") from None
+    if not stat.S_ISREG(status.st_mode):
+        raise MazerunError(f"{what} {path} is not a regular file ({_file_kind(status.st_mode)}); {fix}")
 
 
 def _file_kind(mode: int) -> str:
