@@ -468,7 +468,18 @@ class BatchSampler:
         )
 
     def sample(self) -> TransitionBatch:
-        """``batch_size`` transitions drawn uniformly with replacement."""
+        """``batch_size`` transitions drawn uniformly with replacement, from a dataset at least that large.
+
+        The size is checked here, not when the sampler is made: a validation split smaller than a
+        batch is fine, since it is only read in :meth:`epoch` chunks.
+        """
+        if self.batch_size > len(self.dataset):
+            raise MazerunError(
+                f"batch_size={self.batch_size} is more than the {len(self.dataset):,} transitions of the dataset, so "
+                f"every batch would repeat transitions; use a batch size of at most {len(self.dataset):,} "
+                "(algorithm.batch_size, or algorithm.imitation_batch_size for PPO's demonstrations), or train on "
+                "more episodes"
+            )
         index = torch.randint(
             len(self.dataset), (self.batch_size,), generator=self.generator, device=self.dataset.device
         )
