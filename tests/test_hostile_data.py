@@ -1,0 +1,164 @@
+"""Hostile data files, through the real CLI: each is refused in one `error:` line (exit 2, no traceback),
+bounded in memory and time, and leaves every input file as it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import REPO, run_cli
+from mazerun.datasets import write_hdf5, write_minari
+from mazerun.errors import MazerunError
+from mazerun.records import StateTrajectoryRecord, write_record
+from mazerun.store import INDEX_FILE, StoreWriter
+
+TINY = ["algorithm=bc", "algorithm.n_updates=2", "algorithm.eval_every=2", "algorithm.batch_size=8",
+        "algorithm.validation_percentage=0", "runner.eval_repeats=1", "runner.max_episode_steps=20",
+        "model.hidden_sizes=[8]", "device=cpu"]
+
+
+def episode(steps: int, seed: int, **fields) -> StateTrajectoryRecord:
+    """A short LunarLander-v3 episode of random (in-range) values; ``fields`` replace any of them."""
+    rng = np.random.default_rng(seed)
+    values = dict(observations=rng.uniform(-1, 1, (steps + 1, 8)).astype(np.float32),
+                  actions=rng.integers(0, 4, steps), rewards=rng.normal(size=steps), terminated=True,
+                  truncated=False, env_id="LunarLander-v3", seed=seed, policy="hand")
+    return StateTrajectoryRecord(**{**values, **fields})
+
+
+def recorded(directory: Path, *records: StateTrajectoryRecord) -> Path:
+    for index, record in enumerate(records or [episode(6, 0), episode(4, 1), episode(5, 2)]):
+        write_record(record, directory, index)
+    return directory
+
+
+def store_of(path: Path, *records: StateTrajectoryRecord) -> Path:
+    with StoreWriter(path) as writer:
+        for record in records or [episode(6, 0), episode(4, 1), episode(5, 2)]:
+            writer.add(record)
+    return path
+
+
+def one_line(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, result.stderr
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr and "Error executing job" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def train_on(source: Path | str, workdir: Path, *overrides: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return run_cli("-cn", "conf_train", *TINY, f"runner.dataset.dir_or_file={source}", *overrides, cwd=workdir,
+                   timeout=timeout)
+
+
+def datasets_cli(*arguments: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mazerun.datasets", *arguments], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def snapshot(*roots: Path) -> dict[str, bytes]:
+    return {str(path): path.read_bytes() for root in roots for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+# -- 1. a tiny record cannot allocate gigabytes; only regular files are read ------------------
+
+
+class _Declares:
+    """Pickles as a call of an allowed global (numpy's own array constructor) with huge arguments."""
+
+    def __init__(self, function, *args) -> None:
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+def huge_record(path: Path) -> Path:
+    record = episode(2, 0)
+    record.observations = _Declares(np.ndarray, (20_000_000, 8), "f8")  # 1.28 GB of zeros that pass every check
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(record, protocol=4))
+    return path
+
+
+MAXRSS = """
+import resource, sys
+from mazerun.errors import MazerunError
+from mazerun.records import load_records
+try:
+    load_records(sys.argv[1])
+    print("loaded")
+except MazerunError as error:
+    print("error:", error)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def test_a_small_record_declaring_a_huge_array_is_refused_with_memory_bounded_by_its_size(workdir: Path) -> None:
+    path = huge_record(workdir / "data" / "episode_00000000.pkl")
+    assert path.stat().st_size < 1000
+    measured = subprocess.run([sys.executable, "-c", MAXRSS, str(path)], capture_output=True, text=True, timeout=120)
+    verdict, maxrss = measured.stdout.strip().splitlines()
+    assert verdict.startswith("error: refusing to load") and "(20000000, 8)" in verdict, measured.stdout
+    assert int(maxrss) < 400 * 2**20, f"loading a {path.stat().st_size}-byte record took {int(maxrss) >> 20} MiB"
+    one_line(train_on(workdir / "data", workdir), "episode_00000000.pkl", "more than its own bytes can carry",
+             "record the episodes again")
+
+
+def test_a_fifo_and_a_symlink_to_dev_zero_are_refused_promptly(workdir: Path) -> None:
+    os.mkfifo(workdir / "episode_00000000.pkl")
+    (workdir / "zero").mkdir()
+    (workdir / "zero" / "episode_00000000.pkl").symlink_to("/dev/zero")
+    one_line(train_on(workdir / "episode_00000000.pkl", workdir, timeout=60), "is not a regular file (a FIFO)")
+    one_line(train_on(workdir / "zero", workdir, timeout=60), "is not a regular file (a character device)")
+
+
+# -- 4. stores cannot be poisoned, and a damaged store is named by column and row ------------
+
+
+def test_append_refuses_an_out_of_range_action_before_writing_anything(workdir: Path) -> None:
+    store = store_of(workdir / "data.store")
+    bad = recorded(workdir / "bad", episode(3, 5), episode(3, 6, actions=np.array([0, 9, 1])))
+    before = snapshot(store, bad)
+    result = datasets_cli("append", str(bad), str(store))
+    one_line(result, "episode_00000001.pkl", "actions contain 9, outside Discrete(4), at step 1", "leave that episode out")
+    assert snapshot(store, bad) == before
+
+
+def test_a_store_with_an_out_of_range_action_or_a_nan_is_named_by_column_and_row(workdir: Path) -> None:
+    for name, damage, message in (("actions", 9, "actions contain 9, outside Discrete(4), at row 7"),
+                                  ("observations", np.nan, "observations hold NaN or infinite values (first at row 3)")):
+        store = store_of(workdir / f"{name}.store")
+        spec = json.loads((store / INDEX_FILE).read_text())["columns"][name]
+        column = np.memmap(store / f"{name}.bin", dtype=spec["dtype"], mode="r+")
+        column[7 if name == "actions" else 3 * 8 + 2] = damage
+        column.flush()
+        del column
+        one_line(train_on(store, workdir), f"store {store}", f"column {name}.bin", message, "convert the records again")
+
+
+# -- 5. a damaged HDF5 or Minari file ------------------------------------------------------
+
+
+def test_an_empty_hdf5_file_and_a_truncated_minari_dataset_say_how_to_export_again(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (workdir / "empty.h5").write_bytes(b"")
+    one_line(train_on(workdir / "empty.h5", workdir), "empty.h5 is not readable HDF5", "python -m mazerun.datasets export")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(workdir / "minari"))  # the runs below inherit it
+    write_minari([episode(6, 0), episode(4, 1)], "mazerun/hostile-v0")
+    data = workdir / "minari" / "mazerun" / "hostile-v0" / "data" / "main_data.hdf5"
+    data.write_bytes(data.read_bytes()[:2000])
+    line = one_line(train_on("minari:mazerun/hostile-v0", workdir), "main_data.hdf5 is not readable HDF5",
+                    "export it again")
+    assert "hydra.run.dir" not in line
