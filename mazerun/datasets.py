@@ -153,7 +153,7 @@ def read_hdf5(path: Path, env_id: str | None = None) -> list[StateTrajectoryReco
         flags = columns.get(name)
         if flags is not None and not np.isin(flags, (0, 1)).all():
             row = int(np.flatnonzero(~np.isin(flags, (0, 1)).reshape(len(flags), -1).any(axis=1))[0])
-            raise MazerunError(f"{path}: dataset {name} holds {flags.reshape(len(flags), -1)[row][0]!r} at row {row}, "
+            raise MazerunError(f"{path}: dataset {name} holds {flags.reshape(len(flags), -1)[row][0].item()!r} at row {row}, "
                                f"expected 0 or 1 (one flag per step); {HDF5_FIX}")
     lengths = {name: len(column) for name, column in columns.items()}
     if len(set(lengths.values())) > 1:

@@ -162,3 +162,71 @@ def test_an_empty_hdf5_file_and_a_truncated_minari_dataset_say_how_to_export_aga
     line = one_line(train_on("minari:mazerun/hostile-v0", workdir), "main_data.hdf5 is not readable HDF5",
                     "export it again")
     assert "hydra.run.dir" not in line
+
+
+# -- 7. sizes that cannot fit -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (["algorithm.batch_size=10000000000"], ["algorithm.batch_size=10000000000 needs about", "GiB of memory available"]),
+    (["model.hidden_sizes=[100000,100000]"], ["model.hidden_sizes=[100000, 100000] has about", "GiB of memory available"]),
+    (["algorithm=ppo", "runner.n_envs=100000", "algorithm.total_steps=2048"],
+     ["1024 * 100000 = 102,400,000 steps is more than 16 times algorithm.total_steps=2048", "runner.n_envs=32"]),
+    (["algorithm.batch_size=100000"], ["batch_size=100000 is more than the 15 transitions of the dataset"]),
+])
+def test_sizes_that_cannot_fit_are_refused_before_allocating(workdir: Path, overrides: list[str],
+                                                             fragments: list[str]) -> None:
+    ppo = "algorithm=ppo" in overrides  # learns in the env: no dataset, and its own keys
+    result = run_cli(*overrides, cwd=workdir) if ppo else train_on(recorded(workdir / "data"), workdir, *overrides)
+    one_line(result, *fragments)
+    if "dataset" not in fragments[0]:  # refused by validation, before the run began
+        assert not list((workdir / "outputs").glob("*/*/*.pt"))
+
+
+# -- 8. wrong types ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields, fragments", [
+    ({"terminated": "yes"}, ["terminated is str 'yes', expected True or False"]),
+    ({"truncated": np.zeros(3, bool)}, ["truncated is an array of shape (3,) and dtype bool, expected True or False"]),
+    ({"rewards": np.array(["1.0", "2.0", "0.5"])}, ["rewards have dtype <U3, expected numbers"]),
+])
+def test_records_of_wrong_types_are_refused_naming_file_and_field(workdir: Path, fields: dict,
+                                                                  fragments: list[str]) -> None:
+    data = recorded(workdir / "data", episode(4, 0), episode(3, 1, **fields))
+    one_line(train_on(data, workdir, "algorithm=cql"), "episode_00000001.pkl", *fragments)
+
+
+def test_hdf5_observations_far_outside_the_box_and_swapped_store_lengths_are_refused(workdir: Path) -> None:
+    far = episode(5, 0)
+    far.observations[2, 3] = 1e6
+    write_hdf5([episode(4, 1), far], workdir / "far.h5")
+    one_line(train_on(workdir / "far.h5", workdir), "observations hold 1e+06 at step 2, far outside Box(shape (8,)",
+             "record them again")
+    store = store_of(workdir / "swapped.store")
+    lengths = np.fromfile(store / "episode_length.bin", dtype=np.int64)
+    lengths[[0, 1]] = lengths[[1, 0]]
+    lengths.tofile(store / "episode_length.bin")
+    one_line(train_on(store, workdir), f"store {store}", "episode lengths reordered or edited", "convert the records again")
+
+
+def test_hdf5_flags_that_are_not_zero_or_one_are_refused(tmp_path: Path) -> None:
+    from mazerun.datasets import read_hdf5
+
+    path = tmp_path / "flags.h5"
+    with h5py.File(path, "w") as file:
+        file["observations"], file["actions"] = np.zeros((3, 8)), np.zeros(3, np.int64)
+        file["rewards"], file["terminals"] = np.zeros(3), np.array([0, 7, 1])
+    with pytest.raises(MazerunError, match=r"dataset terminals holds 7 at row 1, expected 0 or 1"):
+        read_hdf5(path, "LunarLander-v3")
+
+
+# -- 9. every error is one line ------------------------------------------------------------------
+
+
+def test_errors_that_name_a_box_or_an_array_stay_on_one_line(workdir: Path) -> None:
+    narrow = episode(3, 0, observations=np.zeros((4, 4), np.float32))
+    line = one_line(train_on(recorded(workdir / "data", narrow), workdir), "shape (4,) per step, expected (8,)",
+                    "Box(shape (8,), float32")
+    assert "\n" not in line
+    assert str(MazerunError(f"bad {np.arange(40.0)}")).count("\n") == 0
