@@ -113,7 +113,16 @@ class ColumnarStore:
         self.n_transitions: int = int(index["transitions"])
         self.policies: list[str] = list(index["policies"])
         self.columns: dict[str, np.ndarray] = {}
-        for name, spec in index["columns"].items():
+        specs = index["columns"]
+        for name in ("observations", "actions", "rewards", *EPISODE_COLUMNS):
+            if name not in specs:
+                raise KeyError(f"columns.{name}")
+        for name, dtype in EPISODE_COLUMNS.items():
+            if np.dtype(specs[name]["dtype"]) != np.dtype(dtype) or specs[name]["shape"]:
+                raise ValueError(f"{name} is {specs[name]}, expected {np.dtype(dtype)} with one value per episode")
+        for name, spec in specs.items():
+            if np.dtype(spec["dtype"]).kind not in "biuf" or any(int(dim) < 0 for dim in spec["shape"]):
+                raise ValueError(f"column {name} is {spec}, expected numbers of a non-negative shape")
             self.columns[name] = self._map(name, np.dtype(spec["dtype"]), tuple(spec["shape"]), self.rows(name))
         self.lengths = np.asarray(self.columns["episode_length"], dtype=np.int64)
         if int(self.lengths.sum()) != self.n_transitions or (self.lengths <= 0).any():
@@ -127,6 +136,10 @@ class ColumnarStore:
                 f"store {self.path}: the episode index (episode_*.bin) differs from the one {INDEX_FILE} was written "
                 "with (episode lengths reordered or edited); the store is damaged: convert the records again"
             )
+        policies = np.asarray(self.columns["episode_policy"])
+        if self.n_episodes and (policies.min() < 0 or policies.max() >= len(self.policies)):
+            raise MazerunError(f"store {self.path}: episode_policy.bin names policies beyond the {len(self.policies)} "
+                               f"of {INDEX_FILE}; the store is damaged: convert the records again")
         self.terminated = np.asarray(self.columns["episode_terminated"], dtype=bool)
         self.first_transition = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
 
@@ -148,7 +161,7 @@ class ColumnarStore:
             )
         try:
             return cls(path, index)
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as error:
             raise MazerunError(f"store {path}: {INDEX_FILE} is damaged ({type(error).__name__}: {error}); "
                                "convert the records again") from None
 
