@@ -11,6 +11,7 @@ still bootstraps from its final observation, which the records keep.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union, overload
@@ -23,6 +24,8 @@ from mazerun.envs import NO_LABEL
 from mazerun.errors import MazerunError
 from mazerun.models import Vocabulary
 from mazerun.records import StateTrajectoryRecord
+
+log = logging.getLogger(__name__)
 
 TensorObs = Union[torch.Tensor, dict[str, torch.Tensor]]
 
@@ -451,7 +454,11 @@ class BatchSampler:
         if batch_size < 1:
             raise MazerunError(f"batch_size={batch_size} must be at least 1")
         self.dataset = dataset if device is None else dataset.to(device)
-        self.batch_size = batch_size
+        # A batch larger than the dataset would repeat transitions in every batch (1e10 rows would not even
+        # fit): it is clamped, and the first training batch says so once. A validation split smaller than a
+        # batch is only read in epoch() chunks, where the clamp changes nothing.
+        self.batch_size = min(batch_size, len(self.dataset))
+        self.requested = batch_size if batch_size > len(self.dataset) else None
         self.generator = torch.Generator(device=self.dataset.device)
         self.generator.manual_seed(seed)
 
@@ -468,18 +475,12 @@ class BatchSampler:
         )
 
     def sample(self) -> TransitionBatch:
-        """``batch_size`` transitions drawn uniformly with replacement, from a dataset at least that large.
-
-        The size is checked here, not when the sampler is made: a validation split smaller than a
-        batch is fine, since it is only read in :meth:`epoch` chunks.
-        """
-        if self.batch_size > len(self.dataset):
-            raise MazerunError(
-                f"batch_size={self.batch_size} is more than the {len(self.dataset):,} transitions of the dataset, so "
-                f"every batch would repeat transitions; use a batch size of at most {len(self.dataset):,} "
-                "(algorithm.batch_size, or algorithm.imitation_batch_size for PPO's demonstrations), or train on "
-                "more episodes"
-            )
+        """``batch_size`` transitions drawn uniformly with replacement (at most as many as the dataset holds)."""
+        if self.requested is not None:
+            log.warning("batch_size=%d is more than the %d transitions of the dataset; drawing batches of %d "
+                        "(set the batch size to at most %d, or train on more episodes)",
+                        self.requested, len(self.dataset), self.batch_size, len(self.dataset))
+            self.requested = None
         index = torch.randint(
             len(self.dataset), (self.batch_size,), generator=self.generator, device=self.dataset.device
         )

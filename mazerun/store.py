@@ -21,8 +21,9 @@ A new store is written into a scratch directory beside its destination, flushed 
 renamed into place, so it exists whole or not at all. Appending (a sweep's recordings into one
 store) writes past the end of every column file and then replaces ``index.json``; a failed
 append (a full disk, Ctrl-C) truncates the columns back, and ``index.json`` is what readers
-trust. Opening a store checks its format version and that every column file holds exactly
-the rows the index says.
+trust. Opening a store checks its format version, that every column file holds exactly the
+rows the index says and that the episode index hashes as when it was written; training then
+checks every value against the env (:meth:`ColumnarStore.check_spaces`), as records are checked.
 
 MiniGrid's dict observations (an image, a direction and a mission string) are refused: they
 train from trajectory_data, where a BabyAI dataset of 10k demos is about 50k steps anyway.

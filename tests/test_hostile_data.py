@@ -172,15 +172,21 @@ def test_an_empty_hdf5_file_and_a_truncated_minari_dataset_say_how_to_export_aga
     (["model.hidden_sizes=[100000,100000]"], ["model.hidden_sizes=[100000, 100000] has about", "GiB of memory available"]),
     (["algorithm=ppo", "runner.n_envs=100000", "algorithm.total_steps=2048"],
      ["1024 * 100000 = 102,400,000 steps is more than 16 times algorithm.total_steps=2048", "runner.n_envs=32"]),
-    (["algorithm.batch_size=100000"], ["batch_size=100000 is more than the 15 transitions of the dataset"]),
 ])
 def test_sizes_that_cannot_fit_are_refused_before_allocating(workdir: Path, overrides: list[str],
                                                              fragments: list[str]) -> None:
     ppo = "algorithm=ppo" in overrides  # learns in the env: no dataset, and its own keys
     result = run_cli(*overrides, cwd=workdir) if ppo else train_on(recorded(workdir / "data"), workdir, *overrides)
     one_line(result, *fragments)
-    if "dataset" not in fragments[0]:  # refused by validation, before the run began
-        assert not list((workdir / "outputs").glob("*/*/*.pt"))
+    assert not list((workdir / "outputs").glob("*/*/*.pt"))
+
+
+def test_a_batch_larger_than_the_dataset_is_clamped_with_one_line_saying_so(workdir: Path) -> None:
+    result = train_on(recorded(workdir / "data"), workdir, "algorithm.batch_size=100000")
+    assert result.returncode == 0, result.stderr
+    said = [line for line in (result.stdout + result.stderr).splitlines()
+            if "batch_size=100000 is more than the 15 transitions of the dataset; drawing batches of 15" in line]
+    assert len(said) == 1, result.stdout + result.stderr
 
 
 # -- 8. wrong types ------------------------------------------------------------------------------
