@@ -230,6 +230,28 @@ def check_training(config: RunConfig) -> None:
         raise MazerunError(f"device={config.device!r} is unknown; use auto, cpu or cuda")
 
 
+def available_memory() -> int:
+    """Bytes of memory this machine can still give (``MemAvailable``), else its physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits_in_memory(shape: tuple[int, ...], dtype: Any, what: str, fix: str = "") -> None:
+    """Refuse, before allocating, an array of ``shape`` larger than the memory available now."""
+    import numpy as np
+
+    size = math.prod(int(dim) for dim in shape) * np.dtype(dtype).itemsize
+    limit = available_memory()
+    if size > limit:
+        raise MazerunError(f"{what} would take {size / 2**30:,.1f} GiB ({tuple(shape)} of {np.dtype(dtype)}), more than "
+                           f"the {limit / 2**30:,.1f} GiB of memory available{'; ' + fix if fix else ''}")
+
+
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 """cgroup v2's CPU quota of this container or job: ``<quota> <period>`` in microseconds, or ``max <period>``."""
 

@@ -11,6 +11,7 @@ still bootstraps from its final observation, which the records keep.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union, overload
@@ -23,6 +24,8 @@ from mazerun.envs import NO_LABEL
 from mazerun.errors import MazerunError
 from mazerun.models import Vocabulary
 from mazerun.records import StateTrajectoryRecord
+
+log = logging.getLogger(__name__)
 
 TensorObs = Union[torch.Tensor, dict[str, torch.Tensor]]
 
@@ -164,74 +167,123 @@ def env_id_of(records: Sequence[StateTrajectoryRecord]) -> str:
     return records[0].env_id
 
 
-def _column_mismatch(name: str, column: np.ndarray, space: gym.Space, rows: int) -> str | None:
-    """What is wrong with ``column`` (``rows`` entries of ``space``), or None."""
+FAR_OUTSIDE = 10
+"""A value lies far outside a Box when it is more than this many Box widths beyond a finite bound.
+
+Recorded observations may leave their Box a little (LunarLander's are not clipped); a value ten
+widths out is another env's data or a broken file."""
+
+
+def describe_space(space: gym.Space) -> str:
+    """A space in one short line: gymnasium prints a Box's bounds as arrays, over several lines."""
+    if isinstance(space, gym.spaces.Box):
+        low, high = np.asarray(space.low, dtype=np.float64), np.asarray(space.high, dtype=np.float64)
+        return f"Box(shape {space.shape}, {space.dtype}, in [{low.min():g}, {high.max():g}])"
+    if isinstance(space, gym.spaces.Dict):
+        return f"Dict({', '.join(space.spaces)})"
+    return " ".join(str(space).split())
+
+
+def _first_row(bad: np.ndarray) -> int:
+    """The first row of a ``(rows, ...)`` mask with any True entry."""
+    return int(np.flatnonzero(bad.reshape(len(bad), -1).any(axis=1))[0])
+
+
+def column_problem(name: str, column: np.ndarray, space: gym.Space, rows: int, *, offset: int = 0,
+                   unit: str = "step", ignore: int | None = None) -> str | None:
+    """What is wrong with ``column`` (``rows`` entries of ``space``), or None; bad entries are named by row.
+
+    The one check of a column's values, shared by records (a whole episode), stores at open and
+    ``append`` (in chunks: ``offset`` is the chunk's first row) and HDF5/Minari files. ``ignore``
+    marks entries that hold no value (DAgger's unlabelled states): that number for discrete
+    actions, a row of NaN for a Box.
+    """
     column = np.asarray(column)
     if isinstance(space, gym.spaces.Box):
         if column.shape != (rows, *space.shape):
-            return f"{name} have shape {column.shape[1:]} per step, expected {space.shape} from {space}"
+            return f"{name} have shape {column.shape[1:]} per {unit}, expected {space.shape} from {describe_space(space)}"
         if not np.issubdtype(column.dtype, np.number):
-            return f"{name} have dtype {column.dtype}, expected numbers ({space.dtype}) from {space}"
-        if np.issubdtype(column.dtype, np.floating) and not np.isfinite(column).all():
-            step = int(np.flatnonzero(~np.isfinite(column.reshape(rows, -1)).all(axis=1))[0])
-            return f"{name} hold NaN or infinite values (first at step {step})"
+            return f"{name} have dtype {column.dtype}, expected numbers ({space.dtype}) from {describe_space(space)}"
+        if np.issubdtype(column.dtype, np.floating):
+            values = column if ignore is None else np.where(np.isnan(column).all(axis=tuple(range(1, column.ndim)),
+                                                                              keepdims=True), 0, column)
+            finite = np.isfinite(values)
+            if not finite.all():
+                return f"{name} hold NaN or infinite values (first at {unit} {offset + _first_row(~finite)})"
+        low, high = np.asarray(space.low, dtype=np.float64), np.asarray(space.high, dtype=np.float64)
+        width = np.where(np.isfinite(high - low), high - low, np.inf)
+        far = (column < low - FAR_OUTSIDE * width) | (column > high + FAR_OUTSIDE * width)
+        if far.any():
+            row = _first_row(far)
+            value = column.reshape(len(column), -1)[row][far.reshape(len(column), -1)[row]][0]
+            return (f"{name} hold {value:g} at {unit} {offset + row}, far outside {describe_space(space)} "
+                    f"(more than {FAR_OUTSIDE} widths beyond its bounds)")
     elif isinstance(space, gym.spaces.Discrete):
         if column.shape != (rows,):
-            return f"{name} have shape {column.shape[1:]} per step, expected () from {space}"
+            return f"{name} have shape {column.shape[1:]} per {unit}, expected () from {space}"
         if not np.issubdtype(column.dtype, np.integer):
             return f"{name} have dtype {column.dtype}, expected integers from {space}"
         low, high = int(space.start), int(space.start + space.n)
-        outside = column[(column < low) | (column >= high)]
-        if outside.size:
-            return f"{name} contain {outside[0]}, outside {space}"
+        outside = (column < low) | (column >= high)
+        if ignore is not None:
+            outside &= column != ignore
+        if outside.any():
+            row = int(np.flatnonzero(outside)[0])
+            return f"{name} contain {column[row]}, outside {space}, at {unit} {offset + row}"
     elif column.dtype.kind not in "UO":
         # MiniGrid missions (MissionSpace, or Text after a checkpoint round trip)
-        return f"{name} have dtype {column.dtype}, expected strings from {space}"
+        return f"{name} have dtype {column.dtype}, expected strings from {describe_space(space)}"
     return None
 
 
-def _record_mismatch(
+def finite_problem(name: str, column: np.ndarray, *, offset: int = 0, unit: str = "step") -> str | None:
+    """Non-finite numbers in a column that no space describes (rewards)."""
+    column = np.asarray(column)
+    if column.dtype.kind not in "biuf":
+        return f"{name} have dtype {column.dtype}, expected numbers"
+    if column.dtype.kind == "f":
+        finite = np.isfinite(column)
+        if not finite.all():
+            return f"{name} hold NaN or infinite values (first at {unit} {offset + _first_row(~finite)})"
+    return None
+
+
+def record_problem(
     record: StateTrajectoryRecord, observation_space: gym.Space, action_space: gym.Space
 ) -> str | None:
+    """What is wrong with ``record`` for an env of these spaces (types, lengths, shapes, ranges, NaN), or None.
+
+    Every check training runs on an episode: the loaders call it, and so does ``append`` before it
+    writes anything to a store.
+    """
+    try:
+        record.check()
+    except ValueError as error:
+        return str(error)
     steps = len(record)
     observations = record.observations
     if isinstance(observation_space, gym.spaces.Dict):
         if not isinstance(observations, dict):
             shape = np.shape(observations)[1:]
-            return f"observations are an array of shape {shape} per step, expected a dict from {observation_space}"
+            return (f"observations are an array of shape {shape} per step, expected a dict from "
+                    f"{describe_space(observation_space)}")
         expected, found = sorted(observation_space.spaces), sorted(observations)
         if expected != found:
             return f"observation keys are {found}, expected {expected}"
         for key, space in observation_space.spaces.items():
-            problem = _column_mismatch(f"observations[{key!r}]", observations[key], space, steps + 1)
+            problem = column_problem(f"observations[{key!r}]", observations[key], space, steps + 1)
             if problem:
                 return problem
     elif isinstance(observations, dict):
-        return f"observations are a dict with keys {sorted(observations)}, expected {observation_space}"
+        return f"observations are a dict with keys {sorted(observations)}, expected {describe_space(observation_space)}"
     else:
-        problem = _column_mismatch("observations", observations, observation_space, steps + 1)
+        problem = column_problem("observations", observations, observation_space, steps + 1)
         if problem:
             return problem
-    rewards = np.asarray(record.rewards, dtype=np.float64)
-    if not np.isfinite(rewards).all():
-        return f"rewards hold NaN or infinite values (first at step {int(np.flatnonzero(~np.isfinite(rewards))[0])})"
-    problem = _column_mismatch("actions", record.actions, action_space, steps)
+    problem = finite_problem("rewards", record.rewards) or column_problem("actions", record.actions, action_space, steps)
     if problem is None and record.expert_actions is not None:
-        problem = _labels_mismatch(record.expert_actions, action_space, steps)
+        problem = column_problem("expert_actions", record.expert_actions, action_space, steps, ignore=NO_LABEL)
     return problem
-
-
-def _labels_mismatch(labels: np.ndarray, action_space: gym.Space, steps: int) -> str | None:
-    """Expert labels fit the action space, except the marks of states the expert could not label."""
-    labels = np.asarray(labels)
-    if isinstance(action_space, gym.spaces.Discrete):
-        labelled = labels[labels != NO_LABEL] if np.issubdtype(labels.dtype, np.integer) else labels
-        problem = _column_mismatch("expert_actions", labelled, action_space, len(labelled))
-        if problem is None and len(labels) != steps:
-            problem = f"expert_actions have {len(labels)} entries for {steps} steps"
-        return problem
-    labelled = labels[~np.isnan(labels).any(axis=-1)] if labels.ndim == 2 else labels
-    return _column_mismatch("expert_actions", labelled, action_space, len(labelled))
 
 
 def check_records_match_spaces(
@@ -239,7 +291,7 @@ def check_records_match_spaces(
 ) -> None:
     """Fail on the first record whose observations or actions do not fit the environment's spaces."""
     for record in records:
-        problem = _record_mismatch(record, observation_space, action_space)
+        problem = record_problem(record, observation_space, action_space)
         if problem:
             raise MazerunError(
                 f"trajectory record {record.id} (env {record.env_id}, "
@@ -402,7 +454,11 @@ class BatchSampler:
         if batch_size < 1:
             raise MazerunError(f"batch_size={batch_size} must be at least 1")
         self.dataset = dataset if device is None else dataset.to(device)
-        self.batch_size = batch_size
+        # A batch larger than the dataset would repeat transitions in every batch (1e10 rows would not even
+        # fit): it is clamped, and the first training batch says so once. A validation split smaller than a
+        # batch is only read in epoch() chunks, where the clamp changes nothing.
+        self.batch_size = min(batch_size, len(self.dataset))
+        self.requested = batch_size if batch_size > len(self.dataset) else None
         self.generator = torch.Generator(device=self.dataset.device)
         self.generator.manual_seed(seed)
 
@@ -419,7 +475,12 @@ class BatchSampler:
         )
 
     def sample(self) -> TransitionBatch:
-        """``batch_size`` transitions drawn uniformly with replacement."""
+        """``batch_size`` transitions drawn uniformly with replacement (at most as many as the dataset holds)."""
+        if self.requested is not None:
+            log.warning("batch_size=%d is more than the %d transitions of the dataset; drawing batches of %d "
+                        "(set the batch size to at most %d, or train on more episodes)",
+                        self.requested, len(self.dataset), self.batch_size, len(self.dataset))
+            self.requested = None
         index = torch.randint(
             len(self.dataset), (self.batch_size,), generator=self.generator, device=self.dataset.device
         )

@@ -54,7 +54,10 @@ if __name__ == "__main__":  # `python -m mazerun.datasets`: stop signals handled
 import numpy as np
 
 from mazerun.errors import MazerunError
-from mazerun.records import StateTrajectoryRecord, _read_record, atomic_write_bytes, load_records, record_files
+from mazerun.config import check_fits_in_memory
+from mazerun.records import (
+    StateTrajectoryRecord, _read_record, atomic_write_bytes, check_regular_file, load_records, record_files,
+)
 from mazerun.store import EPISODE_COLUMNS, STORE_FORMAT, STORE_VERSION, ColumnarStore, StoreWriter, is_store
 
 log = logging.getLogger(__name__)
@@ -121,26 +124,42 @@ def _h5py() -> Any:
 def read_hdf5(path: Path, env_id: str | None = None) -> list[StateTrajectoryRecord]:
     """The episodes of an HDF5 file in AgileRL's / D4RL's flat layout (see the module docstring)."""
     h5py = _h5py()
-    if not path.is_file():
+    if not path.exists():
         raise MazerunError(f"HDF5 dataset {path} does not exist; check the path")
+    check_regular_file(path, "HDF5 dataset", HDF5_FIX)
     try:
-        handle = h5py.File(path, "r")
-    except OSError as error:
-        raise MazerunError(f"cannot read {path} as HDF5 ({error}); pass an .h5 file written by h5py") from None
-    with handle:
-        present = sorted(name for name in handle.keys() if isinstance(handle[name], h5py.Dataset))
-        missing = [name for name in REQUIRED_HDF5 if name not in present]
-        if missing:
-            raise MazerunError(
-                f"{path} lacks the dataset{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
-                f"(it has: {', '.join(present) or 'none'}); an offline dataset needs {', '.join(REQUIRED_HDF5)} "
-                f"({', '.join(OPTIONAL_HDF5)} optional)"
-            )
-        columns = {name: np.asarray(handle[name][()]) for name in (*REQUIRED_HDF5, *OPTIONAL_HDF5) if name in present}
-        stored_env = handle.attrs.get("env_id")
-        policy = handle.attrs.get("policy")
+        with h5py.File(path, "r") as handle:
+            present = sorted(name for name in handle.keys() if isinstance(handle[name], h5py.Dataset))
+            missing = [name for name in REQUIRED_HDF5 if name not in present]
+            if missing:
+                raise MazerunError(
+                    f"{path} lacks the dataset{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                    f"(it has: {', '.join(present) or 'none'}); an offline dataset needs {', '.join(REQUIRED_HDF5)} "
+                    f"({', '.join(OPTIONAL_HDF5)} optional)"
+                )
+            wanted = [name for name in (*REQUIRED_HDF5, *OPTIONAL_HDF5) if name in present]
+            for name in wanted:
+                check_fits_in_memory(handle[name].shape, handle[name].dtype, f"{path}: dataset {name}")
+            columns = {name: np.asarray(handle[name][()]) for name in wanted}
+            stored_env = handle.attrs.get("env_id")
+            policy = handle.attrs.get("policy")
+    except MazerunError:
+        raise
+    except Exception as error:  # h5py raises OSError, KeyError, RuntimeError... on a damaged file
+        raise not_hdf5(path, error) from None
     if isinstance(stored_env, bytes):
         stored_env = stored_env.decode()
+    for name, column in columns.items():
+        if column.dtype.kind not in "biuf":
+            raise MazerunError(f"{path}: dataset {name} holds {column.dtype} values, expected numbers; {HDF5_FIX}")
+        if column.ndim == 0:
+            raise MazerunError(f"{path}: dataset {name} is a single value, expected one row per step; {HDF5_FIX}")
+    for name in ("terminals", "timeouts"):
+        flags = columns.get(name)
+        if flags is not None and not np.isin(flags, (0, 1)).all():
+            row = int(np.flatnonzero(~np.isin(flags, (0, 1)).reshape(len(flags), -1).any(axis=1))[0])
+            raise MazerunError(f"{path}: dataset {name} holds {flags.reshape(len(flags), -1)[row][0].item()!r} at row {row}, "
+                               f"expected 0 or 1 (one flag per step); {HDF5_FIX}")
     lengths = {name: len(column) for name, column in columns.items()}
     if len(set(lengths.values())) > 1:
         listed = ", ".join(f"{name} {length}" for name, length in lengths.items())
@@ -155,14 +174,23 @@ def read_hdf5(path: Path, env_id: str | None = None) -> list[StateTrajectoryReco
     return _episodes_from_columns(columns, str(env), str(policy or f"hdf5:{path.name}"))
 
 
+HDF5_FIX = "export it again with python -m mazerun.datasets export <trajectory_data> <file>.h5"
+
+
+def not_hdf5(path: Path, error: Exception) -> MazerunError:
+    """The one line for a file h5py cannot read (empty, truncated, not HDF5), classified where it is opened."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return MazerunError(f"{path} is not readable HDF5 ({reason}); it is damaged or not an HDF5 file: {HDF5_FIX}")
+
+
 def _episodes_from_columns(columns: dict[str, np.ndarray], env_id: str, policy: str) -> list[StateTrajectoryRecord]:
     observations = columns["observations"]
     count = len(observations)
-    terminals = columns["terminals"].astype(bool).reshape(count)
+    terminals = columns["terminals"].astype(bool).reshape(count)  # read_hdf5 checked: one flag per row
     timeouts = columns["timeouts"].astype(bool).reshape(count) if "timeouts" in columns else np.zeros(count, bool)
     next_observations = columns.get("next_observations")
     actions = _integral_actions(columns["actions"])
-    rewards = columns["rewards"].astype(np.float64).reshape(count)
+    rewards = _float_rewards(columns["rewards"]).reshape(count)
     labels = columns.get("expert_actions")
     ends = np.flatnonzero(terminals | timeouts).tolist()
     if not ends or ends[-1] != count - 1:
@@ -187,6 +215,11 @@ def _episodes_from_columns(columns: dict[str, np.ndarray], env_id: str, policy: 
             ))
         start = end + 1
     return records
+
+
+def _float_rewards(rewards: np.ndarray) -> np.ndarray:
+    """Numeric rewards as float64, the records' dtype; anything else is left for the record check to refuse."""
+    return rewards.astype(np.float64) if rewards.dtype.kind in "biuf" else rewards
 
 
 def _integral_actions(actions: np.ndarray) -> np.ndarray:
@@ -272,24 +305,37 @@ def read_minari(dataset_id: str, env_id: str | None = None) -> list[StateTraject
     try:
         dataset = minari.load_dataset(dataset_id)
     except Exception as error:  # Minari raises many kinds on a damaged dataset
-        raise MazerunError(f"cannot read Minari dataset {dataset_id!r} in {root}: {type(error).__name__}: {error}") from None
+        raise MazerunError(f"cannot read Minari dataset {dataset_id!r} in {root}: {type(error).__name__}: {error}; "
+                           f"{MINARI_FIX}") from None
     spec = dataset.spec.env_spec
     env = env_id if spec is None else spec.id
     if not env:
         raise MazerunError(f"Minari dataset {dataset_id!r} names no environment; add env=<id>")
     records = []
-    for episode in dataset.iterate_episodes():
-        terminated = bool(np.asarray(episode.terminations)[-1])
-        records.append(StateTrajectoryRecord(
-            observations=_minari_observations(episode.observations),
-            actions=_integral_actions(np.asarray(episode.actions)),
-            rewards=np.asarray(episode.rewards, dtype=np.float64),
-            terminated=terminated, truncated=not terminated, env_id=env,
-            seed=None, policy=f"minari:{dataset_id}",
-        ))
+    data_file = root / dataset_id / "data" / "main_data.hdf5"
+    check_regular_file(data_file, f"Minari dataset {dataset_id!r} file", MINARI_FIX)
+    try:  # Minari opens its HDF5 file lazily: a damaged one fails here, not in load_dataset
+        for episode in dataset.iterate_episodes():
+            terminated = bool(np.asarray(episode.terminations)[-1])
+            records.append(StateTrajectoryRecord(
+                observations=_minari_observations(episode.observations),
+                actions=_integral_actions(np.asarray(episode.actions)),
+                rewards=_float_rewards(np.asarray(episode.rewards)),
+                terminated=terminated, truncated=not terminated, env_id=env,
+                seed=None, policy=f"minari:{dataset_id}",
+            ))
+    except OSError as error:
+        raise MazerunError(f"Minari dataset {dataset_id!r}: {data_file} is not readable HDF5 "
+                           f"({' '.join(str(error).split())}); it is damaged: {MINARI_FIX}") from None
+    except Exception as error:
+        raise MazerunError(f"cannot read Minari dataset {dataset_id!r} in {root}: {type(error).__name__}: {error}; "
+                           f"{MINARI_FIX}") from None
     if not records:
         raise MazerunError(f"Minari dataset {dataset_id!r} holds no episodes")
     return records
+
+
+MINARI_FIX = "delete it and export it again with python -m mazerun.datasets export <trajectory_data> minari:<id>"
 
 
 def _minari_observations(observations: Any) -> Any:
@@ -389,6 +435,9 @@ def write_store(sources: Iterable[str], destination: str | Path, *, append: bool
         if Path(source).resolve() == destination.resolve():
             raise MazerunError(f"{source} is the destination itself; name other sources")
     with StoreWriter(destination, append=append) as writer:
+        for source in sources:  # every episode is checked before the first is written: a bad one changes nothing
+            for record, where in iter_source_records(source, env_id):
+                writer.check(record, where)
         for source in sources:
             for record, where in iter_source_records(source, env_id):
                 writer.add(record, where)

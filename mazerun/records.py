@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
+import stat
+import struct
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -108,7 +111,33 @@ class StateTrajectoryRecord:
             )
 
     def check(self) -> None:
-        """Raise ``ValueError`` if the columns do not describe one consistent episode."""
+        """Raise ``ValueError`` if the fields are not of their types or do not describe one consistent episode.
+
+        Types first: a pickle from elsewhere may hold ``terminated='yes'`` or string rewards, which
+        numpy would silently convert later.
+        """
+        for name in ("terminated", "truncated"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{name} is {_describe(value)}, expected True or False")
+        for name in ("env_id", "policy"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} is {_describe(getattr(self, name))}, expected a string")
+        columns = self.observations if isinstance(self.observations, dict) else {"": self.observations}
+        named = {**{(f"observations[{key!r}]" if key else "observations"): value for key, value in columns.items()},
+                 "actions": self.actions, "rewards": self.rewards}
+        if self.expert_actions is not None:
+            named["expert_actions"] = self.expert_actions
+        for name, column in named.items():
+            if not isinstance(column, np.ndarray) or column.ndim == 0:
+                raise ValueError(f"{name} is {_describe(column)}, expected a numpy array with one row per step")
+            if column.dtype.hasobject:
+                raise ValueError(f"{name} is an array of Python objects, expected numbers")
+        for name in ("actions", "rewards"):
+            if named[name].dtype.kind not in "biuf":
+                raise ValueError(f"{name} have dtype {named[name].dtype}, expected numbers")
+        if self.rewards.ndim != 1:
+            raise ValueError(f"rewards have shape {self.rewards.shape}, expected one number per step")
         steps = len(self.actions)
         if steps == 0:
             raise ValueError("the episode has no steps")
@@ -116,11 +145,18 @@ class StateTrajectoryRecord:
             raise ValueError(f"{len(self.rewards)} rewards for {steps} actions")
         if self.expert_actions is not None and len(self.expert_actions) != steps:
             raise ValueError(f"{len(self.expert_actions)} expert actions for {steps} actions")
-        columns = self.observations if isinstance(self.observations, dict) else {"": self.observations}
         for key, column in columns.items():
             if len(column) != steps + 1:
                 name = f"observations[{key!r}]" if key else "observations"
                 raise ValueError(f"{name} has {len(column)} entries, expected {steps + 1} (actions + 1)")
+
+
+def _describe(value: Any) -> str:
+    """A value in a few words for a one-line error: its type, and its shape or a short repr."""
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape} and dtype {value.dtype}"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
 
 
 class EpisodeBuilder:
@@ -239,33 +275,173 @@ class UnsafeRecord(Exception):
         super().__init__(f"{module}.{name}")
 
 
-class _RecordUnpickler(pickle.Unpickler):
-    """Refuses every global but :data:`_ALLOWED_GLOBALS`, so loading a record cannot call arbitrary code."""
+class OversizedRecord(Exception):
+    """A pickle declares more array memory than its bytes could carry: refused before it is allocated."""
+
+
+RECORD_OVERHEAD = 1 << 16
+"""Bytes of array memory a record may declare beyond its own size (empty arrays, scalars, headers).
+
+An array pickled by numpy carries its data, so a genuine record never declares more memory than
+its file holds; a crafted one (a 400-byte pickle that builds a 20M-row array) is refused before
+anything is allocated."""
+
+
+class _RecordUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """Builds nothing but :data:`_ALLOWED_GLOBALS`, and no array larger than the pickle's own bytes allow.
+
+    The Python unpickler (not the C one) is used so that ``BUILD`` of an array can be checked:
+    ``ndarray.__setstate__`` allocates the declared shape, which must fit the remaining budget.
+    Every call or opcode that allocates by a number in the pickle (``_reconstruct``, ``ndarray``,
+    ``bytes``/``bytearray`` of an int, ``BYTEARRAY8``) is checked the same way before it runs.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+
+    def __init__(self, data: bytes, budget: int) -> None:
+        super().__init__(io.BytesIO(data))
+        self.budget = budget
+
+    def charge(self, nbytes: int, what: str) -> None:
+        if nbytes > self.budget:
+            raise OversizedRecord(f"it declares {what} of {nbytes:,} bytes, more than its own bytes can carry "
+                                  f"(its arrays may total its size + {RECORD_OVERHEAD:,} bytes)")
+        self.budget -= nbytes
+
+    def charge_array(self, shape: Any, dtype: Any) -> None:
+        try:
+            dims = [int(dim) for dim in (shape if isinstance(shape, (tuple, list)) else (shape,))]
+            itemsize = np.dtype(dtype).itemsize
+        except (TypeError, ValueError) as error:
+            raise OversizedRecord(f"it declares an array of shape {shape!r}: {error}") from None
+        if any(dim < 0 for dim in dims):
+            raise OversizedRecord(f"it declares an array of negative shape {tuple(dims)}")
+        if np.dtype(dtype).hasobject:
+            raise OversizedRecord("it declares an array of Python objects, which no trajectory record holds")
+        self.charge(math.prod(dims) * itemsize, f"an array of shape {tuple(dims)} and dtype {np.dtype(dtype)}")
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED_GLOBALS:
             raise UnsafeRecord(module, name)
         return super().find_class(module, name)
 
+    def check_call(self, function: Any, args: Any) -> None:
+        """Charge what ``function(*args)`` would allocate, before it is called."""
+        args = tuple(args) if isinstance(args, (tuple, list)) else ()
+        if function is np.ndarray and args:
+            self.charge_array(args[0], args[1] if len(args) > 1 else float)
+        elif getattr(function, "__name__", None) == "_reconstruct" and len(args) == 3:
+            self.charge_array(args[1], args[2])
+        elif function in (bytes, bytearray) and args and isinstance(args[0], int):
+            self.charge(args[0], f"{function.__name__}({args[0]})")
 
-def load_record_bytes(data: bytes) -> Any:
-    """Unpickle ``data`` with the restricted unpickler (raises :class:`UnsafeRecord` on anything else)."""
-    return _RecordUnpickler(io.BytesIO(data)).load()
+    def load_reduce(self) -> None:
+        self.check_call(self.stack[-2], self.stack[-1])
+        pickle._Unpickler.load_reduce(self)  # type: ignore[attr-defined]
+
+    def load_newobj(self) -> None:
+        self.check_call(self.stack[-2], self.stack[-1])
+        pickle._Unpickler.load_newobj(self)  # type: ignore[attr-defined]
+
+    def load_newobj_ex(self) -> None:
+        self.check_call(self.stack[-3], self.stack[-2])
+        pickle._Unpickler.load_newobj_ex(self)  # type: ignore[attr-defined]
+
+    def _instantiate(self, klass: Any, args: Any) -> None:
+        self.check_call(klass, args)
+        super()._instantiate(klass, args)
+
+    def load_build(self) -> None:
+        """``BUILD`` of an array: its state's shape is charged before ``__setstate__`` allocates it."""
+        state, target = self.stack[-1], self.stack[-2]
+        if isinstance(target, np.ndarray):
+            if not (isinstance(state, tuple) and len(state) in (4, 5)):
+                raise OversizedRecord("it holds an array whose state is not numpy's")
+            self.charge_array(state[-4], state[-3])
+        pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
+
+    def load_bytearray8(self) -> None:
+        """``BYTEARRAY8`` allocates the length it declares before reading: charge it first."""
+        (length,) = struct.unpack("<Q", self.read(8))
+        self.charge(length, "a buffer")
+        buffer = bytearray(length)
+        self.readinto(buffer)
+        if len(buffer) != length:  # the unframer shrinks it when the data ends early
+            raise pickle.UnpicklingError("pickle data was truncated")
+        self.append(buffer)
+
+    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
+
+
+def load_record_bytes(data: bytes, budget: int | None = None) -> Any:
+    """Unpickle ``data`` with the restricted unpickler.
+
+    Raises :class:`UnsafeRecord` on a global it does not allow and :class:`OversizedRecord` when
+    the arrays it declares exceed ``budget`` bytes (default: the size of ``data`` plus
+    :data:`RECORD_OVERHEAD`).
+    """
+    return _RecordUnpickler(data, len(data) + RECORD_OVERHEAD if budget is None else budget).load()
+
+
+def read_regular_file(path: Path, what: str, fix: str) -> bytes:
+    """The bytes of ``path`` if it is a regular file; a FIFO, a device or a directory is refused unopened.
+
+    The check is on the resolved path (a symlink to ``/dev/zero`` is a device), and the file is
+    opened non-blocking, so neither a FIFO nor an endless device can hang or exhaust a reader.
+    """
+    try:
+        check_regular_file(path, what, fix)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise MazerunError(f"{what} {path} is not a regular file; {fix}")
+            with os.fdopen(fd, "rb", closefd=False) as handle:
+                return handle.read()
+        finally:
+            os.close(fd)
+    except OSError as error:
+        raise MazerunError(f"cannot read {what} {path}: {error.strerror or error}; {fix}") from None
+
+
+def check_regular_file(path: Path, what: str, fix: str) -> None:
+    """Refuse ``path`` unless it resolves to a regular file, without opening it (a FIFO would block)."""
+    try:
+        status = os.stat(path)
+    except OSError as error:
+        raise MazerunError(f"cannot read {what} {path}: {error.strerror or error}; {fix}") from None
+    if not stat.S_ISREG(status.st_mode):
+        raise MazerunError(f"{what} {path} is not a regular file ({_file_kind(status.st_mode)}); {fix}")
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a plain file"
+
+
+RECORD_FIX = "delete the file or record the episodes again"
 
 
 def _read_record(path: Path) -> StateTrajectoryRecord:
+    data = read_regular_file(path, "trajectory record", RECORD_FIX)
     try:
-        record = load_record_bytes(path.read_bytes())
+        record = load_record_bytes(data)
     except UnsafeRecord as unsafe:
         raise MazerunError(
             f"refusing to load {path}: it asks to run {unsafe}, which no trajectory record holds; "
             "it was not written by mazerun (load only records you recorded or trust)"
         ) from None
+    except OversizedRecord as oversized:
+        raise MazerunError(f"refusing to load {path} ({len(data):,} bytes): {oversized}; {RECORD_FIX}") from None
     except Exception as error:
-        raise MazerunError(
-            f"cannot read trajectory record {path}: {type(error).__name__}: {error}; "
-            "delete the file or record the episodes again"
-        ) from None
+        raise MazerunError(f"cannot read trajectory record {path}: {type(error).__name__}: {error}; "
+                           f"{RECORD_FIX}") from None
     if not isinstance(record, StateTrajectoryRecord):
         raise MazerunError(
             f"{path} holds a {type(record).__name__}, not a StateTrajectoryRecord; "
@@ -280,7 +456,7 @@ def _read_record(path: Path) -> StateTrajectoryRecord:
     try:
         record.check()
     except ValueError as error:
-        raise MazerunError(f"{path} is not a usable episode: {error}") from None
+        raise MazerunError(f"{path} is not a usable episode: {error}; {RECORD_FIX}") from None
     return record
 
 
@@ -301,8 +477,8 @@ def record_files(dir_or_file: str | Path | Sequence[str | Path]) -> list[Path]:
                     "`run env=<env> policy=heuristic`"
                 )
             files.extend(found)
-        elif path.is_file():
-            files.append(path)
+        elif path.exists():
+            files.append(path)  # the reader refuses what is not a regular file (a FIFO, a device)
         else:
             raise MazerunError(f"trajectory data {path} does not exist; check the path")
     return files

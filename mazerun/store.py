@@ -21,8 +21,9 @@ A new store is written into a scratch directory beside its destination, flushed 
 renamed into place, so it exists whole or not at all. Appending (a sweep's recordings into one
 store) writes past the end of every column file and then replaces ``index.json``; a failed
 append (a full disk, Ctrl-C) truncates the columns back, and ``index.json`` is what readers
-trust. Opening a store checks its format version and that every column file holds exactly
-the rows the index says.
+trust. Opening a store checks its format version, that every column file holds exactly the
+rows the index says and that the episode index hashes as when it was written; training then
+checks every value against the env (:meth:`ColumnarStore.check_spaces`), as records are checked.
 
 MiniGrid's dict observations (an image, a direction and a mission string) are refused: they
 train from trajectory_data, where a BabyAI dataset of 10k demos is about 50k steps anyway.
@@ -35,6 +36,7 @@ files, HDF5 files, ``minari:<id>`` or other stores; ``append`` adds them to an e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -48,7 +50,9 @@ import numpy as np
 import torch
 
 from mazerun.errors import MazerunError
-from mazerun.records import STORE_DIR, StateTrajectoryRecord, _fsync_directory, atomic_write_bytes  # noqa: F401
+from mazerun.records import (  # noqa: F401
+    STORE_DIR, StateTrajectoryRecord, _fsync_directory, atomic_write_bytes, read_regular_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,20 @@ EPISODE_COLUMNS = {
 NO_SEED = -1
 STATS_CHUNK = 1 << 18
 """Rows per chunk when statistics stream over a store."""
+
+
+FINGERPRINT = "episode_index_sha256"
+"""index.json's hash of the episode columns: lengths swapped between episodes keep every sum and size
+right and would pair each episode's steps with another's observations; the hash tells. Stores
+written before it existed have none and open unchecked."""
+
+
+def episode_fingerprint(columns: dict[str, np.ndarray]) -> str:
+    """The SHA-256 of the episode columns, in :data:`EPISODE_COLUMNS` order (small: one row per episode)."""
+    digest = hashlib.sha256()
+    for name in EPISODE_COLUMNS:
+        digest.update(np.ascontiguousarray(columns[name]).tobytes())
+    return digest.hexdigest()
 
 
 def is_store(source: str | Path) -> bool:
@@ -96,7 +114,16 @@ class ColumnarStore:
         self.n_transitions: int = int(index["transitions"])
         self.policies: list[str] = list(index["policies"])
         self.columns: dict[str, np.ndarray] = {}
-        for name, spec in index["columns"].items():
+        specs = index["columns"]
+        for name in ("observations", "actions", "rewards", *EPISODE_COLUMNS):
+            if name not in specs:
+                raise KeyError(f"columns.{name}")
+        for name, dtype in EPISODE_COLUMNS.items():
+            if np.dtype(specs[name]["dtype"]) != np.dtype(dtype) or specs[name]["shape"]:
+                raise ValueError(f"{name} is {specs[name]}, expected {np.dtype(dtype)} with one value per episode")
+        for name, spec in specs.items():
+            if np.dtype(spec["dtype"]).kind not in "biuf" or any(int(dim) < 0 for dim in spec["shape"]):
+                raise ValueError(f"column {name} is {spec}, expected numbers of a non-negative shape")
             self.columns[name] = self._map(name, np.dtype(spec["dtype"]), tuple(spec["shape"]), self.rows(name))
         self.lengths = np.asarray(self.columns["episode_length"], dtype=np.int64)
         if int(self.lengths.sum()) != self.n_transitions or (self.lengths <= 0).any():
@@ -104,6 +131,16 @@ class ColumnarStore:
                 f"store {self.path}: the episode lengths add up to {int(self.lengths.sum())} steps and the index "
                 f"says {self.n_transitions}; the store is damaged: convert the records again"
             )
+        fingerprint = index.get(FINGERPRINT)
+        if fingerprint is not None and fingerprint != episode_fingerprint(self.columns):
+            raise MazerunError(
+                f"store {self.path}: the episode index (episode_*.bin) differs from the one {INDEX_FILE} was written "
+                "with (episode lengths reordered or edited); the store is damaged: convert the records again"
+            )
+        policies = np.asarray(self.columns["episode_policy"])
+        if self.n_episodes and (policies.min() < 0 or policies.max() >= len(self.policies)):
+            raise MazerunError(f"store {self.path}: episode_policy.bin names policies beyond the {len(self.policies)} "
+                               f"of {INDEX_FILE}; the store is damaged: convert the records again")
         self.terminated = np.asarray(self.columns["episode_terminated"], dtype=bool)
         self.first_transition = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
 
@@ -111,9 +148,7 @@ class ColumnarStore:
     def open(cls, path: str | Path) -> ColumnarStore:
         path = Path(path)
         try:
-            index = json.loads((path / INDEX_FILE).read_text())
-        except OSError as error:
-            raise MazerunError(f"cannot read store {path}: {error.strerror or error}; check the path") from None
+            index = json.loads(read_regular_file(path / INDEX_FILE, "store index", "convert the records again"))
         except ValueError as error:
             raise MazerunError(f"store {path}: {INDEX_FILE} is not JSON ({error}); convert the records again") from None
         if not isinstance(index, dict) or index.get("format") != STORE_FORMAT:
@@ -127,8 +162,9 @@ class ColumnarStore:
             )
         try:
             return cls(path, index)
-        except (KeyError, TypeError) as error:
-            raise MazerunError(f"store {path}: {INDEX_FILE} lacks {error}; convert the records again") from None
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as error:
+            raise MazerunError(f"store {path}: {INDEX_FILE} is damaged ({type(error).__name__}: {error}); "
+                               "convert the records again") from None
 
     def rows(self, name: str) -> int:
         if name == "observations":
@@ -185,8 +221,15 @@ class ColumnarStore:
         return list(self.iter_records(max_episodes))
 
     def check_spaces(self, observation_space: Any, action_space: Any) -> None:
-        """The columns against the env's spaces, from the index alone (the values were checked when written)."""
+        """The columns against the env's spaces: shapes and dtypes from the index, then every value.
+
+        The values are scanned in chunks of :data:`STATS_CHUNK` rows (a few seconds for 50M
+        transitions, read from the page cache), with the checks records get: an action index out
+        of range or a NaN is named here, by column and row, not by a torch error or a NaN loss later.
+        """
         import gymnasium as gym
+
+        from mazerun.data import column_problem, describe_space, finite_problem
 
         def refuse(problem: str) -> None:
             raise MazerunError(
@@ -196,7 +239,7 @@ class ColumnarStore:
 
         observations = self.index["columns"]["observations"]
         if not isinstance(observation_space, gym.spaces.Box):
-            refuse(f"the store holds vector observations and the env observes {observation_space}")
+            refuse(f"the store holds vector observations and the env observes {describe_space(observation_space)}")
         if tuple(observations["shape"]) != observation_space.shape:
             refuse(f"observations have shape {tuple(observations['shape'])} per step, expected {observation_space.shape}")
         actions = self.index["columns"]["actions"]
@@ -204,11 +247,24 @@ class ColumnarStore:
             if actions["shape"] or np.dtype(actions["dtype"]).kind not in "iu":
                 refuse(f"actions are {np.dtype(actions['dtype'])} of shape {tuple(actions['shape'])}, "
                        f"expected integers from {action_space}")
-            low, high = self.index["action_range"]
-            if low < action_space.start or high >= action_space.start + action_space.n:
-                refuse(f"actions range over [{low}, {high}], outside {action_space}")
         elif tuple(actions["shape"]) != action_space.shape:
             refuse(f"actions have shape {tuple(actions['shape'])} per step, expected {action_space.shape}")
+        from mazerun.envs import NO_LABEL
+
+        for name, space in (("observations", observation_space), ("actions", action_space),
+                            ("rewards", None), ("expert_actions", action_space)):
+            column = self.columns.get(name)
+            for begin in range(0, 0 if column is None else len(column), STATS_CHUNK):
+                chunk = np.asarray(column[begin:begin + STATS_CHUNK])
+                problem = (finite_problem(name, chunk, offset=begin, unit="row") if space is None else
+                           column_problem(name, chunk, space, len(chunk), offset=begin, unit="row",
+                                          ignore=NO_LABEL if name == "expert_actions" else None))
+                if problem:
+                    raise MazerunError(
+                        f"store {self.path}: column {name}.bin does not fit the env {self.env_id}: {problem}; "
+                        "the store is damaged or of other data: convert the records again "
+                        "(python -m mazerun.datasets convert)"
+                    )
 
 
 def open_store(source: str | Path) -> ColumnarStore:
@@ -395,6 +451,9 @@ class StoreWriter:
         self.files: dict[str, Any] = {}
         self.original_sizes: dict[str, int] = {}
         self.added = 0
+        self.first: dict[str, Any] | None = None
+        """The env and column specs of the first episode checked, until the index exists."""
+        self.spaces: tuple[str, Any, Any] | None = None
         if append:
             store = ColumnarStore.open(self.path)  # refuses a damaged store before anything is written
             self.index = store.index
@@ -430,21 +489,33 @@ class StoreWriter:
         for name in self.index["columns"]:
             self.files[name] = self._open(self.directory / f"{name}.bin", "wb")
 
-    def add(self, record: StateTrajectoryRecord, source: str = "") -> None:
-        """Append one episode (checked: one env, the same columns, finite values)."""
+    def check(self, record: StateTrajectoryRecord, source: str = "") -> dict[str, np.ndarray]:
+        """Every check training runs on ``record`` (its env's spaces, types, lengths, NaN) and that it fits
+        the store; nothing is written. Returns its columns in the store's dtypes.
+
+        ``append`` checks every episode this way before it writes the first one, so a bad episode
+        leaves the store untouched, instead of poisoning it for every later training run.
+        """
+        from mazerun.data import record_problem
+
         where = f" ({source})" if source else ""
         if isinstance(record.observations, dict):
             raise MazerunError(
                 f"episode {record.id}{where} has dict observations ({', '.join(sorted(record.observations))}): the "
                 "columnar store holds vector observations only; train MiniGrid and BabyAI from trajectory_data"
             )
-        columns = self._columns(record)
-        if self.index is None:
-            self._start(record, columns)
-        index = self.index
-        if record.env_id != index["env_id"]:
+        index = self.index or self.first
+        if index is not None and record.env_id != index["env_id"]:
             raise MazerunError(f"episode {record.id}{where} comes from {record.env_id} and the store holds "
                                f"{index['env_id']}; a store holds the episodes of one environment")
+        problem = record_problem(record, *self._spaces(record.env_id))
+        if problem:
+            raise MazerunError(f"episode {record.id}{where} does not fit {record.env_id}: {problem}; "
+                               "leave that episode out, or record it again")
+        columns = self._columns(record)
+        if index is None:
+            self.first = {"env_id": record.env_id, "columns": {name: _column_spec(array) for name, array in columns.items()}}
+            return columns
         expected = set(index["columns"]) - set(EPISODE_COLUMNS)
         if set(columns) != expected:
             missing = sorted(expected ^ set(columns))
@@ -459,7 +530,24 @@ class StoreWriter:
                     f"the store's are {stored} of shape {tuple(spec['shape'])}; store those episodes apart"
                 )
             columns[name] = array.astype(stored, copy=False)
-        self._check_values(record, columns, where)
+        return columns
+
+    def _spaces(self, env_id: str) -> tuple[Any, Any]:
+        """The observation and action spaces of ``env_id``, made once per writer."""
+        if self.spaces is None or self.spaces[0] != env_id:
+            from mazerun.envs import make_env
+
+            env = make_env(env_id)
+            self.spaces = (env_id, env.observation_space, env.action_space)
+            env.close()
+        return self.spaces[1], self.spaces[2]
+
+    def add(self, record: StateTrajectoryRecord, source: str = "") -> None:
+        """Append one episode, after :meth:`check`."""
+        columns = self.check(record, source)
+        if self.index is None:
+            self._start(record, columns)
+        index = self.index
         if record.policy not in index["policies"]:
             index["policies"].append(record.policy)
         policy = index["policies"].index(record.policy)
@@ -489,18 +577,6 @@ class StoreWriter:
             columns["expert_actions"] = np.asarray(record.expert_actions)
         return columns
 
-    @staticmethod
-    def _check_values(record: StateTrajectoryRecord, columns: dict[str, np.ndarray], where: str) -> None:
-        try:
-            record.check()
-        except ValueError as error:
-            raise MazerunError(f"episode {record.id}{where} is not a usable episode: {error}") from None
-        for name in ("observations", "rewards", "actions"):
-            column = columns[name]
-            if np.issubdtype(column.dtype, np.floating) and not np.isfinite(column).all():
-                raise MazerunError(f"episode {record.id}{where}: {name} hold NaN or infinite values; "
-                                   "leave that episode out")
-
     def commit(self) -> None:
         """Flush the columns, then publish: the index of an appended store, the renamed directory of a new one."""
         if self.index is None:
@@ -511,6 +587,8 @@ class StoreWriter:
                 file.flush()
                 os.fsync(file.fileno())
                 file.close()
+            self.index[FINGERPRINT] = episode_fingerprint({
+                name: np.fromfile(self.directory / f"{name}.bin", dtype=dtype) for name, dtype in EPISODE_COLUMNS.items()})
             if self.appending:
                 atomic_write_bytes(self.directory / INDEX_FILE, json.dumps(self.index, indent=1).encode())
                 return

@@ -15,7 +15,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mazerun.algorithms import ALGORITHMS, algorithm_config
-from mazerun.config import NO_OP_WRAPPERS, RunConfig, check_fields, check_rollout, check_training, structured
+from mazerun.config import (
+    NO_OP_WRAPPERS, RunConfig, available_memory, check_fields, check_rollout, check_training, structured,
+)
 from mazerun.envs import WRAPPER_SEPARATOR
 from mazerun.errors import MazerunError
 
@@ -94,7 +96,67 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     if config.trains:
         check_training(config)
         _apply_maze_burn_in(config)
+        check_sizes(config)
     return config
+
+
+ROLLOUT_OVER_BUDGET = 64
+"""One PPO rollout (``n_steps * runner.n_envs`` steps) may be at most this many times ``total_steps``.
+
+The budget is rounded up to whole rollouts, so a small budget with many envs would train far
+longer than asked (2,048 steps with 100,000 envs: 102M steps); the factor leaves room for the
+tiny budgets of smoke runs (512 steps with the default 16 envs of 1,024 steps: 32 times)."""
+BYTES_PER_PARAMETER = 4 * 4 * 3
+"""float32 weights, their gradients and Adam's two moments, for up to three networks (actor, critic
+or Q-function, target): the memory one hidden-layer parameter can cost."""
+
+
+def check_sizes(config: RunConfig) -> None:
+    """Sizes that cannot fit, refused before anything is allocated, in one line stating the limit.
+
+    Network parameters and one batch's activations are estimated from ``model.hidden_sizes`` and
+    the batch size against the memory available now (the input and output layers are left out:
+    they are small next to a hidden layer that does not fit). A batch larger than the dataset is
+    refused where the dataset is known (:class:`mazerun.data.BatchSampler`).
+    """
+    widths = _hidden_sizes(config.model)
+    limit = available_memory()
+    gib = 2**30
+    parameters = sum(a * b + b for a, b in zip(widths, widths[1:])) + sum(widths)
+    if parameters * BYTES_PER_PARAMETER > limit:
+        raise MazerunError(
+            f"model.hidden_sizes={list(widths)} has about {parameters:,} parameters per network, which with gradients, "
+            f"Adam's moments and up to 3 networks take {parameters * BYTES_PER_PARAMETER / gib:,.1f} GiB, more than "
+            f"the {limit / gib:,.1f} GiB of memory available; use smaller hidden sizes, e.g. model.hidden_sizes=[256,256]"
+        )
+    sections = [("algorithm", config.algorithm)] if config.pipeline is None else [
+        (f"pipeline.stages.{name}", stage) for name, stage in config.pipeline.stages.items()]
+    for prefix, section in sections:
+        batch = getattr(section, "batch_size", None)
+        if batch is not None and batch * (sum(widths) + 1) * 4 * 2 > limit:
+            raise MazerunError(
+                f"{prefix}.batch_size={batch} needs about {batch * (sum(widths) + 1) * 8 / gib:,.1f} GiB for one "
+                f"batch's activations through model.hidden_sizes={list(widths)}, more than the {limit / gib:,.1f} GiB "
+                f"of memory available; use a batch of at most {max(1, limit // ((sum(widths) + 1) * 8)):,}"
+            )
+        if hasattr(section, "total_steps") and hasattr(section, "n_steps"):
+            rollout = section.n_steps * config.runner.n_envs
+            if rollout > ROLLOUT_OVER_BUDGET * section.total_steps:
+                envs = max(1, ROLLOUT_OVER_BUDGET * section.total_steps // section.n_steps)
+                raise MazerunError(
+                    f"one rollout of {prefix}.n_steps * runner.n_envs = {section.n_steps} * {config.runner.n_envs} = "
+                    f"{rollout:,} steps is more than {ROLLOUT_OVER_BUDGET} times {prefix}.total_steps="
+                    f"{section.total_steps} (budgets are rounded up to whole rollouts); use runner.n_envs={envs} "
+                    f"or fewer, or raise {prefix}.total_steps"
+                )
+
+
+def _hidden_sizes(model: Any) -> tuple[int, ...]:
+    """The model group's hidden sizes, when given as whole numbers (the model's own check names anything else)."""
+    values = model.get("hidden_sizes") if isinstance(model, dict) else None
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return ()
+    return tuple(max(0, v) for v in values)
 
 
 def _apply_wrappers(config: RunConfig) -> None:

@@ -192,7 +192,7 @@ def test_hdf5_columns_of_unequal_length_are_refused(tmp_path: Path) -> None:
 def test_a_file_that_is_not_hdf5_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "text.h5"
     path.write_text("not hdf5")
-    with pytest.raises(MazerunError, match="cannot read .*text.h5 as HDF5"):
+    with pytest.raises(MazerunError, match=r"text.h5 is not readable HDF5 .*python -m mazerun.datasets export"):
         read_hdf5(path, "CartPole-v1")
 
 
