@@ -53,8 +53,9 @@ if __name__ == "__main__":  # `python -m mazerun.datasets`: stop signals handled
 
 import numpy as np
 
-from mazerun.errors import MazerunError
 from mazerun.config import check_fits_in_memory
+from mazerun.errors import MazerunError
+from mazerun.progress import Progress
 from mazerun.records import (
     StateTrajectoryRecord, _read_record, atomic_write_bytes, check_regular_file, load_records, record_files,
 )
@@ -435,12 +436,16 @@ def write_store(sources: Iterable[str], destination: str | Path, *, append: bool
         if Path(source).resolve() == destination.resolve():
             raise MazerunError(f"{source} is the destination itself; name other sources")
     with StoreWriter(destination, append=append) as writer:
-        for source in sources:  # every episode is checked before the first is written: a bad one changes nothing
-            for record, where in iter_source_records(source, env_id):
-                writer.check(record, where)
-        for source in sources:
-            for record, where in iter_source_records(source, env_id):
-                writer.add(record, where)
+        with Progress(None, unit="episode", desc="checking", leave=False) as checked:
+            for source in sources:  # every episode is checked before the first is written: a bad one changes nothing
+                for record, where in iter_source_records(source, env_id):
+                    writer.check(record, where)
+                    checked.update()
+        with Progress(checked.done, unit="episode", desc="writing") as written:
+            for source in sources:
+                for record, where in iter_source_records(source, env_id):
+                    writer.add(record, where)
+                    written.update()
         if writer.added == 0:
             raise MazerunError(f"{', '.join(sources)} hold no episodes")
     index = writer.index
@@ -495,6 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = commands.add_parser("info", help="describe a columnar store")
     info.add_argument("store")
     arguments = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress lines of a long conversion
     try:
         if arguments.command == "info":
             print(describe(arguments.store))

@@ -35,9 +35,9 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    """``total`` units of work, ``initial`` of them done before this process began (a continued run)."""
+    """``total`` units of work (None: not known up front), ``initial`` of them done before this process began."""
 
-    def __init__(self, total: int, *, unit: str, desc: str, initial: int = 0, leave: bool = True,
+    def __init__(self, total: int | None, *, unit: str, desc: str, initial: int = 0, leave: bool = True,
                  disable: bool | None = None, first_after: float = FIRST_LOG_AFTER, every: float = LOG_EVERY) -> None:
         self.total, self.unit, self.desc, self.every = total, unit, desc, every
         self.done = self.initial = initial
@@ -67,6 +67,8 @@ class Progress:
         """``dagger updates: 1,200/3,000 updates, 45.1 updates/s, 27 s so far, about 40 s left``."""
         elapsed = (time.monotonic() if now is None else now) - self.started
         rate = (self.done - self.initial) / elapsed if elapsed > 0 else 0.0
+        if self.total is None:
+            return f"{self.desc}: {self.done:,} {self.unit}s, {rate:.3g} {self.unit}s/s, {_duration(elapsed)} so far"
         left = f", about {_duration((self.total - self.done) / rate)} left" if rate > 0 else ""
         return (f"{self.desc}: {self.done:,}/{self.total:,} {self.unit}s, {rate:.3g} {self.unit}s/s, "
                 f"{_duration(elapsed)} so far{left}")

@@ -36,6 +36,7 @@ import cloudpickle
 import numpy as np
 
 from mazerun.errors import MazerunError
+from mazerun.progress import Progress
 
 RECORD_FORMAT_VERSION = 1
 """Bumped whenever the layout of :class:`StateTrajectoryRecord` changes incompatibly (a new
@@ -488,7 +489,13 @@ def load_records(
     dir_or_file: str | Path | Sequence[str | Path], max_episodes: int | None = None
 ) -> list[StateTrajectoryRecord]:
     """Load every record (or the first ``max_episodes``) from a file, a directory of ``*.pkl`` files, or a list of either."""
-    return [_read_record(path) for path in record_files(dir_or_file)[:max_episodes]]
+    files = record_files(dir_or_file)[:max_episodes]
+    with Progress(len(files), unit="record", desc="loading records", leave=False) as loaded:
+        records = []
+        for path in files:
+            records.append(_read_record(path))
+            loaded.update()
+    return records
 
 
 def finished_recording(trajectory_dir: Path) -> dict | None:

@@ -398,9 +398,6 @@ class StoreDataset:
         self._cached = (index, located)
         return located
 
-    def longest_episode(self) -> int:
-        return int(self._lengths.max())
-
     def observation_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-feature mean and std (>= 1e-6) of the observations, streamed in chunks, in float64.
 
