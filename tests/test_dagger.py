@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import time
 from pathlib import Path
 
 import gymnasium as gym
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import newest_run_dir, run_cli, run_ok
+from conftest import newest_run_dir, run_cli, run_ok, spawn_cli
 from mazerun.algorithms.dagger import DAggerConfig, TeacherForcingConfig
 from mazerun import interrupts
 from mazerun.checkpoint import load_checkpoint
@@ -206,3 +208,20 @@ def test_a_stop_inside_an_update_phase_continues_exactly(tmp_path: Path, monkeyp
     for name, value in whole.model_state.items():
         assert torch.equal(value, continued.model_state[name]), name
     assert read_metrics_csv(tmp_path / "continued" / "metrics.csv") == read_metrics_csv(tmp_path / "whole" / "metrics.csv")
+
+
+def test_sigterm_in_a_long_update_phase_stops_within_seconds(workdir: Path) -> None:
+    """500k updates owed after the first 64 labels: the phase checks for a stop before each update."""
+    with spawn_cli(*TINY, "algorithm.total_steps=256", "algorithm.n_updates=2000000", "runner.max_episode_steps=10",
+                   "hydra.run.dir=stopped", cwd=workdir) as process:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not list((workdir / "stopped" / "trajectory_data").glob("*.pkl")):
+            time.sleep(0.05)  # episodes of 10 steps end inside the first 16-step iteration: its updates come next
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert time.monotonic() - signalled < 15 and "Traceback" not in stderr
+    last = load_checkpoint(workdir / "stopped" / "last.pt")
+    assert last.extra["step"] == 64 and 0 < last.extra["training_state"]["algorithm"]["updates"] < 500_000
