@@ -208,6 +208,7 @@ def test_bad_memory_input_is_one_line(workdir: Path, bot_records: Path, override
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert not list(workdir.glob("outputs/*/*/best.pt"))
-    if "longer than the whole" in message:
-        steps = sum(len(record) for record in load_records(bot_records))
-        assert f"training set ({steps} steps)" in errors[0]
+    if "longer than the whole" in message:  # the training set: the records less the episodes held out
+        steps = int(errors[0].split("training set (")[1].split(" steps")[0])
+        assert 0 < steps < sum(len(record) for record in load_records(bot_records))
+        assert f"use algorithm.rollout_len={steps} or less" in errors[0]
