@@ -157,8 +157,15 @@ class SweepOutcome(Callback):
         _Jobs.claimed = run_dir
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Refuse a ``hydra.sweep.dir`` that holds an earlier sweep's jobs: Hydra would rewrite their ``.hydra/``
+        (and the jobs refuse their used directories only after that)."""
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
-        self.started = time.time() - 1  # failed.txt of an earlier sweep in the same directory is not counted
+        self.started = time.time() - 1
+        used = sorted(str(job.relative_to(self.sweep_dir)) for job in self.sweep_dir.glob("*/")
+                      if job.is_dir() and ((job / ".hydra").is_dir() or any((job / name).exists() for name in RUN_OUTPUTS)))
+        if used:
+            _fail(f"{self.sweep_dir} already holds the jobs of an earlier sweep ({', '.join(used[:5])}); choose a new "
+                  "hydra.sweep.dir", distributed.current_world())
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         failed = [path for path in self.sweep_dir.rglob(FAILED_JOB) if path.stat().st_mtime >= self.started]

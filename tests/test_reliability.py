@@ -360,6 +360,16 @@ def test_a_run_dir_that_holds_a_run_or_is_in_use_is_refused_and_left_byte_identi
     assert {name: after[name] for name in before} == before
 
 
+def test_a_sweep_dir_that_holds_an_earlier_sweep_is_refused_and_left_byte_identical(workdir: Path) -> None:
+    run_ok("-m", "runner.seed=0,1", "runner.n_episodes=1", "runner.max_episode_steps=20", "hydra.sweep.dir=sweep",
+           cwd=workdir)
+    before = file_hashes(workdir / "sweep")
+    assert "0/.hydra/config.yaml" in before and "1/rollout_stats.json" in before
+    result = run_cli("-m", "runner.seed=5,6", "runner.n_episodes=1", "hydra.sweep.dir=sweep", cwd=workdir)
+    one_line_error(result, "already holds the jobs of an earlier sweep (0, 1)")
+    assert file_hashes(workdir / "sweep") == before
+
+
 @pytest.mark.parametrize("directory", ["", "."])
 def test_a_run_dir_that_is_the_current_directory_is_refused(workdir: Path, directory: str) -> None:
     one_line_error(run_cli("runner.n_episodes=1", f"hydra.run.dir='{directory}'", cwd=workdir), "the current directory")
