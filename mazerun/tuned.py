@@ -1,13 +1,14 @@
-"""Which tuned defaults a run took: ``conf/tuned/<env option>_<algorithm or pipeline>.yaml``.
+"""Which tuned defaults a run took: ``conf/tuned/<env option>_<algorithm or pipeline>.yaml`` (the
+algorithm's keys) and ``conf/tuned_model/<env option>_<algorithm>.yaml`` (the model's).
 
-Hydra itself applies them: ``conf_rollout.yaml``'s defaults list names the file that matches the
+Hydra itself applies them: ``conf_rollout.yaml``'s defaults list names the files that match the
 run's ``env`` and ``algorithm`` (or ``pipeline``) choices, so ``--cfg job`` shows the values,
 a sweep gets each job's own, and an override on the command line wins as over any default.
 This module only reads back what applied, so that ``run.log`` can say it.
 
 To tune an env of your own, add ``conf/env/<id>.yaml`` (``name: <id>``) and
-``conf/tuned/<id>_<algorithm>.yaml`` with that algorithm's keys, in mazerun's conf/ or in a
-directory on ``hydra.searchpath``.
+``conf/tuned/<id>_<algorithm>.yaml`` with that algorithm's keys (``conf/tuned_model/...`` for the
+model's), in mazerun's conf/ or in a directory on ``hydra.searchpath``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Iterable, Mapping
 
 from omegaconf import OmegaConf
 
-TUNED_GROUP = "tuned"
+TUNED_GROUPS = ("tuned", "tuned_model")
 
 
 def _flatten(values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -48,10 +49,10 @@ def applied_tuned_defaults(choices: Mapping[str, Any], config_dirs: Iterable[Pat
     lines = []
     for entry, choice in sorted(choices.items()):
         group, _, package = entry.partition("@")
-        if group != TUNED_GROUP or not choice:
+        if group not in TUNED_GROUPS or not choice:
             continue
-        path = next((folder / TUNED_GROUP / f"{choice}.yaml" for folder in dirs
-                     if (folder / TUNED_GROUP / f"{choice}.yaml").is_file()), None)
+        path = next((folder / group / f"{choice}.yaml" for folder in dirs
+                     if (folder / group / f"{choice}.yaml").is_file()), None)
         if path is None:
             continue
         values = OmegaConf.to_container(OmegaConf.load(path))
@@ -61,7 +62,7 @@ def applied_tuned_defaults(choices: Mapping[str, Any], config_dirs: Iterable[Pat
         if not flat:
             continue  # a file that only includes others (a pipeline's), which are listed themselves
         taken = [f"{key}={value}" for key, value in flat.items() if key not in explicit]
-        line = f"tuned defaults {TUNED_GROUP}/{choice}.yaml: {', '.join(taken) or 'none taken'}"
+        line = f"tuned defaults {group}/{choice}.yaml: {', '.join(taken) or 'none taken'}"
         overridden = sorted(key for key in flat if key in explicit)
         if overridden:
             line += f"; the command line overrides {', '.join(overridden)}"

@@ -14,23 +14,28 @@ from mazerun.cli import _config_dir
 from mazerun.tuned import applied_tuned_defaults
 from mazerun.validation import validate
 
-TUNED_FILES = sorted((Path(_config_dir()) / "tuned").glob("*.yaml"))
+TUNED_FILES = sorted([*(Path(_config_dir()) / "tuned").glob("*.yaml"),
+                      *(Path(_config_dir()) / "tuned_model").glob("*.yaml")])
 
 
 def test_the_report_lists_each_files_keys_and_what_the_command_line_overrode(tmp_path: Path) -> None:
     (tmp_path / "tuned").mkdir()
     (tmp_path / "tuned" / "Env-v0_ppo.yaml").write_text("lr: 0.001\nn_steps: 32\n")
     (tmp_path / "tuned" / "Env-v0_dagger_ppo.yaml").write_text("defaults:\n  - /tuned@stages.dagger: Env-v0_ppo\n")
-    choices = {"tuned@algorithm": "Env-v0_ppo", "tuned@pipeline": "Env-v0_None", "env": "Env-v0", "algorithm": "ppo"}
+    (tmp_path / "tuned_model").mkdir()
+    (tmp_path / "tuned_model" / "Env-v0_ppo.yaml").write_text("memory: gru\n")
+    choices = {"tuned@algorithm": "Env-v0_ppo", "tuned@pipeline": "Env-v0_None", "tuned_model@model": "Env-v0_ppo",
+               "env": "Env-v0", "algorithm": "ppo"}
     assert applied_tuned_defaults(choices, [tmp_path], ["env=Env-v0", "algorithm.lr=0.01"]) == [
-        "tuned defaults tuned/Env-v0_ppo.yaml: algorithm.n_steps=32; the command line overrides algorithm.lr"]
+        "tuned defaults tuned/Env-v0_ppo.yaml: algorithm.n_steps=32; the command line overrides algorithm.lr",
+        "tuned defaults tuned_model/Env-v0_ppo.yaml: model.memory=gru"]
     # a pipeline's file only includes the stage's, which is listed under the stage's own package
     choices = {"tuned@pipeline": "Env-v0_dagger_ppo", "tuned@pipeline.stages.dagger": "Env-v0_ppo"}
     assert applied_tuned_defaults(choices, [tmp_path], []) == [
         "tuned defaults tuned/Env-v0_ppo.yaml: pipeline.stages.dagger.lr=0.001, pipeline.stages.dagger.n_steps=32"]
 
 
-@pytest.mark.parametrize("path", TUNED_FILES, ids=[path.stem for path in TUNED_FILES])
+@pytest.mark.parametrize("path", TUNED_FILES, ids=[f"{path.parent.name}/{path.stem}" for path in TUNED_FILES])
 def test_every_tuned_file_composes_into_a_valid_run(path: Path) -> None:
     """Each file names an env option and an algorithm or pipeline that exist, and only keys they have."""
     env, _, name = path.stem.partition("_")
@@ -40,7 +45,7 @@ def test_every_tuned_file_composes_into_a_valid_run(path: Path) -> None:
     with initialize_config_dir(config_dir=_config_dir(), version_base="1.3"):
         cfg = compose("conf_rollout", overrides=[f"env={env}", f"{group}={name}"], return_hydra_config=False)
     tuned = yaml.safe_load(path.read_text())
-    section = cfg.algorithm if group == "algorithm" else cfg.pipeline
+    section = cfg.model if path.parent.name == "tuned_model" else cfg[group]
     for key, value in tuned.items():
         if key != "defaults":
             assert section[key] == value, key
@@ -63,6 +68,7 @@ def test_tuned_defaults_apply_an_explicit_override_wins_and_run_log_names_them(w
 def test_cfg_job_shows_the_tuned_values_of_an_algorithm_and_of_a_pipelines_stage(workdir: Path) -> None:
     shown = yaml.safe_load(run_ok("env=BabyAI-GoToLocal-v0", "algorithm=dagger", "--cfg", "job", cwd=workdir).stdout)
     assert shown["algorithm"]["total_steps"] == 100_000 and shown["algorithm"]["lr"] == 0.001
+    assert shown["model"]["memory"] == "gru"  # conf/tuned_model/BabyAI-GoToLocal-v0_dagger.yaml
     shown = yaml.safe_load(run_ok("pipeline=dagger_ppo", "env=BabyAI-GoToLocal-v0", "pipeline.stages.dagger.lr=0.01",
                                   "--cfg", "job", cwd=workdir).stdout)
     assert shown["pipeline"]["stages"]["dagger"]["total_steps"] == 100_000
