@@ -15,7 +15,7 @@ from mazerun.config import PolicyConfig, RunnerConfig
 from mazerun.data import SequenceSampler, records_to_dataset
 from mazerun.envs import make_env, make_vector_env
 from mazerun.evaluation import EVAL_SEED_OFFSET, evaluate
-from mazerun.loops.onpolicy import RolloutBuffer, RolloutCollector
+from mazerun.loops.onpolicy import RolloutBuffer, RolloutCollector, whole_sequence_batch_size
 from mazerun.models import Memory, ModelConfig, build_actor_critic, build_q_network
 from mazerun.policies.torch_policy import TorchPolicy
 from mazerun.records import StateTrajectoryRecord, load_records
@@ -212,3 +212,29 @@ def test_bad_memory_input_is_one_line(workdir: Path, bot_records: Path, override
         steps = int(errors[0].split("training set (")[1].split(" steps")[0])
         assert 0 < steps < sum(len(record) for record in load_records(bot_records))
         assert f"use algorithm.rollout_len={steps} or less" in errors[0]
+
+
+@pytest.mark.parametrize(("batch_size", "n_steps", "n_envs", "resolved"), [
+    (64, 1024, 16, 1024),   # PPO's default batch with memory: one env's whole sequence
+    (100, 32, 4, 128),      # 32, 64 or 128 fit: 128 is nearest
+    (96, 32, 4, 64),        # a tie between 64 and 128: the smaller
+    (256, 32, 16, 256),     # already whole sequences of 8 envs, which divides 16
+    (96, 32, 6, 96),        # 3 envs divide 6
+])
+def test_recurrent_ppo_takes_the_nearest_whole_sequence_batch(batch_size: int, n_steps: int, n_envs: int,
+                                                               resolved: int) -> None:
+    assert whole_sequence_batch_size(batch_size, n_steps, n_envs) == resolved
+
+
+def test_recurrent_ppo_says_which_batch_size_it_took(workdir: Path) -> None:
+    result = run_ok("env=CartPole-v1", "wrappers=mask_velocity", "algorithm=ppo", *MEMORY, "algorithm.n_steps=16",
+                    "algorithm.batch_size=40", "runner.n_envs=4", "algorithm.total_steps=64", "algorithm.eval_every=64",
+                    "runner.eval_repeats=1", cwd=workdir)
+    assert "algorithm.batch_size=40 becomes 32: with model.memory a minibatch is whole env sequences" in result.stderr
+
+
+def test_a_chunk_longer_than_every_episode_crosses_their_ends(workdir: Path, bot_records: Path) -> None:
+    longest = max(len(record) for record in load_records(bot_records))
+    run_ok("-cn", "conf_train", "env=BabyAI-GoToLocal-v0", *MEMORY, f"algorithm.rollout_len={longest + 5}",
+           "algorithm.nrollouts=2", f"runner.dataset.dir_or_file={bot_records}", "algorithm.n_updates=2",
+           "algorithm.eval_every=2", "runner.eval_repeats=1", cwd=workdir)
