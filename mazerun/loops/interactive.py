@@ -44,8 +44,8 @@ from mazerun.errors import MazerunError
 from mazerun.loops.vector import VectorEpisodes, open_vector_env
 from mazerun.metrics import MetricsLogger, write_learning_curve
 from mazerun.models import ModelInput
-from mazerun.progress import Progress
 from mazerun.policies import Policy, build_policy
+from mazerun.progress import Progress
 from mazerun.records import TRAJECTORY_DIR, EpisodeBuilder, write_record
 from mazerun.runsetup import TRAINING_STATE, CheckpointKeeper, RunSetup, TrainResult
 
