@@ -179,6 +179,16 @@ def dagger_config(input_dir: Path | None = None) -> RunConfig:
                      device="cpu")
 
 
+def test_the_last_iteration_stops_at_the_label_budget(workdir: Path) -> None:
+    """64 labels an iteration (4 copies x 16 steps): 200 labels are 3 iterations and 2 steps, not 256."""
+    run_ok(*TINY, "algorithm.total_steps=200", "algorithm.n_updates=20", "algorithm.eval_every=1000",
+           "runner.max_episode_steps=40", cwd=workdir)
+    run_dir = newest_run_dir(workdir)
+    assert load_checkpoint(run_dir / "last.pt").extra["step"] == 200
+    labels = [row["value"] for row in read_metrics_csv(run_dir / "metrics.csv") if row["metric"] == "labels"]
+    assert labels == [200]
+
+
 def test_labels_and_updates_are_spread_in_proportion() -> None:
     config = DAggerConfig(total_steps=100_000, n_updates=10_000)
     assert [due_updates(config, step) for step in (0, 1024, 50_000, 100_000, 101_024)] == [0, 102, 5000, 10_000,

@@ -48,7 +48,8 @@ class DAggerConfig:
 
     name: str = "dagger"
     total_steps: int = 20_000
-    """Env steps in total over all envs, i.e. states the expert labels; budgets are totals."""
+    """Env steps in total over all envs, i.e. states the expert labels (the last iteration stops there, rounded up
+    to a step of every env copy); budgets are totals."""
     n_steps: int = 64
     """Steps per env copy between two training phases."""
     n_updates: int = 3000

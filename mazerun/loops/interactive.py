@@ -233,11 +233,12 @@ def train_interactive(setup: RunSetup) -> TrainResult:
             while step < config.total_steps or owed_batches() is not None:
                 interrupts.check()
                 batches = owed_batches()
-                if batches is None:  # the labels so far are trained on: collect more
-                    for _ in range(config.n_steps):
+                if batches is None:  # the labels so far are trained on: collect more, up to the label budget
+                    before = step
+                    for _ in range(min(config.n_steps, -(-(config.total_steps - step) // runner.n_envs))):
                         window.add_step(collector.step(beta(step)))
                         step += runner.n_envs
-                    bar.update(runner.n_envs * config.n_steps)
+                    bar.update(step - before)
                     if normalise and len(aggregate):  # follow the aggregate: early states alone would mis-scale later ones
                         algorithm.set_normalization(*observation_stats(aggregate.observations[: len(aggregate)]))
                     batches = owed_batches()
