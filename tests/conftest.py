@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from multiprocessing import forkserver, resource_tracker
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -104,6 +105,18 @@ def newest_run_dir(cwd: Path) -> Path:
     runs = sorted((cwd / "outputs").glob("*/*"), key=lambda path: path.stat().st_mtime)
     assert runs, f"no run directory under {cwd / 'outputs'}"
     return runs[-1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _multiprocessing_helpers_end_with_the_suite() -> Iterator[None]:
+    """The forkserver and resource tracker that in-process parallel rollouts start end, and are reaped, before pytest.
+
+    Left to themselves they exit a moment after the suite, when they see its pipes close: a
+    process outliving the test run.
+    """
+    yield
+    forkserver._forkserver._stop()
+    resource_tracker._resource_tracker._stop()
 
 
 @pytest.fixture
