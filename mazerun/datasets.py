@@ -57,7 +57,7 @@ from mazerun.config import check_fits_in_memory
 from mazerun.errors import MazerunError
 from mazerun.progress import Progress
 from mazerun.records import (
-    StateTrajectoryRecord, _read_record, atomic_write_bytes, check_regular_file, load_records, record_files,
+    StateTrajectoryRecord, read_record, atomic_write_bytes, check_regular_file, load_records, record_files,
 )
 from mazerun.store import EPISODE_COLUMNS, STORE_FORMAT, STORE_VERSION, ColumnarStore, StoreWriter, is_store
 
@@ -424,7 +424,7 @@ def iter_source_records(source: str, env_id: str | None = None) -> Iterator[tupl
             yield record, source
     else:
         for file in record_files(source):
-            yield _read_record(file), str(file)
+            yield read_record(file), str(file)
 
 
 def write_store(sources: Iterable[str], destination: str | Path, *, append: bool = False,

@@ -429,7 +429,8 @@ def _file_kind(mode: int) -> str:
 RECORD_FIX = "delete the file or record the episodes again"
 
 
-def _read_record(path: Path) -> StateTrajectoryRecord:
+def read_record(path: Path) -> StateTrajectoryRecord:
+    """One record file, read through the bounded unpickler: the reader datasets and load_records share."""
     data = read_regular_file(path, "trajectory record", RECORD_FIX)
     try:
         record = load_record_bytes(data)
@@ -493,7 +494,7 @@ def load_records(
     with Progress(len(files), unit="record", desc="loading records", leave=False) as loaded:
         records = []
         for path in files:
-            records.append(_read_record(path))
+            records.append(read_record(path))
             loaded.update()
     return records
 

@@ -116,8 +116,8 @@ def check_sizes(config: RunConfig) -> None:
 
     Network parameters and one batch's activations are estimated from ``model.hidden_sizes`` and
     the batch size against the memory available now (the input and output layers are left out:
-    they are small next to a hidden layer that does not fit). A batch larger than the dataset is
-    refused where the dataset is known (:class:`mazerun.data.BatchSampler`).
+    they are small next to a hidden layer that does not fit). A batch larger than the dataset is cut
+    to the dataset's size, with one line, where the dataset is known (:class:`mazerun.data.BatchSampler`).
     """
     widths = _hidden_sizes(config.model)
     limit = available_memory()
