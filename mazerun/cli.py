@@ -406,7 +406,11 @@ def main() -> None:
         if world.distributed:
             _join_data_parallel(world)
         check_group_choices(sys.argv[1:], Path(_config_dir()))
-        hydra_main()
+        # Start-up (Hydra, config checks, loading data) runs deferred too: a stop raised inside a library's
+        # half-done update (OmegaConf's flags) left it broken and ended in its traceback. The loops' checks,
+        # or this region's end, raise it; a second signal still stops at once.
+        with interrupts.deferred():
+            hydra_main()
     except MazerunError as error:
         _fail(str(error), world)
     except KeyboardInterrupt as interrupt:
