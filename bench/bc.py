@@ -9,7 +9,7 @@ same recorded data, with torch's default thread count:
 
 * bare loop: tensors in memory, one gather, a forward, a cross-entropy, a backward and an Adam
   step per update (the fastest honest loop);
-* ours: the whole training call of ``run -cn conf_train algorithm=bc`` (``mazerun.train.train``:
+* ours: the whole training call of ``run -cn conf_train algorithm=bc`` (``mazerun.training.train.train``:
   loading the records, building the tensors, training, one report with one evaluation episode),
   so its ratio to the bare loop is a lower bound;
 * d3rlpy: DiscreteBC's ``fit()`` alone, in a worker process (the ``bench`` extra; see README).
@@ -37,10 +37,10 @@ from common import (D3RLPY_INSTALL, Table, d3rlpy_run, evaluate_run, expert_retu
                     record, run)
 
 from mazerun.algorithms.bc import BCConfig
-from mazerun.config import DatasetConfig, EnvConfig, RunConfig, RunnerConfig
-from mazerun.data import records_to_dataset
-from mazerun.records import load_records
-from mazerun.train import train
+from mazerun.config.schemas import DatasetConfig, EnvConfig, RunConfig, RunnerConfig
+from mazerun.data.tensors import records_to_dataset
+from mazerun.data.records import load_records
+from mazerun.training.train import train
 
 LUNAR_ENV = "LunarLander-v3"
 BABYAI_ENV = "BabyAI-GoToLocal-v0"

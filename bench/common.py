@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mazerun.checkpoint import load_checkpoint, network_from_checkpoint, resolve_run_dir
-from mazerun.config import PolicyConfig, RunnerConfig
-from mazerun.evaluation import evaluate
-from mazerun.models import Vocabulary
-from mazerun.records import load_records, write_record
-from mazerun.rollout import rollout
+from mazerun.nn.checkpoint import load_checkpoint, network_from_checkpoint, resolve_run_dir
+from mazerun.config.schemas import PolicyConfig, RunnerConfig
+from mazerun.acting.evaluation import evaluate
+from mazerun.nn.models import Vocabulary
+from mazerun.data.records import load_records, write_record
+from mazerun.acting.rollout import rollout
 
 D3RLPY_INSTALL = 'pip install -e ".[bench]" && pip install --no-deps "d3rlpy==2.8.1"'
 UNSEEN_SEED_OFFSET = 2_000_000
@@ -146,7 +146,7 @@ def d3rlpy_run(algorithm: str, data_dir: Path, budgets: list[int], *, seed: int,
     import d3rlpy
     import torch
 
-    from mazerun.envs import make_env
+    from mazerun.acting.envs import make_env
 
     if threads:
         torch.set_num_threads(threads)

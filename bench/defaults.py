@@ -36,7 +36,7 @@ from pathlib import Path
 
 from common import Table, evaluate_run, expert_return, labelled_subset, load_average, record, run
 
-from mazerun.checkpoint import load_checkpoint
+from mazerun.nn.checkpoint import load_checkpoint
 
 BABYAI = "BabyAI-GoToLocal-v0"
 LUNAR = "LunarLander-v3"

@@ -54,17 +54,17 @@ from typing import Iterator
 
 import torch
 
-from mazerun.checkpoint import BEST_CHECKPOINT, load_checkpoint, network_from_checkpoint
-from mazerun.config import PolicyConfig, RunnerConfig
-from mazerun.datasets import write_hdf5
-from mazerun.evaluation import evaluate
-from mazerun.fused import native_low_precision
-from mazerun.population import train_population
-from mazerun.records import load_records
-from mazerun.records import TRAJECTORY_DIR
-from mazerun.rollout import rollout
-from mazerun.train import train
-from mazerun.validation import validate
+from mazerun.nn.checkpoint import BEST_CHECKPOINT, load_checkpoint, network_from_checkpoint
+from mazerun.config.schemas import PolicyConfig, RunnerConfig
+from mazerun.data.formats import write_hdf5
+from mazerun.acting.evaluation import evaluate
+from mazerun.fast.fused import native_low_precision
+from mazerun.compose.population import train_population
+from mazerun.data.records import load_records
+from mazerun.data.records import TRAJECTORY_DIR
+from mazerun.acting.rollout import rollout
+from mazerun.training.train import train
+from mazerun.compose.validation import validate
 
 ENV_ID = "LunarLander-v3"
 EPSILON = 0.3

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from common import Table, load_average, run
 
-from mazerun.metrics import evaluation_curve, plot_curves
+from mazerun.training.metrics import evaluation_curve, plot_curves
 
 PLOT = Path(__file__).resolve().parent / "pipeline_vs_scratch.png"
 

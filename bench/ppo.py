@@ -51,7 +51,7 @@ from typing import Any
 
 from common import UNSEEN_SEED_OFFSET, Table, evaluate_run, load_average, peer_version, run, seconds_to_log_line
 
-from mazerun.metrics import plot_curves, read_metrics_csv
+from mazerun.training.metrics import plot_curves, read_metrics_csv
 
 LUNAR_ENV = "LunarLander-v3"
 CARTPOLE_ENV = "CartPole-v1"
@@ -135,7 +135,7 @@ def sb3(env_id: str, settings: dict, seed: int, steps: int, eval_every: int = 0,
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
 
-    from mazerun.evaluation import evaluate
+    from mazerun.acting.evaluation import evaluate
 
     torch.set_num_threads(1)
     outcome = Outcome()

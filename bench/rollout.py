@@ -6,8 +6,8 @@ On LunarLander-v3 with gymnasium's heuristic, every variant plays the same episo
 ``i`` seeded ``i``) and is timed end to end, env construction and record writing included:
 
 1. bare loop   ``gymnasium.make`` + ``lunar_lander.heuristic`` + ``env.step``, one process, nothing recorded;
-2. sequential  ``mazerun.rollout.rollout`` with ``runner.type=sequential``, trajectories recorded;
-3. parallel    ``mazerun.rollout.rollout`` with ``runner.type=parallel`` (one worker per core), recorded.
+2. sequential  ``mazerun.acting.rollout.rollout`` with ``runner.type=sequential``, trajectories recorded;
+3. parallel    ``mazerun.acting.rollout.rollout`` with ``runner.type=parallel`` (one worker per core), recorded.
 
 Throughput is total env steps / wall seconds. Each of ``--repeats`` rounds runs every variant
 once, in turn, so that a change in the machine's load hits all of them alike; the table shows the
@@ -46,8 +46,8 @@ from gymnasium.envs.box2d.lunar_lander import heuristic
 
 from common import Table, load_average
 
-from mazerun.config import PolicyConfig, RunnerConfig, worker_count
-from mazerun.rollout import rollout
+from mazerun.config.schemas import PolicyConfig, RunnerConfig, worker_count
+from mazerun.acting.rollout import rollout
 
 LUNAR_ENV = "LunarLander-v3"
 BABYAI_ENV = "BabyAI-GoToLocal-v0"

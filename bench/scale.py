@@ -43,8 +43,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Table, load_average  # noqa: E402
 
-from mazerun.records import StateTrajectoryRecord  # noqa: E402
-from mazerun.store import INDEX_FILE, StoreWriter  # noqa: E402
+from mazerun.data.records import StateTrajectoryRecord  # noqa: E402
+from mazerun.acting.envs import env_spaces  # noqa: E402
+from mazerun.data.store import INDEX_FILE, StoreWriter  # noqa: E402
 
 ENV_ID = "LunarLander-v3"
 MEMORY_LIMIT_MB = 500
@@ -67,7 +68,7 @@ def synthetic_store(path: Path, transitions: int, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     written = 0
     started = time.perf_counter()
-    with StoreWriter(path) as writer:
+    with StoreWriter(path, env_spaces) as writer:
         number = 0
         while written < transitions:
             steps = int(min(rng.integers(150, 601), transitions - written))
@@ -116,11 +117,11 @@ SPEED_CHILD = r"""
 import json, sys, time, torch
 from pathlib import Path
 from mazerun.algorithms import algorithm_module
-from mazerun.config import DatasetConfig, RunConfig, RunnerConfig
-from mazerun.loops.offline import _datasets, make_sampler
-from mazerun.models import ModelConfig
-from mazerun.runsetup import prepare
-from mazerun.store import ColumnarStore
+from mazerun.config.schemas import DatasetConfig, RunConfig, RunnerConfig
+from mazerun.training.loops.offline import _datasets, make_sampler
+from mazerun.nn.models import ModelConfig
+from mazerun.training.runsetup import prepare
+from mazerun.data.store import ColumnarStore
 
 source, kind, name, updates = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 torch.set_num_threads(int(sys.argv[6]))

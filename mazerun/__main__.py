@@ -1,6 +1,6 @@
 """`run` and `python -m mazerun`: the stop signals are handled before Hydra and torch load (see :func:`run_command`)."""
 
-from mazerun.interrupts import run_command
+from mazerun.core.interrupts import run_command
 
 
 def main() -> None:

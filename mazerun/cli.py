@@ -10,7 +10,7 @@ Jobs of a sweep may run in other processes (joblib, submitit, Ray): a job that f
 ``failed.txt`` (its one-line error) in its directory, and :class:`SweepOutcome`, a Hydra
 callback in the main process, counts them when the sweep ends. Under ``torchrun`` every rank
 runs this module; rank 0 lets Hydra pick the run directory and tells the other ranks (see
-:mod:`mazerun.distributed`).
+:mod:`mazerun.training.distributed`).
 """
 
 from __future__ import annotations
@@ -35,11 +35,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from mazerun import distributed, interrupts
-from mazerun.config import RunConfig
-from mazerun.errors import MazerunError
-from mazerun.tuned import applied_tuned_defaults, config_dirs
-from mazerun.validation import RECORD_STAGE, validate
+from mazerun.compose.validation import RECORD_STAGE, validate
+from mazerun.config.schemas import RunConfig
+from mazerun.config.tuned import applied_tuned_defaults, config_dirs
+from mazerun.core import interrupts
+from mazerun.core.errors import MazerunError
+from mazerun.training import distributed
 
 log = logging.getLogger("mazerun")
 
@@ -70,25 +71,25 @@ def execute(config: RunConfig, run_dir: Path) -> float:
     metric = _run(config, run_dir)
     if config.optimized_metric is None:
         return metric
-    from mazerun.metrics import last_value
+    from mazerun.training.metrics import last_value
 
     return last_value(run_dir, config.optimized_metric)
 
 
 def _run(config: RunConfig, run_dir: Path) -> float:
     if config.hpo is not None:
-        from mazerun.population import train_population
+        from mazerun.compose.population import train_population
 
         return _metric(train_population(config, run_dir).best)
     if config.pipeline is not None:
-        from mazerun.pipeline import run_pipeline
+        from mazerun.compose.pipeline import run_pipeline
 
         return _metric(run_pipeline(config, run_dir).best)
     if config.algorithm is not None:
-        from mazerun.train import train
+        from mazerun.training.train import train
 
         return _metric(train(config, run_dir).best)
-    from mazerun.rollout import run_rollout
+    from mazerun.acting.rollout import run_rollout
 
     return _metric(run_rollout(config, run_dir)["mean"])
 
@@ -227,7 +228,7 @@ def failed_job_value(sweeper: Any) -> float:
 
 
 def _mark_failed(run_dir: Path, message: str) -> None:
-    from mazerun.records import atomic_write_bytes
+    from mazerun.core.files import atomic_write_bytes
 
     try:
         atomic_write_bytes(run_dir / FAILED_JOB, f"error: {message}\n".encode())
@@ -253,7 +254,7 @@ def check_optimized_metric(config: RunConfig) -> None:
 
 
 def check_data_parallel(config: RunConfig, world: distributed.World) -> None:
-    """Under torchrun with more than one process, only bc, cql and iql train (see :mod:`mazerun.distributed`)."""
+    """Under torchrun with more than one process, only bc, cql and iql train (see :mod:`mazerun.training.distributed`)."""
     if not world.distributed:
         return
     if config.pipeline is not None:

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from mazerun.algorithms.ppo import RolloutBatch
-from mazerun.checkpoint import save_checkpoint
-from mazerun.models import ModelConfig
-from mazerun.runsetup import model_config_dict
+from mazerun.nn.checkpoint import save_checkpoint
+from mazerun.nn.models import ModelConfig
+from mazerun.training.runsetup import model_config_dict
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,17 +10,17 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-
 from conftest import newest_run_dir, run_cli, run_ok, save_network, spawn_cli
+
+from mazerun.acting.policies.torch_policy import TorchPolicy
+from mazerun.acting.rollout import rollout
 from mazerun.algorithms.bc import BCConfig, BehaviouralCloning
-from mazerun.checkpoint import load_checkpoint, save_checkpoint
-from mazerun.config import PolicyConfig, RunnerConfig
-from mazerun.data import BatchSampler, records_to_dataset
-from mazerun.metrics import read_metrics_csv
-from mazerun.models import ModelConfig
-from mazerun.policies.torch_policy import TorchPolicy
-from mazerun.records import EpisodeBuilder, load_records, write_record
-from mazerun.rollout import rollout
+from mazerun.config.schemas import PolicyConfig, RunnerConfig
+from mazerun.data.records import EpisodeBuilder, load_records, write_record
+from mazerun.data.tensors import BatchSampler, records_to_dataset
+from mazerun.nn.checkpoint import load_checkpoint, save_checkpoint
+from mazerun.nn.models import ModelConfig
+from mazerun.training.metrics import read_metrics_csv
 
 QUICK = ["algorithm.n_updates=20", "algorithm.eval_every=10", "runner.eval_repeats=2"]
 

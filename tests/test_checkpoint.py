@@ -6,17 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-from mazerun.checkpoint import (
+from mazerun.acting.envs import make_env
+from mazerun.core.errors import MazerunError
+from mazerun.nn.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
     load_checkpoint,
     save_checkpoint,
     space_from_dict,
     space_to_dict,
 )
-from mazerun.envs import make_env
-from mazerun.errors import MazerunError
-from mazerun.models import ModelConfig, Vocabulary, build_actor_critic, default_model_kind
-from mazerun.runsetup import model_config_dict
+from mazerun.nn.models import ModelConfig, Vocabulary, build_actor_critic, default_model_kind
+from mazerun.training.runsetup import model_config_dict
 
 
 def _trained_linear() -> tuple[nn.Linear, torch.optim.Adam]:

@@ -10,19 +10,19 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-
 from conftest import newest_run_dir, run_cli, run_ok, spawn_cli
+
+from mazerun.acting.envs import ExpertActions, make_env, make_vector_env
+from mazerun.acting.policies.heuristic import BabyAIBotPolicy, LunarLanderHeuristic
 from mazerun.algorithms.dagger import DAggerConfig, TeacherForcingConfig
-from mazerun import interrupts
-from mazerun.checkpoint import load_checkpoint
-from mazerun.config import EnvConfig, RunConfig, RunnerConfig
-from mazerun.envs import ExpertActions, make_env, make_vector_env
-from mazerun.loops.interactive import LabelledStates, due_updates
-from mazerun.metrics import read_metrics_csv
-from mazerun.policies.heuristic import BabyAIBotPolicy, LunarLanderHeuristic
-from mazerun.records import load_records
-from mazerun.schedules import LinearSchedule
-from mazerun.train import train
+from mazerun.config.schemas import EnvConfig, RunConfig, RunnerConfig
+from mazerun.core import interrupts
+from mazerun.core.schedules import LinearSchedule
+from mazerun.data.records import load_records
+from mazerun.nn.checkpoint import load_checkpoint
+from mazerun.training.loops.interactive import LabelledStates, due_updates
+from mazerun.training.metrics import read_metrics_csv
+from mazerun.training.train import train
 
 TINY = ["algorithm=dagger", "algorithm.n_steps=16", "runner.n_envs=4", "runner.eval_repeats=2",
         "model.hidden_sizes=[32,32]"]

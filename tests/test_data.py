@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from mazerun.data import (
+from mazerun.acting.envs import make_env
+from mazerun.core.errors import MazerunError
+from mazerun.data.records import EpisodeBuilder, StateTrajectoryRecord
+from mazerun.data.tensors import (
     BatchSampler,
     build_vocabulary,
     check_records_match_spaces,
@@ -16,10 +19,7 @@ from mazerun.data import (
     records_to_dataset,
     split_by_episode,
 )
-from mazerun.envs import make_env
-from mazerun.errors import MazerunError
-from mazerun.models import Vocabulary
-from mazerun.records import EpisodeBuilder, StateTrajectoryRecord
+from mazerun.nn.models import Vocabulary
 
 
 def vector_record(

@@ -10,14 +10,15 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, newest_run_dir, run_cli, run_ok
-from mazerun.config import PolicyConfig, RunnerConfig
-from mazerun.data import records_to_dataset
-from mazerun.datasets import load_dataset_records, read_hdf5, write_hdf5, write_minari
-from mazerun.errors import MazerunError
-from mazerun.records import StateTrajectoryRecord, load_records
-from mazerun.rollout import rollout
+
+from mazerun.acting.envs import make_env
+from mazerun.acting.rollout import rollout
+from mazerun.config.schemas import PolicyConfig, RunnerConfig
+from mazerun.core.errors import MazerunError
+from mazerun.data.formats import load_dataset_records, read_hdf5, write_hdf5, write_minari
+from mazerun.data.records import StateTrajectoryRecord, load_records
+from mazerun.data.tensors import records_to_dataset
 
 
 def hand_episode(steps: int, *, terminated: bool, seed: int, labels: bool = False) -> StateTrajectoryRecord:
@@ -69,14 +70,14 @@ def test_hdf5_round_trip_gives_the_records_own_tensors(tmp_path: Path) -> None:
 
 
 def test_minari_round_trip_gives_the_records_own_tensors(minari_root: Path) -> None:
-    write_minari(RECORDS, "mazerun/hand-v0")
+    write_minari(RECORDS, "mazerun/hand-v0", make_env(RECORDS[0].env_id))
     assert (minari_root / "mazerun" / "hand-v0" / "data").is_dir()
     assert not [path for path in minari_root.iterdir() if path.name.startswith(".")]  # no scratch left behind
     records = load_dataset_records(["minari:mazerun/hand-v0"])
     assert [record.env_id for record in records] == ["LunarLander-v3"] * 3
     assert_same_tensors(records, RECORDS)
     with pytest.raises(MazerunError, match="already exists"):
-        write_minari(RECORDS, "mazerun/hand-v0")
+        write_minari(RECORDS, "mazerun/hand-v0", make_env(RECORDS[0].env_id))
 
 
 def test_agilerl_layout_splits_at_terminals_and_timeouts_and_never_pairs_across_episodes(tmp_path: Path) -> None:
@@ -136,7 +137,7 @@ def test_the_issue_s_cartpole_search_trains_on_an_hdf5_file(workdir: Path, cartp
 
 
 def load_checkpoint_env(run_dir: Path) -> str:
-    from mazerun.checkpoint import load_checkpoint
+    from mazerun.nn.checkpoint import load_checkpoint
 
     return load_checkpoint(run_dir / "best.pt").env_id
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import _default_signals, kill_group, run_ok
-from mazerun.checkpoint import load_checkpoint
-from mazerun.config import PolicyConfig, RunnerConfig
-from mazerun.metrics import read_metrics_csv
-from mazerun.rollout import rollout
+
+from mazerun.acting.rollout import rollout
+from mazerun.config.schemas import PolicyConfig, RunnerConfig
 from mazerun.datasets import write_store
+from mazerun.nn.checkpoint import load_checkpoint
+from mazerun.training.metrics import read_metrics_csv
 
 TINY = ["algorithm.n_updates=30", "algorithm.eval_every=15", "runner.eval_repeats=1", "runner.max_episode_steps=40",
         "model.hidden_sizes=[16]", "algorithm.batch_size=32", "device=cpu"]

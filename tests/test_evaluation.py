@@ -6,7 +6,7 @@ import gymnasium as gym
 import pytest
 import torch
 
-from mazerun.evaluation import EVAL_SEED_OFFSET, evaluate
+from mazerun.acting.evaluation import EVAL_SEED_OFFSET, evaluate
 
 
 @pytest.mark.parametrize("episodes", [3, 20])
@@ -31,7 +31,7 @@ def test_evaluation_plays_each_seed_once(episodes: int) -> None:
 
 def test_evaluation_is_deterministic_and_reports_success_on_babyai() -> None:
     space = gym.make("BabyAI-GoToLocal-v0").observation_space
-    from mazerun.models import Vocabulary
+    from mazerun.nn.models import Vocabulary
 
     vocabulary = Vocabulary.build(["go to the red ball"])
     first = evaluate(lambda obs: torch.full((len(obs["direction"]),), 2), "BabyAI-GoToLocal-v0", 4,

@@ -12,18 +12,19 @@ import gymnasium as gym
 import pytest
 import torch
 
+from mazerun.acting.envs import make_vector_env
 from mazerun.algorithms.bc import BCConfig, BehaviouralCloning
 from mazerun.algorithms.cql import ConservativeQLearning, CQLConfig
 from mazerun.algorithms.ppo import PPO, PPOConfig, RolloutBatch
-from mazerun.checkpoint import save_checkpoint
-from mazerun.data import TransitionBatch
-from mazerun.errors import MazerunError
-from mazerun.envs import NO_LABEL, make_vector_env
-from mazerun import fused
-from mazerun.fused import FusedActorCritic, fusable
-from mazerun.loops.onpolicy import RolloutBuffer, RolloutCollector
-from mazerun.models import ModelConfig, build_actor_critic
-from mazerun.optim import Adam, adam_step, reference_adam_step
+from mazerun.core.errors import MazerunError
+from mazerun.data.records import NO_LABEL
+from mazerun.data.tensors import TransitionBatch
+from mazerun.fast import fused
+from mazerun.fast.fused import FusedActorCritic, fusable
+from mazerun.fast.optim import Adam, adam_step, reference_adam_step
+from mazerun.nn.checkpoint import save_checkpoint
+from mazerun.nn.models import ModelConfig, build_actor_critic
+from mazerun.training.loops.onpolicy import RolloutBuffer, RolloutCollector
 
 OBSERVATIONS = gym.spaces.Box(-1.0, 1.0, (5,))
 
@@ -199,8 +200,8 @@ def test_training_never_imports_the_compiler() -> None:
         "import sys, tempfile\n"
         "from pathlib import Path\n"
         "from mazerun.algorithms.ppo import PPOConfig\n"
-        "from mazerun.config import RunConfig, RunnerConfig\n"
-        "from mazerun.train import train\n"
+        "from mazerun.config.schemas import RunConfig, RunnerConfig\n"
+        "from mazerun.training.train import train\n"
         "with tempfile.TemporaryDirectory() as directory:\n"
         "    train(RunConfig(algorithm=PPOConfig(n_steps=16, batch_size=16, total_steps=32, eval_every=32),\n"
         "                    runner=RunnerConfig(n_envs=2, max_episode_steps=20, eval_repeats=1),\n"
@@ -289,7 +290,7 @@ def test_bfloat16_products_on_a_cpu_that_lacks_them_warn_once(monkeypatch, caplo
     """Without AVX512-BF16 or AMX torch multiplies bfloat16 with a scalar loop, ~20x slower than float32."""
     monkeypatch.setattr(fused, "native_low_precision", lambda dtype, device: dtype == torch.float32)
     monkeypatch.setattr(fused, "_warned_slow_dtypes", set())
-    with caplog.at_level(logging.WARNING, logger="mazerun.fused"):
+    with caplog.at_level(logging.WARNING, logger="mazerun.fast.fused"):
         _cql(True, "huber")
         assert not caplog.records
         for _ in range(2):

@@ -21,16 +21,16 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
+from conftest import REPO, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO, run_cli
-from mazerun.data import BatchSampler, check_records_match_spaces, records_to_dataset
-from mazerun.datasets import read_hdf5, read_minari, write_hdf5, write_minari
-from mazerun.envs import make_env
-from mazerun.errors import MazerunError
-from mazerun.records import StateTrajectoryRecord, load_records, write_record
-from mazerun.store import INDEX_FILE, ColumnarStore, StoreDataset, StoreWriter
+from mazerun.acting.envs import env_spaces, make_env
+from mazerun.core.errors import MazerunError
+from mazerun.data.formats import read_hdf5, read_minari, write_hdf5, write_minari
+from mazerun.data.records import StateTrajectoryRecord, load_records, write_record
+from mazerun.data.store import INDEX_FILE, ColumnarStore, StoreDataset, StoreWriter
+from mazerun.data.tensors import BatchSampler, check_records_match_spaces, records_to_dataset
 
 FUZZ = settings(max_examples=15, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -156,7 +156,7 @@ class _Huge:
 
 
 def build_store(path: Path) -> Path:
-    with StoreWriter(path) as writer:
+    with StoreWriter(path, env_spaces) as writer:
         for record in EPISODES:
             writer.add(record)
     return path
@@ -214,7 +214,7 @@ def test_mutated_minari_datasets_read_or_are_refused(mutation: tuple[str, Any]) 
     with tempfile.TemporaryDirectory() as scratch:
         os.environ["MINARI_DATASETS_PATH"] = scratch
         try:
-            write_minari(EPISODES, "fuzz/lunar-v0")
+            write_minari(EPISODES, "fuzz/lunar-v0", make_env(EPISODES[0].env_id))
             data = Path(scratch) / "fuzz" / "lunar-v0" / "data" / "main_data.hdf5"
             data.write_bytes(mutate(data.read_bytes(), mutation))
             loads_or_refuses(Path(scratch), lambda: read_minari("fuzz/lunar-v0"))

@@ -13,12 +13,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import REPO, run_cli
-from mazerun.datasets import write_hdf5, write_minari
-from mazerun.errors import MazerunError
-from mazerun.records import StateTrajectoryRecord, write_record
-from mazerun.store import INDEX_FILE, StoreWriter
+
+from mazerun.acting.envs import env_spaces, make_env
+from mazerun.core.errors import MazerunError
+from mazerun.data.formats import write_hdf5, write_minari
+from mazerun.data.records import StateTrajectoryRecord, write_record
+from mazerun.data.store import INDEX_FILE, StoreWriter
 
 TINY = ["algorithm=bc", "algorithm.n_updates=2", "algorithm.eval_every=2", "algorithm.batch_size=8",
         "algorithm.validation_percentage=0", "runner.eval_repeats=1", "runner.max_episode_steps=20",
@@ -41,7 +42,7 @@ def recorded(directory: Path, *records: StateTrajectoryRecord) -> Path:
 
 
 def store_of(path: Path, *records: StateTrajectoryRecord) -> Path:
-    with StoreWriter(path) as writer:
+    with StoreWriter(path, env_spaces) as writer:
         for record in records or [episode(6, 0), episode(4, 1), episode(5, 2)]:
             writer.add(record)
     return path
@@ -94,8 +95,8 @@ def huge_record(path: Path) -> Path:
 
 MAXRSS = """
 import resource, sys
-from mazerun.errors import MazerunError
-from mazerun.records import load_records
+from mazerun.core.errors import MazerunError
+from mazerun.data.records import load_records
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # after the imports (torch among them)
 try:
     load_records(sys.argv[1])
@@ -158,7 +159,7 @@ def test_an_empty_hdf5_file_and_a_truncated_minari_dataset_say_how_to_export_aga
     (workdir / "empty.h5").write_bytes(b"")
     one_line(train_on(workdir / "empty.h5", workdir), "empty.h5 is not readable HDF5", "python -m mazerun.datasets export")
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(workdir / "minari"))  # the runs below inherit it
-    write_minari([episode(6, 0), episode(4, 1)], "mazerun/hostile-v0")
+    write_minari([episode(6, 0), episode(4, 1)], "mazerun/hostile-v0", make_env("LunarLander-v3"))
     data = workdir / "minari" / "mazerun" / "hostile-v0" / "data" / "main_data.hdf5"
     data.write_bytes(data.read_bytes()[:2000])
     line = one_line(train_on("minari:mazerun/hostile-v0", workdir), "main_data.hdf5 is not readable HDF5",
@@ -219,7 +220,7 @@ def test_hdf5_observations_far_outside_the_box_and_swapped_store_lengths_are_ref
 
 
 def test_hdf5_flags_that_are_not_zero_or_one_are_refused(tmp_path: Path) -> None:
-    from mazerun.datasets import read_hdf5
+    from mazerun.data.formats import read_hdf5
 
     path = tmp_path / "flags.h5"
     with h5py.File(path, "w") as file:

@@ -8,18 +8,18 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-
 from conftest import newest_run_dir, run_cli, run_ok
-from mazerun.checkpoint import load_checkpoint
-from mazerun.config import PolicyConfig, RunnerConfig
-from mazerun.data import SequenceSampler, records_to_dataset
-from mazerun.envs import make_env, make_vector_env
-from mazerun.evaluation import EVAL_SEED_OFFSET, evaluate
-from mazerun.loops.onpolicy import RolloutBuffer, RolloutCollector, whole_sequence_batch_size
-from mazerun.models import Memory, ModelConfig, build_actor_critic, build_q_network
-from mazerun.policies.torch_policy import TorchPolicy
-from mazerun.records import StateTrajectoryRecord, load_records
-from mazerun.rollout import rollout
+
+from mazerun.acting.envs import make_env, make_vector_env
+from mazerun.acting.evaluation import EVAL_SEED_OFFSET, evaluate
+from mazerun.acting.policies.torch_policy import TorchPolicy
+from mazerun.acting.rollout import rollout
+from mazerun.config.schemas import PolicyConfig, RunnerConfig
+from mazerun.data.records import StateTrajectoryRecord, load_records
+from mazerun.data.tensors import SequenceSampler, records_to_dataset
+from mazerun.nn.checkpoint import load_checkpoint
+from mazerun.nn.models import Memory, ModelConfig, build_actor_critic, build_q_network
+from mazerun.training.loops.onpolicy import RolloutBuffer, RolloutCollector, whole_sequence_batch_size
 
 MEMORY = ["model.memory=gru", "model.memory_size=16", "model.hidden_sizes=[16,16]"]
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mazerun.metrics import MetricsLogger, format_table, read_metrics_csv
+from mazerun.training.metrics import MetricsLogger, format_table, read_metrics_csv
 
 
 def test_format_table_matches_maze_layout():

@@ -12,9 +12,9 @@ import torch
 from omegaconf import OmegaConf
 from torch.distributions import Categorical, Independent
 
-from mazerun.envs import make_env
-from mazerun.errors import MazerunError
-from mazerun.models import (
+from mazerun.acting.envs import make_env
+from mazerun.core.errors import MazerunError
+from mazerun.nn.models import (
     ActorCritic,
     ModelConfig,
     Vocabulary,
@@ -23,7 +23,7 @@ from mazerun.models import (
     default_model_kind,
     obs_to_tensor,
 )
-from mazerun.runsetup import resolve_model_config
+from mazerun.training.runsetup import resolve_model_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -9,20 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import newest_run_dir, run_cli, run_ok
 from torch import nn
 
-from conftest import newest_run_dir, run_cli, run_ok
+from mazerun.acting.envs import make_env
 from mazerun.algorithms import cql, iql
 from mazerun.algorithms.base import follow_target, frozen_copy
 from mazerun.algorithms.cql import CQLConfig, conservative_loss, double_dqn_target, td_error_loss
 from mazerun.algorithms.iql import advantage_weights, expectile_loss, weighted_log_likelihood_loss
-from mazerun.checkpoint import load_checkpoint
-from mazerun.validation import validate
-from mazerun.data import BatchSampler, build_vocabulary, records_to_dataset
-from mazerun.envs import make_env
-from mazerun.errors import MazerunError
-from mazerun.models import ModelConfig
-from mazerun.records import StateTrajectoryRecord, load_records
+from mazerun.compose.validation import validate
+from mazerun.core.errors import MazerunError
+from mazerun.data.records import StateTrajectoryRecord, load_records
+from mazerun.data.tensors import BatchSampler, build_vocabulary, records_to_dataset
+from mazerun.nn.checkpoint import load_checkpoint
+from mazerun.nn.models import ModelConfig
 
 TINY = ("model.hidden_sizes=[32,32]", "runner.max_episode_steps=100", "runner.eval_repeats=2")
 """Small networks and short evaluation episodes: the runs check the wiring, not the learning."""

@@ -10,13 +10,13 @@ from pathlib import Path
 import gymnasium as gym
 import pytest
 import torch
-
 from conftest import newest_run_dir, run_cli, run_ok, spawn_cli, synthetic_batch
+
 from mazerun.algorithms.ppo import PPO, PPOConfig
-from mazerun.checkpoint import load_checkpoint
-from mazerun.data import TransitionBatch
-from mazerun.metrics import read_metrics_csv
-from mazerun.models import ModelConfig, build_actor_critic
+from mazerun.data.tensors import TransitionBatch
+from mazerun.nn.checkpoint import load_checkpoint
+from mazerun.nn.models import ModelConfig, build_actor_critic
+from mazerun.training.metrics import read_metrics_csv
 
 SMALL = ["runner.max_episode_steps=60", "runner.n_envs=2", "runner.eval_repeats=2", "model.hidden_sizes=[16,16]"]
 PPO_STAGE = ["pipeline.stages.ppo.n_steps=32", "pipeline.stages.ppo.batch_size=32", "pipeline.stages.ppo.eval_every=64",

@@ -12,15 +12,12 @@ from pathlib import Path
 import gymnasium as gym
 import pytest
 import torch
-
 from conftest import newest_run_dir, run_cli, run_ok, spawn_cli
+
+from mazerun.acting.rollout import rollout
 from mazerun.algorithms import bc, cql, iql
-from mazerun.batched import Cohort, gather
-from mazerun.checkpoint import load_checkpoint
-from mazerun.config import PolicyConfig, RunnerConfig
-from mazerun.data import TransitionDataset
-from mazerun.errors import MazerunError
-from mazerun.evolution import (
+from mazerun.compose.cohort import Cohort, gather
+from mazerun.compose.evolution import (
     Agent,
     MutationConfig,
     RangeConfig,
@@ -33,10 +30,13 @@ from mazerun.evolution import (
     mutate_value,
     tournament_selection,
 )
-from mazerun.models import ModelConfig, build_network
-from mazerun.records import load_records
-from mazerun.rollout import rollout
-from mazerun.validation import validate
+from mazerun.compose.validation import validate
+from mazerun.config.schemas import PolicyConfig, RunnerConfig
+from mazerun.core.errors import MazerunError
+from mazerun.data.records import load_records
+from mazerun.data.tensors import TransitionDataset
+from mazerun.nn.checkpoint import load_checkpoint
+from mazerun.nn.models import ModelConfig, build_network
 
 OBSERVATIONS = gym.spaces.Box(-1.0, 1.0, (3,))
 ACTIONS = gym.spaces.Discrete(3)
@@ -241,7 +241,7 @@ def test_a_cohort_that_copies_its_targets_rarely_reads_their_values_from_a_table
 
 @pytest.mark.parametrize("name", ["cql", "cql_bfloat16", "cql_autograd", "iql", "bc"])
 def test_the_batched_update_equals_per_agent_updates(name: str) -> None:
-    """CQL's cohort steps by hand (mazerun.fused; in bfloat16 too), with fused=false through vmap and autograd
+    """CQL's cohort steps by hand (mazerun.fast.fused; in bfloat16 too), with fused=false through vmap and autograd
     like the others."""
     module = MODULES[name.split("_")[0]]
     data = tiny_data()

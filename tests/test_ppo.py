@@ -8,22 +8,22 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-
 from conftest import newest_run_dir, run_cli, run_ok, save_network, synthetic_batch
+
+from mazerun.acting.envs import make_env, make_vector_env
+from mazerun.acting.evaluation import evaluate
+from mazerun.acting.rollout import rollout
 from mazerun.algorithms.bc import BCConfig
 from mazerun.algorithms.ppo import PPO, PPOConfig, compute_gae, log_prob_and_entropy
-from mazerun.checkpoint import load_checkpoint, network_from_checkpoint
 from mazerun.cli import execute
-from mazerun.config import DatasetConfig, PolicyConfig, RunConfig, RunnerConfig
-from mazerun.envs import make_env, make_vector_env
-from mazerun.errors import MazerunError
-from mazerun.evaluation import evaluate
-from mazerun.loops.onpolicy import RolloutBuffer, RolloutCollector
-from mazerun.metrics import read_metrics_csv
-from mazerun.models import CRITIC_PREFIXES, ModelConfig, build_actor_critic, build_q_network, obs_to_tensor
-from mazerun.rollout import rollout
-from mazerun.train import train
-from mazerun.validation import validate
+from mazerun.compose.validation import validate
+from mazerun.config.schemas import DatasetConfig, PolicyConfig, RunConfig, RunnerConfig
+from mazerun.core.errors import MazerunError
+from mazerun.nn.checkpoint import load_checkpoint, network_from_checkpoint
+from mazerun.nn.models import CRITIC_PREFIXES, ModelConfig, build_actor_critic, build_q_network, obs_to_tensor
+from mazerun.training.loops.onpolicy import RolloutBuffer, RolloutCollector
+from mazerun.training.metrics import read_metrics_csv
+from mazerun.training.train import train
 
 TINY = ["algorithm.n_steps=32", "algorithm.batch_size=32", "runner.n_envs=2", "runner.max_episode_steps=50",
         "runner.eval_repeats=2", "model.hidden_sizes=[16,16]"]

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from mazerun import progress
-from mazerun.progress import Progress
+from mazerun.core import progress
+from mazerun.core.progress import Progress
 
 
 class Clock:

@@ -22,7 +22,6 @@ import h5py
 import pytest
 import yaml
 from _pytest.mark import ParameterSet
-
 from conftest import DATASETS, MAZERUN, REPO, run_cli, spawn_cli
 
 TIMEOUT = 240

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mazerun.errors import MazerunError
-from mazerun.records import RECORD_FORMAT_VERSION, EpisodeBuilder, load_records, write_record
+from mazerun.core.errors import MazerunError
+from mazerun.data.records import RECORD_FORMAT_VERSION, EpisodeBuilder, load_records, write_record
 
 
 def _episode(steps: int = 3, *, truncated: bool = False):
@@ -75,7 +75,7 @@ def test_reader_takes_a_list_of_sources(tmp_path: Path) -> None:
 
 
 def test_interrupted_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mazerun.records as records
+    import mazerun.data.records as records
 
     def explode(*_args, **_kwargs):
         raise KeyboardInterrupt

@@ -16,19 +16,20 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-
 from conftest import DATASETS, newest_run_dir, run_cli, run_ok, spawn_cli
-from mazerun import interrupts
+
+from mazerun.acting.rollout import rollout
 from mazerun.algorithms.bc import BCConfig
 from mazerun.algorithms.cql import CQLConfig
 from mazerun.algorithms.iql import IQLConfig
-from mazerun.checkpoint import load_checkpoint, space_to_dict
-from mazerun.config import DatasetConfig, PolicyConfig, RunConfig, RunnerConfig
-from mazerun.errors import MazerunError
-from mazerun.metrics import read_metrics_csv
-from mazerun.records import STATS_FILE, atomic_write_bytes, load_records, write_record
-from mazerun.rollout import rollout
-from mazerun.train import train
+from mazerun.config.schemas import DatasetConfig, PolicyConfig, RunConfig, RunnerConfig
+from mazerun.core import interrupts
+from mazerun.core.errors import MazerunError
+from mazerun.core.files import atomic_write_bytes
+from mazerun.data.records import STATS_FILE, load_records, write_record
+from mazerun.nn.checkpoint import load_checkpoint, space_to_dict
+from mazerun.training.metrics import read_metrics_csv
+from mazerun.training.train import train
 
 QUICK = ["algorithm.eval_every=20", "runner.eval_repeats=1", "runner.max_episode_steps=50", "model.hidden_sizes=[16,16]"]
 
@@ -75,7 +76,7 @@ def test_records_written_by_earlier_versions_still_load(tmp_path: Path) -> None:
     episode = {"observations": np.zeros((3, 8), np.float32), "actions": np.array([0, 1]), "rewards": np.array([1.0, 2.0]),
                "terminated": True, "truncated": False, "env_id": "LunarLander-v3", "seed": 4, "policy": "heuristic",
                "format_version": 1, "id": "1c0ffee0-0000-4000-8000-000000000000"}
-    from mazerun.records import StateTrajectoryRecord
+    from mazerun.data.records import StateTrajectoryRecord
 
     old = StateTrajectoryRecord.__new__(StateTrajectoryRecord)
     old.__dict__.update(episode)

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import newest_run_dir, run_cli, run_ok, spawn_cli
-from mazerun.config import PolicyConfig, RunnerConfig
-from mazerun.errors import MazerunError
-from mazerun.policies.heuristic import LunarLanderHeuristic
-from mazerun.records import StateTrajectoryRecord, load_records
-from mazerun.rollout import rollout
+
+from mazerun.acting.policies.heuristic import LunarLanderHeuristic
+from mazerun.acting.rollout import rollout
+from mazerun.config.schemas import PolicyConfig, RunnerConfig
+from mazerun.core.errors import MazerunError
+from mazerun.data.records import StateTrajectoryRecord, load_records
 
 
 def test_seed_004_record_command_works_as_written(workdir: Path) -> None:

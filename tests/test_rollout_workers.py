@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import group_members, newest_run_dir, spawn_cli
-from mazerun import config
-from mazerun.config import PolicyConfig, RunnerConfig, usable_cpus, worker_count
-from mazerun.errors import MazerunError
-from mazerun.records import load_records
-from mazerun.rollout import EpisodePlayer, rollout
+
+from mazerun.acting.rollout import EpisodePlayer, rollout
+from mazerun.config import schemas as config
+from mazerun.config.schemas import PolicyConfig, RunnerConfig, usable_cpus, worker_count
+from mazerun.core.errors import MazerunError
+from mazerun.data.records import load_records
 
 
 def _children(pid: int) -> list[int]:
@@ -66,7 +66,7 @@ def test_an_episode_that_kills_its_worker_twice_stops_the_run(
 
     monkeypatch.setattr(EpisodePlayer, "play", play)  # the forked workers inherit it
     runner = RunnerConfig(n_episodes=40, n_workers=2, max_episode_steps=30)
-    with caplog.at_level(logging.WARNING, logger="mazerun.rollout"):
+    with caplog.at_level(logging.WARNING, logger="mazerun.acting.rollout"):
         with pytest.raises(MazerunError) as raised:
             rollout("LunarLander-v3", PolicyConfig(), runner, tmp_path, print_fn=lambda _: None)
     message = str(raised.value)

@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, newest_run_dir, run_cli, run_ok
-from mazerun.data import BatchSampler, SequenceSampler, observation_stats, records_to_dataset, split_by_episode
-from mazerun.datasets import write_hdf5
-from mazerun.errors import MazerunError
-from mazerun.metrics import read_metrics_csv
-from mazerun.records import StateTrajectoryRecord
+
+from mazerun.acting.envs import env_spaces
+from mazerun.core.errors import MazerunError
+from mazerun.data.formats import write_hdf5
+from mazerun.data.records import StateTrajectoryRecord
+from mazerun.data.store import INDEX_FILE, ColumnarStore, StoreDataset, StoreWriter, store_split
+from mazerun.data.tensors import BatchSampler, SequenceSampler, observation_stats, records_to_dataset, split_by_episode
 from mazerun.datasets import write_store
-from mazerun.store import INDEX_FILE, ColumnarStore, StoreDataset, StoreWriter, store_split
+from mazerun.training.metrics import read_metrics_csv
 
 QUICK = ["algorithm.n_updates=20", "algorithm.eval_every=10", "runner.eval_repeats=1", "runner.max_episode_steps=40",
          "model.hidden_sizes=[16]", "algorithm.batch_size=32", "device=cpu"]
@@ -42,7 +43,7 @@ def episode(steps: int, *, seed: int, terminated: bool = True, continuous: bool 
 
 
 def stored(records: list[StateTrajectoryRecord], path: Path) -> ColumnarStore:
-    with StoreWriter(path) as writer:
+    with StoreWriter(path, env_spaces) as writer:
         for record in records:
             writer.add(record)
     return ColumnarStore.open(path)
@@ -104,7 +105,7 @@ def test_store_batches_equal_in_memory_batches_for_the_same_seed_with_a_validati
 
 def test_convert_appends_and_reads_every_format_into_one_store(tmp_path: Path) -> None:
     pickles = tmp_path / "trajectory_data"
-    from mazerun.records import write_record
+    from mazerun.data.records import write_record
 
     for index, record in enumerate(RECORDS[:4]):
         write_record(record, pickles, index)
@@ -204,7 +205,7 @@ def _limited_file_size(limit: int):
 
 
 def test_a_full_disk_leaves_no_store_and_an_append_that_fills_it_is_cut_back(tmp_path: Path) -> None:
-    from mazerun.records import write_record
+    from mazerun.data.records import write_record
 
     big = [episode(400, seed=seed) for seed in range(3)]  # 401 x 32 bytes of observations each
     for index, record in enumerate(big):

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import run_cli, run_ok
-from mazerun.config import PolicyConfig, RunnerConfig
-from mazerun.metrics import read_metrics_csv
-from mazerun.records import load_records
-from mazerun.rollout import rollout
+
+from mazerun.acting.rollout import rollout
+from mazerun.config.schemas import PolicyConfig, RunnerConfig
+from mazerun.data.records import load_records
+from mazerun.training.metrics import read_metrics_csv
 
 TINY_ROLLOUT = ["runner.n_episodes=2", "runner.max_episode_steps=30", "runner=sequential"]
 TINY_TRAINING = ["algorithm.n_updates=20", "algorithm.eval_every=10", "runner.eval_repeats=1",
@@ -141,8 +141,8 @@ def test_the_ray_launcher_runs_a_cql_sweep_on_a_local_ray_instance(workdir: Path
 
 
 def test_optimized_metric_reads_the_last_report_and_a_misspelt_one_fails_before_the_run(workdir: Path) -> None:
-    from mazerun.errors import MazerunError
-    from mazerun.metrics import MetricsLogger, last_value
+    from mazerun.core.errors import MazerunError
+    from mazerun.training.metrics import MetricsLogger, last_value
 
     with MetricsLogger(workdir / "run", tensorboard=False, console=False) as logger:
         logger.log(10, {"mean_return": 5.0}, "eval")

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import newest_run_dir, run_ok
 from hydra import compose, initialize_config_dir
 
-from conftest import newest_run_dir, run_ok
-from mazerun.checkpoint import load_checkpoint
 from mazerun.cli import _config_dir
-from mazerun.tuned import applied_tuned_defaults
-from mazerun.validation import validate
+from mazerun.compose.validation import validate
+from mazerun.config.tuned import applied_tuned_defaults
+from mazerun.nn.checkpoint import load_checkpoint
 
 TUNED_FILES = sorted([*(Path(_config_dir()) / "tuned").glob("*.yaml"),
                       *(Path(_config_dir()) / "tuned_model").glob("*.yaml")])

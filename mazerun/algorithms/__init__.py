@@ -12,8 +12,8 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-from mazerun.config import structured
-from mazerun.errors import MazerunError
+from mazerun.config.schemas import structured
+from mazerun.core.errors import MazerunError
 
 ALGORITHMS = {
     "bc": "mazerun.algorithms.bc",

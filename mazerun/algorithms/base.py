@@ -11,12 +11,12 @@ import gymnasium as gym
 import torch
 from torch import nn
 
-from mazerun.config import check_fields
-from mazerun.data import SequenceBatch, TransitionBatch
-from mazerun.errors import MazerunError
-from mazerun.models import ModelConfig, Vocabulary
-from mazerun.optim import Adam
-from mazerun.schedules import LinearSchedule
+from mazerun.config.schemas import check_fields
+from mazerun.core.errors import MazerunError
+from mazerun.core.schedules import LinearSchedule
+from mazerun.data.tensors import SequenceBatch, TransitionBatch
+from mazerun.fast.optim import Adam
+from mazerun.nn.models import ModelConfig, Vocabulary
 
 Batch = TransitionBatch | SequenceBatch
 """Transitions for networks without memory, chunks of consecutive ones for networks with it."""
@@ -172,7 +172,7 @@ class OfflineAlgorithm(ABC):
 
     network: nn.Module
     network_type: str
-    """``actor_critic`` or ``q_network``: how :func:`mazerun.models.build_network` rebuilds it."""
+    """``actor_critic`` or ``q_network``: how :func:`mazerun.nn.models.build_network` rebuilds it."""
     optimizer: Adam
     gradient_sync: Callable[[], None] | None = None
     """Set by the offline loop under torchrun: averages the gradients over the processes after each backward."""

@@ -4,7 +4,7 @@
 
 A categorical head makes this the cross-entropy of the expert's discrete actions; a Gaussian
 head the negative log-likelihood of continuous ones. Only the actor learns: the value head of
-the same :class:`~mazerun.models.ActorCritic` stays untouched until PPO fine-tunes the clone.
+the same :class:`~mazerun.nn.models.ActorCritic` stays untouched until PPO fine-tunes the clone.
 Records written by DAgger carry the expert's label of every state beside the action executed
 there (teacher forcing may have executed the learner's); the labels are the targets then, and
 states the expert could not label are left out of the mean. A policy with memory reads chunks
@@ -21,12 +21,18 @@ import torch
 from torch.distributions import Distribution
 
 from mazerun.algorithms.base import Batch, OfflineAlgorithm, OfflineConfig, flat, warm_state
-from mazerun.data import SequenceBatch, TransitionBatch
-from mazerun.envs import NO_LABEL
-from mazerun.fused import StackedMLP, mlp_layers, normalize, single_stack
-from mazerun.models import (ActorCritic, ModelConfig, Vocabulary, build_actor_critic, flatten_distribution,
-                            log_probs_and_entropies)
-from mazerun.optim import Adam
+from mazerun.data.records import NO_LABEL
+from mazerun.data.tensors import SequenceBatch, TransitionBatch
+from mazerun.fast.fused import StackedMLP, mlp_layers, normalize, single_stack
+from mazerun.fast.optim import Adam
+from mazerun.nn.models import (
+    ActorCritic,
+    ModelConfig,
+    Vocabulary,
+    build_actor_critic,
+    flatten_distribution,
+    log_probs_and_entropies,
+)
 
 
 @dataclass
@@ -36,7 +42,7 @@ class BCConfig(OfflineConfig):
     eval_every: int = 500
     validation_percentage: float = 10.0
     fused: bool = True
-    """A categorical MLP policy on vector observations learns through :class:`mazerun.fused.StackedMLP` (the
+    """A categorical MLP policy on vector observations learns through :class:`mazerun.fast.fused.StackedMLP` (the
     same loss and Adam, the gradient by hand: :func:`imitation_gradient`); false: the autograd path."""
 
 

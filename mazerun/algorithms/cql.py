@@ -12,7 +12,7 @@ double DQN. The term is at least 0 and equals ``log(n_actions)`` when all Q-valu
 
 The target network follows the online one as :func:`mazerun.algorithms.base.follow_target`
 says (hard copy every ``target_update_interval`` updates by default). The acting network is the
-:class:`~mazerun.models.QNetwork` (``network_type = "q_network"``), greedy in Q at test time.
+:class:`~mazerun.nn.models.QNetwork` (``network_type = "q_network"``), greedy in Q at test time.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from mazerun.algorithms.base import (
     frozen_copy,
     warm_state,
 )
-from mazerun.data import SequenceBatch, TransitionBatch
-from mazerun.errors import MazerunError
-from mazerun.fused import HeadGradient, StackedQLearner
-from mazerun.models import ModelConfig, Vocabulary, build_q_network
-from mazerun.optim import Adam
+from mazerun.core.errors import MazerunError
+from mazerun.data.tensors import SequenceBatch, TransitionBatch
+from mazerun.fast.fused import HeadGradient, StackedQLearner
+from mazerun.fast.optim import Adam
+from mazerun.nn.models import ModelConfig, Vocabulary, build_q_network
 
 TD_LOSSES = ("huber", "mse")
 MATMUL_DTYPES = ("float32", "bfloat16")
@@ -55,11 +55,11 @@ class CQLConfig(ValueLearningConfig):
     td_loss: str = "huber"
     """huber (robust to the large rewards of crashes and landings) or mse."""
     fused: bool = True
-    """An MLP on vector observations learns through :class:`mazerun.fused.StackedQLearner` (the same
+    """An MLP on vector observations learns through :class:`mazerun.fast.fused.StackedQLearner` (the same
     loss and Adam, the gradient by hand: :func:`conservative_q_gradient`); false: the autograd path."""
     matmul_dtype: str = "float32"
     """float32, or bfloat16: the fused step's hidden layers multiply in bfloat16 with float32 accumulation
-    (:class:`mazerun.fused.LowPrecisionMLP`), 2-4x faster on CPUs with AVX512-BF16 or AMX, about 20x
+    (:class:`mazerun.fast.fused.LowPrecisionMLP`), 2-4x faster on CPUs with AVX512-BF16 or AMX, about 20x
     slower on those without (a warning says so); weights, gradients, Adam, evaluation and checkpoints
     stay float32. Needs the fused step."""
 
@@ -188,8 +188,8 @@ class ConservativeQLearning(OfflineAlgorithm):
         return {name: value.squeeze(0) for name, value in metrics.items()}
 
     def head_gradient(self, batch: TransitionBatch, gamma: torch.Tensor | float) -> HeadGradient:
-        """The :data:`~mazerun.fused.HeadGradient` of the loss on a stacked ``(K, B, ...)`` batch, ``gamma`` a float
-        or one per agent ``(K, 1)``: what :class:`~mazerun.fused.StackedQLearner` calls, here and in a cohort."""
+        """The :data:`~mazerun.fast.fused.HeadGradient` of the loss on a stacked ``(K, B, ...)`` batch, ``gamma`` a float
+        or one per agent ``(K, 1)``: what :class:`~mazerun.fast.fused.StackedQLearner` calls, here and in a cohort."""
         config = self.config
         return partial(conservative_q_gradient, actions=batch.actions, rewards=batch.rewards, dones=batch.dones,
                        gamma=gamma, alpha=config.alpha, td_loss=config.td_loss)

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 from mazerun.algorithms.bc import BehaviouralCloning
-from mazerun.config import check_fields
-from mazerun.errors import MazerunError
-from mazerun.schedules import LinearSchedule
+from mazerun.config.schemas import check_fields
+from mazerun.core.errors import MazerunError
+from mazerun.core.schedules import LinearSchedule
 
 
 @dataclass

@@ -15,7 +15,7 @@ disjoint sets of parameters, so one Adam step on their sum equals three separate
 One Q-network with a Polyak-averaged target (tau = 0.005 every update by default) rather than
 twin Qs: the expectile already keeps V inside the data's support, so a second Q adds a forward
 and backward pass per update for little. Q and V live only in the algorithm; the checkpoint
-holds the policy as the same :class:`~mazerun.models.ActorCritic` BC trains
+holds the policy as the same :class:`~mazerun.nn.models.ActorCritic` BC trains
 (``network_type = "actor_critic"``), so ``run algorithm=ppo input_dir=<iql run>`` fine-tunes it.
 """
 
@@ -40,11 +40,11 @@ from mazerun.algorithms.base import (
     warm_state,
 )
 from mazerun.algorithms.bc import policy_of
-from mazerun.config import check_fields
-from mazerun.data import SequenceBatch
-from mazerun.errors import MazerunError
-from mazerun.models import ModelConfig, ValueNetwork, Vocabulary, build_actor_critic, build_q_network
-from mazerun.optim import Adam
+from mazerun.config.schemas import check_fields
+from mazerun.core.errors import MazerunError
+from mazerun.data.tensors import SequenceBatch
+from mazerun.fast.optim import Adam
+from mazerun.nn.models import ModelConfig, ValueNetwork, Vocabulary, build_actor_critic, build_q_network
 
 
 @dataclass

@@ -34,17 +34,17 @@ from typing import Any, Callable, ClassVar, Iterator, NamedTuple, Optional
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.distributions import Distribution
+from torch.nn import functional as F
 
 from mazerun.algorithms.bc import cloning_loss
-from mazerun.config import check_fields
-from mazerun.data import TransitionBatch
-from mazerun.errors import MazerunError
-from mazerun.fused import LOG_SQRT_2PI, FlatAdam, FusedActorCritic, fusable
-from mazerun.models import ActorCritic, ModelInput, flatten_distribution, log_probs_and_entropies
-from mazerun.optim import Adam
-from mazerun.schedules import LinearSchedule
+from mazerun.config.schemas import check_fields
+from mazerun.core.errors import MazerunError
+from mazerun.core.schedules import LinearSchedule
+from mazerun.data.tensors import TransitionBatch
+from mazerun.fast.fused import LOG_SQRT_2PI, FlatAdam, FusedActorCritic, fusable
+from mazerun.fast.optim import Adam
+from mazerun.nn.models import ActorCritic, ModelInput, flatten_distribution, log_probs_and_entropies
 
 
 @dataclass
@@ -92,7 +92,7 @@ class PPOConfig:
     """Environment steps between evaluations; the first one is at step 0."""
     fused: bool = True
     """Networks without memory on vector observations (and no imitation term): evaluate actor and
-    critic as one (mazerun.fused), with a hand-written backward; false: the plain autograd path."""
+    critic as one (mazerun.fast.fused), with a hand-written backward; false: the plain autograd path."""
 
     @property
     def budget(self) -> int:

@@ -1,0 +1,1 @@
+"""Acting in environments: env ids and wrappers, policies and experts, recording runners, evaluation."""

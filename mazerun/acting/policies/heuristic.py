@@ -1,0 +1,84 @@
+"""Scripted experts: gymnasium's LunarLander heuristic, a CartPole controller, minigrid's BabyAI bot."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from mazerun.acting.envs import unmasked_observation
+from mazerun.acting.policies.base import Policy
+from mazerun.core.errors import MazerunError
+
+
+class LunarLanderHeuristic(Policy):
+    """gymnasium's own hand-written lander controller (discrete and continuous)."""
+
+    name = "heuristic"
+
+    def reset(self, env: gym.Env, seed: int | None) -> None:
+        from gymnasium.envs.box2d.lunar_lander import heuristic  # Box2D is loaded only for LunarLander
+
+        self._heuristic = heuristic
+        self._env = env
+        self._lander = env.unwrapped
+
+    def act(self, observation: Any) -> Any:
+        action = self._heuristic(self._lander, unmasked_observation(self._env, observation))
+        return np.asarray(action, dtype=np.float32) if self._lander.continuous else int(action)
+
+
+class CartPoleController(Policy):
+    """Push toward where the pole is falling, damped by cart position and speed (balances for 500 steps)."""
+
+    name = "heuristic"
+
+    def reset(self, env: gym.Env, seed: int | None) -> None:
+        self._env = env
+
+    def act(self, observation: Any) -> int:
+        cart_position, cart_velocity, pole_angle, pole_velocity = unmasked_observation(self._env, observation)
+        push = pole_angle + 0.5 * pole_velocity + 0.01 * cart_position + 0.1 * cart_velocity
+        return int(push > 0)
+
+
+class BabyAIBotPolicy(Policy):
+    """minigrid's planner that solves BabyAI levels from the full state (re-created each episode)."""
+
+    name = "bot"
+
+    def reset(self, env: gym.Env, seed: int | None) -> None:
+        from minigrid.utils.baby_ai_bot import BabyAIBot
+
+        self._bot = BabyAIBot(env.unwrapped)
+        self._taken: Any = None
+
+    def act(self, observation: Any) -> int:
+        action = self._bot.replan(self._taken)
+        self._taken = None
+        return int(action)
+
+    def took(self, action: Any) -> None:
+        self._taken = int(action)
+
+
+HEURISTICS_BY_ENV_PREFIX: dict[str, type[Policy]] = {
+    "LunarLander": LunarLanderHeuristic,
+    "LunarLanderContinuous": LunarLanderHeuristic,
+    "CartPole": CartPoleController,
+    "BabyAI": BabyAIBotPolicy,
+}
+"""The expert for each family of env ids (the part before the version suffix)."""
+
+
+def heuristic_for(env_id: str) -> Policy:
+    """The scripted expert for ``env_id``, or an error that lists the envs that have one."""
+    family = env_id.split("-")[0]
+    if family not in HEURISTICS_BY_ENV_PREFIX:
+        known = ", ".join(f"{prefix}-*" for prefix in HEURISTICS_BY_ENV_PREFIX)
+        raise MazerunError(
+            f"no heuristic policy for {env_id}; heuristics exist for {known}: "
+            "use policy=random or policy=torch_policy for this env"
+        )
+    return HEURISTICS_BY_ENV_PREFIX[family]()

@@ -1,0 +1,1 @@
+"""Composing trainings: pipelines of stages, population search, and validation of a composed run."""

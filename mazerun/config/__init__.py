@@ -1,0 +1,1 @@
+"""The run's configuration as data: schemas of the YAML groups and tuned defaults per env."""

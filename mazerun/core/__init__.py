@@ -1,0 +1,1 @@
+"""Process plumbing every layer may use: errors, the stop flag, progress, schedules, atomic files."""

@@ -1,0 +1,1 @@
+"""Recorded episodes and what training reads from them: records, tensors, samplers, the columnar store, formats."""

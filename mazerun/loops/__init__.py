@@ -1,6 +1,0 @@
-"""Training loops: offline (records), on-policy (PPO) and interactive (DAgger).
-
-Each takes a prepared :class:`mazerun.runsetup.RunSetup` and returns a
-:class:`mazerun.runsetup.TrainResult`; none of them sets process-wide state (seeds, thread
-counts), so several learners can share a process.
-"""

@@ -1,0 +1,1 @@
+"""Networks: encoders, recurrent cores, policy and value heads, and the checkpoint file that rebuilds them."""

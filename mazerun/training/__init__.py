@@ -1,0 +1,1 @@
+"""Running one training: run setup, the loops, metrics, distributed workers, the train entry."""
