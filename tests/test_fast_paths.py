@@ -11,6 +11,7 @@ import sys
 import gymnasium as gym
 import pytest
 import torch
+from conftest import run_ok
 
 from mazerun.acting.envs import make_vector_env
 from mazerun.algorithms.bc import BCConfig, BehaviouralCloning
@@ -365,3 +366,58 @@ def test_the_fused_bc_step_gives_the_autograd_step(labelled: bool) -> None:
     expected_state = plain.network.state_dict()
     for key, value in fused.network.state_dict().items():
         assert torch.allclose(value, expected_state[key], atol=1e-6), key
+
+
+# ------------------------------------------------------------------ the fast path checks itself against the loss
+
+
+@pytest.mark.parametrize("build", [lambda: _bc(True), lambda: _cql(True, "huber"),
+                                   lambda: _cql(True, "huber", matmul_dtype="bfloat16")], ids=["bc", "cql", "cql-bf16"])
+def test_a_faithful_fast_path_passes_its_check_and_the_check_changes_nothing(build) -> None:
+    checked, unchecked = build(), build()
+    batch = _transitions(torch.Generator().manual_seed(4))
+    assert checked.check_fast_path(batch) is None and checked.stack is not None
+    for _ in range(3):
+        batch = _transitions(torch.Generator().manual_seed(5))
+        checked.update(batch), unchecked.update(batch)
+    expected = unchecked.network.state_dict()
+    for key, value in checked.network.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_an_edited_loss_is_caught_at_the_first_batch_and_training_follows_the_edit(monkeypatch) -> None:
+    """A researcher doubles CQL's conservative term in the readable loss and leaves the hand-written gradient."""
+    import mazerun.algorithms.cql as cql
+
+    readable = cql.conservative_loss
+    monkeypatch.setattr(cql, "conservative_loss", lambda q_values, actions: 2 * readable(q_values, actions))
+    fused, plain = _cql(True, "huber"), _cql(False, "huber")
+    line = fused.check_fast_path(_transitions(torch.Generator().manual_seed(4)))
+    assert line is not None and "\n" not in line
+    assert "cql's hand-written gradient differs from autograd of its losses()" in line and "training on autograd" in line
+    assert fused.stack is None
+    for seed in range(3):  # from here on the edited loss is what trains
+        batch = _transitions(torch.Generator().manual_seed(seed))
+        ours, expected = fused.update(batch), plain.update(batch)
+        assert torch.equal(ours["conservative_loss"], expected["conservative_loss"])
+    expected_state = plain.network.state_dict()
+    for key, value in fused.network.state_dict().items():
+        assert torch.allclose(value, expected_state[key], atol=1e-6), key
+
+
+def test_an_edited_bc_loss_is_caught_in_a_real_run_and_said_in_one_line(workdir, monkeypatch, caplog) -> None:
+    """Through the training entry the CLI calls (in process, so the edit can be made), on recorded episodes."""
+    import mazerun.algorithms.bc as bc
+    from mazerun.config.schemas import DatasetConfig, RunConfig, RunnerConfig
+    from mazerun.training.train import train
+
+    run_ok("runner.n_episodes=2", "runner.max_episode_steps=50", "hydra.run.dir=demos", cwd=workdir)
+    readable = bc.imitation_loss
+    monkeypatch.setattr(bc, "imitation_loss", lambda *args, **kwargs: (lambda loss, metrics: (loss * 3, metrics))(
+        *readable(*args, **kwargs)))
+    config = RunConfig(runner=RunnerConfig(dataset=DatasetConfig(dir_or_file=str(workdir / "demos" / "trajectory_data")),
+                                           eval_repeats=1), algorithm=BCConfig(n_updates=3, eval_every=3))
+    with caplog.at_level("WARNING"):
+        train(config, workdir / "bc")
+    lines = [record.getMessage() for record in caplog.records if "differs from autograd" in record.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("bc's hand-written gradient differs from autograd of its losses()")

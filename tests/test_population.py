@@ -404,3 +404,29 @@ def test_bad_searches_through_run_fail_in_one_line_and_write_nothing(workdir: Pa
     assert len(errors) == 1 and message in errors[0], result.stderr
     leftovers = {path.name for path in (workdir / "outputs" / "bad").glob("*")} if (workdir / "outputs").exists() else set()
     assert not leftovers & {"best.pt", "last.pt", "population.csv", "metrics.csv"}
+
+
+def test_a_grown_architecture_s_fast_path_is_checked_against_the_loss(tmp_path: Path, monkeypatch, caplog) -> None:
+    """A mutation builds its networks through the population, which holds the new fast path against autograd."""
+    from types import SimpleNamespace
+
+    from mazerun.compose.evolution import EvolutionConfig
+    from mazerun.compose.population import Population
+    from mazerun.config.schemas import structured
+
+    setup = SimpleNamespace(algorithm=cql.Config(batch_size=5), run_dir=tmp_path,
+                            spec=AlgorithmSpec(OBSERVATIONS, ACTIONS, TINY))
+    population = Population(setup, structured(EvolutionConfig, {"name": "evolution"}, "hpo"), tiny_data())
+    agent = tiny_agent()
+    with caplog.at_level("WARNING"):
+        mutate(agent, "architecture", MutationConfig(new_layer=1.0, max_layers=3), SpaceConfig(), population.build,
+               generator(0))
+    assert agent.model_config.hidden_sizes == (4, 3, 3) and agent.algorithm.stack is not None
+    assert not [record for record in caplog.records if "differs from autograd" in record.getMessage()]
+    readable = cql.conservative_loss
+    monkeypatch.setattr(cql, "conservative_loss", lambda q_values, actions: 3 * readable(q_values, actions))
+    with caplog.at_level("WARNING"):
+        mutate(agent, "architecture", MutationConfig(new_layer=1.0, max_layers=4), SpaceConfig(), population.build,
+               generator(0))
+    assert agent.algorithm.stack is None
+    assert [record for record in caplog.records if "cql's hand-written gradient differs" in record.getMessage()]

@@ -239,6 +239,43 @@ class OfflineAlgorithm(Algorithm):
         optimizer.step()
         return metrics
 
+    def fast_path_tolerance(self) -> float:
+        """How far the hand-written gradient may stray from autograd's, relative to its norm: float32 rounding."""
+        return 1e-4
+
+    def check_fast_path(self, batch: Batch) -> str | None:
+        """Hold the hand-written gradient against autograd of :meth:`losses` on ``batch`` (the run's first one).
+
+        They must agree within :meth:`fast_path_tolerance` (``|g_fast - g_autograd| / |g_autograd|`` over
+        every trained parameter). If they do not, :meth:`losses` was edited and the fast path was not:
+        it is dropped, so training follows the readable loss, and the returned line says so. None when
+        they agree or there is no fast path for this batch.
+        """
+        if self.stack is None or not isinstance(batch, TransitionBatch):
+            return None
+        parameters = [parameter for group in self.optimizer.param_groups for parameter in group["params"]]
+        loss, _ = self.losses(batch)
+        expected = torch.autograd.grad(loss, parameters, allow_unused=True)
+        kept = [None if parameter.grad is None else parameter.grad.clone() for parameter in parameters]
+        with torch.no_grad():
+            self.fused_gradient(batch)
+            fast = [torch.zeros_like(parameter) if parameter.grad is None else parameter.grad.clone()
+                    for parameter in parameters]
+            for parameter, grad in zip(parameters, kept):  # the check leaves the gradients as it found them
+                if parameter.grad is not None:
+                    parameter.grad.copy_(grad) if grad is not None else parameter.grad.zero_()
+            reference = [torch.zeros_like(parameter) if grad is None else grad
+                         for parameter, grad in zip(parameters, expected)]
+            error = torch.sqrt(sum(((ours - theirs) ** 2).sum() for ours, theirs in zip(fast, reference)))
+            scale = torch.sqrt(sum((theirs ** 2).sum() for theirs in reference)).clamp(min=1e-12)
+        relative = float(error / scale)
+        if relative <= self.fast_path_tolerance():
+            return None
+        self.stack = None
+        return (f"{self.config.name}'s hand-written gradient differs from autograd of its losses() by {relative:.2g} "
+                f"(tolerance {self.fast_path_tolerance():.0e}): the loss was changed and its fast path was not; "
+                "training on autograd (set algorithm.fused=false to skip this check)")
+
     def fused_gradient(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
         """The fast path's part of :meth:`update` (with :attr:`stack`): write the gradient of the loss on ``batch``
         into the parameters' ``.grad`` by hand and return the metrics :meth:`losses` would."""

@@ -87,10 +87,12 @@ class LabelledStates:
         self.size += len(labels)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> TransitionBatch:
-        index = torch.randint(self.size, (batch_size,), generator=generator, device=self.labels.device)
-        observations = _rows(self.observations, index)
+        return self.rows(torch.randint(self.size, (batch_size,), generator=generator, device=self.labels.device))
+
+    def rows(self, index: torch.Tensor) -> TransitionBatch:
+        """The labelled states at ``index``."""
         labels = self.labels.index_select(0, index)
-        return TransitionBatch(observations, labels, None, None, None, expert_actions=labels)
+        return TransitionBatch(_rows(self.observations, index), labels, None, None, None, expert_actions=labels)
 
     def sequences(self, config: Any, generator: torch.Generator) -> SequenceSampler:
         """A sampler of chunks of each env copy's consecutive steps (networks with memory)."""
@@ -213,12 +215,20 @@ def train_interactive(setup: RunSetup) -> TrainResult:
 
         def pay_updates(batches: Callable[[], Any], updates_bar: Progress) -> None:
             """The owed gradient steps, each after a stop check: a phase can take minutes (recurrent networks)."""
+            nonlocal fast_path_checked
+            if not fast_path_checked:  # the first labels this process trains on: no draw, the batches stay seeded
+                fast_path_checked = True
+                first = torch.arange(min(config.batch_size, len(aggregate)), device=aggregate.labels.device)
+                problem = algorithm.check_fast_path(aggregate.rows(first))
+                if problem is not None:
+                    log.warning(problem)
             due = due_updates(config, step)
             while algorithm.updates < due:
                 interrupts.check()
                 window.add_update(algorithm.update(batches()))
                 updates_bar.update()
 
+        fast_path_checked = setup.model_config.recurrent  # chunks for a network with memory have no fast path
         log.info("DAgger on %s with the %s expert: %d env copies, %d steps each per iteration; %d labels, "
                  "%d updates", setup.env_id, expert_name, runner.n_envs, config.n_steps, config.total_steps,
                  config.n_updates)

@@ -52,6 +52,10 @@ def train_offline(setup: RunSetup) -> TrainResult:
 
     algorithm: OfflineAlgorithm = build_algorithm(config, setup.spec)
     sampler = make_sampler(train_data, setup)
+    if isinstance(sampler, BatchSampler):  # chunks for a network with memory have no fast path
+        problem = algorithm.check_fast_path(sampler.first())
+        if problem is not None:
+            log.warning(problem)
     validation_sampler = make_sampler(validation_data, setup) if validation_data else None
     sync = None
     if world.distributed:  # torchrun: each rank gathers its share of the global batch, gradients are averaged
