@@ -394,7 +394,7 @@ def test_an_edited_loss_is_caught_at_the_first_batch_and_training_follows_the_ed
     fused, plain = _cql(True, "huber"), _cql(False, "huber")
     line = fused.check_fast_path(_transitions(torch.Generator().manual_seed(4)))
     assert line is not None and "\n" not in line
-    assert "cql's hand-written gradient differs from autograd of its losses()" in line and "training on autograd" in line
+    assert "cql's hand-written gradient differs from autograd of its loss (losses())" in line and "training on autograd" in line
     assert fused.stack is None
     for seed in range(3):  # from here on the edited loss is what trains
         batch = _transitions(torch.Generator().manual_seed(seed))
@@ -420,4 +420,57 @@ def test_an_edited_bc_loss_is_caught_in_a_real_run_and_said_in_one_line(workdir,
     with caplog.at_level("WARNING"):
         train(config, workdir / "bc")
     lines = [record.getMessage() for record in caplog.records if "differs from autograd" in record.getMessage()]
-    assert len(lines) == 1 and lines[0].startswith("bc's hand-written gradient differs from autograd of its losses()")
+    assert len(lines) == 1 and lines[0].startswith("bc's hand-written gradient differs from autograd of its loss (losses())")
+
+
+def test_ppo_s_faithful_fast_path_passes_its_check_and_the_check_changes_nothing() -> None:
+    settings = dict(n_epochs=2, batch_size=16, ent_coef=0.05)
+    start = _network(True).state_dict()
+    checked = _ppo(PPOConfig(**settings), _spec(True), start, torch.Generator().manual_seed(2))
+    unchecked = _ppo(PPOConfig(**settings), _spec(True), start, torch.Generator().manual_seed(2))
+    batch = _batch(True)
+    assert checked.check_fast_path(batch) is None and checked.fused is not None
+    assert checked.update(batch) == unchecked.update(batch)
+    expected = unchecked.network.state_dict()
+    for key, value in checked.network.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+@pytest.mark.parametrize("discrete", [True, False], ids=["categorical", "gaussian"])
+def test_an_edited_ppo_loss_is_caught_and_training_follows_the_edit(discrete: bool, monkeypatch) -> None:
+    """A researcher halves the value loss in ppo_terms and leaves clipped_surrogate_gradient as it was."""
+    import mazerun.algorithms.ppo as ppo
+
+    readable = ppo.ppo_terms
+    monkeypatch.setattr(ppo, "ppo_terms", lambda *args: readable(*args)._replace(
+        value_loss=0.5 * readable(*args).value_loss))
+    settings = dict(n_epochs=2, batch_size=16, ent_coef=0.05)
+    start = _network(discrete).state_dict()
+    fused = _ppo(PPOConfig(**settings), _spec(discrete), start, torch.Generator().manual_seed(2))
+    plain = _ppo(PPOConfig(**settings, fused=False), _spec(discrete), start, torch.Generator().manual_seed(2))
+    batch = _batch(discrete)
+    line = fused.check_fast_path(batch)
+    assert line is not None and "\n" not in line and line.startswith("ppo's hand-written gradient differs")
+    assert fused.fused is None and fused.fast_actor is None and isinstance(fused.optimizer, Adam)
+    for _ in range(2):
+        ours, expected = fused.update(batch), plain.update(batch)
+        for name, value in expected.items():
+            assert ours[name] == pytest.approx(value, rel=1e-6, abs=1e-7), name
+    expected_state = plain.network.state_dict()
+    for key, value in fused.network.state_dict().items():
+        assert torch.allclose(value, expected_state[key], atol=1e-6), key
+
+
+def test_an_edited_ppo_loss_is_caught_in_a_real_run_and_said_in_one_line(workdir, monkeypatch, caplog) -> None:
+    import mazerun.algorithms.ppo as ppo
+    from mazerun.config.schemas import RunConfig, RunnerConfig
+    from mazerun.training.train import train
+
+    readable = ppo.ppo_terms
+    monkeypatch.setattr(ppo, "ppo_terms", lambda *args: readable(*args)._replace(entropy=2 * readable(*args).entropy))
+    config = RunConfig(runner=RunnerConfig(eval_repeats=1, n_envs=2),
+                       algorithm=PPOConfig(total_steps=128, n_steps=32, batch_size=16, eval_every=128))
+    with caplog.at_level("WARNING"):
+        train(config, workdir / "ppo")
+    lines = [record.getMessage() for record in caplog.records if "differs from autograd" in record.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("ppo's hand-written gradient differs from autograd")

@@ -65,6 +65,27 @@ class UpdatePhase:
     every: int = 1
 
 
+def gradient_mismatch(fast: list[torch.Tensor], reference: list[torch.Tensor], floor: float = 1e-3) -> float:
+    """How far a hand-written gradient strays from autograd's: the largest ``|g_fast - g| / |g|`` over the
+    parameters, each ``|g|`` floored at ``floor`` times the whole gradient's norm (so rounding in a gradient near 0
+    does not count). Per parameter, so that an edited small term (an entropy bonus beside a large value loss)
+    shows; ``floor=1`` measures every parameter's error against the whole norm (for low-precision products)."""
+    with torch.no_grad():
+        total = torch.sqrt(sum((theirs.double() ** 2).sum() for theirs in reference))
+        floor = torch.clamp(floor * total, min=1e-12)
+        worst = max(float(torch.linalg.vector_norm((ours - theirs).double()) /
+                          torch.maximum(torch.linalg.vector_norm(theirs.double()), floor))
+                    for ours, theirs in zip(fast, reference))
+    return worst
+
+
+def mismatch_line(name: str, loss: str, mismatch: float, tolerance: float) -> str:
+    """The one line a run says when its fast path and its readable loss disagree."""
+    return (f"{name}'s hand-written gradient differs from autograd of its loss ({loss}) by {mismatch:.2g} "
+            f"(tolerance {tolerance:.0e}): the loss was changed and its fast path was not; training on autograd "
+            "(set algorithm.fused=false to skip this check)")
+
+
 def has_state(value: Any) -> bool:
     """A network or an optimiser: something whose ``state_dict`` a checkpoint keeps."""
     return isinstance(value, nn.Module) or (hasattr(value, "state_dict") and hasattr(value, "param_groups"))
@@ -145,6 +166,11 @@ class Algorithm(ABC):
         for name, value in vars(self).items():
             if name != "network" and has_state(value):
                 value.load_state_dict(state[name])
+
+    def check_fast_path(self, batch: Any) -> str | None:
+        """Hold a hand-written gradient, if the algorithm has one, against autograd of its readable loss on the
+        run's first batch; on a mismatch drop it and return the one line that says so. None: nothing to say."""
+        return None
 
     def set_progress(self, progress: int) -> dict[str, float]:
         """Apply what is scheduled by the loop's budget (env steps) before the next update; returns the values."""

@@ -137,12 +137,19 @@ def train_on_policy(setup: RunSetup) -> TrainResult:
                 bar.set_postfix(eval_return=f"{evaluate(logger):.1f}")
                 keeper.save_last(step, training_state())
             next_evaluation = (step // config.eval_every + 1) * config.eval_every
+            fast_path_checked = False
             while step < total_steps:
                 started = time.perf_counter()
                 scheduled = algorithm.set_progress(step)
                 collector.collect(buffer)
                 collected = time.perf_counter()
-                metrics = algorithm.update(buffer.batch(collector.last_values(), config.gamma, config.gae_lambda))
+                batch = buffer.batch(collector.last_values(), config.gamma, config.gae_lambda)
+                if not fast_path_checked:  # this process's first rollout
+                    fast_path_checked = True
+                    problem = algorithm.check_fast_path(batch)
+                    if problem is not None:
+                        log.warning(problem)
+                metrics = algorithm.update(batch)
                 updated = time.perf_counter()
                 step += rollout_size
                 iteration += 1
