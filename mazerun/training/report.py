@@ -20,6 +20,7 @@ import html
 import io
 import json
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -31,7 +32,14 @@ from mazerun.core.errors import MazerunError
 from mazerun.core.files import atomic_write_bytes
 from mazerun.core.rundir import FAILED_JOB, RESULT_FILE, is_locked
 from mazerun.training.metrics import METRICS_CSV
-from mazerun.training.statistics import AGGREGATES, PROFILE_REPS, Estimate, interval_estimate, performance_profile
+from mazerun.training.statistics import (
+    AGGREGATES,
+    INTERVAL_REPS,
+    PROFILE_REPS,
+    Estimate,
+    interval_estimate,
+    performance_profile,
+)
 
 CONFIG_FILE = Path(".hydra") / "config.yaml"
 SEED_KEY = "seed"
@@ -211,20 +219,26 @@ def group_runs(runs: list[Run]) -> list[Group]:
     groups: dict[str, list[Run]] = {}
     for run in runs:
         groups.setdefault(json.dumps(sorted(run.config.items()), default=str), []).append(run)
-    configs = [members[0].config for members in groups.values()]
-    differing = sorted({key for config in configs for key in config
-                        if any(other.get(key) != config.get(key) for other in configs)})
-    return [Group(_label(members, differing), members) for members in groups.values()]
+    members = list(groups.values())
+    configs = [runs[0].config for runs in members]
+    return [Group(_label(runs, configs), runs) for runs in members]
 
 
-def _label(runs: list[Run], differing: list[str]) -> str:
-    """What tells the group apart: the keys whose values differ between groups, or its algorithm and env."""
+def _trainer(config: dict[str, Any]) -> str:
+    return str(config.get("algorithm.name") or config.get("pipeline.name") or "recording")
+
+
+def _label(runs: list[Run], configs: list[dict[str, Any]]) -> str:
+    """The group's algorithm, then the keys it sets that differ from the other groups of that algorithm;
+    a report of one config names its algorithm and env."""
     config = runs[0].config
-    if differing:
-        return " ".join(f"{key}={_format_value(config.get(key))}" for key in differing)
-    algorithm = config.get("algorithm.name") or config.get("pipeline.name") or "recording"
-    env = next((run.env_id for run in runs if run.env_id), None)
-    return f"{algorithm} on {env}" if env else str(algorithm)
+    trainer = _trainer(config)
+    if len(configs) == 1:
+        env = next((run.env_id for run in runs if run.env_id), None)
+        return f"{trainer} on {env}" if env else trainer
+    peers = [other for other in configs if _trainer(other) == trainer]
+    differing = sorted(key for key in config if any(other.get(key) != config[key] for other in peers))
+    return " ".join([trainer, *(f"{key}={_format_value(config[key])}" for key in differing)])
 
 
 def _format_value(value: Any) -> str:
@@ -354,7 +368,7 @@ def _colour(index: int) -> Any:
 
 def plot_scores(scores: list[GroupScores], metric: str) -> bytes:
     """One panel per (aggregate, final/best): a dot per group with its interval as a bar, as rliable plots them."""
-    figure = _figure(10, 1.5 + 0.45 * len(scores))
+    figure = _figure(10, 1.5 + 0.6 * len(scores))
     panels = figure.subplots(1, len(SCORE_COLUMNS), sharey=True, squeeze=False)[0]
     labels = [entry.group.label for entry in scores]
     for panel, column in zip(panels, SCORE_COLUMNS):
@@ -368,8 +382,8 @@ def plot_scores(scores: list[GroupScores], metric: str) -> bytes:
         panel.set_title(f"{column[1]} {column[0]}")
         panel.grid(axis="x", alpha=0.3)
         panel.set_xlabel(metric)
-    panels[0].set_yticks(range(len(labels)), labels)
-    panels[0].set_ylim(-0.6, len(labels) - 0.4)
+    panels[0].set_yticks(range(len(labels)), [textwrap.fill(label, 40) for label in labels])
+    panels[0].set_ylim(len(labels) - 0.4, -0.6)  # the first group on top, as in the table
     return _png(figure)
 
 
@@ -439,8 +453,8 @@ def html_table(header: list[str], rows: list[list[str]]) -> str:
 def intro(metric: str, scored_runs: int, runs: int) -> str:
     return (f"Scores are `{metric}`: final is its value at a run's last report, best its highest. Aggregates are over "
             f"the {scored_runs} finished runs of {runs}, grouped by config (seeds aside): interquartile mean (IQM) and "
-            "mean, with 95% stratified-bootstrap intervals (percentile method, 50,000 resamples, as rliable computes "
-            "them).")
+            f"mean, with 95% stratified-bootstrap intervals (percentile method, {INTERVAL_REPS:,} resamples, as rliable "
+            "computes them).")
 
 
 HTML_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
