@@ -152,6 +152,17 @@ def test_a_damaged_config_or_metrics_file_is_one_line_naming_it(runs: Path, tmp_
     assert "metrics.csv, line" in result.stderr and "'lots' is not a step and a number" in result.stderr
 
 
+def test_the_line_an_unfinished_run_was_writing_is_left_out(runs: Path, tmp_path: Path) -> None:
+    unfinished = Path(shutil.copytree(runs / "sweep" / "0", tmp_path / "unfinished"))
+    (unfinished / "result.json").unlink()
+    with (unfinished / "metrics.csv").open("a") as handle:
+        handle.write("50,eval,mean_return,")  # read while the run wrote this row
+    (tmp_path / "finished").symlink_to(runs / "sweep" / "1")
+    result = report(str(unfinished), "finished", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert table_row((tmp_path / "report" / "report.md").read_text(), "unfinished")[3:5] == ["stopped", "40"]
+
+
 # --- the statistics, by hand ---------------------------------------------------------------------------
 
 def test_the_interquartile_mean_cuts_a_quarter_at_each_end_and_is_the_mean_below_four_scores() -> None:

@@ -137,7 +137,7 @@ def read_run(path: Path, metric: str) -> Run:
     env_id = result.get("env_id") if result else None
     run = Run(path, status, {key: value for key, value in flat.items() if key not in seeds},
               seeds.get("runner.seed", next(iter(seeds.values()), None)), env_id or flat.get("env.name"))
-    rows = _read_metric_rows(path / METRICS_CSV, metric)
+    rows = _read_metric_rows(path / METRICS_CSV, metric, torn_tail=status != FINISHED)
     run.steps = [step for step, _, _ in rows]
     run.wall_seconds = [wall for _, wall, _ in rows]
     run.values = [value for _, _, value in rows]
@@ -180,26 +180,32 @@ def _read_result(path: Path) -> dict[str, Any] | None:
     return result
 
 
-def _read_metric_rows(path: Path, metric: str) -> list[tuple[int, float | None, float]]:
-    """(step, wall_seconds, value) of ``metric`` in step order; none for a run with no metrics.csv yet."""
+def _read_metric_rows(path: Path, metric: str, torn_tail: bool) -> list[tuple[int, float | None, float]]:
+    """(step, wall_seconds, value) of ``metric`` in step order; none for a run with no metrics.csv yet.
+
+    With ``torn_tail`` (a run that has not finished), a last line that does not parse is one the run
+    was writing when the file was read, and is left out.
+    """
     if not path.is_file():
         return []
     group, _, name = metric.rpartition("/")
-    rows = []
     try:
         with path.open(newline="", encoding="utf-8") as handle:
-            for line, row in enumerate(csv.DictReader(handle), start=2):
-                if row.get("group") != group or row.get("metric") != name:
-                    continue
-                try:
-                    wall = row.get("wall_seconds")
-                    rows.append((int(row["step"]), float(wall) if wall else None, float(row["value"])))
-                except (TypeError, ValueError):
-                    raise MazerunError(f"{path}, line {line}: {row.get('step')!r}, {row.get('value')!r} is not a step "
-                                       "and a number; a metrics.csv is written by run itself: leave that run "
-                                       "directory out") from None
+            lines = list(csv.DictReader(handle))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise MazerunError(f"{path} is not a readable metrics.csv ({error}); leave that run directory out") from None
+    rows = []
+    for index, row in enumerate(lines):
+        if row.get("group") != group or row.get("metric") != name:
+            continue
+        try:
+            wall = row.get("wall_seconds")
+            rows.append((int(row["step"]), float(wall) if wall else None, float(row["value"])))
+        except (TypeError, ValueError):
+            if torn_tail and index == len(lines) - 1:
+                break
+            raise MazerunError(f"{path}, line {index + 2}: {row.get('step')!r}, {row.get('value')!r} is not a step and "
+                               "a number; a metrics.csv is written by run itself: leave that run directory out") from None
     rows.sort(key=lambda row: row[0])
     return rows
 
