@@ -16,7 +16,7 @@ import gymnasium as gym
 import pytest
 import torch
 
-from mazerun.algorithms.ppo import RolloutBatch
+from mazerun.algorithms.rollouts import RolloutBatch
 from mazerun.nn.checkpoint import save_checkpoint
 from mazerun.nn.models import ModelConfig
 from mazerun.training.runsetup import model_config_dict

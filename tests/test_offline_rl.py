@@ -17,6 +17,7 @@ from mazerun.algorithms import cql, iql
 from mazerun.algorithms.base import follow_target, frozen_copy
 from mazerun.algorithms.cql import CQLConfig, conservative_loss, double_dqn_target, td_error_loss
 from mazerun.algorithms.iql import advantage_weights, expectile_loss, weighted_log_likelihood_loss
+from mazerun.algorithms.protocol import AlgorithmSpec
 from mazerun.compose.validation import validate
 from mazerun.core.errors import MazerunError
 from mazerun.data.records import StateTrajectoryRecord, load_records
@@ -155,7 +156,7 @@ def test_dict_observations_train_and_act(module) -> None:
     data = records_to_dataset(records, vocabulary)
     model = ModelConfig(kind="minigrid", hidden_sizes=(16,), image_channels=(8,), embedding_dim=4, mission_dim=8)
     config = module.Config(batch_size=4, target_update_interval=1)
-    algorithm = module.Algorithm(config, model, env.observation_space, env.action_space, vocabulary, torch.device("cpu"))
+    algorithm = module.Algorithm(config, AlgorithmSpec(env.observation_space, env.action_space, model, vocabulary))
     sampler = BatchSampler(data, config.batch_size, seed=0)
     for _ in range(2):
         metrics = algorithm.update(sampler.sample())

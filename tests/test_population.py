@@ -16,6 +16,7 @@ from conftest import newest_run_dir, run_cli, run_ok, spawn_cli
 
 from mazerun.acting.rollout import rollout
 from mazerun.algorithms import bc, cql, iql
+from mazerun.algorithms.protocol import AlgorithmSpec
 from mazerun.compose.cohort import Cohort, gather
 from mazerun.compose.evolution import (
     Agent,
@@ -50,7 +51,7 @@ def generator(seed: int) -> torch.Generator:
 
 
 def builder(module):
-    return lambda config, model_config: module.Algorithm(config, model_config, OBSERVATIONS, ACTIONS, None, CPU)
+    return lambda config, model_config: module.Algorithm(config, AlgorithmSpec(OBSERVATIONS, ACTIONS, model_config))
 
 
 def tiny_agent(module=cql, model_config: ModelConfig = TINY, seed: int = 0, **config) -> Agent:

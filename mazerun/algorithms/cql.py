@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-import gymnasium as gym
 import torch
 import torch.nn.functional as F
 
@@ -33,11 +32,11 @@ from mazerun.algorithms.base import (
     frozen_copy,
     warm_state,
 )
+from mazerun.algorithms.protocol import AlgorithmSpec
 from mazerun.core.errors import MazerunError
 from mazerun.data.tensors import SequenceBatch, TransitionBatch
 from mazerun.fast.fused import HeadGradient, StackedQLearner
 from mazerun.fast.optim import Adam
-from mazerun.nn.models import ModelConfig, Vocabulary, build_q_network
 
 TD_LOSSES = ("huber", "mse")
 MATMUL_DTYPES = ("float32", "bfloat16")
@@ -139,17 +138,9 @@ class ConservativeQLearning(OfflineAlgorithm):
     network_type = "q_network"
     target_networks = {"target_network": "network"}
 
-    def __init__(
-        self,
-        config: CQLConfig,
-        model_config: ModelConfig,
-        observation_space: gym.Space,
-        action_space: gym.Space,
-        vocabulary: Vocabulary | None,
-        device: torch.device,
-    ) -> None:
-        super().__init__(config, model_config, observation_space, action_space, vocabulary, device)
-        self.network = build_q_network(model_config, observation_space, action_space, vocabulary).to(device)
+    def __init__(self, config: CQLConfig, spec: AlgorithmSpec, generator: torch.Generator | None = None) -> None:
+        super().__init__(config, spec, generator)
+        self.network = spec.q_network()
         self.target_network = frozen_copy(self.network)
         self.stack = self.build_stack() if config.fused else None
         self.optimizer = Adam(self.network.parameters(), lr=config.lr)

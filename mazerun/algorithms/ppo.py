@@ -1,7 +1,8 @@
 """Proximal Policy Optimisation with a clipped surrogate objective (Schulman et al., 2017).
 
 Each iteration collects ``n_steps`` steps in each of ``n_envs`` environments
-(:mod:`mazerun.onpolicy`), scores every step with generalised advantage estimation,
+(:mod:`mazerun.training.loops.onpolicy`), scores every step with generalised advantage estimation
+(:mod:`mazerun.algorithms.rollouts`),
 
     delta_t = r_t + gamma * V(s_t+1) * (1 - done_t) - V(s_t)
     A_t     = delta_t + gamma * lambda * (1 - done_t) * A_t+1,          R_t = A_t + V(s_t)
@@ -38,13 +39,15 @@ from torch.distributions import Distribution
 from torch.nn import functional as F
 
 from mazerun.algorithms.bc import cloning_loss
+from mazerun.algorithms.protocol import Algorithm, AlgorithmSpec
+from mazerun.algorithms.rollouts import RolloutBatch, explained_variance
 from mazerun.config.schemas import check_fields
 from mazerun.core.errors import MazerunError
 from mazerun.core.schedules import LinearSchedule
 from mazerun.data.tensors import TransitionBatch
 from mazerun.fast.fused import LOG_SQRT_2PI, FlatAdam, FusedActorCritic, fusable
 from mazerun.fast.optim import Adam
-from mazerun.nn.models import ActorCritic, ModelInput, flatten_distribution, log_probs_and_entropies
+from mazerun.nn.models import flatten_distribution, log_probs_and_entropies
 
 
 @dataclass
@@ -126,51 +129,6 @@ class PPOConfig:
             raise MazerunError(f"{prefix}.clip_vf={self.clip_vf} must be > 0, or null for no value clipping")
 
 
-def compute_gae(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    dones: torch.Tensor,
-    last_values: torch.Tensor,
-    gamma: float,
-    gae_lambda: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Advantages and returns (both ``(T, N)``) of ``T`` steps in ``N`` environments.
-
-    ``dones[t]`` is 1 where an episode ended with step ``t`` (terminated or truncated; a
-    truncated step's reward already holds its bootstrap), so nothing flows back across it.
-    ``last_values`` are the values ``(N,)`` of the observations after the last step.
-    """
-    not_done = 1.0 - dones
-    next_values = torch.cat([values[1:], last_values.unsqueeze(0)])
-    deltas = rewards + gamma * next_values * not_done - values
-    decay = gamma * gae_lambda * not_done
-    advantages = torch.empty_like(rewards)
-    advantage = torch.zeros_like(last_values)
-    for t in reversed(range(len(rewards))):
-        advantage = deltas[t] + decay[t] * advantage
-        advantages[t] = advantage
-    return advantages, advantages + values
-
-
-class RolloutBatch(NamedTuple):
-    """One rollout, everything the update needs.
-
-    Flattened to ``n_steps * n_envs`` rows for a network without memory. With memory the fields
-    keep their ``(n_steps, n_envs, ...)`` shape, ``starts`` marks the steps that begin an
-    episode and ``initial_state`` is each env's state when the rollout began: minibatches are
-    then whole env sequences, replayed from that state.
-    """
-
-    observations: ModelInput
-    actions: torch.Tensor
-    log_probs: torch.Tensor
-    values: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    starts: Optional[torch.Tensor] = None
-    initial_state: Optional[torch.Tensor] = None
-
-
 class Minibatch(NamedTuple):
     """What one gradient step reads, flat over its rows: the current policy and values, the rollout's numbers."""
 
@@ -204,7 +162,7 @@ def log_prob_and_entropy(distribution: Distribution, actions: torch.Tensor) -> t
     return log_probs, entropies.mean()
 
 
-class PPO:
+class PPO(Algorithm):
     """The PPO learner: one :class:`ActorCritic`, one Adam optimiser over all of it, and its schedules.
 
     ``generator`` shuffles the minibatches; the loop that owns it saves its state with the
@@ -213,15 +171,17 @@ class PPO:
 
     network_type = "actor_critic"
 
-    def __init__(self, config: PPOConfig, network: ActorCritic, generator: torch.Generator | None = None) -> None:
-        self.config = config
-        self.network = network
-        self.generator = generator
+    def __init__(self, config: PPOConfig, spec: AlgorithmSpec, generator: torch.Generator | None = None) -> None:
+        super().__init__(config, spec, generator)
+        self.network = network = spec.actor_critic()
+        self.demonstrations: Callable[[], TransitionBatch] | None = None
+        """Draws recorded demonstrations for the imitation term; the loop sets it where there are some."""
         self.parameters = [parameter for parameter in network.parameters() if parameter.requires_grad]
         # The fused path trains what the plain path trains, the same loss and the same Adam, in a
         # tenth of the eager ops; it cannot take the imitation term (another network pass on demos).
         self.fused = (FusedActorCritic(network) if config.fused and config.imitation_coef == 0 and fusable(network)
                       else None)
+        self.fast_actor = self.fused
         # eps=1e-5 as in Stable-Baselines3 and CleanRL's PPO.
         self.optimizer: Adam | FlatAdam = (Adam(self.parameters, lr=config.lr, eps=1e-5) if self.fused is None else
                                            FlatAdam(self.fused, self.parameters, lr=config.lr, eps=1e-5))
@@ -246,21 +206,17 @@ class PPO:
         self.clip_range, self.imitation_coef = values["clip_range"], values["imitation_coef"]
         return values
 
-    def update(
-        self,
-        batch: RolloutBatch,
-        train_policy: bool = True,
-        demonstrations: Callable[[], TransitionBatch] | None = None,
-    ) -> dict[str, float]:
+    def update(self, batch: RolloutBatch) -> dict[str, float]:
         """``n_epochs`` passes of minibatch steps over one rollout; mean metrics over all minibatches.
 
-        With ``train_policy`` false (critic burn-in) only the value loss is minimised: the actor's
-        parameters then get no gradient at all, so Adam leaves them exactly as they are.
-        ``demonstrations`` draws a batch of recorded demonstrations for the imitation term.
+        During the first ``critic_burn_in_epochs`` updates only the value loss is minimised: the
+        actor's parameters then get no gradient at all, so Adam leaves them exactly as they are.
         """
+        train_policy = self.updates >= self.config.critic_burn_in_epochs
+        self.updates += 1
         if self.fused is not None:
             return self._fused_update(batch, train_policy)
-        config = self.config
+        config, demonstrations = self.config, self.demonstrations
         device = batch.actions.device
         sequences = batch.starts is not None
         size = batch.actions.shape[0] * (batch.actions.shape[1] if sequences else 1)
@@ -462,26 +418,21 @@ class PPO:
     def training_state(self) -> dict[str, Any]:
         """What a continued run needs besides the weights."""
         return {
+            "updates": self.updates,
             "optimizer": self.optimizer.state_dict(),
             "schedules": {name: schedule.to_list() for name, schedule in self.schedules.items()},
         }
 
-    def load_training_state(self, state: dict[str, Any], step: int) -> None:
-        """Continue at env step ``step``; a raised ``total_steps`` stretches the schedules from there, without a jump."""
+    def load_training_state(self, state: dict[str, Any], progress: int) -> None:
+        """Continue at env step ``progress``; a raised ``total_steps`` stretches the schedules from there, without
+        a jump."""
+        step = progress
+        self.updates = int(state["updates"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedules = {
             name: LinearSchedule.from_list(values).extended_to(step, self.config.total_steps)
             for name, values in state["schedules"].items()
         }
-
-
-@torch.no_grad()
-def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
-    """1 - Var[targets - predictions] / Var[targets]: 1 is a perfect critic, <= 0 no better than a constant."""
-    variance = targets.var()
-    if variance == 0:
-        return float("nan")
-    return float(1.0 - (targets - predictions).var() / variance)
 
 
 Config = PPOConfig

@@ -175,8 +175,7 @@ class Population:
 
     def build(self, config: Any, model_config: ModelConfig) -> Any:
         setup = self.setup
-        return self.module.Algorithm(config, model_config, setup.observation_space, setup.action_space,
-                                     setup.vocabulary, setup.device)
+        return self.module.Algorithm(config, dataclasses.replace(setup.spec, model_config=model_config))
 
     def _batches(self, seed: int) -> torch.Generator:
         generator = torch.Generator(device=self.data.device)

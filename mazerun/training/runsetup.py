@@ -28,6 +28,7 @@ import torch
 from mazerun.acting.envs import make_env, resolve_env_id
 from mazerun.acting.evaluation import Stepper, evaluate
 from mazerun.algorithms import algorithm_module
+from mazerun.algorithms.protocol import AlgorithmSpec
 from mazerun.config.schemas import DEFAULT_ENV_ID, ExpertConfig, RunConfig, RunnerConfig, structured
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
@@ -216,6 +217,11 @@ class RunSetup:
     @property
     def continuing(self) -> bool:
         return self.start is not None and self.start.continuing
+
+    @property
+    def spec(self) -> AlgorithmSpec:
+        """What the algorithm is built for."""
+        return AlgorithmSpec(self.observation_space, self.action_space, self.model_config, self.vocabulary, self.device)
 
     def evaluate(self, network: Stepper) -> dict[str, float]:
         """``runner.eval_repeats`` greedy episodes of ``network`` on the fixed evaluation seeds."""

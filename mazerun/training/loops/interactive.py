@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from mazerun.acting.envs import is_minigrid, make_env
 from mazerun.acting.policies import Policy, build_policy
-from mazerun.algorithms.dagger import DAgger, DAggerConfig
+from mazerun.algorithms import build_algorithm
 from mazerun.config.schemas import ExpertConfig, PolicyConfig
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
@@ -92,7 +92,7 @@ class LabelledStates:
         labels = self.labels.index_select(0, index)
         return TransitionBatch(observations, labels, None, None, None, expert_actions=labels)
 
-    def sequences(self, config: DAggerConfig, generator: torch.Generator) -> SequenceSampler:
+    def sequences(self, config: Any, generator: torch.Generator) -> SequenceSampler:
         """A sampler of chunks of each env copy's consecutive steps (networks with memory)."""
         size = self.size
         observations = _rows(self.observations, slice(0, size))
@@ -144,7 +144,7 @@ def _labelled(labels: np.ndarray) -> np.ndarray:
 
 def train_interactive(setup: RunSetup) -> TrainResult:
     """DAgger as the setup says: collect labels with teacher forcing, train on the aggregate, evaluate."""
-    config: DAggerConfig = setup.algorithm
+    config = setup.algorithm
     runner, device = setup.runner, setup.device
     expert_config = setup.expert or ExpertConfig()
     probe = make_env(setup.env_id, max_episode_steps=runner.max_episode_steps)
@@ -154,7 +154,7 @@ def train_interactive(setup: RunSetup) -> TrainResult:
         probe.close()
     generator = torch.Generator(device=device)
     generator.manual_seed(setup.seed)
-    algorithm = DAgger(config, setup.model_config, setup.observation_space, setup.action_space, setup.vocabulary, device)
+    algorithm = build_algorithm(config, setup.spec)
     network = algorithm.network
     aggregate = LabelledStates(config.total_steps + runner.n_envs * config.n_steps, setup.observation_space,
                                setup.action_space, runner.n_envs, device)
@@ -167,7 +167,7 @@ def train_interactive(setup: RunSetup) -> TrainResult:
         if start.continuing:
             state = start.checkpoint.extra[TRAINING_STATE]
             step, records_written = start.step, int(state["records_written"])
-            algorithm.load_training_state(state["algorithm"])
+            algorithm.load_training_state(state["algorithm"], step)
             generator.set_state(state["generator"])
             aggregate.load_state(state["aggregate"])
         else:
@@ -260,16 +260,16 @@ def train_interactive(setup: RunSetup) -> TrainResult:
     return result
 
 
-def due_updates(config: DAggerConfig, step: int) -> int:
+def due_updates(config: Any, step: int) -> int:
     """Gradient steps owed once ``step`` labels are in: ``n_updates`` spread in proportion to the labels."""
     return round(config.n_updates * min(step, config.total_steps) / config.total_steps)
 
 
-def _next_report(config: DAggerConfig, step: int) -> int:
+def _next_report(config: Any, step: int) -> int:
     return (step // config.eval_every + 1) * config.eval_every
 
 
-def _batches(aggregate: LabelledStates, config: DAggerConfig, generator: torch.Generator,
+def _batches(aggregate: LabelledStates, config: Any, generator: torch.Generator,
              recurrent: bool) -> Callable[[], Any] | None:
     """Draws from the aggregate: transitions, or chunks of consecutive steps for a network with memory.
 
