@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import errno
-import fcntl
 import gc
 import logging
 import os
@@ -40,6 +38,7 @@ from mazerun.config.schemas import RunConfig
 from mazerun.config.tuned import applied_tuned_defaults, config_dirs
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
+from mazerun.core.rundir import FAILED_JOB, RESULT_FILE, RUN_LOCK, take_lock
 from mazerun.training import distributed
 
 log = logging.getLogger("mazerun")
@@ -49,10 +48,8 @@ PLUGIN_EXTRAS = {"joblib": "launchers", "submitit_local": "launchers", "submitit
                  "optuna": "launchers", "ray": "ray"}
 """Hydra launcher and sweeper plugins, and the mazerun extra that installs each."""
 RUN_OUTPUTS = ("trajectory_data", "trajectory_store", "best.pt", "last.pt", "metrics.csv", "pipeline.json",
-               "result.json", "rollout_stats.json")
+               RESULT_FILE, "rollout_stats.json")
 """What a run leaves in its directory; finding any of them means the directory was used before."""
-FAILED_JOB = "failed.txt"
-"""Left in a sweep job's directory when the job failed: its one-line error."""
 
 
 def _config_dir() -> str:
@@ -105,15 +102,9 @@ def claim_run_dir(run_dir: Path) -> Iterator[None]:
         raise MazerunError(f"hydra.run.dir names the current directory {run_dir}, which the run would fill with its "
                            "outputs; give it a directory of its own, e.g. hydra.run.dir=outputs/<name>")
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            raise MazerunError(
-                f"{run_dir} is in use by another run; give each run its own hydra.run.dir"
-            ) from None
+    with open(run_dir / RUN_LOCK, "a+") as lock:
+        if not take_lock(lock):
+            raise MazerunError(f"{run_dir} is in use by another run; give each run its own hydra.run.dir")
         used = sorted(name for name in RUN_OUTPUTS if (run_dir / name).exists())
         if used:
             raise MazerunError(

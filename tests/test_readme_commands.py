@@ -318,6 +318,21 @@ def minari_root(runs: Path, lunar_records: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
+def lunar_d3rlpy(runs: Path, lunar_records: Path) -> Path:
+    datasets("export", str(lunar_records), f"d3rlpy:{runs / 'lunar_d3rlpy.h5'}", cwd=runs)
+    return runs / "lunar_d3rlpy.h5"
+
+
+@pytest.fixture(scope="module")
+def seed_sweep(runs: Path, lunar_records: Path) -> Path:
+    """Two seeds of a tiny BC run, laid out as `run -m` lays out a sweep."""
+    arguments = ["-m", "-cn", "conf_train", "runner.seed=0,1", f"runner.dataset.dir_or_file={lunar_records}"]
+    check(run_cli(*arguments, *tiny_budgets(arguments), f"hydra.sweep.dir={runs / 'sweep'}", cwd=runs,
+                  timeout=TIMEOUT))
+    return runs / "sweep"
+
+
+@pytest.fixture(scope="module")
 def store(runs: Path, lunar_records: Path) -> Path:
     datasets("convert", str(lunar_records), str(runs / "lunar.store"), cwd=runs)
     return runs / "lunar.store"
@@ -349,6 +364,7 @@ PLACEHOLDERS: dict[str, str] = {
     "outputs/<evolution run>": "evolution_run",
     "outputs/<a stopped pipeline run>": "stopped_pipeline_run",
     "outputs/<a pipeline run>": "pipeline_run",
+    "multirun/<a sweep>": "seed_sweep",
     "<store>": "store",
     "<sources>...": "store",
     "<existing store>": "store_copy",
@@ -357,7 +373,7 @@ PLACEHOLDERS: dict[str, str] = {
 """Placeholder -> the fixture whose value replaces it."""
 
 DATA_FILES: dict[str, str] = {"data/lunar.h5": "lunar_h5", "data/cartpole.h5": "cartpole_h5",
-                              "data/lunar.store": "store"}
+                              "data/lunar.store": "store", "data/lunar_d3rlpy.h5": "lunar_d3rlpy"}
 """Files the README names relative to the working directory -> the fixture linked there."""
 
 OFFLINE = ("bc", "cql", "iql")
@@ -382,7 +398,7 @@ def prepare_workdir(argv: list[str], workdir: Path, request: pytest.FixtureReque
     ``outputs/``: the README records one of the env it trains on just before.
     """
     written = argv[-1] if argv[1:3] == ["-m", "mazerun.datasets"] and argv[3] in ("export", "convert") else None
-    read = [argument.split("=", 1)[-1] for argument in argv if argument != written]
+    read = [argument.split("=", 1)[-1].removeprefix("d3rlpy:") for argument in argv if argument != written]
     for name in sorted({path for path in read if path.startswith("data/")}):
         if name not in DATA_FILES:
             pytest.fail(f"no fixture makes {name}")

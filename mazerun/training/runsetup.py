@@ -33,6 +33,7 @@ from mazerun.config.schemas import DEFAULT_ENV_ID, ExpertConfig, RunConfig, Runn
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
 from mazerun.core.files import atomic_write_bytes
+from mazerun.core.rundir import RESULT_FILE
 from mazerun.data.formats import load_dataset_records
 from mazerun.data.records import StateTrajectoryRecord, find_newest_recording
 from mazerun.data.store import ColumnarStore, is_store
@@ -52,8 +53,6 @@ from mazerun.training.metrics import copy_metrics_history
 
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
-"""Written when a training run (or a pipeline stage) reaches its budget."""
 MISSION_SAMPLES = 500
 """Seeded resets whose missions make the vocabulary of a MiniGrid/BabyAI run without records."""
 
