@@ -116,6 +116,16 @@ def test_awr_settings_are_checked_like_a_built_in_algorithm(workdir: Path, recor
     one_line_error(result, "algorithm.n_update")
 
 
+def test_awr_learns_continuous_actions_too(workdir: Path, awr: dict[str, str]) -> None:
+    rollout("LunarLanderContinuous-v3", PolicyConfig(), RunnerConfig(type="sequential", n_episodes=2, max_episode_steps=80),
+            workdir / "expert", print_fn=lambda _: None)
+    run_ok("-cn", "conf_train", "algorithm=awr", f"runner.dataset.dir_or_file={workdir / 'expert' / 'trajectory_data'}",
+           *QUICK, "algorithm.n_updates=20", "hydra.run.dir=continuous", cwd=workdir, env=awr)
+    rows = read_metrics_csv(workdir / "continuous" / "metrics.csv")
+    assert {row["metric"] for row in rows if row["group"] == "train"} >= {"value_loss", "policy_loss"}
+    assert load_checkpoint(workdir / "continuous" / "best.pt").action_space.shape == (2,)
+
+
 # ---------------------------------------------------------------------------------- a policy plugin
 
 ALWAYS_LEFT = '''

@@ -17,9 +17,10 @@ value learners do.
 
 Two optimisers, two :class:`UpdatePhase` s: each update steps V on ``value_loss``, then the policy
 on ``policy_loss``, whose advantages read the V just stepped; the target follows after both.
-Policy and V are the two halves of one :class:`~mazerun.nn.models.ActorCritic`, so the
-checkpoint carries the trained V and ``run algorithm=ppo input_dir=<awr run>`` fine-tunes the
-policy with it. Discrete and continuous actions alike (``log pi`` of either head).
+Policy and V are the two halves of one :class:`~mazerun.nn.models.ActorCritic` (its actor and
+its value head), so the checkpoints hold both, and ``policy=torch_policy`` and
+``algorithm=ppo input_dir=<awr run>`` take the policy as they take a clone's. Discrete and
+continuous actions alike (``log pi`` of either head).
 """
 
 from __future__ import annotations

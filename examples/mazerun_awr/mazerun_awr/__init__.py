@@ -1,1 +1,0 @@
-"""Advantage-weighted regression for mazerun: the algorithm in ``awr.py``, its settings in ``algorithm/awr.yaml``."""
