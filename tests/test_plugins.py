@@ -148,7 +148,7 @@ class AlwaysLeft(Policy):
 def test_a_policy_plugin_records_and_teaches_dagger(workdir: Path) -> None:
     env = write_plugin(workdir / "site", {"mazerun.policies": {"always_left": "fake_plugins.policies:AlwaysLeft"}},
                        {"fake_plugins/__init__.py": "", "fake_plugins/policies.py": ALWAYS_LEFT})
-    run_ok("env=CartPole-v1", "policy=always_left", "runner=sequential", "runner.n_episodes=2", "hydra.run.dir=rec",
+    run_ok("env=CartPole-v1", "policy=always_left", "runner.n_workers=2", "runner.n_episodes=2", "hydra.run.dir=rec",
            cwd=workdir, env=env)
     episodes = load_records(workdir / "rec" / "trajectory_data")
     assert len(episodes) == 2 and all((episode.actions == 0).all() and episode.policy == "always_left"
@@ -159,6 +159,17 @@ def test_a_policy_plugin_records_and_teaches_dagger(workdir: Path) -> None:
            "runner.max_episode_steps=30", "runner.n_envs=2", "hydra.run.dir=dagger", cwd=workdir, env=env)
     labelled = load_records(workdir / "dagger" / "trajectory_data")
     assert labelled and all((episode.expert_actions == 0).all() for episode in labelled)
+
+
+def test_a_config_package_may_tune_a_built_in_algorithm_for_an_env(workdir: Path) -> None:
+    env = write_plugin(workdir / "site", {"mazerun.configs": {"cartpole": "fake_plugins"}},
+                       {"fake_plugins/tuned/CartPole-v1_bc.yaml": "n_updates: 7\nlr: 0.005\n"})
+    result = run_cli("-cn", "conf_train", "env=CartPole-v1", "algorithm.lr=0.01", "--cfg", "job", cwd=workdir, env=env)
+    assert "n_updates: 7" in result.stdout and "lr: 0.01" in result.stdout, result.stderr
+    result = run_cli("-cn", "conf_train", "env=CartPole-v1", "algorithm.lr=0.01", f"runner.dataset.dir_or_file={workdir}/none",
+                     "hydra.run.dir=run", cwd=workdir, env=env)
+    assert ("tuned defaults tuned/CartPole-v1_bc.yaml: algorithm.n_updates=7; the command line overrides algorithm.lr"
+            in result.stderr), result.stderr
 
 
 # ------------------------------------------------------------------------------------- bad plugins

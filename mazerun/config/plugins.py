@@ -89,17 +89,24 @@ def config_packages() -> dict[str, str]:
     return {name: entry.value for name, entry in plugin_entries(CONFIG_PLUGINS).items()}
 
 
+def package_dirs(package: str) -> list[Path]:
+    """The directories of an installed package (several for a namespace package), found without importing it; none
+    when it is not installed."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return []
+    return [Path(location) for location in (spec.submodule_search_locations or [])] if spec is not None else []
+
+
 def config_package_dirs() -> list[Path]:
-    """The directories of the config packages, found without importing them; one that is not installed is refused."""
+    """The directories of the config packages; one that is not installed is refused."""
     directories = []
     for name, package in config_packages().items():
-        try:
-            spec = importlib.util.find_spec(package)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.submodule_search_locations:
+        found = package_dirs(package)
+        if not found:
             entry = plugin_entries(CONFIG_PLUGINS)[name]
             raise MazerunError(f"the config plugin {describe(entry)} names no installed package; fix that package's "
                                f"[project.entry-points.\"{CONFIG_PLUGINS}\"] or pip uninstall {package_of(entry)}")
-        directories += [Path(location) for location in spec.submodule_search_locations]
+        directories += found
     return directories
