@@ -46,8 +46,11 @@ class AWRConfig(ValueLearningConfig):
     eval_every: int = 1000
     tau: float = 0.005
     target_update_interval: int = 1
-    beta: float = 1.0
-    """Temperature of the advantage weights ``exp(A / beta)``: small follows the advantages, large is plain cloning."""
+    beta: float = 10.0
+    """Temperature of the advantage weights ``exp(A / beta)``: small follows the advantages, large is plain cloning.
+    10 rather than 1: until V has learned, A is mostly the step's own reward (LunarLander charges every firing of
+    the main engine), and sharp weights clone that. On 100 noisy heuristic episodes (epsilon 0.3), 5,000 updates,
+    one seed, 20 evaluation episodes: beta 1 reached a return of 43, 3 (with tau 0.05) 177, 10 210."""
     max_weight: float = 20.0
     """Cap of the advantage weights, so that a few transitions cannot dominate a batch."""
 
