@@ -9,6 +9,7 @@ finds on PYTHONPATH as it finds an installed package.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -124,6 +125,29 @@ def test_awr_learns_continuous_actions_too(workdir: Path, awr: dict[str, str]) -
     rows = read_metrics_csv(workdir / "continuous" / "metrics.csv")
     assert {row["metric"] for row in rows if row["group"] == "train"} >= {"value_loss", "policy_loss"}
     assert load_checkpoint(workdir / "continuous" / "best.pt").action_space.shape == (2,)
+
+
+COMPOSE = """
+import sys
+from hydra import compose, initialize_config_dir
+with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
+    print(compose(config_name=sys.argv[2], overrides=["algorithm=awr"]).algorithm.name)
+"""
+
+
+def test_the_search_path_plugin_serves_run_and_leaves_other_hydra_apps_alone(tmp_path: Path, awr: dict[str, str]) -> None:
+    from mazerun.config.plugins import config_dir
+
+    def compose_awr(directory: Path, config_name: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", COMPOSE, str(directory), config_name], capture_output=True,
+                              text=True, env={**os.environ, **awr}, timeout=120)
+
+    assert compose_awr(config_dir(), "conf_rollout").stdout.strip() == "awr"
+    (tmp_path / "algorithm").mkdir()
+    (tmp_path / "algorithm" / "mine.yaml").write_text("name: mine\n")
+    (tmp_path / "app.yaml").write_text("defaults:\n  - algorithm: mine\n")
+    other = compose_awr(tmp_path, "app")
+    assert other.returncode != 0 and "Could not find 'algorithm/awr'" in other.stderr, other.stderr
 
 
 # ---------------------------------------------------------------------------------- a policy plugin
