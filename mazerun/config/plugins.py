@@ -46,6 +46,7 @@ def package_of(entry: EntryPoint) -> str:
 
 
 def describe(entry: EntryPoint) -> str:
+    """A plugin as error messages name it: its name, what it points at, and its package."""
     return f"{entry.name!r} ({entry.value}, package {package_of(entry)})"
 
 
