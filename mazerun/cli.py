@@ -34,6 +34,7 @@ from omegaconf import DictConfig, ListConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from mazerun.compose.validation import RECORD_STAGE, validate
+from mazerun.config import plugins
 from mazerun.config.schemas import RunConfig
 from mazerun.config.tuned import applied_tuned_defaults, config_dirs
 from mazerun.core import interrupts
@@ -53,9 +54,8 @@ RUN_OUTPUTS = ("trajectory_data", "trajectory_store", "best.pt", "last.pt", "met
 
 
 def _config_dir() -> str:
-    """conf/ ships inside the wheel as mazerun/conf; a source checkout keeps it at the top level."""
-    packaged = Path(__file__).resolve().parent / "conf"
-    return str(packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf")
+    """The directory Hydra composes `run` from: mazerun's conf/."""
+    return str(plugins.config_dir())
 
 
 def execute(config: RunConfig, run_dir: Path) -> float:
@@ -287,15 +287,19 @@ def check_sweep_dataset(config: RunConfig) -> None:
 def check_group_choices(arguments: list[str], config_dir: Path) -> None:
     """Name an unknown group option in one line, before Hydra's multi-line report.
 
-    Options come from mazerun's conf/ and from the directories the command adds
-    (``hydra.searchpath=[file://...]``, ``--config-dir``), where a user keeps envs of their own.
+    Options come from mazerun's conf/, from the directories the command adds
+    (``hydra.searchpath=[file://...]``, ``--config-dir``), where a user keeps envs of their own,
+    and from installed plugins: their config packages, and their policies (``policy``, ``expert``).
     """
-    config_dirs = [config_dir, *_added_config_dirs(arguments)]
+    config_dirs = [config_dir, *_added_config_dirs(arguments), *plugins.config_package_dirs()]
     for argument in arguments:
         group, sep, choice = argument.lstrip("+~").partition("=")
         if not sep or group not in CONFIG_GROUPS or choice in ("", "null") or "," in choice:
             continue
-        options = sorted({path.stem for folder in config_dirs for path in (folder / group).glob("*.yaml")})
+        known = {path.stem for folder in config_dirs for path in (folder / group).glob("*.yaml")}
+        if group in ("policy", "expert"):
+            known |= plugins.plugin_entries(plugins.POLICY_PLUGINS).keys()
+        options = sorted(known)
         if choice not in options:
             raise MazerunError(f"unknown {group} {choice!r}; choose one of: {', '.join(options)}")
 

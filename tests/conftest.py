@@ -29,6 +29,18 @@ MAZERUN = (sys.executable, "-m", "mazerun")
 DATASETS = (sys.executable, "-m", "mazerun.datasets")
 
 
+def install_example(name: str, target: Path) -> dict[str, str]:
+    """``pip install examples/<name>`` into ``target``, as a user installs a plugin; returns the environment in which
+    `run` finds it. mazerun is installed already and hatchling builds the wheel here, so nothing is fetched."""
+    if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode != 0:
+        pytest.skip(f"pip is not available to {sys.executable}, so examples/{name} cannot be installed")
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                             "--target", str(target), str(REPO / "examples" / name)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"pip could not install examples/{name}:\n{result.stderr}"
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))}
+
+
 def run_cli(*overrides: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300,
             program: Sequence[str] = MAZERUN) -> subprocess.CompletedProcess:
     """`run <overrides>` in ``cwd``; the output is captured, the exit code left to the test."""

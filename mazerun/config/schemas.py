@@ -19,6 +19,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mazerun.config.plugins import POLICY_PLUGINS, plugins_beside
 from mazerun.core.errors import MazerunError
 from mazerun.core.schedules import SCHEDULE_KINDS
 
@@ -35,7 +36,7 @@ class EnvConfig:
 @dataclass
 class PolicyConfig:
     name: str = "heuristic"
-    """heuristic | random | torch_policy (``bot`` and ``lunar_lander_heuristics`` are heuristic)."""
+    """heuristic | random | torch_policy (``bot`` and ``lunar_lander_heuristics`` are heuristic), or a plugin's."""
     epsilon: float = 0.0
     """Share of actions replaced by random ones, for noisy datasets."""
     deterministic: bool = True
@@ -47,7 +48,8 @@ class ExpertConfig:
     """The teacher of ``algorithm=dagger`` and of a pipeline's ``record`` stage."""
 
     name: str = "heuristic"
-    """heuristic (the env's scripted expert: LunarLander, CartPole, the BabyAI bot), random, or torch_policy."""
+    """heuristic (the env's scripted expert: LunarLander, CartPole, the BabyAI bot), random, torch_policy, or a
+    plugin's policy."""
     input_dir: Optional[str] = None
     """torch_policy: the trained run (or checkpoint file) that teaches."""
     deterministic: bool = True
@@ -131,6 +133,13 @@ class RunConfig:
 RUNNER_TYPES = ("sequential", "parallel")
 HEURISTIC_ALIASES = ("heuristic", "lunar_lander_heuristics", "bot")
 POLICY_NAMES = (*HEURISTIC_ALIASES, "random", "torch_policy")
+"""The built-in policies; installed packages add more (:func:`policy_names`)."""
+
+
+def policy_names() -> tuple[str, ...]:
+    """Every policy ``policy=`` and ``expert=`` take: the built-ins, then those of installed plugins
+    (entry point group ``mazerun.policies``)."""
+    return (*POLICY_NAMES, *sorted(plugins_beside(POLICY_NAMES, POLICY_PLUGINS, "policy")))
 
 
 def structured(schema: type, values: Any, prefix: str = "") -> Any:
@@ -205,14 +214,15 @@ def check_rollout(config: RunConfig) -> None:
     if runner.dataset.max_episodes is not None and runner.dataset.max_episodes <= 0:
         raise MazerunError(f"runner.dataset.max_episodes={runner.dataset.max_episodes} must be >= 1 (or null for all)")
     policy = config.policy
-    if policy.name not in POLICY_NAMES:
-        raise MazerunError(f"policy.name={policy.name!r} is unknown; choose one of {', '.join(POLICY_NAMES)}")
+    names = policy_names()
+    if policy.name not in names:
+        raise MazerunError(f"policy.name={policy.name!r} is unknown; choose one of {', '.join(names)}")
     if not 0.0 <= policy.epsilon <= 1.0:
         raise MazerunError(f"policy.epsilon={policy.epsilon} must lie in [0, 1]")
     expert = config.expert
     if expert is not None:
-        if expert.name not in POLICY_NAMES:
-            raise MazerunError(f"expert.name={expert.name!r} is unknown; choose one of {', '.join(POLICY_NAMES)}")
+        if expert.name not in names:
+            raise MazerunError(f"expert.name={expert.name!r} is unknown; choose one of {', '.join(names)}")
         if expert.name == "torch_policy" and not expert.input_dir:
             raise MazerunError("expert=torch_policy needs expert.input_dir=<a trained run's output directory>")
 
