@@ -180,6 +180,7 @@ class Case(NamedTuple):
     def rollouts(self, count: int) -> list[Any]:
         """``count`` rollouts of ``N_ENVS`` real env copies by the policy of a fresh build, scored with GAE."""
         config, spec = self.config, self.spec
+        torch.manual_seed(0)  # the same acting policy on every call
         network = build_algorithm(config, spec).network
         envs = make_vector_env(self.env_id, N_ENVS, "sync", EPISODE_STEPS, seed=0)
         try:
