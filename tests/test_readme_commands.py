@@ -24,6 +24,8 @@ import yaml
 from _pytest.mark import ParameterSet
 from conftest import DATASETS, MAZERUN, REPO, install_example, run_cli, spawn_cli
 
+from mazerun.algorithms import ALGORITHMS, algorithm_module
+
 TIMEOUT = 240
 """Seconds one command may take on 2 shared cores (they take 1-10)."""
 
@@ -391,7 +393,9 @@ DATA_FILES: dict[str, str] = {"data/lunar.h5": "lunar_h5", "data/cartpole.h5": "
                               "data/lunar.store": "store", "data/lunar_d3rlpy.h5": "lunar_d3rlpy"}
 """Files the README names relative to the working directory -> the fixture linked there."""
 
-OFFLINE = ("bc", "cql", "iql", "awr")
+OFFLINE = (*(name for name in ALGORITHMS if algorithm_module(name).Config().needs_dataset), "awr")
+"""Algorithms that read records (built-ins, and the plugin examples/mazerun_awr): without
+runner.dataset.dir_or_file, the newest recording under outputs/."""
 
 
 def fill(command: str, request: pytest.FixtureRequest) -> str:

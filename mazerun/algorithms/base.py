@@ -32,10 +32,13 @@ class OfflineConfig:
     """What the budget counts."""
 
     name: str = "bc"
+    """Which algorithm this section configures, as chosen by ``algorithm=<name>``."""
     n_updates: int = 5000
     """Gradient steps in total; a continued run trains up to this many (budgets are totals)."""
     batch_size: int = 256
+    """Transitions per gradient step (models without memory; nrollouts sizes the batches of those with it)."""
     lr: float = 3e-4
+    """Adam's learning rate."""
     lr_schedule: str = "constant"
     """constant, or linear: decays to 0 at n_updates, so the last weights are the settled ones."""
     eval_every: int = 1000

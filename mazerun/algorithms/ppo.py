@@ -52,13 +52,19 @@ from mazerun.nn.models import flatten_distribution, log_probs_and_entropies
 
 @dataclass
 class PPOConfig:
-    """PPO's settings; the defaults are rl-zoo's tuned values for LunarLander."""
+    """PPO's settings; the defaults are rl-zoo's tuned values for LunarLander.
+
+    From scratch: run algorithm=ppo; fine-tune a clone: run algorithm=ppo input_dir=outputs/<bc run>;
+    continue a PPO run: run algorithm=ppo input_dir=outputs/<ppo run> (total_steps is the total).
+    runner.n_envs (16), runner.vector (sync|async) and runner.eval_repeats set the environments and the evaluations.
+    """
 
     loop: ClassVar[str] = "on_policy"
     budget_key: ClassVar[str] = "total_steps"
     step_unit: ClassVar[str] = "step"
 
     name: str = "ppo"
+    """Which algorithm this section configures, as chosen by ``algorithm=<name>``."""
     total_steps: int = 1_000_000
     """Environment steps in total, over all envs; rounded up to whole rollouts (n_steps * n_envs).
     A continued run trains up to this many (budgets are totals)."""
@@ -69,10 +75,13 @@ class PPOConfig:
     n_epochs: int = 4
     """Passes over each rollout."""
     lr: float = 3e-4
+    """Adam's learning rate (its eps is 1e-5, as in Stable-Baselines3 and CleanRL)."""
     lr_schedule: str = "constant"
     """constant, or linear: decays to 0 at total_steps."""
     gamma: float = 0.999
+    """Discount of the returns and advantages."""
     gae_lambda: float = 0.98
+    """lambda of generalised advantage estimation: 0 is the one-step TD error, 1 the Monte Carlo return."""
     clip_range: float = 0.2
     """eps of the clipped surrogate."""
     clip_schedule: str = "constant"
@@ -80,9 +89,13 @@ class PPOConfig:
     clip_vf: Optional[float] = None
     """Clip the value update around the rollout's values by this much; null: no clipping."""
     ent_coef: float = 0.01
+    """Weight of the entropy bonus."""
     vf_coef: float = 0.5
+    """Weight of the value loss (without a 1/2 factor, as in Stable-Baselines3)."""
     max_grad_norm: float = 0.5
+    """The gradient's norm is clipped to this before each step."""
     normalize_advantage: bool = True
+    """Standardise the advantages per minibatch."""
     critic_burn_in_epochs: int = 0
     """Fine-tuning: the first iterations train only the critic, the policy frozen."""
     imitation_coef: float = 0.0
