@@ -23,6 +23,7 @@ from conftest import REPO, install_example, run_cli, run_ok, spawn_cli
 
 from mazerun.acting.rollout import rollout
 from mazerun.config.schemas import PolicyConfig, RunnerConfig
+from mazerun.core.errors import MazerunError
 from mazerun.data.records import load_records
 from mazerun.nn.checkpoint import load_checkpoint
 from mazerun.training.metrics import read_metrics_csv
@@ -71,13 +72,21 @@ def one_line_error(result: subprocess.CompletedProcess, message: str) -> str:
 # ------------------------------------------------------------------------ the worked example: AWR
 
 
+def _reported_update(metrics: Path, update: int) -> bool:
+    """Whether ``metrics`` holds a row at ``update`` or later (a run still writing it may hold none yet)."""
+    try:
+        return any(row["step"] >= update for row in read_metrics_csv(metrics))
+    except (OSError, ValueError, KeyError, MazerunError):
+        return False
+
+
+
 def test_awr_trains_stops_continues_exactly_and_rolls_out(workdir: Path, records: Path, awr: dict[str, str]) -> None:
     common = ["-cn", "conf_train", "algorithm=awr", f"runner.dataset.dir_or_file={records}", *QUICK]
     with spawn_cli(*common, "algorithm.n_updates=1000000", "hydra.run.dir=stopped", cwd=workdir, env=awr) as process:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (workdir / "stopped" / "metrics.csv").exists():
+        deadline = time.monotonic() + 120  # stopped once 20 updates are reported, however loaded the machine is
+        while time.monotonic() < deadline and not _reported_update(workdir / "stopped" / "metrics.csv", 20):
             time.sleep(0.05)
-        time.sleep(0.5)
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, stderr
