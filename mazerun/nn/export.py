@@ -284,6 +284,7 @@ def onnx_bytes(step: ActingStep, example: tuple[torch.Tensor, ...]) -> bytes:
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
     exporter_log.setLevel(logging.ERROR)
+    _forget_rnn_kernels()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
@@ -292,7 +293,31 @@ def onnx_bytes(step: ActingStep, example: tuple[torch.Tensor, ...]) -> bytes:
                                         external_data=False, verbose=False)
     finally:
         exporter_log.setLevel(level)
+        _forget_rnn_kernels()
+    _check_free_dimensions(program.model_proto, step)
     return program.model_proto.SerializeToString()
+
+
+def _forget_rnn_kernels() -> None:
+    """Empty the dispatch caches of torch's GRU and LSTM operators.
+
+    For free sequence lengths torch's exporter registers a while-loop GRU/LSTM only while it
+    exports, but the operators cache the kernel they dispatched to: the second export in one
+    process then unrolled the mission reader and fixed the mission length (torch 2.13).
+    """
+    for operator in (torch.ops.aten.gru.input, torch.ops.aten.lstm.input):
+        getattr(operator, "_dispatch_cache", {}).clear()
+
+
+def _check_free_dimensions(model: Any, step: ActingStep) -> None:
+    """Refuse a graph whose batch or mission length the exporter fixed: it would fail on other inputs, later."""
+    free = dict(zip(step.input_names(), _free_dimensions(step)))
+    for graph_input in model.graph.input:
+        dimensions = graph_input.type.tensor_type.shape.dim
+        fixed = [index for index in free.get(graph_input.name, {}) if not dimensions[index].dim_param]
+        if fixed:
+            raise MazerunError(f"torch {torch.__version__}'s ONNX exporter fixed dimension {fixed[0]} of input "
+                               f"{graph_input.name}; export with --format torchscript, or with another torch release")
 
 
 def torchscript_bytes(step: ActingStep, example: tuple[torch.Tensor, ...]) -> bytes:
