@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_cli, run_ok
+from conftest import EXPORT, REPO, run_cli, run_ok
 
 from mazerun.acting.envs import make_env
 from mazerun.acting.policies.onnx_policy import OnnxGraph
@@ -21,7 +20,6 @@ from mazerun.nn.export import export_policy
 from mazerun.nn.models import ActorCritic, ModelConfig, QNetwork, Vocabulary, build_network, obs_to_tensor
 from mazerun.training.runsetup import model_config_dict, sample_mission_vocabulary
 
-EXPORT = (sys.executable, "-m", "mazerun.export")
 TOLERANCE = 1e-5
 SHAKE = 0.1
 """Noise added to every initial weight: FiLM (zero at first) modulates, and logits are a few units as after
