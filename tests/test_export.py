@@ -13,11 +13,11 @@ import torch
 from conftest import EXPORT, REPO, run_cli, run_ok
 
 from mazerun.acting.envs import make_env
-from mazerun.acting.policies.onnx_policy import OnnxGraph
+from mazerun.acting.policies.onnx_policy import OnnxGraph, OnnxPolicy
 from mazerun.data.records import load_records
 from mazerun.nn.checkpoint import load_checkpoint, network_from_checkpoint, save_checkpoint
 from mazerun.nn.export import export_policy
-from mazerun.nn.models import ActorCritic, ModelConfig, QNetwork, Vocabulary, build_network, obs_to_tensor
+from mazerun.nn.models import ModelConfig, QNetwork, Vocabulary, build_network, obs_to_tensor
 from mazerun.training.runsetup import model_config_dict, sample_mission_vocabulary
 
 TOLERANCE = 1e-5
@@ -68,20 +68,25 @@ def checkpoint_of(name: str, directory: Path) -> Path:
 
 def torch_step(network: torch.nn.Module, batch: object, state: torch.Tensor, starts: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The greedy action, the head's output and the acting state after one step, through the network's own API.
+    """The greedy action and the state after of ``act_step``, and the head's raw output, through the network's modules.
 
-    Logits come back normalised (``Categorical``'s), so exported logits are compared after a log-softmax.
+    The raw output (not ``Categorical``'s normalised logits, which round again) is what the graph returns.
     """
+    if isinstance(network, QNetwork):
+        encoder, memory, trunk, head = network.encoder, network.memory, network.trunk, network.head
+    else:
+        encoder, memory, trunk, head = (network.actor_encoder, network.actor_memory, network.actor_trunk,
+                                        network.policy_head)
     with torch.no_grad():
         actions, new_state = network.act_step(batch, state, starts, deterministic=True)
-        single = {key: value[None] for key, value in batch.items()} if isinstance(batch, dict) else batch[None]
-        if isinstance(network, QNetwork):
-            head = network.q_sequence(single, starts[None], state)[0][0]
-        else:
-            distribution = network.distribution_sequence(single, starts[None], state)[0]
-            head = distribution.logits[0] if network.discrete else distribution.mean[0]
-            new_state = new_state[:, : network.actor_state_size]
-    return actions, head, new_state
+        features = encoder(batch)
+        if memory is not None:  # Memory's sequence path, which zeroes the state where an episode starts
+            features = memory(features[None], starts[None], state[:, : memory.state_size])[0][0]
+        return actions, head(trunk(features)), new_state
+
+
+def acting_state_size(network: torch.nn.Module) -> int:
+    return network.state_size if isinstance(network, QNetwork) else network.actor_state_size
 
 
 def compare_along_episodes(checkpoint_path: Path, run_exported) -> float:
@@ -99,20 +104,16 @@ def compare_along_episodes(checkpoint_path: Path, run_exported) -> float:
     largest = 0.0
     for _ in range(STEPS):
         stacked = stack(observations)
-        actions, head, actor_state = torch_step(network, obs_to_tensor(stacked, checkpoint.observation_space,
-                                                                       vocabulary, "cpu"), state, starts)
-        acting_state = state[:, : actor_state.shape[1]] if network.recurrent else None
-        exported = run_exported(stacked, acting_state, starts)
-        exported_head = torch.as_tensor(exported[1])
-        if isinstance(network, ActorCritic) and network.discrete:
-            exported_head = torch.log_softmax(exported_head, dim=-1)
-        differences = [(torch.as_tensor(exported[0]) - actions).abs().max(), (exported_head - head).abs().max()]
-        if network.recurrent:
-            differences.append((torch.as_tensor(exported[2]) - actor_state).abs().max())
+        batch = obs_to_tensor(stacked, checkpoint.observation_space, vocabulary, "cpu")
+        actions, head, state_after = torch_step(network, batch, state, starts)
+        acting = acting_state_size(network)  # an actor-critic's graph carries the actor's part alone
+        exported = run_exported(stacked, state[:, :acting] if acting else None, starts)
+        differences = [(torch.as_tensor(exported[0]) - actions).abs().max(),
+                       (torch.as_tensor(exported[1]) - head).abs().max()]
+        if acting:
+            differences.append((torch.as_tensor(exported[2]) - state_after[:, :acting]).abs().max())
         largest = max(largest, *(float(value) for value in differences))
-        with torch.no_grad():
-            _, state = network.act_step(obs_to_tensor(stacked, checkpoint.observation_space, vocabulary, "cpu"),
-                                        state, starts, deterministic=True)
+        state = state_after
         starts = torch.zeros(COPIES, dtype=torch.bool)
         for index, env in enumerate(envs):
             action = actions[index].numpy()
@@ -167,6 +168,31 @@ def test_torchscript_exports_match_torch_on_real_episodes(name: str, tmp_path: P
             return list(module(*inputs))
 
     assert compare_along_episodes(tmp_path / "best.pt", run_exported) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["mlp-lunar-lander", "mlp-gaussian"])
+def test_policy_onnx_samples_from_the_distribution_the_json_describes(name: str, tmp_path: Path) -> None:
+    checkpoint = load_checkpoint(checkpoint_of(name, tmp_path))
+    graph_path, _ = export_policy(checkpoint, "onnx")
+    env = make_env(checkpoint.env_id)
+    observation, _ = env.reset(seed=0)
+    policy = OnnxPolicy(str(graph_path), checkpoint.env_id, env.observation_space, env.action_space,
+                        deterministic=False)
+    policy.reset(env, seed=3)
+    samples = np.array([policy.act(observation) for _ in range(4000)])
+    policy.reset(env, seed=3)
+    assert np.array_equal([policy.act(observation) for _ in range(10)], samples[:10])  # seeded per episode
+    network = network_from_checkpoint(checkpoint)
+    with torch.no_grad():
+        distribution = network.distribution(obs_to_tensor(observation, env.observation_space, None, "cpu"))
+    if network.discrete:
+        frequencies = np.bincount(samples, minlength=env.action_space.n) / len(samples)
+        assert frequencies == pytest.approx(distribution.probs[0].numpy(), abs=0.03)
+    else:  # the Gaussian, clipped to [-1, 1]: compare inside the bounds
+        expected = torch.clamp(distribution.sample((20000,))[:, 0], -1, 1).numpy()
+        assert samples.mean(axis=0) == pytest.approx(expected.mean(axis=0), abs=0.05)
+        assert samples.std(axis=0) == pytest.approx(expected.std(axis=0), abs=0.05)
+    env.close()
 
 
 # ------------------------------------------------------------------------------------ through `run`
