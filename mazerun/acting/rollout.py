@@ -511,9 +511,9 @@ def run_rollout(config: RunConfig, run_dir: Path) -> dict[str, float]:
     policy's (onnx), else the default."""
     env_id = config.env.name
     if config.policy.name == "onnx" and env_id is None:
-        from mazerun.acting.policies.onnx_policy import OnnxGraph
+        from mazerun.acting.policies.onnx_policy import read_exported
 
-        env_id = OnnxGraph(config.policy.path).interface["env_id"]
+        env_id = read_exported(config.policy.path)["env_id"]
     if config.policy.name == "torch_policy":
         import torch  # imported only for trained policies
 

@@ -18,29 +18,36 @@ from mazerun.nn.export import EPISODE_START_INPUT, STATE_INPUT, STATE_OUTPUT, re
 from mazerun.nn.models import Vocabulary
 
 
+def read_exported(path: str | Path) -> dict[str, Any]:
+    """The interface JSON of an exported ONNX file, refused in one line when the file, or its JSON, is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise MazerunError(f"policy.path={path} does not exist; pass an .onnx file written by "
+                           "python -m mazerun.export <run dir> --format onnx")
+    interface = read_interface(path)
+    if interface["graph"] != "onnx":
+        raise MazerunError(f"{path} is a {interface['graph']} export; policy=onnx runs the files of "
+                           "python -m mazerun.export <run dir> --format onnx")
+    return interface
+
+
 class OnnxGraph:
     """An exported ONNX file and its interface JSON, run by onnxruntime on one thread.
 
-    One small graph per step gains nothing from more threads, and a thread pool would not
-    survive the parallel runner's fork.
+    One small graph per step gains nothing from more threads, and the parallel runner already
+    plays one worker per CPU.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
-            raise MazerunError(f"policy.path={path} does not exist; pass an .onnx file written by "
-                               "python -m mazerun.export <run dir> --format onnx")
-        self.interface = read_interface(self.path)
-        if self.interface["graph"] != "onnx":
-            raise MazerunError(f"{self.path} is a {self.interface['graph']} export; policy=onnx runs the files of "
-                               "python -m mazerun.export <run dir> --format onnx")
+        self.interface = read_exported(path)
         try:
             import onnxruntime
         except ImportError:
             raise MazerunError("policy=onnx needs onnxruntime: pip install 'mazerun[onnx]'") from None
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # errors only: its warnings about unused initialisers are not the user's
+        options.log_severity_level = 3  # errors only: a run's stderr carries the run's own lines
         try:
             self.session = onnxruntime.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf for a damaged or foreign file
