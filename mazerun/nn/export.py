@@ -77,7 +77,7 @@ def _windows(size: int, pooled: int) -> list[tuple[int, int]]:
 
 
 def _with_fixed_pools(encoder: nn.Module, image_size: tuple[int, int]) -> nn.Module:
-    """A copy of ``encoder`` whose adaptive pools are :class:`WindowMaxPool`\\ s (its convolutions keep the image size)."""
+    """A copy of ``encoder`` with :class:`WindowMaxPool` for its adaptive pools (the convolutions keep the size)."""
     encoder = copy.deepcopy(encoder)
     for module in list(encoder.modules()):
         for name, child in module.named_children():
@@ -190,7 +190,7 @@ def interface(step: ActingStep, checkpoint: Checkpoint, graph_format: str, graph
     if step.minigrid:
         height, width, channels = space["image"].shape
         inputs = [
-            _tensor_spec("image", [BATCH, height, width, channels], "uint8", "the observation's image, as the env gives it"),
+            _tensor_spec("image", [BATCH, height, width, channels], "uint8", "the observation's image, as given"),
             _tensor_spec("direction", [BATCH], "int64", "the observation's direction"),
             _tensor_spec("mission", [BATCH, WORDS], "int64",
                          "the observation's mission as token ids (see mission), right-padded with pad_id"),
@@ -216,7 +216,8 @@ def interface(step: ActingStep, checkpoint: Checkpoint, graph_format: str, graph
         inputs += [_tensor_spec(STATE_INPUT, [BATCH, step.state_size], "float32",
                                 f"the {STATE_OUTPUT} of the previous step (zeros at first)"),
                    _tensor_spec(EPISODE_START_INPUT, [BATCH], "bool", "true on the first step of an episode")]
-        outputs.append(_tensor_spec(STATE_OUTPUT, [BATCH, step.state_size], "float32", f"the next step's {STATE_INPUT}"))
+        outputs.append(_tensor_spec(STATE_OUTPUT, [BATCH, step.state_size], "float32",
+                                    f"the next step's {STATE_INPUT}"))
     if step.discrete:
         sampling: dict[str, Any] = {"distribution": "categorical", "parameters": step.head_output,
                                     "sample": f"an action drawn with probabilities softmax({step.head_output})"}
@@ -236,7 +237,7 @@ def interface(step: ActingStep, checkpoint: Checkpoint, graph_format: str, graph
         "checkpoint": str(checkpoint.path),
         "inputs": inputs, "outputs": outputs,
         "observation_space": space_signature(space), "action_space": space_signature(action_space),
-        "greedy": "the action output", "sampling": sampling, "state": state, "mission": mission,
+        "greedy": "the action output is the greedy action", "sampling": sampling, "state": state, "mission": mission,
     }
 
 
