@@ -25,8 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 MAZERUN = (sys.executable, "-m", "mazerun")
-"""The `run` command; ``program=`` takes another (``DATASETS``, ``torchrun``)."""
+"""The `run` command; ``program=`` takes another (``DATASETS``, ``EXPORT``, ``torchrun``)."""
 DATASETS = (sys.executable, "-m", "mazerun.datasets")
+EXPORT = (sys.executable, "-m", "mazerun.export")
 
 
 def install_example(name: str, target: Path) -> dict[str, str]:

@@ -22,7 +22,7 @@ import h5py
 import pytest
 import yaml
 from _pytest.mark import ParameterSet
-from conftest import DATASETS, MAZERUN, REPO, install_example, run_cli, spawn_cli
+from conftest import DATASETS, EXPORT, MAZERUN, REPO, install_example, run_cli, spawn_cli
 
 from mazerun.algorithms import ALGORITHMS, algorithm_module
 
@@ -361,6 +361,14 @@ def store_copy(store: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
+def exported_onnx(runs: Path, recurrent_bc_run: Path) -> Path:
+    """The recurrent BabyAI clone as ONNX, its interface JSON beside it."""
+    check(run_cli(str(recurrent_bc_run), "--format", "onnx", "--out", str(runs / "gru.onnx"), program=EXPORT,
+                  cwd=runs, timeout=TIMEOUT))
+    return runs / "gru.onnx"
+
+
+@pytest.fixture(scope="module")
 def gym_id() -> str:
     return "CartPole-v1"
 
@@ -386,6 +394,7 @@ PLACEHOLDERS: dict[str, str] = {
     "<sources>...": "store",
     "<existing store>": "store_copy",
     "<id>": "gym_id",
+    "<an exported .onnx>": "exported_onnx",
 }
 """Placeholder -> the fixture whose value replaces it."""
 

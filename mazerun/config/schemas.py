@@ -36,11 +36,14 @@ class EnvConfig:
 @dataclass
 class PolicyConfig:
     name: str = "heuristic"
-    """heuristic | random | torch_policy (``bot`` and ``lunar_lander_heuristics`` are heuristic), or a plugin's."""
+    """heuristic | random | torch_policy | onnx (``bot`` and ``lunar_lander_heuristics`` are heuristic), or a
+    plugin's."""
     epsilon: float = 0.0
     """Share of actions replaced by random ones, for noisy datasets."""
     deterministic: bool = True
-    """torch_policy: greedy actions (argmax / mean); false samples from the policy."""
+    """torch_policy and onnx: greedy actions (argmax / mean); false samples from the policy."""
+    path: Optional[str] = None
+    """onnx: the file ``python -m mazerun.export <run> --format onnx`` wrote (its ``.json`` lies beside it)."""
 
 
 @dataclass
@@ -132,13 +135,15 @@ class RunConfig:
 
 RUNNER_TYPES = ("sequential", "parallel")
 HEURISTIC_ALIASES = ("heuristic", "lunar_lander_heuristics", "bot")
-POLICY_NAMES = (*HEURISTIC_ALIASES, "random", "torch_policy")
+POLICY_NAMES = (*HEURISTIC_ALIASES, "random", "torch_policy", "onnx")
 """The built-in policies; installed packages add more (:func:`policy_names`)."""
+NOT_EXPERTS = ("onnx",)
+"""Policies that cannot teach: the expert section has no ``path`` for an exported file."""
 
 
 def policy_names() -> tuple[str, ...]:
-    """Every policy ``policy=`` and ``expert=`` take: the built-ins, then those of installed plugins
-    (entry point group ``mazerun.policies``)."""
+    """Every policy ``policy=`` and (but :data:`NOT_EXPERTS`) ``expert=`` take: the built-ins, then those of
+    installed plugins (entry point group ``mazerun.policies``)."""
     return (*POLICY_NAMES, *sorted(plugins_beside(POLICY_NAMES, POLICY_PLUGINS, "policy")))
 
 
@@ -219,10 +224,13 @@ def check_rollout(config: RunConfig) -> None:
         raise MazerunError(f"policy.name={policy.name!r} is unknown; choose one of {', '.join(names)}")
     if not 0.0 <= policy.epsilon <= 1.0:
         raise MazerunError(f"policy.epsilon={policy.epsilon} must lie in [0, 1]")
+    if policy.name == "onnx" and not policy.path:
+        raise MazerunError("policy=onnx needs policy.path=<an .onnx file written by python -m mazerun.export>")
     expert = config.expert
     if expert is not None:
-        if expert.name not in names:
-            raise MazerunError(f"expert.name={expert.name!r} is unknown; choose one of {', '.join(names)}")
+        experts = tuple(name for name in names if name not in NOT_EXPERTS)
+        if expert.name not in experts:
+            raise MazerunError(f"expert.name={expert.name!r} is unknown; choose one of {', '.join(experts)}")
         if expert.name == "torch_policy" and not expert.input_dir:
             raise MazerunError("expert=torch_policy needs expert.input_dir=<a trained run's output directory>")
 

@@ -20,13 +20,18 @@ __all__ = ["Policy", "build_policy"]
 
 
 def build_policy(
-    config: PolicyConfig, env_id: str, action_space: gym.Space, *, input_dir: str | None = None
+    config: PolicyConfig, env_id: str, observation_space: gym.Space, action_space: gym.Space, *,
+    input_dir: str | None = None,
 ) -> Policy:
     """The policy named by ``config`` for ``env_id``, with epsilon-greedy noise when asked."""
     if config.name in HEURISTIC_ALIASES:
         policy = heuristic_for(env_id)
     elif config.name == "random":
         policy = RandomPolicy(action_space)
+    elif config.name == "onnx":
+        from mazerun.acting.policies.onnx_policy import OnnxPolicy
+
+        policy = OnnxPolicy(config.path, env_id, observation_space, action_space, deterministic=config.deterministic)
     elif config.name == "torch_policy":
         if input_dir is None:
             raise MazerunError("policy=torch_policy needs input_dir=<a training run's output directory>")

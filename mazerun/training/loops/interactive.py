@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 def make_expert(expert: ExpertConfig, env_id: str, env: gym.Env) -> Policy:
     """The teacher for one env copy (the env's heuristic by default)."""
     policy = PolicyConfig(name=expert.name, deterministic=expert.deterministic)
-    return build_policy(policy, env_id, env.action_space, input_dir=expert.input_dir)
+    return build_policy(policy, env_id, env.observation_space, env.action_space, input_dir=expert.input_dir)
 
 
 class LabelledStates:
