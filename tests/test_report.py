@@ -82,7 +82,7 @@ def test_a_seed_sweep_with_a_running_and_a_failed_run_gives_the_hand_computed_sc
                                      "report/report.html and 4 PNGs")
     markdown = (runs / "report" / "report.md").read_text()
 
-    cells = table_row(markdown, "bc algorithm.n_updates=40 algorithm.validation_percentage=10")
+    cells = table_row(markdown, "bc algorithm.n_updates=40 algorithm.validation_percentage=10.0")
     assert cells[1] == "4 of 4"
     for kind, values, (iqm_cell, mean_cell) in zip(("final", "best"), scores(runs / "sweep"), (cells[2:4], cells[4:6])):
         values = sorted(values)
