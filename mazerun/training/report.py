@@ -335,14 +335,15 @@ def wall_time_curve(runs: list[Run], points: int = WALL_TIME_POINTS,
                     reps: int = PROFILE_REPS) -> tuple[np.ndarray, list[Estimate]]:
     """IQM over the runs of the score each had reached at each time, from when all had one to when the first ended.
 
-    Runs without wall_seconds (files written before the column) are left out.
+    If a run ended before another's first report (runs of very different speeds), that first report is the one
+    time at which every run has a score. Runs without wall_seconds (files written before the column) are left out.
     """
     timed = [run for run in runs if run.wall_seconds and all(wall is not None for wall in run.wall_seconds)]
     if not timed:
         return np.array([]), []
     start = max(run.wall_seconds[0] for run in timed)
     end = min(run.wall_seconds[-1] for run in timed)
-    times = np.linspace(start, end, points) if end > start else np.array([end])
+    times = np.linspace(start, end, points) if end > start else np.array([start])
     reached = np.array([np.array(run.values)[np.searchsorted(np.array(run.wall_seconds), times, side="right") - 1]
                         for run in timed])  # (runs, times): the last report at or before each time
     return times, [interval_estimate(reached[:, index], AGGREGATES["IQM"], reps=reps) for index in range(len(times))]
