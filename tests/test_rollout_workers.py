@@ -47,7 +47,9 @@ def test_a_killed_worker_is_replaced_and_no_episode_is_lost(workdir: Path) -> No
         _, stderr = process.communicate(timeout=120)
         assert process.returncode == 0, stderr
         assert stderr.count("SIGKILL") == 1, stderr
-        assert "playing it again in a fresh worker" in stderr
+        # The kill lands mid-episode (that episode is played again) or, on a fast machine, between two
+        # episodes (nothing to replay); either way a fresh worker takes over and every seed is recorded.
+        assert "playing it again in a fresh worker" in stderr or "between episodes; no episode was lost" in stderr
         assert not group_members(process.pid), "a process of the run outlived it"
     data = newest_run_dir(workdir) / "trajectory_data"
     assert not [path for path in data.iterdir() if path.suffix != ".pkl"]  # no temp files left
