@@ -37,6 +37,7 @@ not at all.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -232,7 +233,7 @@ def _integral_actions(actions: np.ndarray) -> np.ndarray:
 
 def write_hdf5(records: Sequence[StateTrajectoryRecord], path: Path) -> None:
     """``records`` as one HDF5 file of flat columns, with next_observations and timeouts (exact round trip)."""
-    h5py = _h5py()
+    _h5py()  # without h5py: one line, before anything is built
     if any(isinstance(record.observations, dict) for record in records):
         raise MazerunError(
             "HDF5 export writes flat (vector) observations and these records have dict observations; "
@@ -252,16 +253,23 @@ def write_hdf5(records: Sequence[StateTrajectoryRecord], path: Path) -> None:
     }
     if all(record.expert_actions is not None for record in records):
         columns["expert_actions"] = np.concatenate([np.asarray(record.expert_actions) for record in records])
-    path = Path(path)
+    with _written_whole(Path(path)) as file:
+        for name, column in columns.items():
+            file.create_dataset(name, data=column)
+        file.attrs["env_id"] = records[0].env_id
+        file.attrs["format"] = "mazerun-hdf5"
+
+
+@contextlib.contextmanager
+def _written_whole(path: Path) -> Iterator[Any]:
+    """An HDF5 file open for writing that lands at ``path`` whole or not at all (written in scratch beside it)."""
+    h5py = _h5py()
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
         with h5py.File(temporary, "w") as file:
-            for name, column in columns.items():
-                file.create_dataset(name, data=column)
-            file.attrs["env_id"] = records[0].env_id
-            file.attrs["format"] = "mazerun-hdf5"
+            yield file
         atomic_write_bytes(path, Path(temporary).read_bytes())
     finally:
         Path(temporary).unlink(missing_ok=True)
@@ -483,7 +491,7 @@ def write_d3rlpy(records: Sequence[StateTrajectoryRecord], path: Path) -> None:
     transition from that row, only the next observation of the step before, so no step is lost.
     The observation after a terminal step is not kept, as d3rlpy has no row for it (zeros there).
     """
-    h5py = _h5py()
+    _h5py()  # without h5py: one line, before anything is built
     if any(isinstance(record.observations, dict) for record in records):
         raise MazerunError("d3rlpy export writes vector observations and these records have dict observations; "
                            "export them to Minari (minari:<id>) or keep the trajectory_data")
@@ -491,34 +499,26 @@ def write_d3rlpy(records: Sequence[StateTrajectoryRecord], path: Path) -> None:
     if len(env_ids) > 1:
         raise MazerunError(f"the records come from {len(env_ids)} environments ({', '.join(sorted(env_ids))}); "
                            "export the records of one environment")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        with h5py.File(temporary, "w") as file:
-            file.create_dataset("columns", data=list(D3RLPY_COLUMNS))
-            file.create_dataset("num_episodes", data=len(records))
-            for index, record in enumerate(records):
-                observations = np.asarray(record.observations)
-                actions = np.asarray(record.actions)
-                actions = actions.reshape(len(actions), -1)
-                rewards = np.asarray(record.rewards, dtype=np.float64).reshape(-1, 1)
-                if record.terminated:
-                    observations = observations[:-1]
-                else:
-                    actions = np.concatenate([actions, np.zeros_like(actions[:1])])
-                    rewards = np.concatenate([rewards, np.zeros_like(rewards[:1])])
-                file.create_dataset(f"observations_{index}", data=observations)
-                file.create_dataset(f"actions_{index}", data=actions)
-                file.create_dataset(f"rewards_{index}", data=rewards)
-                file.create_dataset(f"terminated_{index}", data=bool(record.terminated))
-            file.create_dataset("version", data=D3RLPY_VERSION)
-            file.attrs["env_id"] = records[0].env_id
-            file.attrs["policy"] = records[0].policy
-        atomic_write_bytes(path, Path(temporary).read_bytes())
-    finally:
-        Path(temporary).unlink(missing_ok=True)
+    with _written_whole(Path(path)) as file:
+        file.create_dataset("columns", data=list(D3RLPY_COLUMNS))
+        file.create_dataset("num_episodes", data=len(records))
+        for index, record in enumerate(records):
+            observations = np.asarray(record.observations)
+            actions = np.asarray(record.actions)
+            actions = actions.reshape(len(actions), -1)
+            rewards = np.asarray(record.rewards, dtype=np.float64).reshape(-1, 1)
+            if record.terminated:
+                observations = observations[:-1]
+            else:
+                actions = np.concatenate([actions, np.zeros_like(actions[:1])])
+                rewards = np.concatenate([rewards, np.zeros_like(rewards[:1])])
+            file.create_dataset(f"observations_{index}", data=observations)
+            file.create_dataset(f"actions_{index}", data=actions)
+            file.create_dataset(f"rewards_{index}", data=rewards)
+            file.create_dataset(f"terminated_{index}", data=bool(record.terminated))
+        file.create_dataset("version", data=D3RLPY_VERSION)
+        file.attrs["env_id"] = records[0].env_id
+        file.attrs["policy"] = records[0].policy
 
 
 def _h5_text(value: Any) -> str:
