@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import yaml
 
 from mazerun.algorithms import ALGORITHMS, algorithm_module
+from mazerun.config.plugins import config_dir
 from mazerun.core.errors import MazerunError
 from mazerun.core.files import atomic_write_bytes
 
@@ -36,13 +37,6 @@ COMMAND = "python -m mazerun.compose.algorithm_yaml"
 BUILT_IN_PACKAGE = "mazerun.algorithms."
 """Algorithms of this package have their YAML in its conf/; a plugin's lives in its own search path."""
 INDENT = "  "
-
-
-def conf_dir() -> Path:
-    """The conf/ directory `run` reads: the package's copy in a wheel, else the source tree's."""
-    package = Path(__file__).resolve().parent.parent
-    packaged = package / "conf"
-    return packaged if packaged.is_dir() else package.parent / "conf"
 
 
 def built_in_algorithms() -> list[str]:
@@ -135,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--conf-dir", type=Path, default=None,
                         help="the conf/ directory to write or check (default: the one `run` reads)")
     arguments = parser.parse_args(argv)
-    directory = (arguments.conf_dir or conf_dir()) / "algorithm"
+    directory = (arguments.conf_dir or config_dir()) / "algorithm"
     try:
         differing = stale(directory)
         if not differing:
