@@ -143,15 +143,20 @@ class PPOConfig:
 
 
 class Minibatch(NamedTuple):
-    """What one gradient step reads, flat over its rows: the current policy and values, the rollout's numbers."""
+    """The rollout's numbers for one gradient step, flat over its rows; the states as the network reads them.
 
-    distribution: Distribution
-    values: torch.Tensor
+    Without memory ``observations`` are rows too. With memory they are whole env sequences
+    ``(n_steps, envs, ...)``, replayed from ``initial_state`` and restarted where ``starts`` is set.
+    """
+
+    observations: Any
     actions: torch.Tensor
     log_probs: torch.Tensor
     old_values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    starts: torch.Tensor | None = None
+    initial_state: torch.Tensor | None = None
 
 
 def _select(data: Any, index: Any) -> Any:
@@ -191,17 +196,18 @@ class PPOTerms(NamedTuple):
     """``log pi(a | s) - log pi_old(a | s)`` of each row."""
 
 
-def ppo_terms(minibatch: Minibatch, clip_range: float, clip_vf: float | None) -> PPOTerms:
-    """``L_policy``, ``L_value`` and the entropy of one minibatch; the loss is
-    ``L_policy + vf_coef * L_value - ent_coef * entropy`` (plus the imitation term, when there is one)."""
-    log_probs, entropy = log_prob_and_entropy(minibatch.distribution, minibatch.actions)
+def ppo_terms(distribution: Distribution, values: torch.Tensor, minibatch: Minibatch, clip_range: float,
+              clip_vf: float | None) -> PPOTerms:
+    """``L_policy``, ``L_value`` and the entropy of one minibatch, given the current policy and values on its states;
+    the loss is ``L_policy + vf_coef * L_value - ent_coef * entropy`` (plus the imitation term, when there is one)."""
+    log_probs, entropy = log_prob_and_entropy(distribution, minibatch.actions)
     log_ratio = log_probs - minibatch.log_probs
     ratio = log_ratio.exp()
     advantages = minibatch.advantages
     clipped_ratio = ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
     policy_loss = -torch.min(ratio * advantages, clipped_ratio * advantages).mean()
 
-    values, returns = minibatch.values, minibatch.returns
+    returns = minibatch.returns
     if clip_vf is None:
         value_loss = F.mse_loss(values, returns)
     else:
@@ -342,7 +348,7 @@ class PPO(Algorithm):
         self.updates += 1
         if self.fused is not None:
             return self._fused_update(batch, train_policy)
-        config, demonstrations = self.config, self.demonstrations
+        config, demonstrations, network = self.config, self.demonstrations, self.network
         device = batch.actions.device
         sequences = batch.starts is not None
         size = batch.actions.shape[0] * (batch.actions.shape[1] if sequences else 1)
@@ -356,8 +362,17 @@ class PPO(Algorithm):
         minibatches = self._sequence_minibatches if sequences else self._flat_minibatches
         for epoch in range(config.n_epochs):
             for index, (rows, minibatch) in enumerate(minibatches(batch)):
-                policy_loss, value_loss, entropy, log_ratio = ppo_terms(minibatch, self.clip_range, config.clip_vf)
-                imitation = cloning_loss(self.network, demonstrations())[0] if imitate else no_imitation
+                observations = minibatch.observations
+                if minibatch.starts is None:
+                    distribution, values = network.distribution(observations), network.value(observations)
+                else:  # whole env sequences, replayed from the state each began in
+                    distribution, _ = network.distribution_sequence(observations, minibatch.starts,
+                                                                    minibatch.initial_state)
+                    values, _ = network.value_sequence(observations, minibatch.starts, minibatch.initial_state)
+                    distribution, values = flatten_distribution(distribution), values.flatten()
+                policy_loss, value_loss, entropy, log_ratio = ppo_terms(distribution, values, minibatch,
+                                                                        self.clip_range, config.clip_vf)
+                imitation = cloning_loss(network, demonstrations())[0] if imitate else no_imitation
                 # loss = policy_loss + vf_coef * value_loss - ent_coef * entropy + imitation_coef * imitation,
                 # as one dot product; during critic burn-in the actor is not in the graph at all
                 terms = torch.stack([policy_loss, value_loss, entropy, imitation])
@@ -393,10 +408,11 @@ class PPO(Algorithm):
         advantages = batch.advantages[rows]
         if config.normalize_advantage and config.batch_size > 1:
             advantages = _normalized(advantages)
-        minibatch = Minibatch(self.network.distribution(observations), self.network.value(observations),
-                              batch.actions[rows], batch.log_probs[rows], batch.values[rows], advantages,
+        minibatch = Minibatch(observations, batch.actions[rows], batch.log_probs[rows], batch.values[rows], advantages,
                               batch.returns[rows])
-        policy_loss, value_loss, entropy, _ = ppo_terms(minibatch, self.clip_range, config.clip_vf)
+        policy_loss, value_loss, entropy, _ = ppo_terms(self.network.distribution(observations),
+                                                        self.network.value(observations), minibatch, self.clip_range,
+                                                        config.clip_vf)
         loss = policy_loss + config.vf_coef * value_loss - config.ent_coef * entropy
         expected = torch.autograd.grad(loss, self.parameters)
         with torch.no_grad():
@@ -490,10 +506,9 @@ class PPO(Algorithm):
             advantages = _normalized(advantages.view(size // batch_size, batch_size)).view(-1)
         for minibatch in range(size // batch_size):
             rows = slice(minibatch * batch_size, (minibatch + 1) * batch_size)
-            observations = _select(shuffled.observations, rows)
             yield rows, Minibatch(
-                self.network.distribution(observations), self.network.value(observations), shuffled.actions[rows],
-                shuffled.log_probs[rows], shuffled.values[rows], advantages[rows], shuffled.returns[rows],
+                _select(shuffled.observations, rows), shuffled.actions[rows], shuffled.log_probs[rows],
+                shuffled.values[rows], advantages[rows], shuffled.returns[rows],
             )
 
     def _sequence_minibatches(self, batch: RolloutBatch) -> Iterator[tuple[slice, Minibatch]]:
@@ -504,15 +519,13 @@ class PPO(Algorithm):
         for minibatch in range(n_envs // envs):
             chosen = _select(batch, (slice(None), order[minibatch * envs : (minibatch + 1) * envs]))
             state = batch.initial_state[order[minibatch * envs : (minibatch + 1) * envs]]
-            distribution, _ = self.network.distribution_sequence(chosen.observations, chosen.starts, state)
-            values, _ = self.network.value_sequence(chosen.observations, chosen.starts, state)
             advantages = chosen.advantages.flatten()
             if self.config.normalize_advantage and advantages.numel() > 1:
                 advantages = _normalized(advantages)
             rows = slice(minibatch * envs * steps, (minibatch + 1) * envs * steps)
             yield rows, Minibatch(
-                flatten_distribution(distribution), values.flatten(), chosen.actions.flatten(0, 1),
-                chosen.log_probs.flatten(), chosen.values.flatten(), advantages, chosen.returns.flatten(),
+                chosen.observations, chosen.actions.flatten(0, 1), chosen.log_probs.flatten(), chosen.values.flatten(),
+                advantages, chosen.returns.flatten(), starts=chosen.starts, initial_state=state,
             )
 
     def training_state(self) -> dict[str, Any]:

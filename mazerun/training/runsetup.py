@@ -6,21 +6,19 @@ the records, for algorithms that learn from a dataset; the env id, checked again
 and the checkpoint; its spaces; the mission vocabulary; the model config. A loop then only
 builds its algorithm and trains.
 
-:class:`CheckpointKeeper` keeps ``best.pt`` and ``last.pt`` of a run and says, when a run stops
-early (Ctrl-C, SIGTERM) or diverges, what it kept and how to go on. :class:`TrainResult` is what
-every loop returns: the selection metric and where the checkpoints are.
+:class:`TrainResult` is what every loop returns: the selection metric and where the checkpoints
+are. What a loop does around its updates (checkpoints, logging, evaluation, stops) is
+:mod:`mazerun.training.session`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 import gymnasium as gym
 import torch
@@ -30,7 +28,6 @@ from mazerun.acting.evaluation import Stepper, evaluate
 from mazerun.algorithms import algorithm_module
 from mazerun.algorithms.protocol import AlgorithmSpec
 from mazerun.config.schemas import DEFAULT_ENV_ID, ExpertConfig, RunConfig, RunnerConfig, structured
-from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
 from mazerun.core.files import atomic_write_bytes
 from mazerun.core.rundir import RESULT_FILE
@@ -45,7 +42,6 @@ from mazerun.nn.checkpoint import (
     Checkpoint,
     load_checkpoint,
     resolve_run_dir,
-    save_checkpoint,
 )
 from mazerun.nn.models import KIND_ACTIVATIONS, ModelConfig, Vocabulary, default_model_kind
 from mazerun.training.distributed import SINGLE, World, current_world
@@ -328,23 +324,6 @@ def prepare(
     return setup
 
 
-class BestTracker:
-    """Remembers the best value of the selection metric and says when a new one beats it."""
-
-    def __init__(self, metric: str, mode: str, best: float | None = None) -> None:
-        self.metric, self.mode = metric, mode
-        self.best = best
-
-    def improved(self, metrics: dict[str, float]) -> bool:
-        value = metrics.get(self.metric)
-        if value is None or not math.isfinite(value):
-            return False
-        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
-        if better:
-            self.best = value
-        return better
-
-
 @dataclass
 class TrainResult:
     """What a training run (or stage) reached: the selection metric, the counters, the checkpoints."""
@@ -377,97 +356,3 @@ class TrainResult:
         if not path.is_file():
             return None
         return cls(**json.loads(path.read_text()))
-
-
-class CheckpointKeeper:
-    """``best.pt`` and ``last.pt`` of one run: what describes the network is fixed here, each save adds the state.
-
-    ``last.pt`` carries the ``training_state`` a continued run needs (optimiser, targets, RNG
-    states, counters); ``best.pt`` only the weights of the best evaluation so far.
-    """
-
-    def __init__(self, setup: RunSetup, network: torch.nn.Module, network_type: str, selection: tuple[str, str]) -> None:
-        self.setup, self.network, self.network_type = setup, network, network_type
-        best = None
-        if setup.continuing:
-            best = setup.start.checkpoint.extra.get("best", {}).get(selection[0])
-        self.tracker = BestTracker(*selection, best=best)
-        self.last_saved_step: int | None = setup.start.step if setup.continuing else None
-        self.last_path = setup.run_dir / LAST_CHECKPOINT
-        self.last_saved_path: Path | None = setup.start.checkpoint.path if setup.continuing else None
-        """Where ``last_saved_step`` is: the continued run's own checkpoint until this run writes its ``last.pt``."""
-        self.best_path = setup.run_dir / BEST_CHECKPOINT
-
-    def _save(self, path: Path, step: int, training_state: dict[str, Any] | None) -> None:
-        setup = self.setup
-        if not setup.world.writes:
-            return  # under torchrun rank 0 alone writes checkpoints
-        extra: dict[str, Any] = {
-            "step": step, "global_step": setup.step_offset + step, "best": {self.tracker.metric: self.tracker.best},
-            "dataset": setup.dataset_sources, "world_size": setup.world.size,
-        }
-        if training_state is not None:
-            extra[TRAINING_STATE] = training_state
-        save_checkpoint(
-            path,
-            model_state={key: value.detach().cpu() for key, value in self.network.state_dict().items()},
-            model_config=model_config_dict(setup.model_config, self.network_type),
-            observation_space=setup.observation_space,
-            action_space=setup.action_space,
-            env_id=setup.env_id,
-            algorithm=setup.algorithm.name,
-            vocabulary=setup.vocabulary.to_list() if setup.vocabulary is not None else None,
-            extra=extra,
-        )
-
-    def save_last(self, step: int, training_state: dict[str, Any]) -> None:
-        self._save(self.last_path, step, training_state)
-        self.last_saved_step, self.last_saved_path = step, self.last_path
-
-    def consider(self, metrics: dict[str, float], step: int) -> bool:
-        """Save ``best.pt`` if ``metrics`` beat the best so far."""
-        if not self.tracker.improved(metrics):
-            return False
-        log.info("-> new best model %s=%.4g, saved %s", self.tracker.metric, self.tracker.best, BEST_CHECKPOINT)
-        self._save(self.best_path, step, None)
-        return True
-
-    def kept(self) -> str:
-        """Which checkpoint the run can go on from, for messages."""
-        if self.last_saved_path is None:
-            return "no checkpoint was written yet"
-        return f"{self.last_saved_path} holds {self.setup.algorithm.step_unit} {self.last_saved_step}"
-
-    def result(self, step: int) -> TrainResult:
-        setup = self.setup
-        return TrainResult(
-            run_dir=str(setup.run_dir), algorithm=setup.algorithm.name, metric=self.tracker.metric,
-            mode=self.tracker.mode, best=self.tracker.best, step=step, global_step=setup.step_offset + step,
-            env_id=setup.env_id,
-        )
-
-    @contextlib.contextmanager
-    def stop_cleanly(self, on_stop: Callable[[], int]) -> Iterator[None]:
-        """Turn Ctrl-C (and SIGTERM/SIGHUP, which the CLI raises as Ctrl-C) into a message that says how to go on.
-
-        ``on_stop`` saves what can be saved consistently and returns the step the run reached.
-        """
-        try:
-            yield
-        except KeyboardInterrupt as interrupt:
-            reached = on_stop()
-            reason = str(interrupt) or "stopped"
-            unit = self.setup.algorithm.step_unit
-            message = f"{reason} at {unit} {reached}; {self.kept()} (continue with input_dir={self.setup.continue_hint})"
-            raise interrupts.restated(interrupt, message) from None
-
-    def check_finite(self, metrics: dict[str, float], step: int, names: Sequence[str] | None = None) -> None:
-        """Abort at the first non-finite loss, keeping the last good checkpoints."""
-        for name in names if names is not None else list(metrics):
-            value = metrics.get(name)
-            if value is not None and not math.isfinite(value):
-                unit = self.setup.algorithm.step_unit
-                raise MazerunError(
-                    f"{name} became {value} at {unit} {step}: training diverged and stopped; {self.kept()}; "
-                    f"lower {self.setup.prefix}.lr or check the data for extreme values"
-                )

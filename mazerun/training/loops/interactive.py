@@ -15,7 +15,6 @@ optimiser, the generator and each copy's running episode, so a continued run goe
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import defaultdict
 from functools import partial
@@ -24,14 +23,12 @@ from typing import Any, Callable
 import gymnasium as gym
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mazerun.acting.envs import is_minigrid, make_env
 from mazerun.acting.policies import Policy, build_policy
 from mazerun.algorithms import build_algorithm
 from mazerun.config.schemas import ExpertConfig, PolicyConfig
 from mazerun.core import interrupts
-from mazerun.core.errors import MazerunError
 from mazerun.core.progress import Progress
 from mazerun.data.records import NO_LABEL, TRAJECTORY_DIR, EpisodeBuilder, write_record
 from mazerun.data.tensors import (
@@ -44,10 +41,11 @@ from mazerun.data.tensors import (
     observation_stats,
     store_observations,
 )
+from mazerun.nn.checkpoint import TRAINING_STATE
 from mazerun.nn.models import ModelInput
 from mazerun.training.loops.vector import VectorEpisodes, open_vector_env
-from mazerun.training.metrics import MetricsLogger, write_learning_curve
-from mazerun.training.runsetup import TRAINING_STATE, CheckpointKeeper, RunSetup, TrainResult
+from mazerun.training.runsetup import RunSetup, TrainResult
+from mazerun.training.session import LoopShell
 
 log = logging.getLogger(__name__)
 
@@ -163,20 +161,19 @@ def train_interactive(setup: RunSetup) -> TrainResult:
     beta = config.beta()
     start = setup.start
     state = None
-    step, records_written = 0, 0
+    records_written = 0
     if start is not None:
         algorithm.load_network_state(start.checkpoint.model_state)
         if start.continuing:
             state = start.checkpoint.extra[TRAINING_STATE]
-            step, records_written = start.step, int(state["records_written"])
-            algorithm.load_training_state(state["algorithm"], step)
+            records_written = int(state["records_written"])
+            algorithm.load_training_state(state["algorithm"], start.step)
             generator.set_state(state["generator"])
             aggregate.load_state(state["aggregate"])
         else:
             log.info("DAgger starts from the %s policy of %s", start.checkpoint.algorithm, start.checkpoint.path)
     # A policy learnt here standardises with the aggregate's statistics; a clone it starts from keeps its own.
     normalise = (start is None or start.continuing) and not isinstance(setup.observation_space, gym.spaces.Dict)
-    keeper = CheckpointKeeper(setup, network, algorithm.network_type, algorithm.selection_metric(False))
     window = ReportWindow.from_state(state["window"] if state else None)
     envs = open_vector_env(setup, make_expert=partial(make_expert, expert_config, setup.env_id))
     try:
@@ -193,23 +190,19 @@ def train_interactive(setup: RunSetup) -> TrainResult:
                 "window": window.state(), "next_report": next_report,
             }
 
-        def report(logger: MetricsLogger) -> None:
-            metrics = window.means()
-            keeper.check_finite(metrics, step)
-            metrics.update(labels=float(len(aggregate)), **algorithm.report_metrics())
-            logger.log(step, episodes.episode_metrics(is_minigrid(setup.env_id)), "rollout")
-            logger.log(step, metrics, "train")
-            evaluation = setup.evaluate(network)
-            logger.log(step, evaluation, "eval")
-            keeper.consider({f"eval/{name}": value for name, value in evaluation.items()}, step)
+        shell = LoopShell(setup, algorithm, algorithm.selection_metric(False), training_state)
 
-        def on_stop() -> int:
-            keeper.save_last(step, training_state())
-            return step
+        def report() -> None:
+            metrics = window.means()
+            shell.check_finite(metrics)
+            metrics.update(labels=float(len(aggregate)), **algorithm.report_metrics())
+            shell.log(episodes.episode_metrics(is_minigrid(setup.env_id)), "rollout")
+            shell.log(metrics, "train")
+            shell.evaluate()
 
         def owed_batches() -> Callable[[], Any] | None:
             """Draws for the updates the labels so far are owed; None when none are owed (or none can be drawn yet)."""
-            if algorithm.updates >= due_updates(config, step):
+            if algorithm.updates >= due_updates(config, shell.step):
                 return None
             return _batches(aggregate, config, generator, setup.model_config.recurrent)
 
@@ -222,7 +215,7 @@ def train_interactive(setup: RunSetup) -> TrainResult:
                 problem = algorithm.check_fast_path(aggregate.rows(first))
                 if problem is not None:
                     log.warning(problem)
-            due = due_updates(config, step)
+            due = due_updates(config, shell.step)
             while algorithm.updates < due:
                 interrupts.check()
                 window.add_update(algorithm.update(batches()))
@@ -234,40 +227,33 @@ def train_interactive(setup: RunSetup) -> TrainResult:
                  config.n_updates)
         # A continued run reports where the stopped one would have: a stop between the labels and their
         # updates leaves that iteration's report to come.
-        next_report = state.get("next_report", _next_report(config, step)) if state else _next_report(config, step)
-        with MetricsLogger(setup.run_dir, print_fn=tqdm.write, step_offset=setup.step_offset) as logger, \
-                keeper.stop_cleanly(on_stop), interrupts.deferred(), \
-                Progress(config.total_steps, initial=step, unit="step", desc=config.name) as bar, \
+        first_report = _next_report(config, shell.step)
+        next_report = state.get("next_report", first_report) if state else first_report
+        with shell.running(config.total_steps), \
                 Progress(config.n_updates, initial=algorithm.updates, unit="update", desc=f"{config.name} updates",
                          leave=False) as updates_bar:
-            while step < config.total_steps or owed_batches() is not None:
+            while shell.step < config.total_steps or owed_batches() is not None:
                 interrupts.check()
                 batches = owed_batches()
                 if batches is None:  # the labels so far are trained on: collect more, up to the label budget
-                    before = step
-                    for _ in range(min(config.n_steps, -(-(config.total_steps - step) // runner.n_envs))):
-                        window.add_step(collector.step(beta(step)))
-                        step += runner.n_envs
-                    bar.update(step - before)
+                    for _ in range(min(config.n_steps, -(-(config.total_steps - shell.step) // runner.n_envs))):
+                        window.add_step(collector.step(beta(shell.step)))
+                        shell.advance(runner.n_envs)
                     if normalise and len(aggregate):  # follow the aggregate: early states alone would mis-scale later ones
                         algorithm.set_normalization(*observation_stats(aggregate.observations[: len(aggregate)]))
                     batches = owed_batches()
                 if batches is not None:
                     pay_updates(batches, updates_bar)
-                if step >= next_report or step >= config.total_steps:
-                    report(logger)
+                if shell.step >= next_report or shell.step >= config.total_steps:
+                    report()
                     window = ReportWindow()
-                    next_report = _next_report(config, step)
-                    keeper.save_last(step, training_state())
+                    next_report = _next_report(config, shell.step)
+                    shell.save_last()
     finally:
         envs.close()
-        with contextlib.suppress(MazerunError):  # a by-product: never hide why the run ended
-            write_learning_curve(setup.run_dir, f"{config.name} on {setup.env_id}")
-    log.info("done: %d labelled steps, %d updates; %d episodes recorded to %s", step, algorithm.updates,
+    log.info("done: %d labelled steps, %d updates; %d episodes recorded to %s", shell.step, algorithm.updates,
              recorder.written, recorder.directory)
-    result = keeper.result(step)
-    result.write()
-    return result
+    return shell.finish()
 
 
 def due_updates(config: Any, step: int) -> int:

@@ -25,7 +25,6 @@ from mazerun.algorithms import build_algorithm
 from mazerun.algorithms.base import OfflineAlgorithm
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
-from mazerun.core.progress import Progress
 from mazerun.data.store import StoreDataset, store_split
 from mazerun.data.tensors import (
     BatchSampler,
@@ -36,9 +35,10 @@ from mazerun.data.tensors import (
     records_to_dataset,
     split_by_episode,
 )
+from mazerun.nn.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, TRAINING_STATE
 from mazerun.training import distributed
-from mazerun.training.metrics import MetricsLogger
-from mazerun.training.runsetup import TRAINING_STATE, CheckpointKeeper, RunSetup, TrainResult
+from mazerun.training.runsetup import RunSetup, TrainResult
+from mazerun.training.session import LoopShell
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,6 @@ def train_offline(setup: RunSetup) -> TrainResult:
         window_size = int(state["window_size"])
     if world.distributed:
         distributed.broadcast_modules(list(algorithm.networks().values()))
-    keeper = CheckpointKeeper(setup, algorithm.network, algorithm.network_type,
-                              algorithm.selection_metric(validation_data is not None))
-    update = setup.start.step if setup.start is not None else 0
 
     def training_state() -> dict[str, Any]:
         return {
@@ -93,58 +90,45 @@ def train_offline(setup: RunSetup) -> TrainResult:
             "window_size": window_size,
         }
 
-    def report(logger: MetricsLogger) -> None:
+    shell = LoopShell(setup, algorithm, algorithm.selection_metric(validation_data is not None), training_state)
+
+    def report() -> None:
         totals = sync.average(window) if sync is not None else window
         train_metrics = {name: float(total) / window_size for name, total in totals.items()}
-        keeper.check_finite(train_metrics, update)
+        shell.check_finite(train_metrics)
         if not world.writes:
             return  # rank 0 validates, evaluates and keeps the best; the others wait in the next all-reduce
         train_metrics.update(algorithm.report_metrics())
-        logger.log(update, train_metrics, "train")
-        everything = {f"train/{name}": value for name, value in train_metrics.items()}
+        shell.log(train_metrics, "train")
+        others = {f"train/{name}": value for name, value in train_metrics.items()}
         if validation_sampler is not None:
             validation = _mean_over_epoch(algorithm, validation_sampler)
-            logger.log(update, validation, "validation")
-            everything.update({f"validation/{name}": value for name, value in validation.items()})
-        evaluation = setup.evaluate(algorithm.network)
-        logger.log(update, evaluation, "eval")
-        everything.update({f"eval/{name}": value for name, value in evaluation.items()})
-        keeper.consider(everything, update)
-
-    def on_stop() -> int:
-        keeper.save_last(update, training_state())
-        return update
+            shell.log(validation, "validation")
+            others.update({f"validation/{name}": value for name, value in validation.items()})
+        shell.evaluate(others)
 
     if not setup.continuing:
-        keeper.save_last(update, training_state())  # a run that fails early still has a start to go on from
-    metrics_logger = MetricsLogger(setup.run_dir, step_offset=setup.step_offset) if world.writes \
-        else distributed.NullLogger()
+        shell.save_last()  # a run that fails early still has a start to go on from
     stop_check = sync.check if sync is not None else interrupts.check
-    started, first_update = time.perf_counter(), update
-    with metrics_logger as logger, keeper.stop_cleanly(on_stop), interrupts.deferred():
-        with Progress(config.n_updates, initial=update, unit="update", desc=config.name,
-                      disable=None if world.writes else True) as bar:
-            while update < config.n_updates:
-                stop_check()
-                metrics = algorithm.update(sampler.sample())
-                for name, value in metrics.items():
-                    window[name] += value
-                update += 1
-                window_size += 1
-                bar.update()
-                if update % config.eval_every == 0 or update == config.n_updates:
-                    report(logger)
-                    window.clear()
-                    window_size = 0
-                    keeper.save_last(update, training_state())
+    started, first_update = time.perf_counter(), shell.step
+    with shell.running(config.n_updates):
+        while shell.step < config.n_updates:
+            stop_check()
+            metrics = algorithm.update(sampler.sample())
+            for name, value in metrics.items():
+                window[name] += value
+            shell.advance()
+            window_size += 1
+            if shell.step % config.eval_every == 0 or shell.step == config.n_updates:
+                report()
+                window.clear()
+                window_size = 0
+                shell.save_last()
     seconds = time.perf_counter() - started
-    log.info("done: %d updates (%.0f updates/s, reports included); checkpoints %s and %s in %s", update,
-             (update - first_update) / seconds if seconds > 0 else 0.0, keeper.best_path.name, keeper.last_path.name,
+    log.info("done: %d updates (%.0f updates/s, reports included); checkpoints %s and %s in %s", shell.step,
+             (shell.step - first_update) / seconds if seconds > 0 else 0.0, BEST_CHECKPOINT, LAST_CHECKPOINT,
              setup.run_dir)
-    result = keeper.result(update)
-    if world.writes:
-        result.write()
-    return result
+    return shell.finish()
 
 
 def _datasets(setup: RunSetup) -> tuple[TransitionDataset | StoreDataset, TransitionDataset | StoreDataset | None]:

@@ -26,7 +26,6 @@ Where the run starts from (``input_dir``):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
@@ -35,14 +34,12 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mazerun.acting.evaluation import stack_observations
 from mazerun.algorithms import build_algorithm
 from mazerun.algorithms.rollouts import RolloutBatch, compute_gae
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
-from mazerun.core.progress import Progress
 from mazerun.data.tensors import (
     BatchSampler,
     SequenceSampler,
@@ -54,10 +51,11 @@ from mazerun.data.tensors import (
     store_observations,
 )
 from mazerun.fast.fused import FusedActorCritic
+from mazerun.nn.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, TRAINING_STATE
 from mazerun.nn.models import ActorCritic, ModelInput, Vocabulary, sample
 from mazerun.training.loops.vector import VectorEpisodes, open_vector_env
-from mazerun.training.metrics import MetricsLogger, write_learning_curve
-from mazerun.training.runsetup import TRAINING_STATE, CheckpointKeeper, RunSetup, TrainResult
+from mazerun.training.runsetup import RunSetup, TrainResult
+from mazerun.training.session import LoopShell
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +81,14 @@ def train_on_policy(setup: RunSetup) -> TrainResult:
     network = algorithm.network
 
     start = setup.start
-    step, iteration, state = 0, 0, None
+    iteration, state = 0, None
     if start is None:
         log.info("training %s from scratch on %s", config.name, setup.env_id)
     elif start.continuing:
         network.load_state_dict(start.checkpoint.model_state)
         state = start.checkpoint.extra[TRAINING_STATE]
-        step, iteration = start.step, int(state["iteration"])
-        algorithm.load_training_state({"updates": iteration, **state["algorithm"]}, step)
+        iteration = int(state["iteration"])
+        algorithm.load_training_state({"updates": iteration, **state["algorithm"]}, start.step)
         generator.set_state(state["generator"])
     else:
         load_policy_weights(network, start.checkpoint.model_state)
@@ -108,7 +106,6 @@ def train_on_policy(setup: RunSetup) -> TrainResult:
         log.info("imitation: %d recorded transitions beside every minibatch, coefficient %g",
                  len(demo_sampler.dataset), config.imitation_coef)
 
-    keeper = CheckpointKeeper(setup, network, algorithm.network_type, (SELECTION_METRIC, "max"))
     buffer = RolloutBuffer(config.n_steps, runner.n_envs, setup.observation_space, setup.action_space, device,
                            state_size=network.state_size)
     envs = open_vector_env(setup)
@@ -123,24 +120,22 @@ def train_on_policy(setup: RunSetup) -> TrainResult:
                 **({"demonstrations": demo_sampler.generator.get_state()} if demonstrations is not None else {}),
             }
 
-        def evaluate(logger: MetricsLogger) -> float:
-            result = setup.evaluate(network)
-            logger.log(step, result, "eval")
-            keeper.consider({SELECTION_METRIC: result["mean_return"]}, step)
-            return result["mean_return"]
+        shell = LoopShell(setup, algorithm, (SELECTION_METRIC, "max"), training_state)
 
-        with MetricsLogger(setup.run_dir, print_fn=tqdm.write, step_offset=setup.step_offset) as logger, \
-                keeper.stop_cleanly(lambda: step), interrupts.deferred(), \
-                Progress(total_steps, initial=step, unit="step", desc=config.name) as bar:
+        def evaluate() -> None:
+            bar.set_postfix(eval_return=f"{shell.evaluate()['mean_return']:.1f}")
+
+        # last.pt is saved after every iteration: a stop inside one (mid-rollout) keeps that one
+        with shell.running(total_steps, save_on_stop=False) as bar:
             log.info("%d copies of %s ready to step", runner.n_envs, setup.env_id)
             if not setup.continuing:  # a continued run was evaluated where the last one stopped
-                bar.set_postfix(eval_return=f"{evaluate(logger):.1f}")
-                keeper.save_last(step, training_state())
-            next_evaluation = (step // config.eval_every + 1) * config.eval_every
+                evaluate()
+                shell.save_last()
+            next_evaluation = (shell.step // config.eval_every + 1) * config.eval_every
             fast_path_checked = False
-            while step < total_steps:
+            while shell.step < total_steps:
                 started = time.perf_counter()
-                scheduled = algorithm.set_progress(step)
+                scheduled = algorithm.set_progress(shell.step)
                 collector.collect(buffer)
                 collected = time.perf_counter()
                 batch = buffer.batch(collector.last_values(), config.gamma, config.gae_lambda)
@@ -151,27 +146,22 @@ def train_on_policy(setup: RunSetup) -> TrainResult:
                         log.warning(problem)
                 metrics = algorithm.update(batch)
                 updated = time.perf_counter()
-                step += rollout_size
+                shell.advance(rollout_size)
                 iteration += 1
-                keeper.check_finite(metrics, step, FINITE_METRICS)
+                shell.check_finite(metrics, FINITE_METRICS)
                 metrics.update(scheduled, sps=rollout_size / (updated - started), rollout_seconds=collected - started,
                                update_seconds=updated - collected)
-                logger.log(step, collector.episodes.episode_metrics(), "rollout")
-                logger.log(step, metrics, "train")
-                bar.update(rollout_size)
-                if step >= next_evaluation or step >= total_steps:
-                    bar.set_postfix(eval_return=f"{evaluate(logger):.1f}")
-                    next_evaluation = (step // config.eval_every + 1) * config.eval_every
-                keeper.save_last(step, training_state())
+                shell.log(collector.episodes.episode_metrics(), "rollout")
+                shell.log(metrics, "train")
+                if shell.step >= next_evaluation or shell.step >= total_steps:
+                    evaluate()
+                    next_evaluation = (shell.step // config.eval_every + 1) * config.eval_every
+                shell.save_last()
     finally:
         envs.close()
-        with contextlib.suppress(MazerunError):  # a by-product: never hide why the run ended
-            write_learning_curve(setup.run_dir, f"{config.name} on {setup.env_id}")
-    log.info("done: %d steps in %d iterations; best %s=%.4g; checkpoints %s and %s in %s", step, iteration,
-             keeper.tracker.metric, keeper.tracker.best, keeper.best_path.name, keeper.last_path.name, setup.run_dir)
-    result = keeper.result(step)
-    result.write()
-    return result
+    log.info("done: %d steps in %d iterations; best %s=%.4g; checkpoints %s and %s in %s", shell.step, iteration,
+             shell.keeper.tracker.metric, shell.keeper.tracker.best, BEST_CHECKPOINT, LAST_CHECKPOINT, setup.run_dir)
+    return shell.finish()
 
 
 def demonstration_sampler(data: TransitionDataset, setup: RunSetup) -> BatchSampler | SequenceSampler:
