@@ -231,7 +231,8 @@ def go(world: World, is_goal: Callable[[Pose], bool], arrive: Callable[[Pose], i
     if path is not None:
         return first_action(world, path) if path else arrive(world.pose)
     if depth >= MAX_SUBGOAL_DEPTH:
-        raise NoPlan("the way is shut by more obstacles than the planner nests subgoals for")
+        raise NoPlan("the way is shut: a key behind its own door, or more nested obstacles than "
+                     f"the planner follows ({MAX_SUBGOAL_DEPTH})")
     relaxed = search(world, is_goal, relaxed=True)
     if relaxed is None:
         raise NoPlan("no way leads there")
@@ -250,10 +251,21 @@ def go(world: World, is_goal: Callable[[Pose], bool], arrive: Callable[[Pose], i
 
 
 def fetch_key(world: World, color: str, depth: int) -> int:
-    try:
-        return pick_up(world, key_of(color), depth)
-    except NoPlan as error:
-        raise NoPlan(f"the locked {color} door on the way has no reachable {color} key ({error})") from None
+    key = key_of(color)
+    if not any(key(obj) or (obj.type == "box" and obj.contains is not None and key(obj.contains))
+               for _, obj in world.objects()):
+        raise NoPlan(f"the locked {color} door on the way has no {color} key in the grid")
+    return pick_up(world, key, depth)
+
+
+def way_that_needs_the_key(world: World, is_goal: Callable[[Pose], bool]) -> list[Step] | None:
+    """The open way to ``is_goal`` when it crosses a locked door the carried key opens, else None."""
+    path = search(world, is_goal)
+    for step in path or []:
+        obj = world.at(step.pose[:2])
+        if step.action == FORWARD and obj is not None and obj.type == "door" and obj.is_locked:
+            return path
+    return None
 
 
 def wait_for_the_way(world: World, relaxed: list[Step]) -> int:
@@ -276,6 +288,8 @@ def pick_up(world: World, matches: Callable[[Any], bool], depth: int) -> int:
     """
     sources: dict[Cell, int] = {}
     for cell, obj in world.objects():
+        if not obj.can_pickup():
+            continue  # a description such as "a grey object" also matches walls
         if matches(obj):
             sources[cell] = PICKUP
         elif obj.type == "box" and obj.contains is not None and matches(obj.contains):
@@ -283,12 +297,10 @@ def pick_up(world: World, matches: Callable[[Any], bool], depth: int) -> int:
     if not sources:
         raise NoPlan("nothing to pick up matches")
     if world.carrying is not None:
-        path = search(world, facing(sources))
-        if path and any(step.action == FORWARD and world.at(step.pose[:2]) is not None
-                        and world.at(step.pose[:2]).type == "door" and world.at(step.pose[:2]).is_locked
-                        for step in path):
-            return first_action(world, path)
-        return put_down(world)
+        if search(world, facing(sources)) is None:  # shut: the subgoals that open it say what to do with the hands
+            return go(world, facing(sources), lambda pose: DROP, depth)
+        keep_key = way_that_needs_the_key(world, facing(sources))
+        return first_action(world, keep_key) if keep_key else put_down(world)
     return go(world, facing(sources), lambda pose: sources[front(pose)], depth)
 
 
@@ -305,7 +317,8 @@ def put_down(world: World) -> int:
 def carry_aside(world: World, cell: Cell, depth: int) -> int:
     """The next action toward picking up the object on ``cell`` (then it is carried out of the way)."""
     if world.carrying is not None:
-        return put_down(world)
+        keep_key = way_that_needs_the_key(world, facing({cell}))
+        return first_action(world, keep_key) if keep_key else put_down(world)
     return go(world, facing({cell}), lambda pose: PICKUP, depth)
 
 
@@ -330,13 +343,22 @@ def stand_next_to_and_done(world: World, cells: set[Cell]) -> int:
 def open_door(world: World, doors: list[Any]) -> int:
     """Face one of ``doors`` and toggle it (an open one closes, then opens: the verifier wants the opening)."""
     cells = {world.cell_of(door): door for door in doors if world.cell_of(door) is not None}
-    usable = {cell for cell, door in cells.items() if not door.is_locked or world.holds_key(door.color)}
-    if usable:
-        return go(world, facing(usable), lambda pose: TOGGLE, 0)
     if not cells:
         raise NoPlan("the door to open is not in the grid")
-    door = min(cells.items())[1]
-    return fetch_key(world, door.color, 1)
+
+    def usable(cell: Cell) -> bool:
+        return not cells[cell].is_locked or world.holds_key(cells[cell].color)
+
+    def toggle_or_fetch_key(pose: Pose) -> int:
+        return TOGGLE if usable(front(pose)) else fetch_key(world, cells[front(pose)].color, 1)
+
+    ready = {cell for cell in cells if usable(cell)}
+    if ready and search(world, facing(ready)) is not None:
+        return go(world, facing(ready), toggle_or_fetch_key, 0)
+    path = search(world, facing(cells))
+    if path is not None:  # the door is in reach but locked: its key first
+        return fetch_key(world, cells[front(path[-1].pose if path else world.pose)].color, 1)
+    return go(world, facing(cells), toggle_or_fetch_key, 0)  # clear the way to the door first
 
 
 def put_next_to(world: World, moves: Callable[[Any], bool], targets: set[Cell], reach_of: Callable[[Cell], set[Cell]]) -> int:
@@ -478,12 +500,15 @@ class BabyAIInstructions(Task):
     def __init__(self, env: Any) -> None:
         super().__init__(env)
         self.instrs = env.instrs
+        check_strict_sequence(env.instrs)
 
     def objective(self, world: World) -> int:
         return self.clause_action(world, current_clause(self.instrs))
 
     def clause_action(self, world: World, clause: Any) -> int:
         kind = type(clause).__name__
+        if getattr(clause, "strict", False):  # a strict clause fails on any other pickup or door toggled
+            world = World(self.env, may_move_objects=False)
         if kind == "GoToInstr":
             return face(world, {tuple(pos) for pos in clause.desc.obj_poss})
         if kind == "PickupInstr":
@@ -498,6 +523,23 @@ class BabyAIInstructions(Task):
             fixed = {tuple(pos) for pos in clause.desc_fixed.obj_poss}
             return put_next_to(world, lambda obj: any(obj is target for target in wanted), fixed, beside)
         raise NoPlan(f"the planner does not know the BabyAI clause {kind}")
+
+
+def check_strict_sequence(instr: Any) -> None:
+    """Refuse "open door A, then door B" when B's clause is strict: it can never succeed.
+
+    minigrid's ``BeforeInstr`` verifies the second clause on the very toggle that opened the
+    first door, and a strict ``OpenInstr`` fails on any other door it sees toggled
+    (BabyAI-OpenDoorsOrderN*Debug).
+    """
+    kind = type(instr).__name__
+    if kind not in ("BeforeInstr", "AfterInstr"):
+        return
+    first, second = (instr.instr_a, instr.instr_b) if kind == "BeforeInstr" else (instr.instr_b, instr.instr_a)
+    if type(first).__name__ == type(second).__name__ == "OpenInstr" and getattr(second, "strict", False) \
+            and not any(door is other for door in first.desc.obj_set for other in second.desc.obj_set):
+        raise NoPlan("minigrid's strict verifier fails the second door on the toggle that opens the first, "
+                     "so this mission cannot succeed")
 
 
 def current_clause(instr: Any) -> Any:
