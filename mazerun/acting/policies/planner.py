@@ -247,7 +247,7 @@ def go(world: World, is_goal: Callable[[Pose], bool], arrive: Callable[[Pose], i
     if obstacle.type == "box" and obstacle.contains is not None and later_doors \
             and key_of(later_doors[0].color)(obstacle.contains):
         return fetch_key(world, later_doors[0].color, depth + 1)  # opening the box clears the way too
-    return carry_aside(world, first, depth + 1)
+    return carry_aside(world, first, depth + 1, way=cells_on(relaxed))
 
 
 def fetch_key(world: World, color: str, depth: int) -> int:
@@ -304,9 +304,13 @@ def pick_up(world: World, matches: Callable[[Any], bool], depth: int) -> int:
     return go(world, facing(sources), lambda pose: sources[front(pose)], depth)
 
 
-def put_down(world: World) -> int:
-    """The next action toward dropping what the agent carries where it blocks nothing."""
-    path = search(world, lambda pose: world.can_hold(front(pose)))
+def cells_on(path: list[Step]) -> frozenset[Cell]:
+    return frozenset(step.pose[:2] for step in path)
+
+
+def put_down(world: World, keep_clear: frozenset[Cell] = frozenset()) -> int:
+    """The next action toward dropping what the agent carries where it blocks nothing (nor ``keep_clear``)."""
+    path = search(world, lambda pose: front(pose) not in keep_clear and world.can_hold(front(pose)))
     if path is None:
         path = search(world, lambda pose: world.at(front(pose)) is None and front(pose) not in world.forbidden)
     if path is None:
@@ -314,11 +318,14 @@ def put_down(world: World) -> int:
     return first_action(world, path) if path else DROP
 
 
-def carry_aside(world: World, cell: Cell, depth: int) -> int:
-    """The next action toward picking up the object on ``cell`` (then it is carried out of the way)."""
+def carry_aside(world: World, cell: Cell, depth: int, way: frozenset[Cell]) -> int:
+    """The next action toward picking up the object on ``cell`` (then it is carried out of the way).
+
+    What the hands hold first goes down off ``way``, the cells of the way being cleared.
+    """
     if world.carrying is not None:
         keep_key = way_that_needs_the_key(world, facing({cell}))
-        return first_action(world, keep_key) if keep_key else put_down(world)
+        return first_action(world, keep_key) if keep_key else put_down(world, keep_clear=way)
     return go(world, facing({cell}), lambda pose: PICKUP, depth)
 
 
@@ -362,10 +369,15 @@ def open_door(world: World, doors: list[Any]) -> int:
 
 
 def put_next_to(world: World, moves: Callable[[Any], bool], targets: set[Cell], reach_of: Callable[[Cell], set[Cell]]) -> int:
-    """Carry an object that ``moves`` and drop it on a free cell within ``reach_of`` a target cell."""
-    if world.carrying is None or not moves(world.carrying):
-        return pick_up(world, moves, 0)
+    """Carry an object that ``moves`` and drop it on a free cell within ``reach_of`` a target cell.
+
+    A shut way to the target is opened first, with empty hands, so the object is not carried
+    into a subgoal that would make the agent put it down again.
+    """
     spots = {spot for cell in targets for spot in reach_of(cell) if world.at(spot) is None and spot not in world.forbidden}
+    way_is_open = search(world, facing(spots)) is not None
+    if way_is_open and (world.carrying is None or not moves(world.carrying)):
+        return pick_up(world, moves, 0)
     return go(world, facing(spots), lambda pose: DROP, 0)
 
 
