@@ -35,7 +35,7 @@ class EnvConfig:
 @dataclass
 class PolicyConfig:
     name: str = "heuristic"
-    """heuristic | random | torch_policy (``bot`` and ``lunar_lander_heuristics`` are heuristic)."""
+    """heuristic | planner | bot | random | torch_policy (``lunar_lander_heuristics`` is heuristic)."""
     epsilon: float = 0.0
     """Share of actions replaced by random ones, for noisy datasets."""
     deterministic: bool = True
@@ -47,7 +47,7 @@ class ExpertConfig:
     """The teacher of ``algorithm=dagger`` and of a pipeline's ``record`` stage."""
 
     name: str = "heuristic"
-    """heuristic (the env's scripted expert: LunarLander, CartPole, the BabyAI bot), random, or torch_policy."""
+    """heuristic (the env's scripted expert), planner or bot (MiniGrid/BabyAI), random, or torch_policy."""
     input_dir: Optional[str] = None
     """torch_policy: the trained run (or checkpoint file) that teaches."""
     deterministic: bool = True
@@ -129,8 +129,8 @@ class RunConfig:
 
 
 RUNNER_TYPES = ("sequential", "parallel")
-HEURISTIC_ALIASES = ("heuristic", "lunar_lander_heuristics", "bot")
-POLICY_NAMES = (*HEURISTIC_ALIASES, "random", "torch_policy")
+HEURISTIC_ALIASES = ("heuristic", "lunar_lander_heuristics")
+POLICY_NAMES = (*HEURISTIC_ALIASES, "planner", "bot", "random", "torch_policy")
 
 
 def structured(schema: type, values: Any, prefix: str = "") -> Any:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import gymnasium as gym
 
 from mazerun.acting.policies.base import EpsilonGreedyPolicy, Policy, RandomPolicy
-from mazerun.acting.policies.heuristic import heuristic_for
+from mazerun.acting.policies.heuristic import bot_for, heuristic_for
+from mazerun.acting.policies.planner import planner_for
 from mazerun.config.schemas import HEURISTIC_ALIASES, PolicyConfig
 from mazerun.core.errors import MazerunError
 
@@ -18,6 +19,10 @@ def build_policy(
     """The policy named by ``config`` for ``env_id``, with epsilon-greedy noise when asked."""
     if config.name in HEURISTIC_ALIASES:
         policy = heuristic_for(env_id)
+    elif config.name == "planner":
+        policy = planner_for(env_id)
+    elif config.name == "bot":
+        policy = bot_for(env_id)
     elif config.name == "random":
         policy = RandomPolicy(action_space)
     else:

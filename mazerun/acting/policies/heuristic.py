@@ -1,4 +1,4 @@
-"""Scripted experts: gymnasium's LunarLander heuristic, a CartPole controller, minigrid's BabyAI bot."""
+"""Scripted experts: gymnasium's LunarLander heuristic, a CartPole controller, and for grids the planner or minigrid's BabyAI bot."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from mazerun.acting.envs import unmasked_observation
+from mazerun.acting.envs import is_minigrid, unmasked_observation
 from mazerun.acting.policies.base import Policy
+from mazerun.acting.policies.planner import planner_for
 from mazerun.core.errors import MazerunError
 
 
@@ -67,16 +68,34 @@ HEURISTICS_BY_ENV_PREFIX: dict[str, type[Policy]] = {
     "LunarLander": LunarLanderHeuristic,
     "LunarLanderContinuous": LunarLanderHeuristic,
     "CartPole": CartPoleController,
-    "BabyAI": BabyAIBotPolicy,
 }
 """The expert for each family of env ids (the part before the version suffix)."""
 
+BOT_FIRST_IDS: frozenset[str] = frozenset()
+"""BabyAI ids where bench/experts.py found the bot better than the planner (see BETTER_EXPERT_FIGURES)."""
+
+BETTER_EXPERT_FIGURES = ""
+"""bench/experts.py, 200 seeds per id: filled from the bench's table."""
+
+
+def bot_for(env_id: str) -> Policy:
+    """minigrid's BabyAI bot, for a BabyAI level only (it reads the level's instructions)."""
+    if not env_id.startswith("BabyAI-"):
+        raise MazerunError(f"policy=bot solves BabyAI levels only, not {env_id}; "
+                           "use policy=planner on MiniGrid envs, policy=heuristic elsewhere")
+    return BabyAIBotPolicy()
+
 
 def heuristic_for(env_id: str) -> Policy:
-    """The scripted expert for ``env_id``, or an error that lists the envs that have one."""
+    """The scripted expert for ``env_id``, or an error that lists the envs that have one.
+
+    On a MiniGrid or BabyAI id it is the better of the planner and the bot for that id.
+    """
+    if is_minigrid(env_id):
+        return bot_for(env_id) if env_id in BOT_FIRST_IDS else planner_for(env_id)
     family = env_id.split("-")[0]
     if family not in HEURISTICS_BY_ENV_PREFIX:
-        known = ", ".join(f"{prefix}-*" for prefix in HEURISTICS_BY_ENV_PREFIX)
+        known = ", ".join(f"{prefix}-*" for prefix in [*HEURISTICS_BY_ENV_PREFIX, "MiniGrid", "BabyAI"])
         raise MazerunError(
             f"no heuristic policy for {env_id}; heuristics exist for {known}: "
             "use policy=random or policy=torch_policy for this env"

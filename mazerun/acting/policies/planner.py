@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import gymnasium as gym
 
+from mazerun.acting.envs import is_minigrid
 from mazerun.acting.policies.base import Policy
 from mazerun.core.errors import MazerunError
 
@@ -595,7 +596,10 @@ def read_task(env: Any) -> Task:
 
 
 class PlannerPolicy(Policy):
-    """Plans from the full state of a MiniGrid or BabyAI env each step (see the module docstring)."""
+    """Plans from the full state of a MiniGrid or BabyAI env each step (see the module docstring).
+
+    It keeps no plan between steps, so :meth:`took` (an action it did not choose) needs nothing.
+    """
 
     name = "planner"
 
@@ -617,3 +621,11 @@ class PlannerPolicy(Policy):
         except NoPlan as error:
             raise NoPlan(f"planner on {self.env_id} (seed {self._seed}): {error}; "
                          "this state has no plan: use policy=bot or policy=random here") from None
+
+
+def planner_for(env_id: str) -> PlannerPolicy:
+    """The planner, for a MiniGrid or BabyAI id only (it reads their grid)."""
+    if not is_minigrid(env_id):
+        raise MazerunError(f"policy=planner plans on MiniGrid and BabyAI envs only, not {env_id}; "
+                           "use policy=heuristic, policy=random or policy=torch_policy there")
+    return PlannerPolicy(env_id)
