@@ -6,9 +6,10 @@
 
 Per id: the planner's success, the bot's (BabyAI ids only: it reads a level's ``instrs``), the
 planner's mean steps and the mean length of its plan at reset. The plan at reset is the number
-of actions the planner takes on a copy of the env made right after reset, in which moving
-obstacles are held still (Dynamic-Obstacles; every other env is static, so there it equals the
-steps taken unless replanning goes astray). Each episode runs through mazerun's own env (its
+of actions the planner takes on a copy of the env made right after reset, without the moving
+obstacles (Dynamic-Obstacles: the shortest way if they were never in it, so steps above it are
+the price of dodging them; every other env is static, and there the plan equals the steps
+taken unless replanning goes astray). Means are over the successful episodes' steps. Each episode runs through mazerun's own env (its
 time limit) and counts as a success when it terminates with a positive reward, as `run` counts.
 
 A seed where the planner reports that no plan exists (``NoPlan``) is listed with the reason and
@@ -95,7 +96,9 @@ def plan_at_reset(env: gym.Env, seed: int) -> int:
     from mazerun.acting.policies.planner import read_task
 
     world = copy.deepcopy(env.unwrapped)
-    world.obstacles = []  # Dynamic-Obstacles moves only the balls listed here
+    for obstacle in getattr(world, "obstacles", []):  # Dynamic-Obstacles: its moving balls leave the copy
+        world.grid.set(*obstacle.cur_pos, None)
+    world.obstacles = []
     task = read_task(world)
     for steps in range(1, world.max_steps + 1):
         _, _, terminated, truncated, _ = world.step(task.next_action())
@@ -136,7 +139,8 @@ def measure(job: tuple[str, str, list[int]]) -> Coverage:
         finally:
             signal.alarm(0)
         coverage.successes += succeeded
-        coverage.steps.append(steps)
+        if succeeded:
+            coverage.steps.append(steps)
         if expert == "planner" and succeeded:
             env.reset(seed=seed)
             coverage.plan_steps.append(plan_at_reset(env, seed))
