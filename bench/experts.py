@@ -171,7 +171,9 @@ def main() -> None:
         for done, coverage in enumerate(pool.imap_unordered(measure, jobs), 1):
             results[coverage.env_id, coverage.expert] = coverage
             print(f"  [{done}/{len(jobs)}] {coverage.env_id} {coverage.expert}: {coverage.successes}/"
-                  f"{coverage.planned} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+                  f"{coverage.planned} in {mean(coverage.steps):.1f} steps, plan {mean(coverage.plan_steps):.1f}, "
+                  f"hung {coverage.hung}, no plan {dict(coverage.no_plan)} ({time.perf_counter() - started:.0f} s)",
+                  file=sys.stderr, flush=True)
 
     table = Table(f"Expert coverage: success over seeds 0..{len(seeds) - 1} with a plan; planner steps / its "
                   "plan at reset; bot steps", peer_name="bot")

@@ -245,16 +245,14 @@ def go(world: World, is_goal: Callable[[Pose], bool], arrive: Callable[[Pose], i
     if obstacle.type == "door":
         return fetch_key(world, obstacle.color, depth + 1)
     later_doors = [world.at(cell) for cell in obstacles[1:] if world.at(cell).type == "door"]
-    if obstacle.type == "box" and obstacle.contains is not None and later_doors \
-            and key_of(later_doors[0].color)(obstacle.contains):
+    if later_doors and holds(obstacle, key_of(later_doors[0].color)):
         return fetch_key(world, later_doors[0].color, depth + 1)  # opening the box clears the way too
     return carry_aside(world, first, depth + 1, way=cells_on(relaxed))
 
 
 def fetch_key(world: World, color: str, depth: int) -> int:
     key = key_of(color)
-    if not any(key(obj) or (obj.type == "box" and obj.contains is not None and key(obj.contains))
-               for _, obj in world.objects()):
+    if not holds(world.carrying, key) and not any(key(obj) or holds(obj, key) for _, obj in world.objects()):
         raise NoPlan(f"the locked {color} door on the way has no {color} key in the grid")
     return pick_up(world, key, depth)
 
@@ -277,6 +275,11 @@ def wait_for_the_way(world: World, relaxed: list[Step]) -> int:
     return action
 
 
+def holds(obj: Any, matches: Callable[[Any], bool]) -> bool:
+    """Whether ``obj`` is a box with something that ``matches`` inside."""
+    return obj is not None and obj.type == "box" and obj.contains is not None and matches(obj.contains)
+
+
 def key_of(color: str) -> Callable[[Any], bool]:
     return lambda obj: obj.type == "key" and obj.color == color
 
@@ -293,8 +296,10 @@ def pick_up(world: World, matches: Callable[[Any], bool], depth: int) -> int:
             continue  # a description such as "a grey object" also matches walls
         if matches(obj):
             sources[cell] = PICKUP
-        elif obj.type == "box" and obj.contains is not None and matches(obj.contains):
+        elif holds(obj, matches):
             sources[cell] = TOGGLE  # a box opens into what it holds
+    if holds(world.carrying, matches):
+        return put_down(world)  # a box carried aside holds it: down, then open
     if not sources:
         raise NoPlan("nothing to pick up matches")
     if world.carrying is not None:
