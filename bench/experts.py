@@ -9,8 +9,10 @@ planner's mean steps and the mean length of its plan at reset. The plan at reset
 of actions the planner takes on a copy of the env made right after reset, without the moving
 obstacles (Dynamic-Obstacles: the shortest way if they were never in it, so steps above it are
 the price of dodging them; every other env is static, and there the plan equals the steps
-taken unless replanning goes astray). Means are over the successful episodes' steps. Each episode runs through mazerun's own env (its
-time limit) and counts as a success when it terminates with a positive reward, as `run` counts.
+taken unless replanning goes astray). Means are over the successful episodes. Each episode runs
+through mazerun's own env (its time limit) and counts as a success when it terminates with a
+positive reward, as `run` counts. An episode that runs past 30 s has hung (the bot loops forever
+on a few states): it counts as failed and the row says how many.
 
 A seed where the planner reports that no plan exists (``NoPlan``) is listed with the reason and
 left out of its success rate; every other seed counts. A row fails when the planner's success

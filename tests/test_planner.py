@@ -183,7 +183,8 @@ def test_it_recovers_from_actions_it_did_not_choose() -> None:
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["env=CartPole-v1", "policy=planner"], "error: policy=planner plans on MiniGrid and BabyAI envs only, not CartPole-v1"),
+    (["env=CartPole-v1", "policy=planner"],
+     "error: policy=planner plans on MiniGrid and BabyAI envs only, not CartPole-v1"),
     (["env.name=MiniGrid-Playground-v0", "policy=planner"], "the planner cannot read the mission ''"),
     (["env.name=MiniGrid-Empty-5x5-v0", "policy=bot"], "error: policy=bot solves BabyAI levels only"),
 ], ids=["not-a-grid", "unreadable-mission", "bot-off-babyai"])
@@ -206,5 +207,6 @@ def test_planner_records_train_through_run(workdir: Path) -> None:
 
 
 def test_heuristic_on_a_minigrid_id_is_the_planner(workdir: Path) -> None:
-    run_ok("env.name=MiniGrid-Unlock-v0", "policy=heuristic", "runner.n_episodes=2", "hydra.run.dir=unlock", cwd=workdir)
+    run_ok("env.name=MiniGrid-Unlock-v0", "policy=heuristic", "runner.n_episodes=2", "hydra.run.dir=unlock",
+           cwd=workdir)
     assert {record.policy for record in load_records(workdir / "unlock" / "trajectory_data")} == {"planner"}

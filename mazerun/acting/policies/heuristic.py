@@ -1,4 +1,4 @@
-"""Scripted experts: gymnasium's LunarLander heuristic, a CartPole controller, and for grids the planner or minigrid's BabyAI bot."""
+"""Scripted experts: gymnasium's LunarLander heuristic, a CartPole controller, the planner or the bot on grids."""
 
 from __future__ import annotations
 

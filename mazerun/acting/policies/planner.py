@@ -88,6 +88,7 @@ class World:
         self.moving = {tuple(int(v) for v in obstacle.cur_pos) for obstacle in getattr(env, "obstacles", ())}
         """Cells of objects that move by themselves (Dynamic-Obstacles): never cleared, only waited for."""
         self.may_move_objects = may_move_objects and env.action_space.n > TOGGLE
+        """Whether the agent may pick up, drop and toggle on its way (False: walk around, or no plan)."""
         self._cells: dict[int, Cell] | None = None
 
     def inside(self, cell: Cell) -> bool:
@@ -160,19 +161,16 @@ class World:
             return False
         ring = [(x, y - 1), (x + 1, y - 1), (x + 1, y), (x + 1, y + 1),
                 (x, y + 1), (x - 1, y + 1), (x - 1, y), (x - 1, y - 1)]
-        agent = self.pose[:2]
-        free = [around == agent or self.is_free(around) for around in ring]
-        runs_with_a_side = 0
+        free = [around == self.pose[:2] or self.is_free(around) for around in ring]
+        if all(free):
+            return True
+        runs_with_a_side = 0  # runs of free ring cells (ring[i] and ring[i+1] touch) holding a side (even i)
         for start in range(8):
             if free[start] and not free[start - 1]:
                 end = start
-                touches_side = False
                 while free[end % 8]:
-                    touches_side |= end % 2 == 0
                     end += 1
-                runs_with_a_side += touches_side
-        if all(free):
-            return True
+                runs_with_a_side += any(index % 2 == 0 for index in range(start, end))
         return runs_with_a_side <= 1
 
 
@@ -205,10 +203,6 @@ def search(world: World, is_goal: Callable[[Pose], bool], *, relaxed: bool = Fal
                 came_from[next_pose] = (pose, Step(action, next_pose, step_cost))
                 heapq.heappush(frontier, (next_cost, next_pose))
     return None
-
-
-def plan_length(path: list[Step]) -> int:
-    return sum(step.cost for step in path)
 
 
 def first_action(world: World, path: list[Step]) -> int:
@@ -374,13 +368,15 @@ def open_door(world: World, doors: list[Any]) -> int:
     return go(world, facing(cells), toggle_or_fetch_key, 0)  # clear the way to the door first
 
 
-def put_next_to(world: World, moves: Callable[[Any], bool], targets: set[Cell], reach_of: Callable[[Cell], set[Cell]]) -> int:
+def put_next_to(world: World, moves: Callable[[Any], bool], targets: set[Cell],
+                reach_of: Callable[[Cell], set[Cell]]) -> int:
     """Carry an object that ``moves`` and drop it on a free cell within ``reach_of`` a target cell.
 
     A shut way to the target is opened first, with empty hands, so the object is not carried
     into a subgoal that would make the agent put it down again.
     """
-    spots = {spot for cell in targets for spot in reach_of(cell) if world.at(spot) is None and spot not in world.forbidden}
+    spots = {spot for cell in targets for spot in reach_of(cell)
+             if world.at(spot) is None and spot not in world.forbidden}
     way_is_open = search(world, facing(spots)) is not None
     if way_is_open and (world.carrying is None or not moves(world.carrying)):
         return pick_up(world, moves, 0)
