@@ -13,13 +13,15 @@ ones are planned through, as they move before the agent gets there (on Dynamic-O
 took 15.5 steps an episode on 8x8, seeds 0-199, where avoiding every obstacle's cell took 19.1;
 both succeeded on all 200).
 
-Nothing is remembered between steps except what the task fixed at reset (the Memory task's
-cue object), so the planner labels any state (DAgger) and recovers at once from an action it
-did not choose (epsilon-greedy noise). When no plan exists it raises :class:`NoPlan`.
+Between steps the planner keeps only what the task fixed at reset (the Memory task's cue
+object) and, while it carries something aside, the cell it means to put it down on (checked
+again each step). So it labels any state (DAgger) and recovers at once from an action it did
+not choose (epsilon-greedy noise). When no plan exists it raises :class:`NoPlan`.
 """
 
 from __future__ import annotations
 
+import copy
 import heapq
 import re
 from dataclasses import dataclass
@@ -78,7 +80,8 @@ class Step:
 class World:
     """One step's view of the env's full state, with the rules of moving through it."""
 
-    def __init__(self, env: Any, *, forbidden: frozenset[Cell] = frozenset(), may_move_objects: bool = True) -> None:
+    def __init__(self, env: Any, *, forbidden: frozenset[Cell] = frozenset(), may_move_objects: bool = True,
+                 drop_cell: Cell | None = None) -> None:
         self.env = env
         self.grid = env.grid
         self.width = env.grid.width
@@ -89,6 +92,8 @@ class World:
         """Cells of objects that move by themselves (Dynamic-Obstacles): never cleared, only waited for."""
         self.may_move_objects = may_move_objects and env.action_space.n > TOGGLE
         """Whether the agent may pick up, drop and toggle on its way (False: walk around, or no plan)."""
+        self.drop_cell = drop_cell if env.carrying is not None else None
+        """Where the carried object is being taken to be put down (kept by the task while it is carried)."""
         self._cells: dict[int, Cell] | None = None
 
     def inside(self, cell: Cell) -> bool:
@@ -241,7 +246,7 @@ def go(world: World, is_goal: Callable[[Pose], bool], arrive: Callable[[Pose], i
     later_doors = [world.at(cell) for cell in obstacles[1:] if world.at(cell).type == "door"]
     if later_doors and holds(obstacle, key_of(later_doors[0].color)):
         return fetch_key(world, later_doors[0].color, depth + 1)  # opening the box clears the way too
-    return carry_aside(world, first, depth + 1, way=cells_on(relaxed))
+    return carry_aside(world, first, depth + 1, is_goal)
 
 
 def fetch_key(world: World, color: str, depth: int) -> int:
@@ -300,33 +305,56 @@ def pick_up(world: World, matches: Callable[[Any], bool], depth: int) -> int:
         if search(world, facing(sources)) is None:  # shut: the subgoals that open it say what to do with the hands
             return go(world, facing(sources), lambda pose: DROP, depth)
         keep_key = way_that_needs_the_key(world, facing(sources))
-        return first_action(world, keep_key) if keep_key else put_down(world)
+        return first_action(world, keep_key) if keep_key else put_down(world, ways_from_here(world, facing(sources)))
     return go(world, facing(sources), lambda pose: sources[front(pose)], depth)
 
 
-def cells_on(path: list[Step]) -> frozenset[Cell]:
-    return frozenset(step.pose[:2] for step in path)
+def ways_from_here(world: World, is_goal: Callable[[Pose], bool]) -> frozenset[Cell]:
+    """The cells of the relaxed ways to ``is_goal`` from the agent's cell (itself left out), facing each direction.
+
+    A drop keeps them clear. One direction's way alone changes as the agent turns, and the drop
+    cell it rules out with it: the agent would turn back and forth between two drop cells.
+    """
+    cells: set[Cell] = set()
+    for direction in range(4):
+        turned = copy.copy(world)
+        turned.pose = (*world.pose[:2], direction)
+        cells |= {step.pose[:2] for step in search(turned, is_goal, relaxed=True) or []}
+    return frozenset(cells - {world.pose[:2]})  # the agent leaves its own cell behind
 
 
 def put_down(world: World, keep_clear: frozenset[Cell] = frozenset()) -> int:
-    """The next action toward dropping what the agent carries where it blocks nothing (nor ``keep_clear``)."""
-    path = search(world, lambda pose: front(pose) not in keep_clear and world.can_hold(front(pose)))
-    if path is None:
-        path = search(world, lambda pose: world.at(front(pose)) is None and front(pose) not in world.forbidden)
+    """The next action toward dropping what the agent carries where it blocks nothing (nor ``keep_clear``).
+
+    The cell chosen is kept while it stays free and in reach: ``keep_clear`` is drawn from where
+    the agent stands, and a choice remade at every step would walk it back and forth.
+    """
+    def empty(cell: Cell) -> bool:
+        return world.at(cell) is None and cell not in world.forbidden and cell not in world.moving
+
+    path = None
+    if world.drop_cell is not None and world.can_hold(world.drop_cell):
+        path = search(world, facing({world.drop_cell}))
+    for fits in (lambda cell: cell not in keep_clear and world.can_hold(cell),  # best: off the way, no cut
+                 lambda cell: cell not in keep_clear and empty(cell),  # a crowded room: off the way at least
+                 empty):
+        if path is None:
+            path = search(world, lambda pose: fits(front(pose)))
     if path is None:
         raise NoPlan("there is no free cell to put the carried object down")
+    world.drop_cell = front(path[-1].pose if path else world.pose)
     return first_action(world, path) if path else DROP
 
 
-def carry_aside(world: World, cell: Cell, depth: int, way: frozenset[Cell]) -> int:
+def carry_aside(world: World, cell: Cell, depth: int, is_goal: Callable[[Pose], bool]) -> int:
     """The next action toward picking up the object on ``cell`` (then it is carried out of the way).
 
-    What the hands hold first goes down off ``way``, the cells of the way being cleared.
+    What the hands hold first goes down off the way being cleared (toward ``is_goal``).
     """
-    if world.carrying is not None:
-        keep_key = way_that_needs_the_key(world, facing({cell}))
-        return first_action(world, keep_key) if keep_key else put_down(world, keep_clear=way)
-    return go(world, facing({cell}), lambda pose: PICKUP, depth)
+    if world.carrying is None:
+        return go(world, facing({cell}), lambda pose: PICKUP, depth)
+    keep_key = way_that_needs_the_key(world, facing({cell}))
+    return first_action(world, keep_key) if keep_key else put_down(world, keep_clear=ways_from_here(world, is_goal))
 
 
 # -- objectives: what the mission asks for, as the next action from any state --------------------
@@ -377,6 +405,10 @@ def put_next_to(world: World, moves: Callable[[Any], bool], targets: set[Cell],
     """
     spots = {spot for cell in targets for spot in reach_of(cell)
              if world.at(spot) is None and spot not in world.forbidden}
+    if world.carrying is not None and not moves(world.carrying):
+        keep_key = way_that_needs_the_key(world, facing(spots))
+        if keep_key:  # the carried key opens the way: open it before the hands go to the object
+            return first_action(world, keep_key)
     way_is_open = search(world, facing(spots)) is not None
     if way_is_open and (world.carrying is None or not moves(world.carrying)):
         return pick_up(world, moves, 0)
@@ -408,9 +440,14 @@ class Task:
 
     def __init__(self, env: Any) -> None:
         self.env = env
+        self.drop_cell: Cell | None = None
 
     def next_action(self) -> int:
-        return self.objective(World(self.env, forbidden=self.forbidden, may_move_objects=self.may_move_objects))
+        world = World(self.env, forbidden=self.forbidden, may_move_objects=self.may_move_objects,
+                      drop_cell=self.drop_cell)
+        action = self.objective(world)
+        self.drop_cell = world.drop_cell
+        return action
 
     def objective(self, world: World) -> int:
         raise NotImplementedError
@@ -522,7 +559,7 @@ class BabyAIInstructions(Task):
     def clause_action(self, world: World, clause: Any) -> int:
         kind = type(clause).__name__
         if getattr(clause, "strict", False):  # a strict clause fails on any other pickup or door toggled
-            world = World(self.env, may_move_objects=False)
+            world.may_move_objects = False
         if kind == "GoToInstr":
             return face(world, {tuple(pos) for pos in clause.desc.obj_poss})
         if kind == "PickupInstr":
