@@ -64,6 +64,8 @@ class Coverage:
     """Why the planner found no plan, and on how many seeds."""
     hung: int = 0
     """Episodes stopped after EPISODE_SECONDS (failed)."""
+    errors: Counter = field(default_factory=Counter)
+    """Exceptions other than NoPlan that ended an episode (failed), by message."""
     cannot_run: str | None = None
     """Why the env could not be played at all."""
 
@@ -136,7 +138,8 @@ def measure(job: tuple[str, str, list[int]]) -> Coverage:
         except EpisodeHung:
             coverage.hung += 1
             continue
-        except Exception:  # noqa: BLE001 - the bot raises on states it cannot handle: a failed episode
+        except Exception as error:  # noqa: BLE001 - the bot raises on states it cannot handle: a failed episode
+            coverage.errors[f"{type(error).__name__}: {str(error)[:80]}"] += 1
             continue
         finally:
             signal.alarm(0)
@@ -174,7 +177,8 @@ def main() -> None:
             results[coverage.env_id, coverage.expert] = coverage
             print(f"  [{done}/{len(jobs)}] {coverage.env_id} {coverage.expert}: {coverage.successes}/"
                   f"{coverage.planned} in {mean(coverage.steps):.1f} steps, plan {mean(coverage.plan_steps):.1f}, "
-                  f"hung {coverage.hung}, no plan {dict(coverage.no_plan)} ({time.perf_counter() - started:.0f} s)",
+                  f"hung {coverage.hung}, errors {dict(coverage.errors)}, no plan {dict(coverage.no_plan)} "
+                  f"({time.perf_counter() - started:.0f} s)",
                   file=sys.stderr, flush=True)
 
     table = Table(f"Expert coverage: success over seeds 0..{len(seeds) - 1} with a plan; planner steps / its "
@@ -189,6 +193,8 @@ def main() -> None:
         label = (f"{env_id} steps {mean(planner.steps):.1f}/{mean(planner.plan_steps):.1f}"
                  + (f" bot {mean(bot.steps):.1f}" if bot else ""))
         hung = [f"{coverage.expert} hung {coverage.hung}x" for coverage in (planner, bot) if coverage and coverage.hung]
+        hung += [f"{coverage.expert} raised {sum(coverage.errors.values())}x" for coverage in (planner, bot)
+                 if coverage and coverage.errors]
         if hung:
             label += f" ({', '.join(hung)})"
         if planner.no_plan:

@@ -15,6 +15,7 @@ from minigrid.core.world_object import Ball, Box, Door, Goal, Key, Lava
 from minigrid.minigrid_env import MiniGridEnv
 
 from mazerun.acting.envs import make_env
+from mazerun.acting.policies.heuristic import PLANNER_FIRST_IDS, BabyAIBotPolicy, heuristic_for
 from mazerun.acting.policies.planner import FORWARD, PlannerPolicy, front
 from mazerun.data.records import load_records
 
@@ -210,3 +211,11 @@ def test_heuristic_on_a_minigrid_id_is_the_planner(workdir: Path) -> None:
     run_ok("env.name=MiniGrid-Unlock-v0", "policy=heuristic", "runner.n_episodes=2", "hydra.run.dir=unlock",
            cwd=workdir)
     assert {record.policy for record in load_records(workdir / "unlock" / "trajectory_data")} == {"planner"}
+
+
+def test_the_heuristic_is_the_better_grid_expert_per_id() -> None:
+    assert isinstance(heuristic_for("MiniGrid-DoorKey-5x5-v0"), PlannerPolicy)
+    for env_id in PLANNER_FIRST_IDS:
+        assert isinstance(heuristic_for(env_id), PlannerPolicy), env_id
+    assert "BabyAI-GoToLocal-v0" not in PLANNER_FIRST_IDS
+    assert isinstance(heuristic_for("BabyAI-GoToLocal-v0"), BabyAIBotPolicy)

@@ -250,6 +250,7 @@ def go(world: World, is_goal: Callable[[Pose], bool], arrive: Callable[[Pose], i
 
 
 def fetch_key(world: World, color: str, depth: int) -> int:
+    """The next action toward holding a key of ``color``; no such key in the grid: no plan."""
     key = key_of(color)
     if not holds(world.carrying, key) and not any(key(obj) or holds(obj, key) for _, obj in world.objects()):
         raise NoPlan(f"the locked {color} door on the way has no {color} key in the grid")
