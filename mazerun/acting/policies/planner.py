@@ -284,11 +284,13 @@ def key_of(color: str) -> Callable[[Any], bool]:
     return lambda obj: obj.type == "key" and obj.color == color
 
 
-def pick_up(world: World, matches: Callable[[Any], bool], depth: int) -> int:
+def pick_up(world: World, matches: Callable[[Any], bool], depth: int,
+            keep_clear: frozenset[Cell] = frozenset()) -> int:
     """The next action toward holding an object that ``matches`` (from a box that hides one, too).
 
     Hands must be empty to pick up, but a carried key stays in hand while the way to the object
-    still crosses the locked door it opens.
+    still crosses the locked door it opens. What the hands hold goes down off the way to the
+    object and off ``keep_clear``.
     """
     sources: dict[Cell, int] = {}
     for cell, obj in world.objects():
@@ -306,7 +308,9 @@ def pick_up(world: World, matches: Callable[[Any], bool], depth: int) -> int:
         if search(world, facing(sources)) is None:  # shut: the subgoals that open it say what to do with the hands
             return go(world, facing(sources), lambda pose: DROP, depth)
         keep_key = way_that_needs_the_key(world, facing(sources))
-        return first_action(world, keep_key) if keep_key else put_down(world, ways_from_here(world, facing(sources)))
+        if keep_key:
+            return first_action(world, keep_key)
+        return put_down(world, keep_clear | ways_from_here(world, facing(sources)))
     return go(world, facing(sources), lambda pose: sources[front(pose)], depth)
 
 
@@ -402,17 +406,25 @@ def put_next_to(world: World, moves: Callable[[Any], bool], targets: set[Cell],
     """Carry an object that ``moves`` and drop it on a free cell within ``reach_of`` a target cell.
 
     A shut way to the target is opened first, with empty hands, so the object is not carried
-    into a subgoal that would make the agent put it down again.
+    into a subgoal that would make the agent put it down again; when every cell by the target
+    is taken, one object there is carried aside first.
     """
     spots = {spot for cell in targets for spot in reach_of(cell)
              if world.at(spot) is None and spot not in world.forbidden}
+    if not spots:
+        taken = sorted(spot for cell in targets for spot in reach_of(cell) if spot not in targets
+                       and world.at(spot) is not None and world.at(spot).type in MOVABLE_TYPES
+                       and not moves(world.at(spot)))
+        if not taken or not world.may_move_objects:
+            raise NoPlan("every cell next to the target is taken")
+        return carry_aside(world, taken[0], 0, facing({taken[0]}))
     if world.carrying is not None and not moves(world.carrying):
         keep_key = way_that_needs_the_key(world, facing(spots))
         if keep_key:  # the carried key opens the way: open it before the hands go to the object
             return first_action(world, keep_key)
-    way_is_open = search(world, facing(spots)) is not None
-    if way_is_open and (world.carrying is None or not moves(world.carrying)):
-        return pick_up(world, moves, 0)
+    carries_it = world.carrying is not None and moves(world.carrying)
+    if not carries_it and search(world, facing(spots)) is not None:
+        return pick_up(world, moves, 0, keep_clear=frozenset(spots))
     return go(world, facing(spots), lambda pose: DROP, 0)
 
 
@@ -572,6 +584,8 @@ class BabyAIInstructions(Task):
             return open_door(world, clause.desc.obj_set)
         if kind == "PutNextInstr":
             wanted = clause.desc_move.obj_set
+            if world.carrying is not None and clause.preCarrying is not world.carrying:
+                return DONE  # the verifier counts a drop only once it has seen the object carried for a step
             fixed = {tuple(pos) for pos in clause.desc_fixed.obj_poss}
             return put_next_to(world, lambda obj: any(obj is target for target in wanted), fixed, beside)
         raise NoPlan(f"the planner does not know the BabyAI clause {kind}")
