@@ -71,10 +71,15 @@ HEURISTICS_BY_ENV_PREFIX: dict[str, type[Policy]] = {
 }
 """The expert for each family of env ids (the part before the version suffix)."""
 
-PLANNER_FIRST_IDS: frozenset[str] = frozenset()
+PLANNER_FIRST_IDS: frozenset[str] = frozenset({
+    "BabyAI-KeyInBox-v0",  # planner 200/200, bot 0/200
+    "BabyAI-PutNextS5N2Carrying-v0",  # planner 200/200, bot 0/200 (each level starts with the object in hand)
+    "BabyAI-PutNextS6N3Carrying-v0",  # planner 200/200, bot 0/200
+    "BabyAI-PutNextS7N4Carrying-v0",  # planner 200/200, bot 0/200
+    "BabyAI-SynthS5R2-v0",  # planner 200/200, bot 196/200
+})
 """BabyAI levels where the planner succeeds more often than the bot (bench/experts.py, seeds 0-199).
 
-FIGURES
 Elsewhere on BabyAI the bot stays the heuristic: at equal success the records, tuned defaults
 and figures measured on its demos (bench/defaults.py, bench/babyai.py) keep holding.
 """
