@@ -84,7 +84,9 @@ def labelled_subset(source: Path, labels: int, directory: Path) -> Path:
         if left <= 0:
             break
         if len(episode) > left:  # cut: a time limit, as far as the data is concerned
-            episode.observations = episode.observations[: left + 1]
+            observations = episode.observations  # MiniGrid's: a dict of columns (image, direction, mission)
+            episode.observations = ({key: column[: left + 1] for key, column in observations.items()}
+                                    if isinstance(observations, dict) else observations[: left + 1])
             episode.actions, episode.rewards = episode.actions[:left], episode.rewards[:left]
             episode.terminated, episode.truncated = False, True
         write_record(episode, directory, index)

@@ -43,8 +43,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Table, load_average  # noqa: E402
 
-from mazerun.data.records import StateTrajectoryRecord  # noqa: E402
 from mazerun.acting.envs import env_spaces  # noqa: E402
+from mazerun.data.records import StateTrajectoryRecord  # noqa: E402
 from mazerun.data.store import INDEX_FILE, StoreWriter  # noqa: E402
 
 ENV_ID = "LunarLander-v3"
@@ -134,8 +134,7 @@ setup = prepare(config, algorithm_config, Path(sys.argv[5]), dataset=source, str
 if kind == "memory":  # the store's episodes read whole, as pickles are: the path of a dataset that fits
     assert setup.records is not None and setup.store is None
 train_data, _ = _datasets(setup)
-algorithm = module.Algorithm(algorithm_config, setup.model_config, setup.observation_space, setup.action_space,
-                             None, setup.device)
+algorithm = module.Algorithm(algorithm_config, setup.spec)
 sampler = make_sampler(train_data, setup)
 for _ in range(100):  # warm the allocator and the page cache of the rows drawn so far
     algorithm.update(sampler.sample())

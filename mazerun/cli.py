@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import errno
-import fcntl
 import gc
 import logging
 import os
@@ -36,10 +34,12 @@ from omegaconf import DictConfig, ListConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from mazerun.compose.validation import RECORD_STAGE, validate
+from mazerun.config import plugins
 from mazerun.config.schemas import RunConfig
 from mazerun.config.tuned import applied_tuned_defaults, config_dirs
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
+from mazerun.core.rundir import FAILED_JOB, RESULT_FILE, RUN_LOCK, take_lock
 from mazerun.training import distributed
 
 log = logging.getLogger("mazerun")
@@ -49,16 +49,13 @@ PLUGIN_EXTRAS = {"joblib": "launchers", "submitit_local": "launchers", "submitit
                  "optuna": "launchers", "ray": "ray"}
 """Hydra launcher and sweeper plugins, and the mazerun extra that installs each."""
 RUN_OUTPUTS = ("trajectory_data", "trajectory_store", "best.pt", "last.pt", "metrics.csv", "pipeline.json",
-               "result.json", "rollout_stats.json")
+               RESULT_FILE, "rollout_stats.json")
 """What a run leaves in its directory; finding any of them means the directory was used before."""
-FAILED_JOB = "failed.txt"
-"""Left in a sweep job's directory when the job failed: its one-line error."""
 
 
 def _config_dir() -> str:
-    """conf/ ships inside the wheel as mazerun/conf; a source checkout keeps it at the top level."""
-    packaged = Path(__file__).resolve().parent / "conf"
-    return str(packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf")
+    """The directory Hydra composes `run` from: mazerun's conf/."""
+    return str(plugins.config_dir())
 
 
 def execute(config: RunConfig, run_dir: Path) -> float:
@@ -105,15 +102,9 @@ def claim_run_dir(run_dir: Path) -> Iterator[None]:
         raise MazerunError(f"hydra.run.dir names the current directory {run_dir}, which the run would fill with its "
                            "outputs; give it a directory of its own, e.g. hydra.run.dir=outputs/<name>")
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            raise MazerunError(
-                f"{run_dir} is in use by another run; give each run its own hydra.run.dir"
-            ) from None
+    with open(run_dir / RUN_LOCK, "a+") as lock:
+        if not take_lock(lock):
+            raise MazerunError(f"{run_dir} is in use by another run; give each run its own hydra.run.dir")
         used = sorted(name for name in RUN_OUTPUTS if (run_dir / name).exists())
         if used:
             raise MazerunError(
@@ -296,15 +287,19 @@ def check_sweep_dataset(config: RunConfig) -> None:
 def check_group_choices(arguments: list[str], config_dir: Path) -> None:
     """Name an unknown group option in one line, before Hydra's multi-line report.
 
-    Options come from mazerun's conf/ and from the directories the command adds
-    (``hydra.searchpath=[file://...]``, ``--config-dir``), where a user keeps envs of their own.
+    Options come from mazerun's conf/, from the directories the command adds
+    (``hydra.searchpath=[file://...]``, ``--config-dir``), where a user keeps envs of their own,
+    and from installed plugins: their config packages, and their policies (``policy``, ``expert``).
     """
-    config_dirs = [config_dir, *_added_config_dirs(arguments)]
+    config_dirs = [config_dir, *_added_config_dirs(arguments), *plugins.config_package_dirs()]
     for argument in arguments:
         group, sep, choice = argument.lstrip("+~").partition("=")
         if not sep or group not in CONFIG_GROUPS or choice in ("", "null") or "," in choice:
             continue
-        options = sorted({path.stem for folder in config_dirs for path in (folder / group).glob("*.yaml")})
+        known = {path.stem for folder in config_dirs for path in (folder / group).glob("*.yaml")}
+        if group in ("policy", "expert"):
+            known |= plugins.plugin_entries(plugins.POLICY_PLUGINS).keys()
+        options = sorted(known)
         if choice not in options:
             raise MazerunError(f"unknown {group} {choice!r}; choose one of: {', '.join(options)}")
 

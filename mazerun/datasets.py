@@ -24,11 +24,14 @@ from mazerun.acting.envs import env_spaces, make_env
 from mazerun.core.errors import MazerunError
 from mazerun.core.progress import Progress
 from mazerun.data.formats import (
+    D3RLPY_PREFIX,
     MINARI_PREFIX,
+    is_d3rlpy,
     is_hdf5,
     is_minari,
     iter_source_records,
     load_dataset_records,
+    write_d3rlpy,
     write_hdf5,
     write_minari,
 )
@@ -84,24 +87,30 @@ def export(source: Sequence[str], destination: str, env_id: str | None = None) -
             where = write_minari(records, destination[len(MINARI_PREFIX):], env)
         finally:
             env.close()
+    elif is_d3rlpy(destination):
+        where = Path(destination[len(D3RLPY_PREFIX):])
+        write_d3rlpy(records, where)
     elif is_hdf5(destination):
         write_hdf5(records, Path(destination))
         where = Path(destination)
     else:
-        raise MazerunError(f"export destination {destination!r} is neither an .h5/.hdf5 file nor minari:<id>")
+        raise MazerunError(f"export destination {destination!r} is neither an .h5/.hdf5 file, minari:<id> "
+                           "nor d3rlpy:<file>")
     return f"wrote {len(records)} episodes ({steps} steps) of {records[0].env_id} to {where}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mazerun.datasets",
-        description="Convert offline datasets: trajectory_data, HDF5 files, local Minari datasets and columnar stores.",
+        description="Convert offline datasets: trajectory_data, HDF5 files, local Minari datasets, d3rlpy files and "
+                    "columnar stores.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    sources_help = "trajectory_data directories, record files, .h5 files, minari:<id> or stores"
-    command = commands.add_parser("export", help="write records (or an HDF5 file, or minari:<id>) to HDF5 or Minari")
+    sources_help = "trajectory_data directories, record files, .h5 files, minari:<id>, d3rlpy:<file> or stores"
+    command = commands.add_parser("export", help="write any sources to HDF5 (D4RL's layout), Minari or d3rlpy")
     command.add_argument("source", nargs="+", help=sources_help)
-    command.add_argument("destination", help="<file>.h5 or minari:<dataset id>, e.g. minari:mazerun/lunar-noisy-v0")
+    command.add_argument("destination", help="<file>.h5, minari:<dataset id> (e.g. minari:mazerun/lunar-noisy-v0) "
+                                             "or d3rlpy:<file> (an MDPDataset file)")
     command.add_argument("--env", default=None, help="env id of sources that do not name one")
     for name, text in (("convert", "write a new columnar store from any sources"),
                        ("append", "append the episodes of any sources to an existing store (a sweep's stores)")):

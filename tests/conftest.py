@@ -16,7 +16,7 @@ import gymnasium as gym
 import pytest
 import torch
 
-from mazerun.algorithms.ppo import RolloutBatch
+from mazerun.algorithms.rollouts import RolloutBatch
 from mazerun.nn.checkpoint import save_checkpoint
 from mazerun.nn.models import ModelConfig
 from mazerun.training.runsetup import model_config_dict
@@ -25,8 +25,21 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 MAZERUN = (sys.executable, "-m", "mazerun")
-"""The `run` command; ``program=`` takes another (``DATASETS``, ``torchrun``)."""
+"""The `run` command; ``program=`` takes another (``DATASETS``, ``EXPORT``, ``torchrun``)."""
 DATASETS = (sys.executable, "-m", "mazerun.datasets")
+EXPORT = (sys.executable, "-m", "mazerun.export")
+
+
+def install_example(name: str, target: Path) -> dict[str, str]:
+    """``pip install examples/<name>`` into ``target``, as a user installs a plugin; returns the environment in which
+    `run` finds it. mazerun is installed already and hatchling builds the wheel here, so nothing is fetched."""
+    if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode != 0:
+        pytest.skip(f"pip is not available to {sys.executable}, so examples/{name} cannot be installed")
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                             "--target", str(target), str(REPO / "examples" / name)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"pip could not install examples/{name}:\n{result.stderr}"
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))}
 
 
 def run_cli(*overrides: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300,

@@ -15,6 +15,7 @@ from conftest import newest_run_dir, run_cli, run_ok, save_network, spawn_cli
 from mazerun.acting.policies.torch_policy import TorchPolicy
 from mazerun.acting.rollout import rollout
 from mazerun.algorithms.bc import BCConfig, BehaviouralCloning
+from mazerun.algorithms.protocol import AlgorithmSpec
 from mazerun.config.schemas import PolicyConfig, RunnerConfig
 from mazerun.data.records import EpisodeBuilder, load_records, write_record
 from mazerun.data.tensors import BatchSampler, records_to_dataset
@@ -92,7 +93,7 @@ def test_checkpoint_round_trip_gives_identical_actions(tmp_path: Path, lunar_rec
     env = gym.make("LunarLander-v3")
     records = load_records(lunar_records)
     dataset = records_to_dataset(records)
-    bc = BehaviouralCloning(BCConfig(), ModelConfig(kind="vector_obs"), env.observation_space, env.action_space, None, torch.device("cpu"))
+    bc = BehaviouralCloning(BCConfig(), AlgorithmSpec(env.observation_space, env.action_space, ModelConfig(kind="vector_obs")))
     sampler = BatchSampler(dataset, 64, seed=0)
     for _ in range(30):
         bc.update(sampler.sample())
@@ -108,16 +109,15 @@ def test_a_linear_learning_rate_decays_to_zero_and_a_raised_budget_continues_it(
     env = gym.make("LunarLander-v3")
     sampler = BatchSampler(records_to_dataset(load_records(lunar_records)), 32, seed=0)
     config = BCConfig(n_updates=10, lr=1e-3, lr_schedule="linear")
-    bc = BehaviouralCloning(config, ModelConfig(kind="vector_obs"), env.observation_space, env.action_space, None,
-                            torch.device("cpu"))
+    bc = BehaviouralCloning(config, AlgorithmSpec(env.observation_space, env.action_space, ModelConfig(kind="vector_obs")))
     used = []
     for _ in range(10):
         bc.update(sampler.sample())
         used.append(bc.optimizer.param_groups[0]["lr"])
     assert used == pytest.approx([1e-3 * (1 - k / 10) for k in range(10)])  # 1e-3 at step 0, 1e-4 at step 9
     saved = bc.training_state()
-    continued = BehaviouralCloning(BCConfig(n_updates=20, lr=1e-3, lr_schedule="linear"), ModelConfig(kind="vector_obs"),
-                                   env.observation_space, env.action_space, None, torch.device("cpu"))
+    continued = BehaviouralCloning(BCConfig(n_updates=20, lr=1e-3, lr_schedule="linear"),
+                                   AlgorithmSpec(env.observation_space, env.action_space, ModelConfig(kind="vector_obs")))
     continued.load_training_state(saved)
     assert continued.lr_schedule(10) == 0.0 and continued.lr_schedule(15) == 0.0  # ended at 0: it stays there
     saved["updates"] = 5  # as if stopped halfway: from 5e-4 at update 5 down to 0 at 20

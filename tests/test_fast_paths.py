@@ -11,11 +11,14 @@ import sys
 import gymnasium as gym
 import pytest
 import torch
+from conftest import run_ok
 
 from mazerun.acting.envs import make_vector_env
 from mazerun.algorithms.bc import BCConfig, BehaviouralCloning
 from mazerun.algorithms.cql import ConservativeQLearning, CQLConfig
-from mazerun.algorithms.ppo import PPO, PPOConfig, RolloutBatch
+from mazerun.algorithms.ppo import PPO, PPOConfig
+from mazerun.algorithms.protocol import AlgorithmSpec
+from mazerun.algorithms.rollouts import RolloutBatch
 from mazerun.core.errors import MazerunError
 from mazerun.data.records import NO_LABEL
 from mazerun.data.tensors import TransitionBatch
@@ -29,12 +32,25 @@ from mazerun.training.loops.onpolicy import RolloutBuffer, RolloutCollector
 OBSERVATIONS = gym.spaces.Box(-1.0, 1.0, (5,))
 
 
+def _spec(discrete: bool, hidden: tuple[int, ...] = (16, 16), activation: str = "tanh",
+          memory: str = "none") -> AlgorithmSpec:
+    actions = gym.spaces.Discrete(3) if discrete else gym.spaces.Box(-1.0, 1.0, (2,))
+    return AlgorithmSpec(OBSERVATIONS, actions, ModelConfig(kind="vector_obs", hidden_sizes=hidden,
+                                                            activation=activation, memory=memory))
+
+
+def _ppo(config: PPOConfig, spec: AlgorithmSpec, weights: dict[str, torch.Tensor],
+         generator: torch.Generator | None = None) -> PPO:
+    """PPO built through the protocol, its network starting from ``weights``."""
+    ppo = PPO(config, spec, generator)
+    ppo.network.load_state_dict(weights)
+    return ppo
+
+
 def _network(discrete: bool, hidden: tuple[int, ...] = (16, 16), activation: str = "tanh",
              memory: str = "none") -> torch.nn.Module:
     torch.manual_seed(0)
-    actions = gym.spaces.Discrete(3) if discrete else gym.spaces.Box(-1.0, 1.0, (2,))
-    network = build_actor_critic(ModelConfig(kind="vector_obs", hidden_sizes=hidden, activation=activation,
-                                             memory=memory), OBSERVATIONS, actions)
+    network = _spec(discrete, hidden, activation, memory).actor_critic()
     network.set_normalization(torch.randn(5) * 0.1, torch.rand(5) + 0.5)
     with torch.no_grad():  # move the heads off their near-zero initialisation so every term matters
         for parameter in network.parameters():
@@ -106,16 +122,17 @@ def test_the_fused_kernel_is_the_formula() -> None:
 def test_the_fused_update_gives_the_plain_update_on_a_fixed_batch(
     discrete: bool, hidden: tuple[int, ...], activation: str, clip_vf: float | None
 ) -> None:
-    fused_network = _network(discrete, hidden, activation)
-    plain_network = copy.deepcopy(fused_network)
-    settings = dict(n_epochs=2, batch_size=16, clip_vf=clip_vf, ent_coef=0.05)
-    fused = PPO(PPOConfig(**settings), fused_network, torch.Generator().manual_seed(2))
-    plain = PPO(PPOConfig(**settings, fused=False), plain_network, torch.Generator().manual_seed(2))
+    settings = dict(n_epochs=2, batch_size=16, clip_vf=clip_vf, ent_coef=0.05, critic_burn_in_epochs=2)
+    start = _network(discrete, hidden, activation).state_dict()
+    fused = _ppo(PPOConfig(**settings), _spec(discrete, hidden, activation), start, torch.Generator().manual_seed(2))
+    plain = _ppo(PPOConfig(**settings, fused=False), _spec(discrete, hidden, activation), start,
+                 torch.Generator().manual_seed(2))
+    fused_network, plain_network = fused.network, plain.network
     assert fused.fused is not None and plain.fused is None
     batch = _batch(discrete)
-    # critic burn-in between policy updates: the actor's Adam steps fall behind the critic's
-    for train_policy in (False, True, False, True):
-        ours, expected = fused.update(batch, train_policy), plain.update(batch, train_policy)
+    # critic burn-in, then policy updates: the actor's Adam steps fall behind the critic's
+    for _ in range(4):
+        ours, expected = fused.update(batch), plain.update(batch)
         assert ours.keys() == expected.keys()
         for name, value in expected.items():
             assert ours[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
@@ -131,14 +148,14 @@ def test_the_fused_update_gives_the_plain_update_on_a_fixed_batch(
 
 
 def test_a_plain_run_s_optimiser_state_continues_on_the_fused_path_and_back() -> None:
-    plain_network = _network(True)
-    plain = PPO(PPOConfig(n_epochs=1, batch_size=16, fused=False), plain_network, torch.Generator().manual_seed(0))
-    plain.update(_batch(True), train_policy=False)  # the critic alone: the actor has no state yet
-    fused_network = copy.deepcopy(plain_network)
-    fused = PPO(PPOConfig(n_epochs=1, batch_size=16), fused_network, torch.Generator().manual_seed(0))
+    settings = dict(n_epochs=1, batch_size=16, critic_burn_in_epochs=1)
+    plain = _ppo(PPOConfig(**settings, fused=False), _spec(True), _network(True).state_dict(),
+                 torch.Generator().manual_seed(0))
+    plain.update(_batch(True))  # the critic alone: the actor has no state yet
+    fused = _ppo(PPOConfig(**settings), _spec(True), plain.network.state_dict(), torch.Generator().manual_seed(0))
     fused.optimizer.load_state_dict(plain.optimizer.state_dict())
     assert fused.optimizer.counts == [0, 4]
-    again = PPO(PPOConfig(n_epochs=1, batch_size=16, fused=False), copy.deepcopy(plain_network))
+    again = _ppo(PPOConfig(**settings, fused=False), _spec(True), plain.network.state_dict())
     again.optimizer.load_state_dict(fused.optimizer.state_dict())
     for index, state in plain.optimizer.state_dict()["state"].items():
         for key, value in state.items():
@@ -165,7 +182,7 @@ def test_the_module_reads_and_writes_the_fused_storage() -> None:
 def test_networks_with_memory_or_images_take_the_plain_path() -> None:
     assert fusable(_network(True))
     assert not fusable(_network(True, memory="gru"))
-    ppo = PPO(PPOConfig(imitation_coef=0.5), _network(True))
+    ppo = PPO(PPOConfig(imitation_coef=0.5), _spec(True))
     assert ppo.fused is None and isinstance(ppo.optimizer, Adam)
 
 
@@ -221,8 +238,8 @@ def _cql(fused: bool, td_loss: str, matmul_dtype: str = "float32", activation: s
     algorithm = ConservativeQLearning(
         CQLConfig(fused=fused, td_loss=td_loss, alpha=0.7, gamma=0.9, target_update_interval=2,
                   matmul_dtype=matmul_dtype),
-        ModelConfig(kind="vector_obs", hidden_sizes=(16, 16), activation=activation), OBSERVATIONS,
-        gym.spaces.Discrete(3), None, torch.device("cpu"))
+        AlgorithmSpec(OBSERVATIONS, gym.spaces.Discrete(3),
+                      ModelConfig(kind="vector_obs", hidden_sizes=(16, 16), activation=activation)))
     algorithm.set_normalization(torch.randn(5) * 0.1, torch.rand(5) + 0.5)
     return algorithm
 
@@ -324,8 +341,8 @@ def test_a_copy_of_a_fused_cql_learner_trains_its_own_weights_and_checkpoints_ho
 
 def _bc(fused: bool) -> BehaviouralCloning:
     torch.manual_seed(0)
-    algorithm = BehaviouralCloning(BCConfig(fused=fused), ModelConfig(kind="vector_obs", hidden_sizes=(16, 16)),
-                                   OBSERVATIONS, gym.spaces.Discrete(3), None, torch.device("cpu"))
+    algorithm = BehaviouralCloning(BCConfig(fused=fused), AlgorithmSpec(
+        OBSERVATIONS, gym.spaces.Discrete(3), ModelConfig(kind="vector_obs", hidden_sizes=(16, 16))))
     algorithm.set_normalization(torch.randn(5) * 0.1, torch.rand(5) + 0.5)
     return algorithm
 
@@ -349,3 +366,111 @@ def test_the_fused_bc_step_gives_the_autograd_step(labelled: bool) -> None:
     expected_state = plain.network.state_dict()
     for key, value in fused.network.state_dict().items():
         assert torch.allclose(value, expected_state[key], atol=1e-6), key
+
+
+# ------------------------------------------------------------------ the fast path checks itself against the loss
+
+
+@pytest.mark.parametrize("build", [lambda: _bc(True), lambda: _cql(True, "huber"),
+                                   lambda: _cql(True, "huber", matmul_dtype="bfloat16")], ids=["bc", "cql", "cql-bf16"])
+def test_a_faithful_fast_path_passes_its_check_and_the_check_changes_nothing(build) -> None:
+    checked, unchecked = build(), build()
+    batch = _transitions(torch.Generator().manual_seed(4))
+    assert checked.check_fast_path(batch) is None and checked.stack is not None
+    for _ in range(3):
+        batch = _transitions(torch.Generator().manual_seed(5))
+        checked.update(batch), unchecked.update(batch)
+    expected = unchecked.network.state_dict()
+    for key, value in checked.network.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_an_edited_loss_is_caught_at_the_first_batch_and_training_follows_the_edit(monkeypatch) -> None:
+    """A researcher doubles CQL's conservative term in the readable loss and leaves the hand-written gradient."""
+    import mazerun.algorithms.cql as cql
+
+    readable = cql.conservative_loss
+    monkeypatch.setattr(cql, "conservative_loss", lambda q_values, actions: 2 * readable(q_values, actions))
+    fused, plain = _cql(True, "huber"), _cql(False, "huber")
+    line = fused.check_fast_path(_transitions(torch.Generator().manual_seed(4)))
+    assert line is not None and "\n" not in line
+    assert "cql's hand-written gradient differs from autograd of its loss (losses())" in line and "training on autograd" in line
+    assert fused.stack is None
+    for seed in range(3):  # from here on the edited loss is what trains
+        batch = _transitions(torch.Generator().manual_seed(seed))
+        ours, expected = fused.update(batch), plain.update(batch)
+        assert torch.equal(ours["conservative_loss"], expected["conservative_loss"])
+    expected_state = plain.network.state_dict()
+    for key, value in fused.network.state_dict().items():
+        assert torch.allclose(value, expected_state[key], atol=1e-6), key
+
+
+def test_an_edited_bc_loss_is_caught_in_a_real_run_and_said_in_one_line(workdir, monkeypatch, caplog) -> None:
+    """Through the training entry the CLI calls (in process, so the edit can be made), on recorded episodes."""
+    import mazerun.algorithms.bc as bc
+    from mazerun.config.schemas import DatasetConfig, RunConfig, RunnerConfig
+    from mazerun.training.train import train
+
+    run_ok("runner.n_episodes=2", "runner.max_episode_steps=50", "hydra.run.dir=demos", cwd=workdir)
+    readable = bc.imitation_loss
+    monkeypatch.setattr(bc, "imitation_loss", lambda *args, **kwargs: (lambda loss, metrics: (loss * 3, metrics))(
+        *readable(*args, **kwargs)))
+    config = RunConfig(runner=RunnerConfig(dataset=DatasetConfig(dir_or_file=str(workdir / "demos" / "trajectory_data")),
+                                           eval_repeats=1), algorithm=BCConfig(n_updates=3, eval_every=3))
+    with caplog.at_level("WARNING"):
+        train(config, workdir / "bc")
+    lines = [record.getMessage() for record in caplog.records if "differs from autograd" in record.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("bc's hand-written gradient differs from autograd of its loss (losses())")
+
+
+def test_ppo_s_faithful_fast_path_passes_its_check_and_the_check_changes_nothing() -> None:
+    settings = dict(n_epochs=2, batch_size=16, ent_coef=0.05)
+    start = _network(True).state_dict()
+    checked = _ppo(PPOConfig(**settings), _spec(True), start, torch.Generator().manual_seed(2))
+    unchecked = _ppo(PPOConfig(**settings), _spec(True), start, torch.Generator().manual_seed(2))
+    batch = _batch(True)
+    assert checked.check_fast_path(batch) is None and checked.fused is not None
+    assert checked.update(batch) == unchecked.update(batch)
+    expected = unchecked.network.state_dict()
+    for key, value in checked.network.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+@pytest.mark.parametrize("discrete", [True, False], ids=["categorical", "gaussian"])
+def test_an_edited_ppo_loss_is_caught_and_training_follows_the_edit(discrete: bool, monkeypatch) -> None:
+    """A researcher halves the value loss in ppo_terms and leaves clipped_surrogate_gradient as it was."""
+    import mazerun.algorithms.ppo as ppo
+
+    readable = ppo.ppo_terms
+    monkeypatch.setattr(ppo, "ppo_terms", lambda *args: readable(*args)._replace(
+        value_loss=0.5 * readable(*args).value_loss))
+    settings = dict(n_epochs=2, batch_size=16, ent_coef=0.05)
+    start = _network(discrete).state_dict()
+    fused = _ppo(PPOConfig(**settings), _spec(discrete), start, torch.Generator().manual_seed(2))
+    plain = _ppo(PPOConfig(**settings, fused=False), _spec(discrete), start, torch.Generator().manual_seed(2))
+    batch = _batch(discrete)
+    line = fused.check_fast_path(batch)
+    assert line is not None and "\n" not in line and line.startswith("ppo's hand-written gradient differs")
+    assert fused.fused is None and fused.fast_actor is None and isinstance(fused.optimizer, Adam)
+    for _ in range(2):
+        ours, expected = fused.update(batch), plain.update(batch)
+        for name, value in expected.items():
+            assert ours[name] == pytest.approx(value, rel=1e-6, abs=1e-7), name
+    expected_state = plain.network.state_dict()
+    for key, value in fused.network.state_dict().items():
+        assert torch.allclose(value, expected_state[key], atol=1e-6), key
+
+
+def test_an_edited_ppo_loss_is_caught_in_a_real_run_and_said_in_one_line(workdir, monkeypatch, caplog) -> None:
+    import mazerun.algorithms.ppo as ppo
+    from mazerun.config.schemas import RunConfig, RunnerConfig
+    from mazerun.training.train import train
+
+    readable = ppo.ppo_terms
+    monkeypatch.setattr(ppo, "ppo_terms", lambda *args: readable(*args)._replace(entropy=2 * readable(*args).entropy))
+    config = RunConfig(runner=RunnerConfig(eval_repeats=1, n_envs=2),
+                       algorithm=PPOConfig(total_steps=128, n_steps=32, batch_size=16, eval_every=128))
+    with caplog.at_level("WARNING"):
+        train(config, workdir / "ppo")
+    lines = [record.getMessage() for record in caplog.records if "differs from autograd" in record.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("ppo's hand-written gradient differs from autograd")

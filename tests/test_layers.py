@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import mazerun
+from mazerun.algorithms import ALGORITHMS
 
 PACKAGE = Path(mazerun.__file__).parent
 ENTRY_MODULES = {"__init__.py", "__main__.py", "cli.py", "datasets.py", "export.py", "report.py"}
@@ -26,12 +27,14 @@ def test_every_layer_imports_only_the_layers_below_it() -> None:
                               capture_output=True, text=True, timeout=120)
     assert contract.returncode == 0, contract.stdout + contract.stderr
     assert "layers import only down KEPT" in contract.stdout
+    assert "loops and searches meet algorithms only through the protocol and the registry KEPT" in contract.stdout
 
 
-def test_the_contract_names_every_layer_in_order() -> None:
-    """A new folder must be placed in the contract, or it escapes it."""
+def test_the_contracts_name_every_layer_in_order_and_every_built_in_algorithm() -> None:
+    """A new folder or algorithm must be placed in the contracts, or it escapes them."""
     import tomllib
 
     config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
-    (contract,) = config["tool"]["importlinter"]["contracts"]
-    assert contract["layers"][1:] == [f"mazerun.{layer}" for layer in LAYERS]
+    layers, forbidden = config["tool"]["importlinter"]["contracts"]
+    assert layers["layers"][1:] == [f"mazerun.{layer}" for layer in LAYERS]
+    assert sorted(forbidden["forbidden_modules"]) == sorted(ALGORITHMS.values())  # every built-in algorithm

@@ -182,14 +182,12 @@ def test_recurrent_ppo_on_cartpole_with_masked_velocities(workdir: Path) -> None
     assert last.extra["training_state"]["envs"]["memory"].shape == (2, 32)  # actor + critic state per env copy
 
 
-def test_recurrent_dagger_cql_and_iql_train(workdir: Path, bot_records: Path) -> None:
+def test_recurrent_dagger_trains(workdir: Path) -> None:
+    """The interactive loop's chunks of interleaved env copies; every algorithm's update on chunks is
+    tests/test_algorithm_protocol.py's."""
     run_ok("algorithm=dagger", "env=BabyAI-GoToLocal-v0", *MEMORY, "algorithm.rollout_len=8", "algorithm.nrollouts=4",
            "algorithm.total_steps=128", "algorithm.n_steps=16", "runner.n_envs=4", "algorithm.n_updates=5",
            "algorithm.eval_every=128", "runner.eval_repeats=1", cwd=workdir)
-    for algorithm in ("cql", "iql"):
-        run_ok("-cn", "conf_train", f"algorithm={algorithm}", *MEMORY, "algorithm.rollout_len=4",
-               "algorithm.nrollouts=4", "algorithm.burn_in=2", f"runner.dataset.dir_or_file={bot_records}",
-               "algorithm.n_updates=4", "algorithm.eval_every=4", "runner.eval_repeats=1", cwd=workdir)
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mazerun.training.metrics import MetricsLogger, format_table, read_metrics_csv
+from mazerun.training.metrics import MetricsLogger, copy_metrics_history, format_table, read_metrics_csv
 
 
 def test_format_table_matches_maze_layout():
@@ -47,7 +47,7 @@ def test_logger_writes_tensorboard_csv_and_console(tmp_path: Path):
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 0.5), (2, 0.125)]
     assert [(e.step, e.value) for e in events.Scalars("eval/mean_return")] == [(2, -3.5)]
 
-    assert (tmp_path / "metrics.csv").read_text().splitlines()[0] == "step,group,metric,value"
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[0] == "step,group,metric,value,wall_seconds"
     assert read_metrics_csv(tmp_path / "metrics.csv") == [
         {"step": 1, "group": "train", "metric": "loss", "value": 0.5},
         {"step": 1, "group": "train", "metric": "discrete_accuracy", "value": 0.25},
@@ -74,7 +74,7 @@ def test_csv_is_complete_before_close_and_appended_on_resume(tmp_path: Path):
     with MetricsLogger(tmp_path, tensorboard=False, console=False) as resumed:
         resumed.log(11, {"loss": 0.75}, group="train")
     text = (tmp_path / "metrics.csv").read_text()
-    assert text.count("step,group,metric,value") == 1
+    assert text.count("step,group,metric,value,wall_seconds") == 1
     assert [row["value"] for row in read_metrics_csv(tmp_path / "metrics.csv")] == [1.0, 0.75]
 
 
@@ -84,3 +84,27 @@ def test_console_false_prints_nothing(tmp_path: Path):
         logger.log(0, {"loss": 2.0}, group="train")
     assert printed == []
     assert read_metrics_csv(tmp_path / "metrics.csv")[0]["value"] == pytest.approx(2.0)
+
+
+def test_wall_seconds_count_training_time_and_a_continued_run_counts_on_from_its_history(tmp_path: Path):
+    earlier, continued = tmp_path / "earlier", tmp_path / "continued"
+    earlier.mkdir()
+    (earlier / "metrics.csv").write_text("step,group,metric,value,wall_seconds\n"
+                                         "10,train,loss,1.0,100.0\n20,train,loss,0.5,200.0\n30,train,loss,0.25,300.0\n")
+    copy_metrics_history(earlier, continued, up_to_step=20)  # the checkpoint was at step 20
+    with MetricsLogger(continued, tensorboard=False, console=False) as logger:
+        logger.log(30, {"loss": 0.3}, group="train")
+        logger.log(40, {"loss": 0.2}, group="train")
+    rows = read_metrics_csv(continued / "metrics.csv", wall_seconds=True)
+    assert [(row["step"], row["wall_seconds"]) for row in rows[:2]] == [(10, 100.0), (20, 200.0)]
+    times = [row["wall_seconds"] for row in rows[2:]]
+    assert 200.0 <= times[0] <= times[1] < 260.0
+
+
+def test_a_file_written_before_wall_seconds_reads_without_them(tmp_path: Path):
+    (tmp_path / "metrics.csv").write_text("step,group,metric,value\n5,eval,mean_return,-3.5\n")
+    assert read_metrics_csv(tmp_path / "metrics.csv", wall_seconds=True) == [
+        {"step": 5, "group": "eval", "metric": "mean_return", "value": -3.5, "wall_seconds": None}]
+    copy_metrics_history(tmp_path, tmp_path / "continued", up_to_step=5)
+    assert (tmp_path / "continued" / "metrics.csv").read_text().splitlines() == [
+        "step,group,metric,value,wall_seconds", "5,eval,mean_return,-3.5,"]

@@ -1,4 +1,7 @@
-"""CQL and IQL: transitions, the loss formulas by hand, tiny end-to-end runs through `run`, bad input."""
+"""CQL and IQL: transitions, the loss formulas by hand, tiny end-to-end runs through `run`, bad input.
+
+What every algorithm must do (update, checkpoints, exact resume, every kind of env) is tests/test_algorithm_protocol.py's.
+"""
 
 from __future__ import annotations
 
@@ -13,16 +16,15 @@ from conftest import newest_run_dir, run_cli, run_ok
 from torch import nn
 
 from mazerun.acting.envs import make_env
-from mazerun.algorithms import cql, iql
-from mazerun.algorithms.base import follow_target, frozen_copy
+from mazerun.algorithms import ALGORITHMS, algorithm_module
+from mazerun.algorithms.base import ValueLearningConfig, follow_target, frozen_copy
 from mazerun.algorithms.cql import CQLConfig, conservative_loss, double_dqn_target, td_error_loss
 from mazerun.algorithms.iql import advantage_weights, expectile_loss, weighted_log_likelihood_loss
 from mazerun.compose.validation import validate
 from mazerun.core.errors import MazerunError
 from mazerun.data.records import StateTrajectoryRecord, load_records
-from mazerun.data.tensors import BatchSampler, build_vocabulary, records_to_dataset
+from mazerun.data.tensors import records_to_dataset
 from mazerun.nn.checkpoint import load_checkpoint
-from mazerun.nn.models import ModelConfig
 
 TINY = ("model.hidden_sizes=[32,32]", "runner.max_episode_steps=100", "runner.eval_repeats=2")
 """Small networks and short evaluation episodes: the runs check the wiring, not the learning."""
@@ -127,43 +129,6 @@ def test_target_follows_by_hard_copy_on_schedule_or_by_polyak() -> None:
     assert target.weight.tolist() == [[0.25, 0.25]]
 
 
-def babyai_episode(steps: int, mission: str) -> StateTrajectoryRecord:
-    rng = np.random.default_rng(steps)
-    return StateTrajectoryRecord(
-        observations={
-            "image": rng.integers(0, 6, (steps + 1, 7, 7, 3), dtype=np.uint8),
-            "direction": rng.integers(0, 4, steps + 1),
-            "mission": np.array([mission] * (steps + 1)),
-        },
-        actions=rng.integers(0, 7, steps),
-        rewards=np.zeros(steps),
-        terminated=True,
-        truncated=False,
-        env_id="BabyAI-GoToLocal-v0",
-        seed=0,
-        policy="hand",
-    )
-
-
-@pytest.mark.parametrize("module", [cql, iql], ids=["cql", "iql"])
-def test_dict_observations_train_and_act(module) -> None:
-    torch.manual_seed(0)
-    env = make_env("BabyAI-GoToLocal-v0")
-    env.close()
-    records = [babyai_episode(4, "go to the red ball"), babyai_episode(3, "go to the blue key")]
-    vocabulary = build_vocabulary(records)
-    data = records_to_dataset(records, vocabulary)
-    model = ModelConfig(kind="minigrid", hidden_sizes=(16,), image_channels=(8,), embedding_dim=4, mission_dim=8)
-    config = module.Config(batch_size=4, target_update_interval=1)
-    algorithm = module.Algorithm(config, model, env.observation_space, env.action_space, vocabulary, torch.device("cpu"))
-    sampler = BatchSampler(data, config.batch_size, seed=0)
-    for _ in range(2):
-        metrics = algorithm.update(sampler.sample())
-    assert all(torch.isfinite(value) for value in metrics.values())
-    actions = algorithm.network.act(sampler.sample().observations, deterministic=True)
-    assert actions.shape == (4,) and ((0 <= actions) & (actions < 7)).all()
-
-
 # -- end to end through `run` ----------------------------------------------------------------
 
 
@@ -246,13 +211,6 @@ def test_out_of_range_settings_are_one_line_errors(algorithm: str, override: dic
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_defaults_of_both_yaml_files_pass_the_checks() -> None:
-    cql = validate({"algorithm": {"name": "cql"}}).algorithm
-    iql = validate({"algorithm": {"name": "iql"}}).algorithm
-    assert (cql.tau, cql.target_update_interval, cql.td_loss) == (1.0, 1000, "huber")
-    assert (iql.expectile, iql.tau, iql.target_update_interval) == (0.7, 0.005, 1)
-
-
 def one_line_error(result) -> str:
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -260,13 +218,35 @@ def one_line_error(result) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize("algorithm", ["cql", "iql"])
+def refusal_of_continuous_actions(name: str) -> str | None:
+    """What algorithm ``name`` says of LunarLanderContinuous's actions, or None where it learns them."""
+    env = make_env("LunarLanderContinuous-v3")
+    env.close()
+    try:
+        algorithm_module(name).Config().check_spaces(env.observation_space, env.action_space)
+    except MazerunError as error:
+        return str(error)
+    return None
+
+
+REFUSING_CONTINUOUS = [name for name in ALGORITHMS if refusal_of_continuous_actions(name) is not None]
+
+
+VALUE_LEARNERS = [name for name in ALGORITHMS if issubclass(algorithm_module(name).Config, ValueLearningConfig)]
+
+
+@pytest.mark.parametrize("algorithm", VALUE_LEARNERS)
+def test_a_value_learner_refuses_continuous_actions_and_says_what_learns_them(algorithm: str) -> None:
+    refusal = refusal_of_continuous_actions(algorithm)
+    assert f"{algorithm} learns Q-values of discrete actions" in refusal and "algorithm=bc or algorithm=ppo" in refusal
+
+
+@pytest.mark.parametrize("algorithm", REFUSING_CONTINUOUS)
 def test_continuous_actions_are_refused_before_any_record_is_read(algorithm: str, tmp_path: Path) -> None:
     missing = tmp_path / "nothing_here"
     result = run_cli("-cn", "conf_train", f"algorithm={algorithm}", "env=LunarLanderContinuous-v3",
                      f"runner.dataset.dir_or_file={missing}", cwd=tmp_path)
-    line = one_line_error(result)
-    assert f"{algorithm} learns Q-values of discrete actions" in line and "algorithm=bc or algorithm=ppo" in line
+    assert one_line_error(result) == f"error: {refusal_of_continuous_actions(algorithm)}"
 
 
 def test_continuous_records_are_refused_when_the_env_comes_from_them(tmp_path: Path) -> None:

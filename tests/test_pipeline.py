@@ -13,9 +13,10 @@ import torch
 from conftest import newest_run_dir, run_cli, run_ok, spawn_cli, synthetic_batch
 
 from mazerun.algorithms.ppo import PPO, PPOConfig
+from mazerun.algorithms.protocol import AlgorithmSpec
 from mazerun.data.tensors import TransitionBatch
 from mazerun.nn.checkpoint import load_checkpoint
-from mazerun.nn.models import ModelConfig, build_actor_critic
+from mazerun.nn.models import ModelConfig
 from mazerun.training.metrics import read_metrics_csv
 
 SMALL = ["runner.max_episode_steps=60", "runner.n_envs=2", "runner.eval_repeats=2", "model.hidden_sizes=[16,16]"]
@@ -118,11 +119,12 @@ def _demonstrations() -> TransitionBatch:
 
 def _updated(coef: float, demonstrations: bool) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     torch.manual_seed(0)
-    network = build_actor_critic(ModelConfig(kind="vector_obs", hidden_sizes=(16,)), gym.spaces.Box(-1, 1, (8,)),
-                                 gym.spaces.Discrete(4))
-    ppo = PPO(PPOConfig(batch_size=16, n_epochs=2, imitation_coef=coef), network, torch.Generator().manual_seed(3))
-    metrics = ppo.update(synthetic_batch(network), demonstrations=_demonstrations if demonstrations else None)
-    return network.state_dict(), metrics
+    spec = AlgorithmSpec(gym.spaces.Box(-1, 1, (8,)), gym.spaces.Discrete(4),
+                         ModelConfig(kind="vector_obs", hidden_sizes=(16,)))
+    ppo = PPO(PPOConfig(batch_size=16, n_epochs=2, imitation_coef=coef), spec, torch.Generator().manual_seed(3))
+    ppo.demonstrations = _demonstrations if demonstrations else None
+    metrics = ppo.update(synthetic_batch(ppo.network))
+    return ppo.network.state_dict(), metrics
 
 
 def test_the_imitation_term_is_nothing_at_coefficient_zero_and_moves_the_policy_otherwise() -> None:
@@ -136,10 +138,10 @@ def test_the_imitation_term_is_nothing_at_coefficient_zero_and_moves_the_policy_
 
 
 def test_clip_range_and_imitation_coefficient_decay_linearly() -> None:
-    network = build_actor_critic(ModelConfig(kind="vector_obs", hidden_sizes=(4,)), gym.spaces.Box(-1, 1, (8,)),
-                                 gym.spaces.Discrete(4))
+    spec = AlgorithmSpec(gym.spaces.Box(-1, 1, (8,)), gym.spaces.Discrete(4),
+                         ModelConfig(kind="vector_obs", hidden_sizes=(4,)))
     ppo = PPO(PPOConfig(total_steps=1000, clip_range=0.2, clip_schedule="linear", imitation_coef=0.5,
-                        imitation_schedule="linear"), network)
+                        imitation_schedule="linear"), spec)
     values = ppo.set_progress(250)
     assert values["clip_range"] == pytest.approx(0.15) and values["imitation_coef"] == pytest.approx(0.375)
     assert values["learning_rate"] == pytest.approx(3e-4)  # constant unless asked

@@ -15,7 +15,9 @@ import torch
 from conftest import newest_run_dir, run_cli, run_ok, spawn_cli
 
 from mazerun.acting.rollout import rollout
-from mazerun.algorithms import bc, cql, iql
+from mazerun.algorithms import algorithm_module, bc, cql, iql, searchable_algorithms
+from mazerun.algorithms.base import ValueLearningConfig
+from mazerun.algorithms.protocol import AlgorithmSpec
 from mazerun.compose.cohort import Cohort, gather
 from mazerun.compose.evolution import (
     Agent,
@@ -42,7 +44,8 @@ OBSERVATIONS = gym.spaces.Box(-1.0, 1.0, (3,))
 ACTIONS = gym.spaces.Discrete(3)
 CPU = torch.device("cpu")
 TINY = ModelConfig(kind="vector_obs", hidden_sizes=(4, 3), activation="relu")
-MODULES = {"cql": cql, "iql": iql, "bc": bc}
+MODULES = {name: algorithm_module(name) for name in searchable_algorithms()}
+"""Every algorithm a population can train, as the registry says."""
 
 
 def generator(seed: int) -> torch.Generator:
@@ -50,7 +53,7 @@ def generator(seed: int) -> torch.Generator:
 
 
 def builder(module):
-    return lambda config, model_config: module.Algorithm(config, model_config, OBSERVATIONS, ACTIONS, None, CPU)
+    return lambda config, model_config: module.Algorithm(config, AlgorithmSpec(OBSERVATIONS, ACTIONS, model_config))
 
 
 def tiny_agent(module=cql, model_config: ModelConfig = TINY, seed: int = 0, **config) -> Agent:
@@ -190,7 +193,7 @@ def test_hyperparameter_mutations_move_by_their_factors_within_range() -> None:
 
 
 @pytest.mark.parametrize("kind", ["architecture", "parameters", "activation", "rl_hp"])
-@pytest.mark.parametrize("name", ["cql", "iql", "bc"])
+@pytest.mark.parametrize("name", searchable_algorithms())
 def test_a_mutated_copy_owns_an_optimiser_of_its_own_parameters(name: str, kind: str) -> None:
     module = MODULES[name]
     parent = tiny_agent(module=module)
@@ -239,25 +242,26 @@ def test_a_cohort_that_copies_its_targets_rarely_reads_their_values_from_a_table
     assert often._target_table is None
 
 
-@pytest.mark.parametrize("name", ["cql", "cql_bfloat16", "cql_autograd", "iql", "bc"])
-def test_the_batched_update_equals_per_agent_updates(name: str) -> None:
+FAST_PATH_VARIANTS = {"cql_bfloat16": ("cql", {"matmul_dtype": "bfloat16"}), "cql_autograd": ("cql", {"fused": False})}
+"""CQL's cohort step in bfloat16, and without its hand-written step (vmap and autograd, like the others)."""
+
+
+@pytest.mark.parametrize("variant", [*searchable_algorithms(), *FAST_PATH_VARIANTS])
+def test_the_batched_update_equals_per_agent_updates(variant: str) -> None:
     """CQL's cohort steps by hand (mazerun.fast.fused; in bfloat16 too), with fused=false through vmap and autograd
     like the others."""
-    module = MODULES[name.split("_")[0]]
+    name, fast_path = FAST_PATH_VARIANTS.get(variant, (variant, {}))
+    module = MODULES[name]
     data = tiny_data()
-    settings = [{"lr": 1e-2}, {"lr": 3e-3}, {"lr": 5e-3}]
-    if name == "cql_autograd":
-        settings = [{**values, "fused": False} for values in settings]
-    if name == "cql_bfloat16":
-        settings = [{**values, "matmul_dtype": "bfloat16"} for values in settings]
-    if name != "bc":  # each agent its own discount and target schedule
+    settings = [{"lr": 1e-2, **fast_path}, {"lr": 3e-3, **fast_path}, {"lr": 5e-3, **fast_path}]
+    if issubclass(module.Config, ValueLearningConfig):  # each agent its own discount and target schedule
         settings = [{**values, "gamma": gamma, "tau": tau, "target_update_interval": interval}
                     for values, gamma, tau, interval in zip(settings, (0.9, 0.95, 0.99), (1.0, 0.5, 0.1), (2, 1, 3))]
     agents = [tiny_agent(module=module, seed=seed, **values) for seed, values in enumerate(settings)]
     references = [copy.deepcopy(agent) for agent in agents]
     template = builder(module)(agents[0].algorithm.config, TINY)
     cohort = Cohort(agents, template)
-    assert (cohort.stack is not None) == (name in ("cql", "cql_bfloat16"))
+    assert (cohort.stack is not None) == (variant in ("cql", "cql_bfloat16"))
     for _ in range(6):
         metrics = cohort.step(cohort.sample(data))
         for index, reference in enumerate(references):
@@ -383,7 +387,7 @@ def test_bad_search_settings_are_one_line_errors(hpo: dict, message: str) -> Non
 
 
 def test_defaults_of_the_yaml_pass_for_every_supported_algorithm() -> None:
-    for name in ("bc", "cql", "iql"):
+    for name in searchable_algorithms():
         config = validate({"algorithm": {"name": name}, "hpo": {"name": "evolution"}})
         assert config.hpo.population_size == 4
 
@@ -403,3 +407,29 @@ def test_bad_searches_through_run_fail_in_one_line_and_write_nothing(workdir: Pa
     assert len(errors) == 1 and message in errors[0], result.stderr
     leftovers = {path.name for path in (workdir / "outputs" / "bad").glob("*")} if (workdir / "outputs").exists() else set()
     assert not leftovers & {"best.pt", "last.pt", "population.csv", "metrics.csv"}
+
+
+def test_a_grown_architecture_s_fast_path_is_checked_against_the_loss(tmp_path: Path, monkeypatch, caplog) -> None:
+    """A mutation builds its networks through the population, which holds the new fast path against autograd."""
+    from types import SimpleNamespace
+
+    from mazerun.compose.evolution import EvolutionConfig
+    from mazerun.compose.population import Population
+    from mazerun.config.schemas import structured
+
+    setup = SimpleNamespace(algorithm=cql.Config(batch_size=5), run_dir=tmp_path,
+                            spec=AlgorithmSpec(OBSERVATIONS, ACTIONS, TINY))
+    population = Population(setup, structured(EvolutionConfig, {"name": "evolution"}, "hpo"), tiny_data())
+    agent = tiny_agent()
+    with caplog.at_level("WARNING"):
+        mutate(agent, "architecture", MutationConfig(new_layer=1.0, max_layers=3), SpaceConfig(), population.build,
+               generator(0))
+    assert agent.model_config.hidden_sizes == (4, 3, 3) and agent.algorithm.stack is not None
+    assert not [record for record in caplog.records if "differs from autograd" in record.getMessage()]
+    readable = cql.conservative_loss
+    monkeypatch.setattr(cql, "conservative_loss", lambda q_values, actions: 3 * readable(q_values, actions))
+    with caplog.at_level("WARNING"):
+        mutate(agent, "architecture", MutationConfig(new_layer=1.0, max_layers=4), SpaceConfig(), population.build,
+               generator(0))
+    assert agent.algorithm.stack is None
+    assert [record for record in caplog.records if "cql's hand-written gradient differs" in record.getMessage()]

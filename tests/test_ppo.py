@@ -14,7 +14,9 @@ from mazerun.acting.envs import make_env, make_vector_env
 from mazerun.acting.evaluation import evaluate
 from mazerun.acting.rollout import rollout
 from mazerun.algorithms.bc import BCConfig
-from mazerun.algorithms.ppo import PPO, PPOConfig, compute_gae, log_prob_and_entropy
+from mazerun.algorithms.ppo import PPO, PPOConfig, log_prob_and_entropy
+from mazerun.algorithms.protocol import AlgorithmSpec
+from mazerun.algorithms.rollouts import compute_gae
 from mazerun.cli import execute
 from mazerun.compose.validation import validate
 from mazerun.config.schemas import DatasetConfig, PolicyConfig, RunConfig, RunnerConfig
@@ -160,10 +162,11 @@ def test_continuous_actions_are_clipped_for_the_env_but_stored_as_sampled() -> N
 
 def test_critic_burn_in_update_leaves_every_policy_weight_bit_identical() -> None:
     space, actions = gym.spaces.Box(-1, 1, (8,)), gym.spaces.Discrete(4)
-    network = build_actor_critic(ModelConfig(kind="vector_obs", hidden_sizes=(16, 16)), space, actions)
-    ppo = PPO(PPOConfig(batch_size=16, n_epochs=2), network)
+    ppo = PPO(PPOConfig(batch_size=16, n_epochs=2, critic_burn_in_epochs=1),
+              AlgorithmSpec(space, actions, ModelConfig(kind="vector_obs", hidden_sizes=(16, 16))))
+    network = ppo.network
     before = {name: value.clone() for name, value in network.state_dict().items()}
-    metrics = ppo.update(synthetic_batch(network), train_policy=False)
+    metrics = ppo.update(synthetic_batch(network))  # the first update: critic burn-in
     after = network.state_dict()
     for name, value in before.items():
         if name.startswith(CRITIC_PREFIXES) and name.endswith(("weight", "bias")):
@@ -171,7 +174,7 @@ def test_critic_burn_in_update_leaves_every_policy_weight_bit_identical() -> Non
         elif not name.startswith(CRITIC_PREFIXES):
             assert torch.equal(value, after[name]), f"{name} changed during critic burn-in"
     assert metrics["approx_kl"] == 0.0 and metrics["clip_fraction"] == 0.0
-    ppo.update(synthetic_batch(network), train_policy=True)
+    ppo.update(synthetic_batch(network))
     assert not torch.equal(before["policy_head.weight"], network.state_dict()["policy_head.weight"])
 
 
@@ -187,11 +190,11 @@ def test_log_prob_and_entropy_match_the_distribution_methods() -> None:
 
 
 def test_linear_learning_rate_decays_to_zero_at_total_steps() -> None:
-    network = build_actor_critic(ModelConfig(kind="vector_obs", hidden_sizes=(4,)), gym.spaces.Box(-1, 1, (3,)),
-                                 gym.spaces.Discrete(2))
-    ppo = PPO(PPOConfig(lr=1e-3, lr_schedule="linear", total_steps=1000), network)
+    spec = AlgorithmSpec(gym.spaces.Box(-1, 1, (3,)), gym.spaces.Discrete(2), ModelConfig(kind="vector_obs",
+                                                                                          hidden_sizes=(4,)))
+    ppo = PPO(PPOConfig(lr=1e-3, lr_schedule="linear", total_steps=1000), spec)
     assert [ppo.learning_rate(step) for step in (0, 250, 1000)] == pytest.approx([1e-3, 7.5e-4, 0.0])
-    assert PPO(PPOConfig(lr=1e-3), network).learning_rate(999) == 1e-3
+    assert PPO(PPOConfig(lr=1e-3), spec).learning_rate(999) == 1e-3
 
 
 # -------------------------------------------------------------------------------------- end to end

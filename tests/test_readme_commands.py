@@ -22,7 +22,9 @@ import h5py
 import pytest
 import yaml
 from _pytest.mark import ParameterSet
-from conftest import DATASETS, MAZERUN, REPO, run_cli, spawn_cli
+from conftest import DATASETS, EXPORT, MAZERUN, REPO, install_example, run_cli, spawn_cli
+
+from mazerun.algorithms import ALGORITHMS, algorithm_module
 
 TIMEOUT = 240
 """Seconds one command may take on 2 shared cores (they take 1-10)."""
@@ -157,6 +159,7 @@ BUDGETS: dict[str, list[str]] = {
     # 16 steps x 16 envs = 256 per rollout: a multiple of every batch_size (64, CartPole's tuned 256)
     "ppo": ["total_steps=512", "n_steps=16", "eval_every=512"],
     "dagger": ["total_steps=128", "n_steps=8", "n_updates=2", "eval_every=128"],
+    "awr": ["n_updates=2", "eval_every=2"],  # the plugin examples/mazerun_awr
 }
 """Keys of an algorithm (or record stage) and their tiny values; ``algorithm.`` or ``pipeline.stages.<stage>.`` goes before."""
 EVOLUTION = ["hpo.max_steps=4", "hpo.evo_steps=2", "hpo.population_size=2", "hpo.eval_loop=1"]
@@ -201,10 +204,10 @@ def check(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, f"{' '.join(result.args)} failed:\n{result.stderr[-3000:]}"
 
 
-def tiny_run(directory: Path, *arguments: str, then: tuple[str, ...] = ()) -> Path:
+def tiny_run(directory: Path, *arguments: str, then: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Path:
     """`run <arguments>` into ``directory`` with its tiny budgets, then the overrides ``then`` (which win)."""
     check(run_cli(*arguments, *tiny_budgets(list(arguments)), *then, f"hydra.run.dir={directory}",
-                  cwd=directory.parent, timeout=TIMEOUT))
+                  cwd=directory.parent, env=env, timeout=TIMEOUT))
     return directory
 
 
@@ -293,6 +296,19 @@ def pipeline_run(runs: Path, stopped_pipeline_run: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
+def awr_plugin(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of the commands that name the plugin examples/mazerun_awr: it is pip-installed there."""
+    return install_example("mazerun_awr", tmp_path_factory.mktemp("site"))
+
+
+@pytest.fixture(scope="module")
+def awr_run(runs: Path, lunar_records: Path, awr_plugin: dict[str, str]) -> Path:
+    """Half the commands' updates: continuing it trains on."""
+    return tiny_run(runs / "awr", "-cn", "conf_train", "algorithm=awr", f"runner.dataset.dir_or_file={lunar_records}",
+                    then=("algorithm.n_updates=1",), env=awr_plugin)
+
+
+@pytest.fixture(scope="module")
 def lunar_h5(runs: Path, lunar_records: Path) -> Path:
     datasets("export", str(lunar_records), str(runs / "lunar.h5"), cwd=runs)
     return runs / "lunar.h5"
@@ -318,6 +334,21 @@ def minari_root(runs: Path, lunar_records: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
+def lunar_d3rlpy(runs: Path, lunar_records: Path) -> Path:
+    datasets("export", str(lunar_records), f"d3rlpy:{runs / 'lunar_d3rlpy.h5'}", cwd=runs)
+    return runs / "lunar_d3rlpy.h5"
+
+
+@pytest.fixture(scope="module")
+def seed_sweep(runs: Path, lunar_records: Path) -> Path:
+    """Two seeds of a tiny BC run, laid out as `run -m` lays out a sweep."""
+    arguments = ["-m", "-cn", "conf_train", "runner.seed=0,1", f"runner.dataset.dir_or_file={lunar_records}"]
+    check(run_cli(*arguments, *tiny_budgets(arguments), f"hydra.sweep.dir={runs / 'sweep'}", cwd=runs,
+                  timeout=TIMEOUT))
+    return runs / "sweep"
+
+
+@pytest.fixture(scope="module")
 def store(runs: Path, lunar_records: Path) -> Path:
     datasets("convert", str(lunar_records), str(runs / "lunar.store"), cwd=runs)
     return runs / "lunar.store"
@@ -327,6 +358,14 @@ def store(runs: Path, lunar_records: Path) -> Path:
 def store_copy(store: Path, tmp_path: Path) -> Path:
     """A store of the test's own, for a command that appends to it."""
     return Path(shutil.copytree(store, tmp_path / "existing.store"))
+
+
+@pytest.fixture(scope="module")
+def exported_onnx(runs: Path, recurrent_bc_run: Path) -> Path:
+    """The recurrent BabyAI clone as ONNX, its interface JSON beside it."""
+    check(run_cli(str(recurrent_bc_run), "--format", "onnx", "--out", str(runs / "gru.onnx"), program=EXPORT,
+                  cwd=runs, timeout=TIMEOUT))
+    return runs / "gru.onnx"
 
 
 @pytest.fixture(scope="module")
@@ -346,21 +385,26 @@ PLACEHOLDERS: dict[str, str] = {
     "outputs/<recurrent bc run>": "recurrent_bc_run",
     "outputs/<recurrent run>": "recurrent_bc_run",
     "outputs/<ppo run>": "ppo_run",
+    "outputs/<awr run>": "awr_run",
     "outputs/<evolution run>": "evolution_run",
     "outputs/<a stopped pipeline run>": "stopped_pipeline_run",
     "outputs/<a pipeline run>": "pipeline_run",
+    "multirun/<a sweep>": "seed_sweep",
     "<store>": "store",
     "<sources>...": "store",
     "<existing store>": "store_copy",
     "<id>": "gym_id",
+    "<an exported .onnx>": "exported_onnx",
 }
 """Placeholder -> the fixture whose value replaces it."""
 
 DATA_FILES: dict[str, str] = {"data/lunar.h5": "lunar_h5", "data/cartpole.h5": "cartpole_h5",
-                              "data/lunar.store": "store"}
+                              "data/lunar.store": "store", "data/lunar_d3rlpy.h5": "lunar_d3rlpy"}
 """Files the README names relative to the working directory -> the fixture linked there."""
 
-OFFLINE = ("bc", "cql", "iql")
+OFFLINE = (*(name for name in ALGORITHMS if algorithm_module(name).Config().needs_dataset), "awr")
+"""Algorithms that read records (built-ins, and the plugin examples/mazerun_awr): without
+runner.dataset.dir_or_file, the newest recording under outputs/."""
 
 
 def fill(command: str, request: pytest.FixtureRequest) -> str:
@@ -382,7 +426,7 @@ def prepare_workdir(argv: list[str], workdir: Path, request: pytest.FixtureReque
     ``outputs/``: the README records one of the env it trains on just before.
     """
     written = argv[-1] if argv[1:3] == ["-m", "mazerun.datasets"] and argv[3] in ("export", "convert") else None
-    read = [argument.split("=", 1)[-1] for argument in argv if argument != written]
+    read = [argument.split("=", 1)[-1].removeprefix("d3rlpy:") for argument in argv if argument != written]
     for name in sorted({path for path in read if path.startswith("data/")}):
         if name not in DATA_FILES:
             pytest.fail(f"no fixture makes {name}")
@@ -424,6 +468,8 @@ def case(command: str) -> ParameterSet:
 def test_command_exits_0(command: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     argv = shlex.split(fill(command, request))
     env = prepare_workdir(argv, tmp_path, request)
+    if "awr" in command:
+        env.update(request.getfixturevalue("awr_plugin"))
     program, arguments = program_of(argv)
     budgets = tiny_budgets(arguments) if "mazerun" in (*program, *arguments) else []  # not mazerun.datasets
     result = run_cli(*arguments, *budgets, program=program, cwd=tmp_path, env=env, timeout=TIMEOUT)

@@ -95,7 +95,7 @@ class EpisodeFailed(Exception):
 
 
 def policy_for(spec: RolloutSpec, env: Any) -> Policy:
-    return build_policy(spec.policy, spec.env_id, env.action_space, input_dir=spec.input_dir)
+    return build_policy(spec.policy, spec.env_id, env.observation_space, env.action_space, input_dir=spec.input_dir)
 
 
 class EpisodePlayer:
@@ -507,8 +507,13 @@ def _run_parallel(spec: RolloutSpec, progress: tqdm, store: OrderedEpisodes | No
 
 
 def run_rollout(config: RunConfig, run_dir: Path) -> dict[str, float]:
-    """`run` without an algorithm: the env is the one named, else the checkpoint's (torch_policy), else the default."""
+    """`run` without an algorithm: the env is the one named, else the checkpoint's (torch_policy) or the exported
+    policy's (onnx), else the default."""
     env_id = config.env.name
+    if config.policy.name == "onnx" and env_id is None:
+        from mazerun.acting.policies.onnx_policy import read_exported
+
+        env_id = read_exported(config.policy.path)["env_id"]
     if config.policy.name == "torch_policy":
         import torch  # imported only for trained policies
 

@@ -1,9 +1,9 @@
-"""What the offline loop needs from an algorithm, the settings all offline ones share, and their shared step."""
+"""The algorithms fed batches (offline, and DAgger's labelled states): their shared settings and their shared step."""
 
 from __future__ import annotations
 
 import copy
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -11,12 +11,11 @@ import gymnasium as gym
 import torch
 from torch import nn
 
+from mazerun.algorithms.protocol import Algorithm, AlgorithmSpec, UpdatePhase, gradient_mismatch, mismatch_line
 from mazerun.config.schemas import check_fields
 from mazerun.core.errors import MazerunError
 from mazerun.core.schedules import LinearSchedule
 from mazerun.data.tensors import SequenceBatch, TransitionBatch
-from mazerun.fast.optim import Adam
-from mazerun.nn.models import ModelConfig, Vocabulary
 
 Batch = TransitionBatch | SequenceBatch
 """Transitions for networks without memory, chunks of consecutive ones for networks with it."""
@@ -33,10 +32,13 @@ class OfflineConfig:
     """What the budget counts."""
 
     name: str = "bc"
+    """Which algorithm this section configures, as chosen by ``algorithm=<name>``."""
     n_updates: int = 5000
     """Gradient steps in total; a continued run trains up to this many (budgets are totals)."""
     batch_size: int = 256
+    """Transitions per gradient step (models without memory; nrollouts sizes the batches of those with it)."""
     lr: float = 3e-4
+    """Adam's learning rate."""
     lr_schedule: str = "constant"
     """constant, or linear: decays to 0 at n_updates, so the last weights are the settled ones."""
     eval_every: int = 1000
@@ -161,42 +163,35 @@ def follow_target(target: nn.Module, online: nn.Module, update: int, config: Val
         update_target(target, online, config.tau)
 
 
-class OfflineAlgorithm(ABC):
-    """One learner driven by the offline loop: a gradient step per batch.
+class OfflineAlgorithm(Algorithm):
+    """An algorithm fed batches (of records, or of labelled states): each update runs its phases in order.
 
-    ``network`` is what acts and what checkpoints store (its kind in ``network_type``); every
-    other network (targets, critics) and the optimiser are part of :meth:`training_state`, so a
-    continued run picks up exactly where the last one stopped. Subclasses build their networks
-    and ``self.optimizer`` and write their loss in :meth:`losses`; the step around it is shared.
+    Subclasses build their networks and optimisers and write each phase's loss as a method
+    (:meth:`losses` for the single phase most have); the step around a loss is shared here:
+    zero the gradients, backward, average them over data-parallel ranks, schedule the learning
+    rate, step, then let the target networks follow. A phase may also have a hand-written
+    gradient (:meth:`fused_gradient`, for the phase of :meth:`losses` where :attr:`stack` is set):
+    the same loss, faster, never a different one.
     """
 
-    network: nn.Module
-    network_type: str
-    """``actor_critic`` or ``q_network``: how :func:`mazerun.nn.models.build_network` rebuilds it."""
-    optimizer: Adam
+    phases: ClassVar[tuple[UpdatePhase, ...]] = (UpdatePhase(),)
+    """The optimiser steps of one update, in order."""
+    searchable = True
     gradient_sync: Callable[[], None] | None = None
     """Set by the offline loop under torchrun: averages the gradients over the processes after each backward."""
     stack: Any = None
     """The hand-written fast path's state where the algorithm has one for this network (:meth:`build_stack`),
     else None: the autograd path."""
-    target_networks: ClassVar[dict[str, str]] = {}
-    """Target network attribute -> the online network attribute it follows after each step
-    (:func:`follow_target`); a population trains the same pairs in one batched call."""
 
-    def __init__(
-        self,
-        config: Any,
-        model_config: ModelConfig,
-        observation_space: gym.Space,
-        action_space: gym.Space,
-        vocabulary: Vocabulary | None,
-        device: torch.device,
-    ) -> None:
-        self.config = config
-        self.updates = 0
-        """Gradient steps taken so far (continued runs included)."""
+    def __init__(self, config: Any, spec: AlgorithmSpec, generator: torch.Generator | None = None) -> None:
+        super().__init__(config, spec, generator)
         self.lr_schedule = LinearSchedule.of(config.lr_schedule, config.lr, config.n_updates)
-        """The learning rate at each update; ``constant`` leaves the optimiser's own (which a search may mutate)."""
+        """The learning rate at each update; ``constant`` leaves the optimisers' own (which a search may mutate)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if len(cls.phases) > 1 or cls.phases[0].optimizer != "optimizer":
+            cls.searchable = False  # the population's stacked cohorts train one optimiser per agent
 
     def build_stack(self) -> Any:
         """Move the networks' parameters into the fast path's storage and return its state; None by default."""
@@ -214,38 +209,72 @@ class OfflineAlgorithm(ABC):
             clone.stack = clone.build_stack()
         return clone
 
-    def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Standardise vector observations in every network of the algorithm with the dataset's statistics."""
-        for module in vars(self).values():
-            if isinstance(module, nn.Module) and hasattr(module, "set_normalization"):
-                module.set_normalization(mean, std)
-
-    def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Start from an earlier run's acting network (``input_dir``)."""
-        self.network.load_state_dict(state)
-
     @abstractmethod
     def losses(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss to minimise on ``batch`` and its detached scalar metrics."""
+        """The loss to minimise on ``batch`` and its detached scalar metrics (the first phase's loss)."""
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """One gradient step on ``batch``; returns detached scalar metrics (averaged over a report window)."""
-        if self.stack is not None and isinstance(batch, TransitionBatch):
+        """One update on ``batch``: every phase due, then the targets; returns detached scalar metrics."""
+        metrics: dict[str, torch.Tensor] = {}
+        for phase in self.phases:
+            if self.updates % phase.every == 0:
+                metrics.update(self.step_phase(phase, batch))
+        self.updates += 1
+        self.after_step()
+        return metrics
+
+    def step_phase(self, phase: UpdatePhase, batch: Batch) -> dict[str, torch.Tensor]:
+        """One optimiser's step on the gradient of its phase's loss."""
+        optimizer = getattr(self, phase.optimizer)
+        if phase.loss == "losses" and self.stack is not None and isinstance(batch, TransitionBatch):
             with torch.no_grad():
                 metrics = self.fused_gradient(batch)
         else:
-            loss, metrics = self.losses(batch)
-            self.optimizer.zero_grad(set_to_none=True)
+            loss, metrics = getattr(self, phase.loss)(batch)
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
         if self.gradient_sync is not None:
             self.gradient_sync()
         self.after_backward(metrics)
         if self.config.lr_schedule != "constant":
-            self.optimizer.param_groups[0]["lr"] = self.lr_schedule(self.updates)
-        self.optimizer.step()
-        self.updates += 1
-        self.after_step()
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr_schedule(self.updates)
+        optimizer.step()
         return metrics
+
+    def fast_path_tolerance(self) -> tuple[float, float]:
+        """How far the hand-written gradient may stray from autograd's, and the floor of :func:`gradient_mismatch`:
+        float32 rounding, parameter by parameter (measured: about 2e-7)."""
+        return 1e-4, 1e-3
+
+    def check_fast_path(self, batch: Batch) -> str | None:
+        """Hold the hand-written gradient against autograd of :meth:`losses` on ``batch`` (the run's first one).
+
+        They must agree within :meth:`fast_path_tolerance` (:func:`~mazerun.algorithms.protocol.gradient_mismatch`,
+        parameter by parameter). If they do not, :meth:`losses` was edited and the fast path was not:
+        it is dropped, so training follows the readable loss, and the returned line says so. None when
+        they agree or there is no fast path for this batch.
+        """
+        if self.stack is None or not isinstance(batch, TransitionBatch):
+            return None
+        parameters = [parameter for group in self.optimizer.param_groups for parameter in group["params"]]
+        loss, _ = self.losses(batch)
+        expected = torch.autograd.grad(loss, parameters, allow_unused=True)
+        kept = [None if parameter.grad is None else parameter.grad.clone() for parameter in parameters]
+        with torch.no_grad():
+            self.fused_gradient(batch)
+            fast = [torch.zeros_like(parameter) if parameter.grad is None else parameter.grad.clone()
+                    for parameter in parameters]
+            for parameter, grad in zip(parameters, kept):  # the check leaves the gradients as it found them
+                if parameter.grad is not None:
+                    parameter.grad.copy_(grad) if grad is not None else parameter.grad.zero_()
+        reference = [torch.zeros_like(parameter) if grad is None else grad for parameter, grad in zip(parameters, expected)]
+        tolerance, floor = self.fast_path_tolerance()
+        mismatch = gradient_mismatch(fast, reference, floor)
+        if mismatch <= tolerance:
+            return None
+        self.stack = None
+        return mismatch_line(self.config.name, "losses()", mismatch, tolerance)
 
     def fused_gradient(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
         """The fast path's part of :meth:`update` (with :attr:`stack`): write the gradient of the loss on ``batch``
@@ -256,7 +285,7 @@ class OfflineAlgorithm(ABC):
         """Gradient metrics, read between backward and step; none by default."""
 
     def after_step(self) -> None:
-        """Work due after each gradient step: every target network follows its online one."""
+        """Work due after each update: every target network follows its online one."""
         for target, online in self.target_networks.items():
             follow_target(getattr(self, target), getattr(self, online), self.updates, self.config)
 
@@ -265,29 +294,13 @@ class OfflineAlgorithm(ABC):
         """The metrics of :meth:`losses` on held-out transitions, without learning."""
         return self.losses(batch)[1]
 
-    def report_metrics(self) -> dict[str, float]:
-        """Metrics of the current weights (not of a batch), computed at report time only."""
-        return {}
-
-
-    def selection_metric(self, has_validation: bool) -> tuple[str, str]:
-        """Which logged metric picks the best checkpoint, and whether lower ("min") or higher ("max") wins."""
-        return ("eval/mean_return", "max")
-
     def training_state(self) -> dict[str, Any]:
-        """Everything but the acting network that a continued run needs: the other networks, the optimiser, the step count."""
-        state: dict[str, Any] = {"updates": self.updates, "lr_schedule": self.lr_schedule.to_list()}
-        for name, value in vars(self).items():
-            if name != "network" and isinstance(value, (nn.Module, Adam)):
-                state[name] = value.state_dict()
-        return state
+        return {**super().training_state(), "lr_schedule": self.lr_schedule.to_list()}
 
-    def load_training_state(self, state: dict[str, Any]) -> None:
+    def load_training_state(self, state: dict[str, Any], progress: int | None = None) -> None:
         """Continue at the saved update; a raised ``n_updates`` stretches the schedule from there, without a jump."""
-        self.updates = int(state["updates"])
+        super().load_training_state({name: value for name, value in state.items() if name != "lr_schedule"},
+                                    int(state["updates"]))
         if "lr_schedule" in state:  # absent from checkpoints written before schedules: those keep the config's
             self.lr_schedule = LinearSchedule.from_list(state["lr_schedule"]).extended_to(self.updates,
                                                                                             self.config.n_updates)
-        for name, value in vars(self).items():
-            if name != "network" and isinstance(value, (nn.Module, Adam)):
-                value.load_state_dict(state[name])

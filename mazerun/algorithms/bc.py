@@ -16,20 +16,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import gymnasium as gym
 import torch
 from torch.distributions import Distribution
 
 from mazerun.algorithms.base import Batch, OfflineAlgorithm, OfflineConfig, flat, warm_state
+from mazerun.algorithms.protocol import AlgorithmSpec
 from mazerun.data.records import NO_LABEL
 from mazerun.data.tensors import SequenceBatch, TransitionBatch
 from mazerun.fast.fused import StackedMLP, mlp_layers, normalize, single_stack
 from mazerun.fast.optim import Adam
 from mazerun.nn.models import (
     ActorCritic,
-    ModelConfig,
-    Vocabulary,
-    build_actor_critic,
     flatten_distribution,
     log_probs_and_entropies,
 )
@@ -113,17 +110,9 @@ def cloning_loss(network: ActorCritic, batch: Batch) -> tuple[torch.Tensor, dict
 class BehaviouralCloning(OfflineAlgorithm):
     network_type = "actor_critic"
 
-    def __init__(
-        self,
-        config: BCConfig,
-        model_config: ModelConfig,
-        observation_space: gym.Space,
-        action_space: gym.Space,
-        vocabulary: Vocabulary | None,
-        device: torch.device,
-    ) -> None:
-        super().__init__(config, model_config, observation_space, action_space, vocabulary, device)
-        self.network = build_actor_critic(model_config, observation_space, action_space, vocabulary).to(device)
+    def __init__(self, config: BCConfig, spec: AlgorithmSpec, generator: torch.Generator | None = None) -> None:
+        super().__init__(config, spec, generator)
+        self.network = spec.actor_critic()
         self.actor_parameters = self.network.actor_parameters()
         self.stack = self.build_stack() if config.fused else None
         self.optimizer = Adam(self.actor_parameters, lr=config.lr)

@@ -17,10 +17,11 @@ says (hard copy every ``target_update_interval`` updates by default). The acting
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
-import gymnasium as gym
 import torch
 import torch.nn.functional as F
 
@@ -33,11 +34,11 @@ from mazerun.algorithms.base import (
     frozen_copy,
     warm_state,
 )
+from mazerun.algorithms.protocol import AlgorithmSpec
 from mazerun.core.errors import MazerunError
 from mazerun.data.tensors import SequenceBatch, TransitionBatch
 from mazerun.fast.fused import HeadGradient, StackedQLearner
 from mazerun.fast.optim import Adam
-from mazerun.nn.models import ModelConfig, Vocabulary, build_q_network
 
 TD_LOSSES = ("huber", "mse")
 MATMUL_DTYPES = ("float32", "bfloat16")
@@ -139,17 +140,9 @@ class ConservativeQLearning(OfflineAlgorithm):
     network_type = "q_network"
     target_networks = {"target_network": "network"}
 
-    def __init__(
-        self,
-        config: CQLConfig,
-        model_config: ModelConfig,
-        observation_space: gym.Space,
-        action_space: gym.Space,
-        vocabulary: Vocabulary | None,
-        device: torch.device,
-    ) -> None:
-        super().__init__(config, model_config, observation_space, action_space, vocabulary, device)
-        self.network = build_q_network(model_config, observation_space, action_space, vocabulary).to(device)
+    def __init__(self, config: CQLConfig, spec: AlgorithmSpec, generator: torch.Generator | None = None) -> None:
+        super().__init__(config, spec, generator)
+        self.network = spec.q_network()
         self.target_network = frozen_copy(self.network)
         self.stack = self.build_stack() if config.fused else None
         self.optimizer = Adam(self.network.parameters(), lr=config.lr)
@@ -160,6 +153,19 @@ class ConservativeQLearning(OfflineAlgorithm):
             raise MazerunError(f"algorithm.matmul_dtype={self.config.matmul_dtype} needs the fused step, which runs "
                                "MLPs on vector observations without memory; use algorithm.matmul_dtype=float32")
         return stack
+
+    def check_fast_path(self, batch: Batch) -> str | None:
+        """With bfloat16 products the kernel's rounding (up to several percent of a parameter's gradient) would
+        hide an edit to the loss, so a float32 twin of the same hand-written gradient is held to autograd."""
+        if self.stack is None or self.config.matmul_dtype == "float32":
+            return super().check_fast_path(batch)
+        twin = copy.deepcopy(self)
+        twin.config = dataclasses.replace(self.config, matmul_dtype="float32")
+        twin.stack = twin.build_stack()
+        problem = twin.check_fast_path(batch)
+        if problem is not None:
+            self.stack = None
+        return problem
 
     def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
         super().load_network_state(state)

@@ -34,19 +34,24 @@ class TeacherForcingConfig:
     start: float = 1.0
     """Probability of executing the expert's action at the first step."""
     end: float = 0.0
-    """... and from ``steps`` on."""
+    """Probability of executing the expert's action from ``steps`` on."""
     steps: Optional[int] = None
     """Env steps over which the probability decays linearly; null: the whole of total_steps."""
 
 
 @dataclass
 class DAggerConfig:
+    """DAgger's settings. The expert is the ``expert`` group (default: the env's heuristic, the bot for BabyAI);
+    labelled episodes are recorded to trajectory_data/ with an expert_actions column, which behavioural cloning
+    can train on later."""
+
     loop: ClassVar[str] = "interactive"
     budget_key: ClassVar[str] = "total_steps"
     step_unit: ClassVar[str] = "step"
     imitates: ClassVar[bool] = True
 
     name: str = "dagger"
+    """Which algorithm this section configures, as chosen by ``algorithm=<name>``."""
     total_steps: int = 20_000
     """Env steps in total over all envs, i.e. states the expert labels (the last iteration stops there, rounded up
     to a step of every env copy); budgets are totals."""
@@ -55,10 +60,13 @@ class DAggerConfig:
     n_updates: int = 3000
     """Gradient steps in total, spread over the iterations in proportion to the labels collected."""
     batch_size: int = 256
+    """Labelled states per gradient step (models without memory; nrollouts sizes the batches of those with it)."""
     lr: float = 3e-4
+    """Adam's learning rate."""
     lr_schedule: str = "constant"
     """constant, or linear: decays to 0 at n_updates."""
     teacher_forcing: TeacherForcingConfig = field(default_factory=TeacherForcingConfig)
+    """Probability of executing the expert's action rather than the learner's (beta), decaying linearly."""
     rollout_len: int = 32
     """Models with memory: steps per chunk of an env copy's consecutive steps (truncated BPTT)."""
     nrollouts: int = 64

@@ -25,7 +25,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import gymnasium as gym
 import torch
 import torch.nn.functional as F
 from torch.distributions import Distribution
@@ -40,11 +39,12 @@ from mazerun.algorithms.base import (
     warm_state,
 )
 from mazerun.algorithms.bc import policy_of
+from mazerun.algorithms.protocol import AlgorithmSpec
 from mazerun.config.schemas import check_fields
 from mazerun.core.errors import MazerunError
 from mazerun.data.tensors import SequenceBatch
 from mazerun.fast.optim import Adam
-from mazerun.nn.models import ModelConfig, ValueNetwork, Vocabulary, build_actor_critic, build_q_network
+from mazerun.nn.models import ValueNetwork
 
 
 @dataclass
@@ -106,20 +106,12 @@ class ImplicitQLearning(OfflineAlgorithm):
     network_type = "actor_critic"
     target_networks = {"target_q_network": "q_network"}
 
-    def __init__(
-        self,
-        config: IQLConfig,
-        model_config: ModelConfig,
-        observation_space: gym.Space,
-        action_space: gym.Space,
-        vocabulary: Vocabulary | None,
-        device: torch.device,
-    ) -> None:
-        super().__init__(config, model_config, observation_space, action_space, vocabulary, device)
-        self.network = build_actor_critic(model_config, observation_space, action_space, vocabulary).to(device)
-        self.q_network = build_q_network(model_config, observation_space, action_space, vocabulary).to(device)
+    def __init__(self, config: IQLConfig, spec: AlgorithmSpec, generator: torch.Generator | None = None) -> None:
+        super().__init__(config, spec, generator)
+        self.network = spec.actor_critic()
+        self.q_network = spec.q_network()
         self.target_q_network = frozen_copy(self.q_network)
-        self.value_network = ValueNetwork(model_config, observation_space, vocabulary).to(device)
+        self.value_network = ValueNetwork(spec.model_config, spec.observation_space, spec.vocabulary).to(spec.device)
         # The policy's own critic stays untouched (as in BC) until PPO trains it.
         parameters = [*self.network.actor_parameters(), *self.q_network.parameters(), *self.value_network.parameters()]
         self.optimizer = Adam(parameters, lr=config.lr)

@@ -28,16 +28,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import gymnasium as gym
 import torch
 from torch import nn
 
+from mazerun.algorithms import searchable_algorithms
 from mazerun.algorithms.base import OfflineAlgorithm
 from mazerun.config.schemas import check_fields, structured
 from mazerun.core.errors import MazerunError
-from mazerun.nn.models import ACTIVATIONS, ModelConfig, Vocabulary
+from mazerun.nn.models import ACTIVATIONS, ModelConfig
 
-SUPPORTED_ALGORITHMS = ("bc", "cql", "iql")
 """Algorithms a population can be made of: the offline ones (one shared dataset)."""
 
 MUTATIONS = ("no_mutation", "architecture", "parameters", "activation", "rl_hp")
@@ -200,12 +199,12 @@ def evolution_config(values: Any, algorithm: Any) -> EvolutionConfig:
     if algorithm is None:
         raise MazerunError(
             "hpo=evolution evolves a population of an algorithm and none is chosen; "
-            f"add algorithm=<{'|'.join(SUPPORTED_ALGORITHMS)}>, e.g. run -cn conf_train algorithm=cql hpo=evolution"
+            f"add algorithm=<{'|'.join(searchable_algorithms())}>, e.g. run -cn conf_train algorithm=cql hpo=evolution"
         )
-    if algorithm.name not in SUPPORTED_ALGORITHMS:
+    if algorithm.name not in searchable_algorithms():
         raise MazerunError(
-            f"hpo=evolution supports {', '.join(SUPPORTED_ALGORITHMS)} (offline algorithms sharing one dataset); "
-            f"algorithm={algorithm.name} is not supported yet"
+            f"hpo=evolution supports {', '.join(searchable_algorithms())} (offline algorithms with one optimiser, "
+            f"sharing one dataset); algorithm={algorithm.name} is not one of them"
         )
     if algorithm.lr_schedule != "constant":
         raise MazerunError(
@@ -281,13 +280,6 @@ class Agent:
             batches.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
         return Agent(id=new_id, algorithm=algorithm, model_config=self.model_config, generator=batches,
                      parent=self.id, mutation="none", steps=self.steps, fitnesses=list(self.fitnesses))
-
-
-def build_algorithm(
-    module: Any, config: Any, model_config: ModelConfig, observation_space: gym.Space, action_space: gym.Space,
-    vocabulary: Vocabulary | None, device: torch.device,
-) -> OfflineAlgorithm:
-    return module.Algorithm(config, model_config, observation_space, action_space, vocabulary, device)
 
 
 # -- selection -------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
 from mazerun.core.files import atomic_write_bytes
 from mazerun.core.progress import Progress
-from mazerun.data.tensors import TransitionDataset, observation_stats, records_to_dataset
+from mazerun.data.tensors import TransitionDataset, observation_stats, records_to_dataset, transitions_at
 from mazerun.nn.checkpoint import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
@@ -174,9 +174,15 @@ class Population:
         self.previous_dir: Path | None = None
 
     def build(self, config: Any, model_config: ModelConfig) -> Any:
+        """A fresh agent's algorithm; its fast path, if any, checked against autograd for this architecture
+        (a mutation that grows the network or swaps its activation builds one here too)."""
         setup = self.setup
-        return self.module.Algorithm(config, model_config, setup.observation_space, setup.action_space,
-                                     setup.vocabulary, setup.device)
+        algorithm = self.module.Algorithm(config, dataclasses.replace(setup.spec, model_config=model_config))
+        rows = torch.arange(min(int(config.batch_size), len(self.data)), device=self.data.device)
+        problem = algorithm.check_fast_path(transitions_at(self.data, rows))
+        if problem is not None:
+            log.warning(problem)
+        return algorithm
 
     def _batches(self, seed: int) -> torch.Generator:
         generator = torch.Generator(device=self.data.device)

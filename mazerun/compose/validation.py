@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mazerun.acting.envs import WRAPPER_SEPARATOR
-from mazerun.algorithms import ALGORITHMS, algorithm_config
+from mazerun.algorithms import algorithm_config, algorithm_names
 from mazerun.config.schemas import (
     NO_OP_WRAPPERS,
     RunConfig,
@@ -68,7 +68,7 @@ def pipeline_config(values: Any) -> PipelineConfig:
     for index, (stage, section) in enumerate(pipeline.stages.items()):
         prefix = f"pipeline.stages.{stage}"
         if not isinstance(section, dict) or "name" not in section:
-            raise MazerunError(f"{prefix} needs a name: record or an algorithm ({', '.join(sorted(ALGORITHMS))})")
+            raise MazerunError(f"{prefix} needs a name: record or an algorithm ({', '.join(algorithm_names())})")
         if section["name"] == RECORD_STAGE:
             stages[stage] = structured(RecordStageConfig, section, prefix)
             stages[stage].check(prefix)

@@ -19,6 +19,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mazerun.config.plugins import POLICY_PLUGINS, plugins_beside
 from mazerun.core.errors import MazerunError
 from mazerun.core.schedules import SCHEDULE_KINDS
 
@@ -35,11 +36,14 @@ class EnvConfig:
 @dataclass
 class PolicyConfig:
     name: str = "heuristic"
-    """heuristic | planner | bot | random | torch_policy (``lunar_lander_heuristics`` is heuristic)."""
+    """heuristic | planner | bot | random | torch_policy | onnx (``lunar_lander_heuristics`` is heuristic), or a
+    plugin's."""
     epsilon: float = 0.0
     """Share of actions replaced by random ones, for noisy datasets."""
     deterministic: bool = True
-    """torch_policy: greedy actions (argmax / mean); false samples from the policy."""
+    """torch_policy and onnx: greedy actions (argmax / mean); false samples from the policy."""
+    path: Optional[str] = None
+    """onnx: the file ``python -m mazerun.export <run> --format onnx`` wrote (its ``.json`` lies beside it)."""
 
 
 @dataclass
@@ -47,7 +51,8 @@ class ExpertConfig:
     """The teacher of ``algorithm=dagger`` and of a pipeline's ``record`` stage."""
 
     name: str = "heuristic"
-    """heuristic (the env's scripted expert), planner or bot (MiniGrid/BabyAI), random, or torch_policy."""
+    """heuristic (the env's scripted expert), planner or bot (MiniGrid/BabyAI), random, torch_policy, or a
+    plugin's policy."""
     input_dir: Optional[str] = None
     """torch_policy: the trained run (or checkpoint file) that teaches."""
     deterministic: bool = True
@@ -130,7 +135,16 @@ class RunConfig:
 
 RUNNER_TYPES = ("sequential", "parallel")
 HEURISTIC_ALIASES = ("heuristic", "lunar_lander_heuristics")
-POLICY_NAMES = (*HEURISTIC_ALIASES, "planner", "bot", "random", "torch_policy")
+POLICY_NAMES = (*HEURISTIC_ALIASES, "planner", "bot", "random", "torch_policy", "onnx")
+"""The built-in policies; installed packages add more (:func:`policy_names`)."""
+NOT_EXPERTS = ("onnx",)
+"""Policies that cannot teach: the expert section has no ``path`` for an exported file."""
+
+
+def policy_names() -> tuple[str, ...]:
+    """Every policy ``policy=`` and (but :data:`NOT_EXPERTS`) ``expert=`` take: the built-ins, then those of
+    installed plugins (entry point group ``mazerun.policies``)."""
+    return (*POLICY_NAMES, *sorted(plugins_beside(POLICY_NAMES, POLICY_PLUGINS, "policy")))
 
 
 def structured(schema: type, values: Any, prefix: str = "") -> Any:
@@ -205,14 +219,18 @@ def check_rollout(config: RunConfig) -> None:
     if runner.dataset.max_episodes is not None and runner.dataset.max_episodes <= 0:
         raise MazerunError(f"runner.dataset.max_episodes={runner.dataset.max_episodes} must be >= 1 (or null for all)")
     policy = config.policy
-    if policy.name not in POLICY_NAMES:
-        raise MazerunError(f"policy.name={policy.name!r} is unknown; choose one of {', '.join(POLICY_NAMES)}")
+    names = policy_names()
+    if policy.name not in names:
+        raise MazerunError(f"policy.name={policy.name!r} is unknown; choose one of {', '.join(names)}")
     if not 0.0 <= policy.epsilon <= 1.0:
         raise MazerunError(f"policy.epsilon={policy.epsilon} must lie in [0, 1]")
+    if policy.name == "onnx" and not policy.path:
+        raise MazerunError("policy=onnx needs policy.path=<an .onnx file written by python -m mazerun.export>")
     expert = config.expert
     if expert is not None:
-        if expert.name not in POLICY_NAMES:
-            raise MazerunError(f"expert.name={expert.name!r} is unknown; choose one of {', '.join(POLICY_NAMES)}")
+        experts = tuple(name for name in names if name not in NOT_EXPERTS)
+        if expert.name not in experts:
+            raise MazerunError(f"expert.name={expert.name!r} is unknown; choose one of {', '.join(experts)}")
         if expert.name == "torch_policy" and not expert.input_dir:
             raise MazerunError("expert=torch_policy needs expert.input_dir=<a trained run's output directory>")
 

@@ -8,7 +8,7 @@ This module only reads back what applied, so that ``run.log`` can say it.
 
 To tune an env of your own, add ``conf/env/<id>.yaml`` (``name: <id>``) and
 ``conf/tuned/<id>_<algorithm>.yaml`` with that algorithm's keys (``conf/tuned_model/...`` for the
-model's), in mazerun's conf/ or in a directory on ``hydra.searchpath``.
+model's), in mazerun's conf/, in a directory on ``hydra.searchpath``, or in an installed plugin's config package.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from omegaconf import OmegaConf
+
+from mazerun.config.plugins import package_dirs
 
 TUNED_GROUPS = ("tuned", "tuned_model")
 
@@ -71,5 +73,12 @@ def applied_tuned_defaults(choices: Mapping[str, Any], config_dirs: Iterable[Pat
 
 
 def config_dirs(config_sources: Iterable[Any]) -> list[Path]:
-    """The file-system directories among Hydra's ``runtime.config_sources`` (mazerun's conf/, hydra.searchpath)."""
-    return [Path(source.path) for source in config_sources if source.schema == "file" and source.path]
+    """The directories of Hydra's ``runtime.config_sources``: mazerun's conf/, hydra.searchpath's, and the packages of
+    installed plugins (``pkg://``, see :mod:`mazerun.config.plugins`)."""
+    dirs: list[Path] = []
+    for source in config_sources:
+        if source.schema == "file" and source.path:
+            dirs.append(Path(source.path))
+        elif source.schema == "pkg" and source.path:
+            dirs += package_dirs(source.path)
+    return dirs

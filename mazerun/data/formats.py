@@ -7,6 +7,7 @@ accepts every format. ``runner.dataset.dir_or_file`` names any of them (or a lis
     outputs/.../trajectory_data     mazerun's own records (a directory, or one .pkl)
     data/cartpole.h5                an HDF5 file (.h5 / .hdf5)
     minari:mazerun/lunar-noisy-v0   a Minari dataset stored locally (never downloaded)
+    d3rlpy:data/lunar.h5            a d3rlpy dataset file (``MDPDataset.dump``; see :func:`read_d3rlpy`)
     data/lunar.store                a columnar store (:mod:`mazerun.data.store`): read whole here; the
                                     offline loop samples it through memory maps instead
 
@@ -29,8 +30,9 @@ need it, so that one last transition is left out rather than paired with the nex
 first observation (as a plain ``observations[i + 1]`` would).
 
 Export (``python -m mazerun.datasets export SOURCE DEST``, :mod:`mazerun.datasets`) writes any readable source as an
-HDF5 file (with next_observations and timeouts, so it reads back exactly) or as a local Minari
-dataset (``minari:<id>``). Both are written whole or not at all.
+HDF5 file (with next_observations and timeouts, so it reads back exactly), as a local Minari
+dataset (``minari:<id>``) or as a d3rlpy dataset file (``d3rlpy:<file>``). All are written whole or
+not at all.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ log = logging.getLogger(__name__)
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
 MINARI_PREFIX = "minari:"
+D3RLPY_PREFIX = "d3rlpy:"
 REQUIRED_HDF5 = ("observations", "actions", "rewards", "terminals")
 OPTIONAL_HDF5 = ("timeouts", "next_observations", "expert_actions")
 
@@ -67,6 +70,10 @@ def is_hdf5(source: str | Path) -> bool:
 
 def is_minari(source: str | Path) -> bool:
     return str(source).startswith(MINARI_PREFIX)
+
+
+def is_d3rlpy(source: str | Path) -> bool:
+    return str(source).startswith(D3RLPY_PREFIX)
 
 
 def load_dataset_records(
@@ -94,6 +101,9 @@ def load_dataset_records(
         elif is_minari(source):
             flush()
             records.extend(read_minari(str(source)[len(MINARI_PREFIX):], env_id))
+        elif is_d3rlpy(source):
+            flush()
+            records.extend(read_d3rlpy(Path(str(source)[len(D3RLPY_PREFIX):]), env_id))
         elif is_hdf5(source):
             flush()
             records.extend(read_hdf5(Path(source), env_id))
@@ -304,11 +314,12 @@ def read_minari(dataset_id: str, env_id: str | None = None) -> list[StateTraject
     try:  # Minari opens its HDF5 file lazily: a damaged one fails here, not in load_dataset
         for episode in dataset.iterate_episodes():
             terminated = bool(np.asarray(episode.terminations)[-1])
+            truncated = bool(np.asarray(episode.truncations)[-1]) or not terminated
             records.append(StateTrajectoryRecord(
                 observations=_minari_observations(episode.observations),
                 actions=_integral_actions(np.asarray(episode.actions)),
                 rewards=_float_rewards(np.asarray(episode.rewards)),
-                terminated=terminated, truncated=not terminated, env_id=env,
+                terminated=terminated, truncated=truncated, env_id=env,
                 seed=None, policy=f"minari:{dataset_id}",
             ))
     except OSError as error:
@@ -352,7 +363,8 @@ def write_minari(records: Sequence[StateTrajectoryRecord], dataset_id: str, env:
         buffers.append(EpisodeBuffer(
             id=index, seed=record.seed, observations=record.observations, actions=np.asarray(record.actions),
             rewards=np.asarray(record.rewards), terminations=_last_flag(steps, record.terminated),
-            truncations=_last_flag(steps, not record.terminated), infos={},
+            # a step that ends in a terminal state at the time limit raised both, as gymnasium's own envs do
+            truncations=_last_flag(steps, record.truncated or not record.terminated), infos={},
         ))
     root.mkdir(parents=True, exist_ok=True)
     scratch = root / f".mazerun-export-{uuid.uuid4().hex}"
@@ -385,6 +397,135 @@ def write_minari(records: Sequence[StateTrajectoryRecord], dataset_id: str, env:
     return destination
 
 
+D3RLPY_VERSION = "2.1"
+"""The d3rlpy dataset file version read and written: ``d3rlpy.dataset.io.DATASET_VERSION`` of d3rlpy 2.x."""
+D3RLPY_COLUMNS = ("observations", "actions", "rewards", "terminated")
+"""The parts of each episode in a d3rlpy 2.x file (its ``Episode.serialize``), in its order."""
+D3RLPY_FIX = ("write it with d3rlpy's dataset.dump(file), or export records with "
+              "python -m mazerun.datasets export <trajectory_data> d3rlpy:<file>.h5")
+
+
+def read_d3rlpy(path: Path, env_id: str | None = None) -> list[StateTrajectoryRecord]:
+    """The episodes of a d3rlpy dataset file (``MDPDataset.dump``), as the transitions d3rlpy itself takes from it.
+
+    A d3rlpy episode holds T observations, actions and rewards and a ``terminated`` flag; its
+    transition i runs from observation i to observation i + 1 (``BasicTransitionPicker``). After
+    a terminal step the next observation is zeros, which done masks; an episode that did not
+    terminate gives no transition from its last row, whose observation only ends the step before.
+    So a terminated episode becomes T steps ending in a zero observation, any other T - 1 steps.
+    The file is HDF5 and is read with h5py: d3rlpy need not be installed.
+    """
+    h5py = _h5py()
+    if not path.exists():
+        raise MazerunError(f"d3rlpy dataset {path} does not exist; check the path")
+    check_regular_file(path, "d3rlpy dataset", D3RLPY_FIX)
+    episodes = []
+    try:
+        with h5py.File(path, "r") as handle:
+            version = _h5_text(handle["version"][()]) if "version" in handle else None
+            columns = tuple(_h5_text(name) for name in handle["columns"][()]) if "columns" in handle else ()
+            if version != D3RLPY_VERSION or columns != D3RLPY_COLUMNS:
+                raise MazerunError(
+                    f"{path} is not a d3rlpy {D3RLPY_VERSION} dataset of episodes (version {version}, columns "
+                    f"{', '.join(columns) or 'none'}; expected {', '.join(D3RLPY_COLUMNS)}); {D3RLPY_FIX}")
+            if "observations_0_0" in handle:
+                raise MazerunError(f"{path} holds tuple observations, which mazerun does not read from d3rlpy files; "
+                                   "convert them to one vector per step")
+            for index in range(int(handle["num_episodes"][()])):
+                parts = {}
+                for name in D3RLPY_COLUMNS:
+                    dataset = handle[f"{name}_{index}"]
+                    check_fits_in_memory(dataset.shape, dataset.dtype, f"{path}: {name}_{index}")
+                    parts[name] = np.asarray(dataset[()])
+                episodes.append(parts)
+            stored_env = handle.attrs.get("env_id")
+            policy = handle.attrs.get("policy")
+    except MazerunError:
+        raise
+    except Exception as error:  # h5py raises OSError, KeyError, ValueError... on a damaged or foreign file
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise MazerunError(f"{path} is not a readable d3rlpy dataset ({reason}); {D3RLPY_FIX}") from None
+    env = _h5_text(stored_env) if stored_env is not None else env_id
+    if not env:
+        raise MazerunError(f"{path} does not say which env recorded it (d3rlpy files name none); add env=<id>, "
+                           "e.g. env=CartPole-v1 (python -m mazerun.datasets: --env <id>)")
+    records = []
+    for index, parts in enumerate(episodes):
+        observations, actions, rewards = parts["observations"], parts["actions"], parts["rewards"]
+        if not (len(observations) == len(actions) == len(rewards)) or len(actions) == 0:
+            raise MazerunError(f"{path}: episode {index} holds {len(observations)} observations, {len(actions)} actions "
+                               f"and {len(rewards)} rewards; a d3rlpy episode has one of each per step")
+        if actions.dtype.kind in "iu" and actions.ndim == 2 and actions.shape[1] == 1:
+            actions = actions[:, 0]  # d3rlpy keeps discrete actions as a column
+        terminated = bool(parts["terminated"])
+        if terminated:
+            steps, final = len(actions), np.zeros_like(observations[-1])
+        else:
+            steps, final = len(actions) - 1, observations[-1]
+        if steps == 0:
+            continue  # a one-row episode cut by a time limit: d3rlpy takes no transition from it either
+        records.append(StateTrajectoryRecord(
+            observations=np.concatenate([observations[:steps], final[None]]), actions=actions[:steps],
+            rewards=_float_rewards(rewards.reshape(len(rewards), -1)[:steps, 0]), terminated=terminated,
+            truncated=not terminated, env_id=str(env), seed=None,
+            policy=_h5_text(policy) if policy is not None else f"d3rlpy:{path.name}",
+        ))
+    if not records:
+        raise MazerunError(f"{path} holds no transitions; {D3RLPY_FIX}")
+    return records
+
+
+def write_d3rlpy(records: Sequence[StateTrajectoryRecord], path: Path) -> None:
+    """``records`` as a d3rlpy dataset file: ``ReplayBuffer.load(file, InfiniteBuffer())`` gives their transitions.
+
+    A terminated episode is its T steps. An episode cut by a time limit is T + 1 rows whose last
+    holds the observation after the last step (with a zero action and reward): d3rlpy takes no
+    transition from that row, only the next observation of the step before, so no step is lost.
+    The observation after a terminal step is not kept, as d3rlpy has no row for it (zeros there).
+    """
+    h5py = _h5py()
+    if any(isinstance(record.observations, dict) for record in records):
+        raise MazerunError("d3rlpy export writes vector observations and these records have dict observations; "
+                           "export them to Minari (minari:<id>) or keep the trajectory_data")
+    env_ids = {record.env_id for record in records}
+    if len(env_ids) > 1:
+        raise MazerunError(f"the records come from {len(env_ids)} environments ({', '.join(sorted(env_ids))}); "
+                           "export the records of one environment")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        with h5py.File(temporary, "w") as file:
+            file.create_dataset("columns", data=list(D3RLPY_COLUMNS))
+            file.create_dataset("num_episodes", data=len(records))
+            for index, record in enumerate(records):
+                observations = np.asarray(record.observations)
+                actions = np.asarray(record.actions)
+                actions = actions.reshape(len(actions), -1)
+                rewards = np.asarray(record.rewards, dtype=np.float64).reshape(-1, 1)
+                if record.terminated:
+                    observations = observations[:-1]
+                else:
+                    actions = np.concatenate([actions, np.zeros_like(actions[:1])])
+                    rewards = np.concatenate([rewards, np.zeros_like(rewards[:1])])
+                file.create_dataset(f"observations_{index}", data=observations)
+                file.create_dataset(f"actions_{index}", data=actions)
+                file.create_dataset(f"rewards_{index}", data=rewards)
+                file.create_dataset(f"terminated_{index}", data=bool(record.terminated))
+            file.create_dataset("version", data=D3RLPY_VERSION)
+            file.attrs["env_id"] = records[0].env_id
+            file.attrs["policy"] = records[0].policy
+        atomic_write_bytes(path, Path(temporary).read_bytes())
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def _h5_text(value: Any) -> str:
+    """An HDF5 string as str (h5py returns bytes for variable-length strings)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def iter_source_records(source: str, env_id: str | None = None) -> Iterator[tuple[StateTrajectoryRecord, str]]:
     """The episodes of one source, one at a time where the format allows (pickles, stores)."""
 
@@ -393,7 +534,10 @@ def iter_source_records(source: str, env_id: str | None = None) -> Iterator[tupl
         for record in store.iter_records():
             yield record, source
     elif is_minari(source):
-        for record in read_minari(source[len("minari:"):], env_id):
+        for record in read_minari(source[len(MINARI_PREFIX):], env_id):
+            yield record, source
+    elif is_d3rlpy(source):
+        for record in read_d3rlpy(Path(source[len(D3RLPY_PREFIX):]), env_id):
             yield record, source
     elif is_hdf5(source):
         for record in read_hdf5(Path(source), env_id):

@@ -475,12 +475,16 @@ def finished_recording(trajectory_dir: Path) -> dict | None:
     return stats if isinstance(stats, dict) and stats.get("finished") else None
 
 
+WATCHED_POLICIES = ("torch_policy", "onnx")
+"""Policy names of runs that watch a trained network act: not expert recordings."""
+
+
 def find_newest_recording(root: Path = Path("outputs")) -> Path:
     """The ``trajectory_data`` of the newest finished recording of an expert under ``root`` (and ``multirun/``).
 
     A recording counts once its run wrote ``rollout_stats.json`` with ``finished: true``: a
-    rollout still being written, one stopped by Ctrl-C and a ``policy=torch_policy`` watch run
-    are never picked. Pass ``runner.dataset.dir_or_file`` to train on any of those.
+    rollout still being written, one stopped by Ctrl-C and a ``policy=torch_policy`` or ``policy=onnx``
+    watch run are never picked. Pass ``runner.dataset.dir_or_file`` to train on any of those.
     """
     candidates = []
     for base in (root, root.parent / "multirun"):
@@ -490,7 +494,7 @@ def find_newest_recording(root: Path = Path("outputs")) -> Path:
                  *(path for path in base.glob(f"**/{STORE_DIR}") if not (path.parent / TRAJECTORY_DIR).is_dir())]
         for path in found:  # a recording's store counts when it wrote no pickles (runner.record_trajectory=false)
             stats = finished_recording(path)
-            if stats is not None and not str(stats.get("policy", "")).startswith("torch_policy"):
+            if stats is not None and not str(stats.get("policy", "")).startswith(WATCHED_POLICIES):
                 candidates.append(path)
     if not candidates:
         raise MazerunError(

@@ -438,6 +438,18 @@ def observation_stats(observations: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return mean.float(), std.float()
 
 
+def transitions_at(data: TransitionDataset, index: torch.Tensor) -> TransitionBatch:
+    """The transitions of ``data`` at ``index``: one gather per tensor."""
+    return TransitionBatch(
+        _gather_obs(data.observations, index),
+        data.actions.index_select(0, index),
+        data.rewards.index_select(0, index),
+        _gather_obs(data.next_observations, index),
+        data.dones.index_select(0, index),
+        None if data.expert_actions is None else data.expert_actions.index_select(0, index),
+    )
+
+
 class BatchSampler:
     """Random minibatches drawn by index from a :class:`TransitionDataset`, reproducible by seed.
 
@@ -463,15 +475,11 @@ class BatchSampler:
 
     def batch(self, index: torch.Tensor) -> TransitionBatch:
         """The transitions at ``index``."""
-        data = self.dataset
-        return TransitionBatch(
-            _gather_obs(data.observations, index),
-            data.actions.index_select(0, index),
-            data.rewards.index_select(0, index),
-            _gather_obs(data.next_observations, index),
-            data.dones.index_select(0, index),
-            None if data.expert_actions is None else data.expert_actions.index_select(0, index),
-        )
+        return transitions_at(self.dataset, index)
+
+    def first(self) -> TransitionBatch:
+        """The first ``batch_size`` transitions, drawn without the generator (a check must not move the draws)."""
+        return self.batch(torch.arange(self.batch_size, device=self.dataset.device))
 
     def sample(self) -> TransitionBatch:
         """``batch_size`` transitions drawn uniformly with replacement (at most as many as the dataset holds)."""

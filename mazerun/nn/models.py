@@ -342,7 +342,8 @@ class ObservationEncoder(nn.Module):
         outputs, _ = self.mission_gru(self.mission_embedding(tokens))
         # The GRU state after the last real word; padding only ever follows the words.
         last = (tokens != Vocabulary.PAD).sum(dim=1).clamp(min=1) - 1
-        mission = outputs[torch.arange(len(tokens), device=tokens.device), last]
+        # A gather rather than indexing by ``arange(len(tokens))``: an exported graph keeps the batch size free.
+        mission = outputs.gather(1, last[:, None, None].expand(-1, 1, outputs.shape[2])).squeeze(1)
         # (B, H, W, C) indices -> one embedding per channel, summed -> (B, E, H, W)
         cells = self.image_embedding(obs["image"].long() + self.image_offsets).sum(dim=3).permute(0, 3, 1, 2)
         if self.film:

@@ -1,15 +1,18 @@
 """One place every trainer reports numbers to: TensorBoard, ``metrics.csv``, the console and learning curves.
 
-The CSV is in long format (``step,group,metric,value``, one row per metric) because the
-metric sets differ between groups ("train", "eval") and between calls; a wide table would
-need its header rewritten whenever a new metric appears. Rows are flushed after every
-:meth:`MetricsLogger.log` call, so an interrupted run still leaves a valid file.
+The CSV is in long format (``step,group,metric,value,wall_seconds``, one row per metric) because
+the metric sets differ between groups ("train", "eval") and between calls; a wide table would
+need its header rewritten whenever a new metric appears. ``wall_seconds`` is the training time
+when the row was logged (a continued run counts on from its history), so curves can be drawn
+against time as well as steps; rows of files written before it have it empty. Rows are flushed
+after every :meth:`MetricsLogger.log` call, so an interrupted run still leaves a valid file.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Callable
@@ -25,7 +28,7 @@ VALUE_WIDTH = 9
 GROUP_WIDTH = 10
 """Column widths of Maze's console table; columns grow when a cell is wider."""
 
-CSV_COLUMNS = ("step", "group", "metric", "value")
+CSV_COLUMNS = ("step", "group", "metric", "value", "wall_seconds")
 METRICS_CSV = "metrics.csv"
 LEARNING_CURVE = "learning_curve.png"
 
@@ -60,8 +63,9 @@ class MetricsLogger:
     TensorBoard event files go directly into ``run_dir`` so that
     ``tensorboard --logdir outputs/`` shows every run; the writer flushes them in the
     background and on :meth:`close`. An existing ``metrics.csv`` is appended to, so a
-    resumed run keeps its history. ``step_offset`` is added to every step: the stages of a
-    pipeline report against one counter, so their curves line up end to end.
+    resumed run keeps its history, and its clock starts at the history's last ``wall_seconds``.
+    ``step_offset`` is added to every step: the stages of a pipeline report against one counter,
+    so their curves line up end to end.
     """
 
     def __init__(
@@ -85,6 +89,7 @@ class MetricsLogger:
 
             self._writer = SummaryWriter(str(self.run_dir))
         is_new = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
+        self._clock_start = time.monotonic() - (0.0 if is_new else _last_wall_seconds(self.csv_path))
         self._csv_file = self.csv_path.open("a", newline="", encoding="utf-8")
         self._csv = csv.writer(self._csv_file)
         if is_new:
@@ -95,8 +100,9 @@ class MetricsLogger:
         """Record ``metrics`` at ``step`` (plus the offset) under ``group`` (TensorBoard tag ``"{group}/{name}"``)."""
         step += self.step_offset
         values = {name: float(value) for name, value in metrics.items()}
+        wall_seconds = round(time.monotonic() - self._clock_start, 3)
         for name, value in values.items():
-            self._csv.writerow((step, group, name, value))
+            self._csv.writerow((step, group, name, value, wall_seconds))
             if self._writer is not None:
                 self._writer.add_scalar(f"{group}/{name}", value, step)
         self._csv_file.flush()
@@ -123,18 +129,26 @@ class MetricsLogger:
         self.close()
 
 
-def read_metrics_csv(path: Path) -> list[dict]:
-    """Rows of a ``metrics.csv`` as dicts with ``step`` (int), ``group``, ``metric`` and ``value`` (float)."""
+def _last_wall_seconds(path: Path) -> float:
+    """The training time a metrics.csv's history reached (0 for a file written before the column)."""
+    times = [row["wall_seconds"] for row in read_metrics_csv(path, wall_seconds=True)]
+    return max((value for value in times if value is not None), default=0.0)
+
+
+def read_metrics_csv(path: Path, wall_seconds: bool = False) -> list[dict]:
+    """Rows of a ``metrics.csv`` as dicts with ``step`` (int), ``group``, ``metric`` and ``value`` (float).
+
+    With ``wall_seconds``, rows carry it too (None where a file written before the column lacks it).
+    """
     with Path(path).open(newline="", encoding="utf-8") as handle:
-        return [
-            {
-                "step": int(row["step"]),
-                "group": row["group"],
-                "metric": row["metric"],
-                "value": float(row["value"]),
-            }
-            for row in csv.DictReader(handle)
-        ]
+        rows = []
+        for row in csv.DictReader(handle):
+            parsed = {"step": int(row["step"]), "group": row["group"], "metric": row["metric"],
+                      "value": float(row["value"])}
+            if wall_seconds:
+                parsed["wall_seconds"] = float(row["wall_seconds"]) if row.get("wall_seconds") else None
+            rows.append(parsed)
+        return rows
 
 
 def copy_metrics_history(source_dir: Path, run_dir: Path, up_to_step: int) -> None:
@@ -146,11 +160,12 @@ def copy_metrics_history(source_dir: Path, run_dir: Path, up_to_step: int) -> No
     source = Path(source_dir) / METRICS_CSV
     if not source.is_file():
         return
-    kept = [row for row in read_metrics_csv(source) if row["step"] <= up_to_step]
+    kept = [row for row in read_metrics_csv(source, wall_seconds=True) if row["step"] <= up_to_step]
     text = io.StringIO()
     writer = csv.writer(text)
     writer.writerow(CSV_COLUMNS)
-    writer.writerows((row["step"], row["group"], row["metric"], row["value"]) for row in kept)
+    writer.writerows((row["step"], row["group"], row["metric"], row["value"],
+                      "" if row["wall_seconds"] is None else row["wall_seconds"]) for row in kept)
     atomic_write_bytes(Path(run_dir) / METRICS_CSV, text.getvalue().encode())
 
 

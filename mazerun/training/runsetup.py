@@ -28,10 +28,12 @@ import torch
 from mazerun.acting.envs import make_env, resolve_env_id
 from mazerun.acting.evaluation import Stepper, evaluate
 from mazerun.algorithms import algorithm_module
+from mazerun.algorithms.protocol import AlgorithmSpec
 from mazerun.config.schemas import DEFAULT_ENV_ID, ExpertConfig, RunConfig, RunnerConfig, structured
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
 from mazerun.core.files import atomic_write_bytes
+from mazerun.core.rundir import RESULT_FILE
 from mazerun.data.formats import load_dataset_records
 from mazerun.data.records import StateTrajectoryRecord, find_newest_recording
 from mazerun.data.store import ColumnarStore, is_store
@@ -51,8 +53,6 @@ from mazerun.training.metrics import copy_metrics_history
 
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
-"""Written when a training run (or a pipeline stage) reaches its budget."""
 MISSION_SAMPLES = 500
 """Seeded resets whose missions make the vocabulary of a MiniGrid/BabyAI run without records."""
 
@@ -217,6 +217,11 @@ class RunSetup:
     @property
     def continuing(self) -> bool:
         return self.start is not None and self.start.continuing
+
+    @property
+    def spec(self) -> AlgorithmSpec:
+        """What the algorithm is built for."""
+        return AlgorithmSpec(self.observation_space, self.action_space, self.model_config, self.vocabulary, self.device)
 
     def evaluate(self, network: Stepper) -> dict[str, float]:
         """``runner.eval_repeats`` greedy episodes of ``network`` on the fixed evaluation seeds."""

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from mazerun.acting.envs import is_minigrid, make_env
 from mazerun.acting.policies import Policy, build_policy
-from mazerun.algorithms.dagger import DAgger, DAggerConfig
+from mazerun.algorithms import build_algorithm
 from mazerun.config.schemas import ExpertConfig, PolicyConfig
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 def make_expert(expert: ExpertConfig, env_id: str, env: gym.Env) -> Policy:
     """The teacher for one env copy (the env's heuristic by default)."""
     policy = PolicyConfig(name=expert.name, deterministic=expert.deterministic)
-    return build_policy(policy, env_id, env.action_space, input_dir=expert.input_dir)
+    return build_policy(policy, env_id, env.observation_space, env.action_space, input_dir=expert.input_dir)
 
 
 class LabelledStates:
@@ -87,12 +87,14 @@ class LabelledStates:
         self.size += len(labels)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> TransitionBatch:
-        index = torch.randint(self.size, (batch_size,), generator=generator, device=self.labels.device)
-        observations = _rows(self.observations, index)
-        labels = self.labels.index_select(0, index)
-        return TransitionBatch(observations, labels, None, None, None, expert_actions=labels)
+        return self.rows(torch.randint(self.size, (batch_size,), generator=generator, device=self.labels.device))
 
-    def sequences(self, config: DAggerConfig, generator: torch.Generator) -> SequenceSampler:
+    def rows(self, index: torch.Tensor) -> TransitionBatch:
+        """The labelled states at ``index``."""
+        labels = self.labels.index_select(0, index)
+        return TransitionBatch(_rows(self.observations, index), labels, None, None, None, expert_actions=labels)
+
+    def sequences(self, config: Any, generator: torch.Generator) -> SequenceSampler:
         """A sampler of chunks of each env copy's consecutive steps (networks with memory)."""
         size = self.size
         observations = _rows(self.observations, slice(0, size))
@@ -144,7 +146,7 @@ def _labelled(labels: np.ndarray) -> np.ndarray:
 
 def train_interactive(setup: RunSetup) -> TrainResult:
     """DAgger as the setup says: collect labels with teacher forcing, train on the aggregate, evaluate."""
-    config: DAggerConfig = setup.algorithm
+    config = setup.algorithm
     runner, device = setup.runner, setup.device
     expert_config = setup.expert or ExpertConfig()
     probe = make_env(setup.env_id, max_episode_steps=runner.max_episode_steps)
@@ -154,7 +156,7 @@ def train_interactive(setup: RunSetup) -> TrainResult:
         probe.close()
     generator = torch.Generator(device=device)
     generator.manual_seed(setup.seed)
-    algorithm = DAgger(config, setup.model_config, setup.observation_space, setup.action_space, setup.vocabulary, device)
+    algorithm = build_algorithm(config, setup.spec)
     network = algorithm.network
     aggregate = LabelledStates(config.total_steps + runner.n_envs * config.n_steps, setup.observation_space,
                                setup.action_space, runner.n_envs, device)
@@ -167,7 +169,7 @@ def train_interactive(setup: RunSetup) -> TrainResult:
         if start.continuing:
             state = start.checkpoint.extra[TRAINING_STATE]
             step, records_written = start.step, int(state["records_written"])
-            algorithm.load_training_state(state["algorithm"])
+            algorithm.load_training_state(state["algorithm"], step)
             generator.set_state(state["generator"])
             aggregate.load_state(state["aggregate"])
         else:
@@ -213,12 +215,20 @@ def train_interactive(setup: RunSetup) -> TrainResult:
 
         def pay_updates(batches: Callable[[], Any], updates_bar: Progress) -> None:
             """The owed gradient steps, each after a stop check: a phase can take minutes (recurrent networks)."""
+            nonlocal fast_path_checked
+            if not fast_path_checked:  # the first labels this process trains on: no draw, the batches stay seeded
+                fast_path_checked = True
+                first = torch.arange(min(config.batch_size, len(aggregate)), device=aggregate.labels.device)
+                problem = algorithm.check_fast_path(aggregate.rows(first))
+                if problem is not None:
+                    log.warning(problem)
             due = due_updates(config, step)
             while algorithm.updates < due:
                 interrupts.check()
                 window.add_update(algorithm.update(batches()))
                 updates_bar.update()
 
+        fast_path_checked = setup.model_config.recurrent  # chunks for a network with memory have no fast path
         log.info("DAgger on %s with the %s expert: %d env copies, %d steps each per iteration; %d labels, "
                  "%d updates", setup.env_id, expert_name, runner.n_envs, config.n_steps, config.total_steps,
                  config.n_updates)
@@ -260,16 +270,16 @@ def train_interactive(setup: RunSetup) -> TrainResult:
     return result
 
 
-def due_updates(config: DAggerConfig, step: int) -> int:
+def due_updates(config: Any, step: int) -> int:
     """Gradient steps owed once ``step`` labels are in: ``n_updates`` spread in proportion to the labels."""
     return round(config.n_updates * min(step, config.total_steps) / config.total_steps)
 
 
-def _next_report(config: DAggerConfig, step: int) -> int:
+def _next_report(config: Any, step: int) -> int:
     return (step // config.eval_every + 1) * config.eval_every
 
 
-def _batches(aggregate: LabelledStates, config: DAggerConfig, generator: torch.Generator,
+def _batches(aggregate: LabelledStates, config: Any, generator: torch.Generator,
              recurrent: bool) -> Callable[[], Any] | None:
     """Draws from the aggregate: transitions, or chunks of consecutive steps for a network with memory.
 

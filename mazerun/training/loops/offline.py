@@ -21,7 +21,7 @@ from typing import Any
 import gymnasium as gym
 import torch
 
-from mazerun.algorithms import algorithm_module
+from mazerun.algorithms import build_algorithm
 from mazerun.algorithms.base import OfflineAlgorithm
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
@@ -50,18 +50,19 @@ def train_offline(setup: RunSetup) -> TrainResult:
     world = setup.world
     train_data, validation_data = _datasets(setup)
 
-    algorithm: OfflineAlgorithm = algorithm_module(config.name).Algorithm(
-        config, setup.model_config, setup.observation_space, setup.action_space, setup.vocabulary, device
-    )
+    algorithm: OfflineAlgorithm = build_algorithm(config, setup.spec)
     sampler = make_sampler(train_data, setup)
+    if isinstance(sampler, BatchSampler):  # chunks for a network with memory have no fast path
+        problem = algorithm.check_fast_path(sampler.first())
+        if problem is not None:
+            log.warning(problem)
     validation_sampler = make_sampler(validation_data, setup) if validation_data else None
     sync = None
     if world.distributed:  # torchrun: each rank gathers its share of the global batch, gradients are averaged
         key = f"{setup.prefix}.{'nrollouts' if setup.model_config.recurrent else 'batch_size'}"
         distributed.check_supported(config.loop, f"algorithm={config.name}", key, _global_batch(config, setup), world)
         sampler = distributed.ShardedSampler(sampler, world)
-        sync = algorithm.gradient_sync = distributed.GradientSync(
-            [parameter for group in algorithm.optimizer.param_groups for parameter in group["params"]], world)
+        sync = algorithm.gradient_sync = distributed.GradientSync(algorithm.trained_parameters(), world)
         log.info("data-parallel: world size %d (%s); each process samples %d of every global batch",
                  world.size, distributed.backend(), _global_batch(config, setup) // world.size)
     window: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
@@ -74,12 +75,12 @@ def train_offline(setup: RunSetup) -> TrainResult:
                                       else observation_stats(train_data.observations)))
     if setup.continuing:
         state = start.checkpoint.extra[TRAINING_STATE]
-        algorithm.load_training_state(state["algorithm"])
+        algorithm.load_training_state(state["algorithm"], start.step)
         sampler.generator.set_state(state["sampler"])
         window.update({name: value.to(device) for name, value in state["window"].items()})
         window_size = int(state["window_size"])
     if world.distributed:
-        distributed.broadcast_modules([value for value in vars(algorithm).values() if isinstance(value, torch.nn.Module)])
+        distributed.broadcast_modules(list(algorithm.networks().values()))
     keeper = CheckpointKeeper(setup, algorithm.network, algorithm.network_type,
                               algorithm.selection_metric(validation_data is not None))
     update = setup.start.step if setup.start is not None else 0

@@ -38,7 +38,8 @@ import torch
 from tqdm import tqdm
 
 from mazerun.acting.evaluation import stack_observations
-from mazerun.algorithms.ppo import PPO, PPOConfig, RolloutBatch, compute_gae
+from mazerun.algorithms import build_algorithm
+from mazerun.algorithms.rollouts import RolloutBatch, compute_gae
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
 from mazerun.core.progress import Progress
@@ -53,7 +54,7 @@ from mazerun.data.tensors import (
     store_observations,
 )
 from mazerun.fast.fused import FusedActorCritic
-from mazerun.nn.models import ActorCritic, ModelInput, Vocabulary, build_actor_critic, sample
+from mazerun.nn.models import ActorCritic, ModelInput, Vocabulary, sample
 from mazerun.training.loops.vector import VectorEpisodes, open_vector_env
 from mazerun.training.metrics import MetricsLogger, write_learning_curve
 from mazerun.training.runsetup import TRAINING_STATE, CheckpointKeeper, RunSetup, TrainResult
@@ -68,8 +69,8 @@ FINITE_METRICS = ("policy_loss", "value_loss", "entropy", "imitation_loss", "app
 
 
 def train_on_policy(setup: RunSetup) -> TrainResult:
-    """Train PPO as the setup says; writes best.pt, last.pt, metrics and the learning curve to its run dir."""
-    config: PPOConfig = setup.algorithm
+    """Train the setup's on-policy algorithm (PPO); writes best.pt, last.pt, metrics and the learning curve."""
+    config = setup.algorithm
     runner = setup.runner
     rollout_size = config.n_steps * runner.n_envs
     total_steps = checked_total_steps(config, runner.n_envs, setup.prefix, setup.model_config.recurrent)
@@ -78,9 +79,8 @@ def train_on_policy(setup: RunSetup) -> TrainResult:
     device = setup.device
     generator = torch.Generator(device=device)
     generator.manual_seed(setup.seed)
-    network = build_actor_critic(setup.model_config, setup.observation_space, setup.action_space,
-                                 setup.vocabulary).to(device)
-    algorithm = PPO(config, network, generator)
+    algorithm = build_algorithm(config, setup.spec, generator)
+    network = algorithm.network
 
     start = setup.start
     step, iteration, state = 0, 0, None
@@ -90,7 +90,7 @@ def train_on_policy(setup: RunSetup) -> TrainResult:
         network.load_state_dict(start.checkpoint.model_state)
         state = start.checkpoint.extra[TRAINING_STATE]
         step, iteration = start.step, int(state["iteration"])
-        algorithm.load_training_state(state["algorithm"], step)
+        algorithm.load_training_state({"updates": iteration, **state["algorithm"]}, step)
         generator.set_state(state["generator"])
     else:
         load_policy_weights(network, start.checkpoint.model_state)
@@ -104,7 +104,7 @@ def train_on_policy(setup: RunSetup) -> TrainResult:
         demo_sampler = demonstration_sampler(records_to_dataset(setup.records, setup.vocabulary).to(device), setup)
         if state is not None:
             demo_sampler.generator.set_state(state["demonstrations"])
-        demonstrations = demo_sampler.sample
+        algorithm.demonstrations = demonstrations = demo_sampler.sample
         log.info("imitation: %d recorded transitions beside every minibatch, coefficient %g",
                  len(demo_sampler.dataset), config.imitation_coef)
 
@@ -114,7 +114,7 @@ def train_on_policy(setup: RunSetup) -> TrainResult:
     envs = open_vector_env(setup)
     try:
         collector = RolloutCollector(envs, network, setup.observation_space, setup.vocabulary, device, config.gamma,
-                                     generator, state=None if state is None else state["envs"], fused=algorithm.fused)
+                                     generator, state=None if state is None else state["envs"], fused=algorithm.fast_actor)
 
         def training_state() -> dict[str, Any]:
             return {
@@ -137,16 +137,19 @@ def train_on_policy(setup: RunSetup) -> TrainResult:
                 bar.set_postfix(eval_return=f"{evaluate(logger):.1f}")
                 keeper.save_last(step, training_state())
             next_evaluation = (step // config.eval_every + 1) * config.eval_every
+            fast_path_checked = False
             while step < total_steps:
                 started = time.perf_counter()
                 scheduled = algorithm.set_progress(step)
                 collector.collect(buffer)
                 collected = time.perf_counter()
-                metrics = algorithm.update(
-                    buffer.batch(collector.last_values(), config.gamma, config.gae_lambda),
-                    train_policy=iteration >= config.critic_burn_in_epochs,
-                    demonstrations=demonstrations,
-                )
+                batch = buffer.batch(collector.last_values(), config.gamma, config.gae_lambda)
+                if not fast_path_checked:  # this process's first rollout
+                    fast_path_checked = True
+                    problem = algorithm.check_fast_path(batch)
+                    if problem is not None:
+                        log.warning(problem)
+                metrics = algorithm.update(batch)
                 updated = time.perf_counter()
                 step += rollout_size
                 iteration += 1
@@ -180,7 +183,7 @@ def demonstration_sampler(data: TransitionDataset, setup: RunSetup) -> BatchSamp
     return SequenceSampler(data, rollout_len, max(1, size // rollout_len), burn_in=0, seed=setup.seed)
 
 
-def checked_total_steps(config: PPOConfig, n_envs: int, prefix: str = "algorithm", recurrent: bool = False) -> int:
+def checked_total_steps(config: Any, n_envs: int, prefix: str = "algorithm", recurrent: bool = False) -> int:
     """``total_steps`` rounded up to whole rollouts; the minibatch size must split a rollout evenly.
 
     With memory a minibatch is whole env sequences, so ``batch_size`` must be ``n_steps`` times a
