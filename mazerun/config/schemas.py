@@ -36,7 +36,7 @@ class EnvConfig:
 @dataclass
 class PolicyConfig:
     name: str = "heuristic"
-    """heuristic | random | torch_policy | onnx (``bot`` and ``lunar_lander_heuristics`` are heuristic), or a
+    """heuristic | planner | bot | random | torch_policy | onnx (``lunar_lander_heuristics`` is heuristic), or a
     plugin's."""
     epsilon: float = 0.0
     """Share of actions replaced by random ones, for noisy datasets."""
@@ -51,7 +51,7 @@ class ExpertConfig:
     """The teacher of ``algorithm=dagger`` and of a pipeline's ``record`` stage."""
 
     name: str = "heuristic"
-    """heuristic (the env's scripted expert: LunarLander, CartPole, the BabyAI bot), random, torch_policy, or a
+    """heuristic (the env's scripted expert), planner or bot (MiniGrid/BabyAI), random, torch_policy, or a
     plugin's policy."""
     input_dir: Optional[str] = None
     """torch_policy: the trained run (or checkpoint file) that teaches."""
@@ -134,8 +134,8 @@ class RunConfig:
 
 
 RUNNER_TYPES = ("sequential", "parallel")
-HEURISTIC_ALIASES = ("heuristic", "lunar_lander_heuristics", "bot")
-POLICY_NAMES = (*HEURISTIC_ALIASES, "random", "torch_policy", "onnx")
+HEURISTIC_ALIASES = ("heuristic", "lunar_lander_heuristics")
+POLICY_NAMES = (*HEURISTIC_ALIASES, "planner", "bot", "random", "torch_policy", "onnx")
 """The built-in policies; installed packages add more (:func:`policy_names`)."""
 NOT_EXPERTS = ("onnx",)
 """Policies that cannot teach: the expert section has no ``path`` for an exported file."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 import gymnasium as gym
 
 from mazerun.acting.policies.base import EpsilonGreedyPolicy, Policy, RandomPolicy
-from mazerun.acting.policies.heuristic import heuristic_for
+from mazerun.acting.policies.heuristic import bot_for, heuristic_for
+from mazerun.acting.policies.planner import planner_for
 from mazerun.config.plugins import POLICY_PLUGINS, describe, load_plugin, plugins_beside
 from mazerun.config.schemas import HEURISTIC_ALIASES, POLICY_NAMES, PolicyConfig
 from mazerun.core.errors import MazerunError
@@ -26,6 +27,10 @@ def build_policy(
     """The policy named by ``config`` for ``env_id``, with epsilon-greedy noise when asked."""
     if config.name in HEURISTIC_ALIASES:
         policy = heuristic_for(env_id)
+    elif config.name == "planner":
+        policy = planner_for(env_id)
+    elif config.name == "bot":
+        policy = bot_for(env_id)
     elif config.name == "random":
         policy = RandomPolicy(action_space)
     elif config.name == "onnx":
