@@ -124,16 +124,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress lines of a long conversion
     try:
         if arguments.command == "info":
-            print(describe(arguments.store))
+            outcome = describe(arguments.store)
         elif arguments.command == "export":
-            print(export(arguments.source, arguments.destination, arguments.env))
+            outcome = export(arguments.source, arguments.destination, arguments.env)
         else:
-            print(write_store(arguments.source, arguments.destination, append=arguments.command == "append",
-                              env_id=arguments.env))
+            outcome = write_store(arguments.source, arguments.destination, append=arguments.command == "append",
+                                  env_id=arguments.env)
     except MazerunError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
         print("error: stopped; nothing was written", file=sys.stderr)
         return interrupts.exit_code(interrupt)
+    interrupts.done()  # written: a stop while the line below prints is too late to undo anything
+    print(outcome)
     return 0

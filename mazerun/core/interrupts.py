@@ -25,6 +25,7 @@ HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 _requested: Interrupted | None = None
 _deferring = 0
+_done = False
 
 
 class Interrupted(KeyboardInterrupt):
@@ -48,6 +49,8 @@ def exit_code(interrupt: KeyboardInterrupt) -> int:
 def _handle(signal_number: int, frame: Any) -> None:
     """Record the stop; raise it now unless a deferred region waits for it (a second signal always raises)."""
     global _requested
+    if _done:
+        return
     interrupted = Interrupted(signal_number)
     if _requested is None:
         _requested = interrupted
@@ -60,6 +63,15 @@ def _unraisable(report: Any) -> None:
     """A stop raised where Python can only print it (a ``__del__``, a weakref or GC callback) stays pending, silently."""
     if not isinstance(report.exc_value, Interrupted):
         sys.__unraisablehook__(report)
+
+
+def done() -> None:
+    """The command's work is done and on disk: a stop asked for from now on changes nothing, and is let pass.
+
+    Without it a stop that lands while the command prints its last line reports a failure that did not happen.
+    """
+    global _done
+    _done = True
 
 
 def install() -> None:
