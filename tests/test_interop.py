@@ -237,3 +237,39 @@ def test_a_d3rlpy_file_without_an_env_other_files_and_dict_observations_are_one_
         write_d3rlpy([StateTrajectoryRecord(observations={"image": np.zeros((2, 3))}, actions=np.zeros(1, int),
                                             rewards=np.zeros(1), terminated=True, truncated=False,
                                             env_id="BabyAI-GoToLocal-v0", seed=0, policy="bot")], tmp_path / "x.h5")
+
+
+class Throttles(gym.ActionWrapper):
+    """LunarLander driven through two throttles, as a user's own wrapper might: the dataset keeps the env's id."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    def action(self, action: np.ndarray) -> int:
+        return int(action[0] > 0) * 2  # the main engine, or nothing
+
+
+def test_a_minari_dataset_whose_actions_the_env_cannot_take_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import minari
+
+    root = tmp_path / "minari"
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    env = minari.DataCollector(Throttles(gym.make("LunarLander-v3", max_episode_steps=10)))
+    env.action_space.seed(0)
+    for episode in range(2):
+        env.reset(seed=episode)
+        while not any(env.step(env.action_space.sample())[2:4]):
+            pass
+    env.create_dataset(dataset_id="collected/throttles-v0", algorithm_name="random", author="mazerun's tests",
+                       author_email="tests@mazerun.invalid", code_permalink="https://mazerun.invalid/tests",
+                       description="2 random LunarLander episodes through two throttles")
+    env.close()
+
+    result = run_cli(*TINY_BC, "runner.dataset.dir_or_file=minari:collected/throttles-v0", cwd=tmp_path,
+                     env={"MINARI_DATASETS_PATH": str(root)})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: ") and "action" in result.stderr, result.stderr
+    assert not list(tmp_path.glob("outputs/*/*/*.pt"))  # nothing trained, nothing kept

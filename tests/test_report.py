@@ -164,6 +164,35 @@ def test_the_line_an_unfinished_run_was_writing_is_left_out(runs: Path, tmp_path
     assert table_row((tmp_path / "report" / "report.md").read_text(), "unfinished")[3:5] == ["stopped", "40"]
 
 
+def test_runs_of_different_envs_are_grouped_and_drawn_apart(runs: Path, tmp_path: Path) -> None:
+    """The same BC settings on CartPole beside the LunarLander sweep: two groups, each named by its env, each scored
+    on its own runs, and every figure with one panel per env."""
+    rollout("CartPole-v1", PolicyConfig(), RunnerConfig(type="sequential", n_episodes=4, max_episode_steps=60),
+            tmp_path / "expert", print_fn=lambda _: None)
+    sweep = run_cli("-m", *TINY_BC, f"runner.dataset.dir_or_file={tmp_path / 'expert' / 'trajectory_data'}",
+                    "runner.seed=0,1", "hydra.sweep.dir=cartpole", cwd=tmp_path)
+    assert sweep.returncode == 0, sweep.stderr
+    (tmp_path / "lunar").symlink_to(runs / "sweep")
+    result = report("lunar", "cartpole", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("6 runs (6 finished) in 2 configs"), result.stdout
+
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    for env, sweep_dir, seeds in (("LunarLander-v3", runs / "sweep", 4), ("CartPole-v1", tmp_path / "cartpole", 2)):
+        rows = [line for line in markdown.splitlines() if line.startswith("| bc ") and line.split("|")[1].strip()
+                .endswith(f" on {env}")]
+        assert len(rows) == 1, markdown
+        cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
+        finals = sorted(scores(sweep_dir)[0])
+        assert cells[1] == f"{seeds} of {seeds}"
+        mean = sum(finals) / len(finals)
+        assert cells[3].startswith(f"{mean:.4g} ["), (env, cells[3])  # its own runs' mean, no other env's
+    for name in FIGURES:  # one panel per env, side by side or one above the other
+        width, height = (int.from_bytes((tmp_path / "report" / name).read_bytes()[offset:offset + 4], "big")
+                         for offset in (16, 20))
+        assert (width >= 1500) if name != "scores.png" else (height >= 2 * 150), (name, width, height)
+
+
 # --- the statistics, by hand ---------------------------------------------------------------------------
 
 def test_the_interquartile_mean_cuts_a_quarter_at_each_end_and_is_the_mean_below_four_scores() -> None:

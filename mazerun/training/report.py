@@ -6,7 +6,8 @@ group, the final score (the metric at a run's last report) and the best score (i
 are aggregated as an interquartile mean and a mean, each with a 95% stratified-bootstrap interval
 (:mod:`mazerun.training.statistics`). Only finished runs (``result.json``) are aggregated; a
 run still going (its directory's lock held), one that failed (``failed.txt``) and one that
-stopped early are listed with their status.
+stopped early are listed with their status. Runs of different envs are never one group, and the
+figures give each env its own panels: scores on different scales share no axis.
 
 A run is read from ``metrics.csv``, ``result.json`` and ``.hydra/config.yaml`` alone. The report
 is a Markdown file, PNGs and one HTML page that holds the PNGs inline, each written whole.
@@ -221,30 +222,46 @@ def logged_metrics(paths: Iterable[Path]) -> list[str]:
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
-    """Runs with equal configs (seeds aside) as one group each, in the order their first run came."""
+    """Runs of one env with equal configs (seeds aside) as one group each, in the order their first run came."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        groups.setdefault(json.dumps(sorted(run.config.items()), default=str), []).append(run)
+        groups.setdefault(json.dumps([run.env_id, sorted(run.config.items())], default=str), []).append(run)
     members = list(groups.values())
     configs = [runs[0].config for runs in members]
-    return [Group(_label(runs, configs), runs) for runs in members]
+    several_envs = len({runs[0].env_id for runs in members} - {None}) > 1  # a run that failed early names none
+    return [Group(_label(runs, configs, several_envs), runs) for runs in members]
 
 
 def _trainer(config: dict[str, Any]) -> str:
     return str(config.get("algorithm.name") or config.get("pipeline.name") or "recording")
 
 
-def _label(runs: list[Run], configs: list[dict[str, Any]]) -> str:
-    """The group's algorithm, then the keys it sets that differ from the other groups of that algorithm;
-    a report of one config names its algorithm and env."""
+def _label(runs: list[Run], configs: list[dict[str, Any]], several_envs: bool) -> str:
+    """The group's algorithm, then the keys it sets that differ from the other groups of that algorithm, then its
+    env where the groups span several; a report of one config names its algorithm and env."""
     config = runs[0].config
     trainer = _trainer(config)
+    env = runs[0].env_id
     if len(configs) == 1:
-        env = next((run.env_id for run in runs if run.env_id), None)
         return f"{trainer} on {env}" if env else trainer
     peers = [other for other in configs if _trainer(other) == trainer]
-    differing = sorted(key for key in config if any(other.get(key) != config[key] for other in peers))
-    return " ".join([trainer, *(f"{key}={_format_value(config[key])}" for key in differing)])
+    differing = sorted(key for key in config if any(other.get(key) != config[key] for other in peers)
+                       and not (several_envs and key == "env.name"))
+    words = [trainer, *(f"{key}={_format_value(config[key])}" for key in differing)]
+    return " ".join(words + ([f"on {env}"] if several_envs and env else []))
+
+
+def by_env(groups: list[Group]) -> dict[str | None, list[tuple[int, Group]]]:
+    """The groups of each env, with each group's index (its colour in every figure).
+
+    A group whose runs name no env (they failed before writing a result, so nothing of them is
+    drawn) goes with the first env.
+    """
+    known = [group.runs[0].env_id for group in groups if group.runs[0].env_id]
+    envs: dict[str | None, list[tuple[int, Group]]] = {}
+    for index, group in enumerate(groups):
+        envs.setdefault(group.runs[0].env_id or (known[0] if known else None), []).append((index, group))
+    return envs
 
 
 def _format_value(value: Any) -> str:
@@ -351,17 +368,18 @@ def wall_time_curve(runs: list[Run], points: int = WALL_TIME_POINTS,
 
 # --- figures ---------------------------------------------------------------------------------------------
 
-def _figure(width: float = 7.5, height: float = 4.5) -> Any:
+def _figure(width: float = 7.5, height: float = 4.5, layout: str | None = None) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height))
+    figure = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(figure)
     return figure
 
 
-def _png(figure: Any) -> bytes:
-    figure.tight_layout()
+def _png(figure: Any, tight: bool = True) -> bytes:
+    if tight:
+        figure.tight_layout()
     image = io.BytesIO()
     figure.savefig(image, format="png", dpi=100)
     return image.getvalue()
@@ -374,71 +392,90 @@ def _colour(index: int) -> Any:
 
 
 def plot_scores(scores: list[GroupScores], metric: str) -> bytes:
-    """One panel per (aggregate, final/best): a dot per group with its interval as a bar, as rliable plots them."""
-    figure = _figure(10, 1.5 + 0.6 * len(scores))
-    panels = figure.subplots(1, len(SCORE_COLUMNS), sharey=True, squeeze=False)[0]
-    labels = [entry.group.label for entry in scores]
-    for panel, column in zip(panels, SCORE_COLUMNS):
-        for row, entry in enumerate(scores):
-            estimate = entry.estimates.get(column)
-            if estimate is None:
-                continue
-            panel.plot([estimate.low, estimate.high], [row, row], color=_colour(row), linewidth=6, alpha=0.6,
-                       solid_capstyle="butt")
-            panel.plot([estimate.value], [row], marker="|", markersize=14, color="black")
-        panel.set_title(f"{column[1]} {column[0]}")
-        panel.grid(axis="x", alpha=0.3)
-        panel.set_xlabel(metric)
-    panels[0].set_yticks(range(len(labels)), [textwrap.fill(label, 40) for label in labels])
-    panels[0].set_ylim(len(labels) - 0.4, -0.6)  # the first group on top, as in the table
-    return _png(figure)
+    """One panel per (aggregate, final/best) and env: a dot per group with its interval as a bar, as rliable plots
+    them."""
+    envs = by_env([entry.group for entry in scores])
+    figure = _figure(10, sum(1.5 + 0.6 * len(members) for members in envs.values()), layout="constrained")
+    rows = figure.subfigures(len(envs), 1, squeeze=False,
+                             height_ratios=[1 + 0.6 * len(members) for members in envs.values()])[:, 0]
+    for row_figure, (env, members) in zip(rows, envs.items()):
+        panels = row_figure.subplots(1, len(SCORE_COLUMNS), sharey=True, squeeze=False)[0]
+        for panel, column in zip(panels, SCORE_COLUMNS):
+            for row, (index, group) in enumerate(members):
+                estimate = scores[index].estimates.get(column)
+                if estimate is None:
+                    continue
+                panel.plot([estimate.low, estimate.high], [row, row], color=_colour(index), linewidth=6, alpha=0.6,
+                           solid_capstyle="butt")
+                panel.plot([estimate.value], [row], marker="|", markersize=14, color="black")
+            panel.set_title(f"{column[1]} {column[0]}" + (f", {env}" if len(envs) > 1 else ""), fontsize="small")
+            panel.grid(axis="x", alpha=0.3)
+            panel.set_xlabel(metric)
+        panels[0].set_yticks(range(len(members)), [textwrap.fill(group.label, 40) for _, group in members])
+        panels[0].set_ylim(len(members) - 0.4, -0.6)  # the first group on top, as in the table
+    return _png(figure, tight=False)  # constrained layout, which subfigures take
+
+
+def _env_panels(groups: list[Group], title: str) -> tuple[Any, list[tuple[Any, str | None, list[tuple[int, Group]]]]]:
+    """A figure with one panel per env side by side, each with that env's groups."""
+    envs = by_env(groups)
+    figure = _figure(7.5 * len(envs) if len(envs) > 1 else 7.5, 4.5)
+    panels = figure.subplots(1, len(envs), squeeze=False)[0]
+    for panel, env in zip(panels, envs):
+        if len(envs) > 1:
+            panel.set_title(f"{title} on {env}")
+    return figure, [(panel, env, members) for panel, (env, members) in zip(panels, envs.items())]
 
 
 def plot_profile(groups: list[Group], metric: str) -> bytes:
-    """Share of each group's runs whose final score exceeds tau, over the range of all final scores."""
-    finals = [run.final for group in groups for run in group.scored]
-    low, high = min(finals), max(finals)
-    margin = 0.05 * (high - low) or 1.0
-    thresholds = np.linspace(low - margin, high + margin, PROFILE_POINTS)
-    figure = _figure()
-    axes = figure.add_subplot()
-    for index, group in enumerate(groups):
-        if not group.scored:
+    """Share of each group's runs whose final score exceeds tau, over the range of its env's final scores."""
+    figure, panels = _env_panels(groups, "performance profile")
+    for axes, _, members in panels:
+        finals = [run.final for _, group in members for run in group.scored]
+        if not finals:
             continue
-        profile, band_low, band_high = performance_profile(np.array([run.final for run in group.scored]), thresholds)
-        axes.plot(thresholds, profile, color=_colour(index), label=group.label)
-        axes.fill_between(thresholds, band_low, band_high, color=_colour(index), alpha=0.2, linewidth=0)
-    axes.set_xlabel(f"final {metric} (tau)")
-    axes.set_ylabel("share of runs with score > tau")
-    axes.set_ylim(-0.02, 1.02)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+        low, high = min(finals), max(finals)
+        margin = 0.05 * (high - low) or 1.0
+        thresholds = np.linspace(low - margin, high + margin, PROFILE_POINTS)
+        for index, group in members:
+            if not group.scored:
+                continue
+            profile, band_low, band_high = performance_profile(np.array([run.final for run in group.scored]),
+                                                               thresholds)
+            axes.plot(thresholds, profile, color=_colour(index), label=group.label)
+            axes.fill_between(thresholds, band_low, band_high, color=_colour(index), alpha=0.2, linewidth=0)
+        axes.set_xlabel(f"final {metric} (tau)")
+        axes.set_ylabel("share of runs with score > tau")
+        axes.set_ylim(-0.02, 1.02)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
     return _png(figure)
 
 
 def plot_curves(groups: list[Group], metric: str, against_time: bool) -> bytes:
     """Each group's IQM curve over its finished runs with its 95% band, against steps or wall time."""
-    figure = _figure()
-    axes = figure.add_subplot()
-    for index, group in enumerate(groups):
-        if not group.scored:
-            continue
-        xs, estimates = wall_time_curve(group.scored) if against_time else step_curve(group.scored)
-        if not estimates:
-            continue
-        step = "post" if against_time else None  # a run's score holds from one report to the next
-        axes.plot(xs, [estimate.value for estimate in estimates], color=_colour(index), label=group.label,
-                  marker=None if against_time else "o", markersize=3, drawstyle="steps-post" if step else "default")
-        axes.fill_between(xs, [estimate.low for estimate in estimates], [estimate.high for estimate in estimates],
-                          color=_colour(index), alpha=0.2, linewidth=0, step=step)
-    axes.set_xlabel("wall time (seconds of training)" if against_time else "steps (updates or env steps)")
-    axes.set_ylabel(f"{metric} (IQM over seeds)")
-    axes.grid(alpha=0.3)
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend(fontsize="small")
-    else:
-        axes.text(0.5, 0.5, "no run logged wall_seconds (metrics.csv written before the column)",
-                  ha="center", va="center", transform=axes.transAxes)
+    figure, panels = _env_panels(groups, "learning curves")
+    for axes, _, members in panels:
+        for index, group in members:
+            if not group.scored:
+                continue
+            xs, estimates = wall_time_curve(group.scored) if against_time else step_curve(group.scored)
+            if not estimates:
+                continue
+            step = "post" if against_time else None  # a run's score holds from one report to the next
+            axes.plot(xs, [estimate.value for estimate in estimates], color=_colour(index), label=group.label,
+                      marker=None if against_time else "o", markersize=3,
+                      drawstyle="steps-post" if step else "default")
+            axes.fill_between(xs, [estimate.low for estimate in estimates], [estimate.high for estimate in estimates],
+                              color=_colour(index), alpha=0.2, linewidth=0, step=step)
+        axes.set_xlabel("wall time (seconds of training)" if against_time else "steps (updates or env steps)")
+        axes.set_ylabel(f"{metric} (IQM over seeds)")
+        axes.grid(alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize="small")
+        else:
+            axes.text(0.5, 0.5, "no run logged wall_seconds (metrics.csv written before the column)",
+                      ha="center", va="center", transform=axes.transAxes)
     return _png(figure)
 
 
