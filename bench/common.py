@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib
+import importlib.metadata
 import io
 import os
 import subprocess
@@ -43,7 +44,10 @@ def peer_version(module: str, install: str) -> str | None:
     except Exception as error:  # an ImportError, or a failure inside the peer's own imports
         print(f"{module} is missing ({type(error).__name__}: {error}); install it: {install}", file=sys.stderr)
         return None
-    return str(getattr(imported, "__version__", "?"))
+    try:
+        return str(getattr(imported, "__version__", None) or importlib.metadata.version(module))
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
 
 
 def seconds_to_log_line(run_dir: Path, text: str, launched: float) -> float:

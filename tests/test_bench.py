@@ -33,8 +33,8 @@ def test_ratios_only_between_positive_numbers() -> None:
 
 @pytest.fixture
 def without_peers(tmp_path: Path) -> dict[str, str]:
-    """An environment in which importing d3rlpy or stable_baselines3 fails, as when they are not installed."""
-    for name in ("d3rlpy", "stable_baselines3"):
+    """An environment in which importing d3rlpy, stable_baselines3 or rliable fails, as when they are not installed."""
+    for name in ("d3rlpy", "stable_baselines3", "rliable"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(f"raise ImportError('{name} is hidden by the test')\n")
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
@@ -43,7 +43,8 @@ def without_peers(tmp_path: Path) -> dict[str, str]:
 @pytest.mark.parametrize("command", [
     ["offline.py", "--smoke", "--parts", "speed"],
     ["ppo.py", "--smoke", "--parts", "cartpole", "--cartpole-steps", "256"],
-], ids=["offline", "ppo"])
+    ["report.py", "--smoke"],
+], ids=["offline", "ppo", "report"])
 def test_a_bench_without_its_peer_exits_non_zero(command: list[str], without_peers: dict[str, str]) -> None:
     result = subprocess.run([sys.executable, str(REPO / "bench" / command[0]), *command[1:]], capture_output=True,
                             text=True, env=without_peers, timeout=600)
