@@ -1,8 +1,9 @@
 """Datasets to and from the real Minari and d3rlpy packages: the same transitions both ways, and training on theirs.
 
-d3rlpy 2.8 pins gymnasium==1.0.0, so the test extra leaves it out; its tests run where it was
-installed the README's way (``pip install --no-deps "d3rlpy==2.8.1"`` plus the ``bench`` extra) and
-are skipped elsewhere. The d3rlpy file format itself (read and written with h5py) is tested everywhere.
+d3rlpy 2.8 pins gymnasium==1.0.0 but runs on ours: the README's test line installs it with
+``--no-deps`` after the test extra, which holds its other dependencies, so CI runs its tests. Where
+it is not installed they are skipped; the d3rlpy file format itself (read and written with h5py) is
+tested everywhere.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ TINY_BC = ["-cn", "conf_train", "algorithm=bc", "algorithm.n_updates=4", "algori
            "algorithm.validation_percentage=0", "runner.eval_repeats=1", "runner.max_episode_steps=20",
            "model.hidden_sizes=[8]", "device=cpu"]
 needs_d3rlpy = pytest.mark.skipif(importlib.util.find_spec("d3rlpy") is None,
-                                  reason="d3rlpy is not installed: pip install --no-deps 'd3rlpy==2.8.1' and the "
-                                         "bench extra (it pins gymnasium==1.0.0, so the test extra leaves it out)")
+                                  reason="d3rlpy is not installed: pip install --no-deps 'd3rlpy==2.8.1' after the "
+                                         "test extra, as the README's test line does")
 
 
 @pytest.fixture(scope="module")
