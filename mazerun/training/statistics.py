@@ -12,6 +12,12 @@ pandas 3. Its three methods are short, so they are written here on numpy alone:
 - performance profiles (``create_performance_profile``): the share of runs whose score exceeds
   each threshold tau, with bootstrap bands.
 
+The resamples come from a seeded generator, so a report is the same each time it is made.
+rliable 1.2 draws them from numpy's global stream (``np.random.choice``; its ``random_state`` does
+not reach them): up to 5 runs both give the same percentiles (few distinct resamples), and with
+more runs they differ by the bootstrap's Monte-Carlo error, as two calls of rliable do
+(``bench/report.py`` holds the report against it).
+
 Scores are arrays of shape (runs, tasks), as rliable takes them. A report groups runs by
 config, whose env is one task, so there a stratum is the one column of a group's seeds.
 """
