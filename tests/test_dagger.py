@@ -159,6 +159,7 @@ def test_a_trained_run_can_be_the_teacher(workdir: Path) -> None:
     (["env=gym_env", "env.name=Acrobot-v1"], "no heuristic policy for Acrobot-v1"),
     (["algorithm.teacher_forcing.start=1.5"], "algorithm.teacher_forcing.start=1.5 must lie in [0, 1]"),
     (["algorithm.teacher_forcing.steps=0"], "algorithm.teacher_forcing.steps=0 must be > 0"),
+    (["algorithm.final_updates=1"], "algorithm.final_updates=1.0 must be in [0, 1)"),
     (["expert=torch_policy"], "expert.input_dir must be set"),
     (["expert=torch_policy", "expert.input_dir=nowhere"], "nowhere does not exist"),
 ])
@@ -193,6 +194,8 @@ def test_labels_and_updates_are_spread_in_proportion() -> None:
     config = DAggerConfig(total_steps=100_000, n_updates=10_000)
     assert [due_updates(config, step) for step in (0, 1024, 50_000, 100_000, 101_024)] == [0, 102, 5000, 10_000,
                                                                                              10_000]
+    kept = DAggerConfig(total_steps=100_000, n_updates=10_000, final_updates=0.4)  # 4,000 once the labels are in
+    assert [due_updates(kept, step) for step in (0, 1024, 50_000, 99_999, 100_000)] == [0, 61, 3000, 6000, 10_000]
 
 
 def test_a_stop_inside_an_update_phase_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

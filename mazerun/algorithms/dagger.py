@@ -12,7 +12,8 @@ beta decays linearly from ``teacher_forcing.start`` to ``teacher_forcing.end`` o
 the expert's own trajectories and then the states its own mistakes lead to, which plain
 behavioural cloning never sees (Ross et al., 2011). ``n_updates`` gradient steps are spread
 over the iterations in proportion to the labels collected, so DAgger and BC with the same
-``n_updates`` do the same amount of optimisation.
+``n_updates`` do the same amount of optimisation; ``final_updates`` keeps a share of them for
+after the last label, when every label is in the aggregate, as BC trains on all of its data.
 
 The update is behavioural cloning's (:class:`mazerun.algorithms.bc.BehaviouralCloning`); only
 where the data comes from differs, which is the interactive loop's business.
@@ -59,6 +60,9 @@ class DAggerConfig:
     """Steps per env copy between two training phases."""
     n_updates: int = 3000
     """Gradient steps in total, spread over the iterations in proportion to the labels collected."""
+    final_updates: float = 0.0
+    """Share of n_updates kept for after the last label, on the whole aggregate (the rest is spread as the labels
+    come): without it the last labels get the fewest updates."""
     batch_size: int = 256
     """Labelled states per gradient step (models without memory; nrollouts sizes the batches of those with it)."""
     lr: float = 3e-4
@@ -99,6 +103,9 @@ class DAggerConfig:
             raise MazerunError(f"{prefix}.learner_actions={self.learner_actions!r} is unknown; use sample or greedy")
         forcing = self.teacher_forcing
         check_fields(forcing, f"{prefix}.teacher_forcing", unit_interval=("start", "end"))
+        if not 0 <= self.final_updates < 1:
+            raise MazerunError(f"{prefix}.final_updates={self.final_updates} must be in [0, 1): the share of n_updates "
+                               "taken after the last label, some must train as the labels come")
         if forcing.steps is not None and forcing.steps <= 0:
             raise MazerunError(
                 f"{prefix}.teacher_forcing.steps={forcing.steps} must be > 0 (or null to decay over total_steps)"

@@ -257,8 +257,11 @@ def train_interactive(setup: RunSetup) -> TrainResult:
 
 
 def due_updates(config: Any, step: int) -> int:
-    """Gradient steps owed once ``step`` labels are in: ``n_updates`` spread in proportion to the labels."""
-    return round(config.n_updates * min(step, config.total_steps) / config.total_steps)
+    """Gradient steps owed once ``step`` labels are in: ``n_updates`` spread in proportion to the labels, but for
+    the ``final_updates`` share, owed once the last label is in."""
+    if step >= config.total_steps:
+        return config.n_updates
+    return round(config.n_updates * (1 - config.final_updates) * step / config.total_steps)
 
 
 def _next_report(config: Any, step: int) -> int:
