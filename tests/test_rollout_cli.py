@@ -141,7 +141,7 @@ def test_failing_episode_is_named_and_others_are_kept(tmp_path: Path, monkeypatc
 @pytest.mark.parametrize("overrides, message", [
     (["env.name=LunarLandr-v3"], "did you mean LunarLander-v3"),
     (["policy=foo"], "unknown policy 'foo'; choose one of: bot, heuristic"),
-    (["env=gym_env", "env.name=MiniGrid-Empty-5x5-v0"], "no heuristic policy for MiniGrid-Empty-5x5-v0"),
+    (["env=gym_env", "env.name=Acrobot-v1"], "no heuristic policy for Acrobot-v1"),  # grids have the planner
     (["env=gym_env"], "env.name must be set"),
     (["runner.n_episodes=0"], "runner.n_episodes=0 must be at least 1"),
     (["runner.n_workers=-1"], "runner.n_workers=-1 must be at least 1"),
