@@ -10,7 +10,7 @@ they report. Around that they do the same things, and :class:`LoopShell` does th
 * a progress bar with periodic log lines;
 * stopping cleanly: Ctrl-C, SIGTERM or SIGHUP between two updates saves ``last.pt`` and ends
   with one line that says how to go on; a diverged loss ends with one that says what was kept;
-* the learning curve and ``result.json`` at the end.
+* the learning curve (a PNG, where the loop asks for one) and ``result.json`` at the end.
 
 A loop keeps its counter in ``shell.step`` and says what its resume state is (``training_state``);
 it calls :meth:`LoopShell.evaluate`, :meth:`LoopShell.log` and :meth:`LoopShell.save_last` on its
@@ -83,12 +83,13 @@ class LoopShell:
         self.keeper.check_finite(metrics, self.step, names)
 
     @contextlib.contextmanager
-    def running(self, total: int, *, save_on_stop: bool = True, **progress: Any) -> Iterator[Progress]:
+    def running(self, total: int, *, save_on_stop: bool = True, learning_curve: bool = True,
+                **progress: Any) -> Iterator[Progress]:
         """The loop's body runs inside: logger open, stops made clean, a progress bar of ``total`` units.
 
         ``save_on_stop``: a stop saves ``last.pt`` first. A loop whose state is only consistent
-        where it saved last (mid-rollout it is not) passes False. Afterwards the learning curve
-        is drawn from the run's whole history.
+        where it saved last (mid-rollout it is not) passes False. Afterwards, with
+        ``learning_curve``, the curve is drawn from the run's whole history as a PNG.
         """
         setup = self.setup
         writes = setup.world.writes
@@ -109,7 +110,7 @@ class LoopShell:
                 yield bar
         finally:
             self.logger, self.progress = NullLogger(), None
-            if writes:
+            if writes and learning_curve:
                 with contextlib.suppress(MazerunError):  # a by-product: never hide why the run ended
                     write_learning_curve(setup.run_dir, f"{setup.algorithm.name} on {setup.env_id}")
 
