@@ -22,7 +22,6 @@ fails when rliable cannot be imported).
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import subprocess
 import sys
@@ -32,8 +31,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import yaml
 from common import Table, load_average, peer_version, record, run
 
+from mazerun.training.metrics import read_metrics_csv
 from mazerun.training.report import format_number
 
 LUNAR = "LunarLander-v3"
@@ -47,13 +48,12 @@ def scores(sweep: Path, lr: str) -> dict[str, np.ndarray]:
     """The final and best eval/mean_return of each run of the config with learning rate ``lr``."""
     finals, bests = [], []
     for job in sorted(path.parent for path in sweep.glob("*/metrics.csv")):
-        if f"lr: {lr}\n" not in (job / ".hydra" / "config.yaml").read_text():
+        if yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["algorithm"]["lr"] != float(lr):
             continue
-        with (job / "metrics.csv").open(newline="") as handle:
-            rows = [row for row in csv.DictReader(handle) if (row["group"], row["metric"]) == ("eval", "mean_return")]
-        values = [float(row["value"]) for row in sorted(rows, key=lambda row: int(row["step"]))]
-        finals.append(values[-1])
-        bests.append(max(values))
+        rows = sorted((row for row in read_metrics_csv(job / "metrics.csv")
+                       if (row["group"], row["metric"]) == ("eval", "mean_return")), key=lambda row: row["step"])
+        finals.append(rows[-1]["value"])
+        bests.append(max(row["value"] for row in rows))
     return {"final": np.array(finals), "best": np.array(bests)}
 
 
