@@ -14,8 +14,8 @@ from mazerun.compose.validation import validate
 from mazerun.config.tuned import applied_tuned_defaults
 from mazerun.nn.checkpoint import load_checkpoint
 
-TUNED_FILES = sorted([*(Path(_config_dir()) / "tuned").glob("*.yaml"),
-                      *(Path(_config_dir()) / "tuned_model").glob("*.yaml")])
+TUNED_FILES = sorted(path for group in ("tuned", "tuned_model", "tuned_runner")
+                     for path in (Path(_config_dir()) / group).glob("*.yaml"))
 
 
 def test_the_report_lists_each_files_keys_and_what_the_command_line_overrode(tmp_path: Path) -> None:
@@ -45,7 +45,7 @@ def test_every_tuned_file_composes_into_a_valid_run(path: Path) -> None:
     with initialize_config_dir(config_dir=_config_dir(), version_base="1.3"):
         cfg = compose("conf_rollout", overrides=[f"env={env}", f"{group}={name}"], return_hydra_config=False)
     tuned = yaml.safe_load(path.read_text())
-    section = cfg.model if path.parent.name == "tuned_model" else cfg[group]
+    section = {"tuned_model": cfg.model, "tuned_runner": cfg.runner}.get(path.parent.name, cfg[group])
     for key, value in tuned.items():
         if key != "defaults":
             assert section[key] == value, key
@@ -69,6 +69,7 @@ def test_cfg_job_shows_the_tuned_values_of_an_algorithm_and_of_a_pipelines_stage
     shown = yaml.safe_load(run_ok("env=BabyAI-GoToLocal-v0", "algorithm=dagger", "--cfg", "job", cwd=workdir).stdout)
     assert shown["algorithm"]["total_steps"] == 100_000 and shown["algorithm"]["lr"] == 0.001
     assert shown["model"]["memory"] == "gru"  # conf/tuned_model/BabyAI-GoToLocal-v0_dagger.yaml
+    assert shown["runner"]["eval_repeats"] == 100  # conf/tuned_runner/BabyAI-GoToLocal-v0_dagger.yaml
     shown = yaml.safe_load(run_ok("pipeline=dagger_ppo", "env=BabyAI-GoToLocal-v0", "pipeline.stages.dagger.lr=0.01",
                                   "--cfg", "job", cwd=workdir).stdout)
     assert shown["pipeline"]["stages"]["dagger"]["total_steps"] == 100_000

@@ -1,5 +1,6 @@
 """Which tuned defaults a run took: ``conf/tuned/<env option>_<algorithm or pipeline>.yaml`` (the
-algorithm's keys) and ``conf/tuned_model/<env option>_<algorithm>.yaml`` (the model's).
+algorithm's keys), ``conf/tuned_model/<env option>_<algorithm>.yaml`` (the model's) and
+``conf/tuned_runner/<env option>_<algorithm>.yaml`` (the runner's: evaluation episodes, env copies).
 
 Hydra itself applies them: ``conf_rollout.yaml``'s defaults list names the files that match the
 run's ``env`` and ``algorithm`` (or ``pipeline``) choices, so ``--cfg job`` shows the values,
@@ -8,7 +9,8 @@ This module only reads back what applied, so that ``run.log`` can say it.
 
 To tune an env of your own, add ``conf/env/<id>.yaml`` (``name: <id>``) and
 ``conf/tuned/<id>_<algorithm>.yaml`` with that algorithm's keys (``conf/tuned_model/...`` for the
-model's), in mazerun's conf/, in a directory on ``hydra.searchpath``, or in an installed plugin's config package.
+model's, ``conf/tuned_runner/...`` for the runner's), in mazerun's conf/, in a directory on
+``hydra.searchpath``, or in an installed plugin's config package.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from omegaconf import OmegaConf
 
 from mazerun.config.plugins import package_dirs
 
-TUNED_GROUPS = ("tuned", "tuned_model")
+TUNED_GROUPS = ("tuned", "tuned_model", "tuned_runner")
 
 
 def _flatten(values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
