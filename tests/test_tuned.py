@@ -8,10 +8,11 @@ import pytest
 import yaml
 from conftest import newest_run_dir, run_ok
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from mazerun.cli import _config_dir
 from mazerun.compose.validation import validate
-from mazerun.config.tuned import applied_tuned_defaults
+from mazerun.config.tuned import applied_tuned_defaults, dotted_items
 from mazerun.nn.checkpoint import load_checkpoint
 
 TUNED_FILES = sorted(path for group in ("tuned", "tuned_model", "tuned_runner")
@@ -46,9 +47,9 @@ def test_every_tuned_file_composes_into_a_valid_run(path: Path) -> None:
         cfg = compose("conf_rollout", overrides=[f"env={env}", f"{group}={name}"], return_hydra_config=False)
     tuned = yaml.safe_load(path.read_text())
     section = {"tuned_model": cfg.model, "tuned_runner": cfg.runner}.get(path.parent.name, cfg[group])
-    for key, value in tuned.items():
-        if key != "defaults":
-            assert section[key] == value, key
+    for key, value in dotted_items(tuned, "").items():
+        if not key.startswith(".defaults"):
+            assert OmegaConf.select(section, key[1:]) == value, key
     validate(cfg)
 
 

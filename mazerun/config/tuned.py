@@ -25,12 +25,13 @@ from mazerun.config.plugins import package_dirs
 TUNED_GROUPS = ("tuned", "tuned_model", "tuned_runner")
 
 
-def _flatten(values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def dotted_items(values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` under ``prefix`` as ``{"prefix.a.b": 1}``: the keys as a command line names them."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
         name = f"{prefix}.{key}"
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, name))
+            flat.update(dotted_items(value, name))
         else:
             flat[name] = value
     return flat
@@ -62,7 +63,7 @@ def applied_tuned_defaults(choices: Mapping[str, Any], config_dirs: Iterable[Pat
         values = OmegaConf.to_container(OmegaConf.load(path))
         assert isinstance(values, dict)
         values.pop("defaults", None)
-        flat = _flatten(values, package)
+        flat = dotted_items(values, package)
         if not flat:
             continue  # a file that only includes others (a pipeline's), which are listed themselves
         taken = [f"{key}={value}" for key, value in flat.items() if key not in explicit]
