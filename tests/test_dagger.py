@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import newest_run_dir, run_cli, run_ok, spawn_cli
 
-from mazerun.acting.envs import ExpertActions, make_env, make_vector_env
+from mazerun.acting.envs import ExpertActions, make_env
 from mazerun.acting.policies.heuristic import BabyAIBotPolicy, LunarLanderHeuristic
+from mazerun.acting.vector import make_vector_env
 from mazerun.algorithms.dagger import DAggerConfig, TeacherForcingConfig
 from mazerun.config.schemas import EnvConfig, RunConfig, RunnerConfig
 from mazerun.core import interrupts

@@ -7,8 +7,7 @@ import difflib
 import io
 import logging
 import os
-from functools import partial
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import gymnasium as gym
 import numpy as np
@@ -266,37 +265,3 @@ class SeededEpisodes(gym.Wrapper):
             rewards.append(float(reward))
             infos.append(info)
         return observations, rewards, infos
-
-
-def _make_copy(
-    env_id: str, index: int, n_envs: int, seed: int, max_episode_steps: int | None,
-    make_expert: Callable[[gym.Env], Teacher] | None,
-) -> gym.Env:
-    env = make_env(env_id, max_episode_steps=max_episode_steps)
-    if make_expert is not None:
-        env = ExpertActions(env, make_expert(env))
-    return SeededEpisodes(env, first_seed=seed + index, stride=n_envs)
-
-
-def make_vector_env(
-    env_id: str,
-    n_envs: int,
-    vector: str,
-    max_episode_steps: int | None,
-    *,
-    seed: int = 0,
-    make_expert: Callable[[gym.Env], Teacher] | None = None,
-) -> gym.vector.VectorEnv:
-    """``n_envs`` seeded copies of ``env_id`` that reset a finished episode within the step that ends it.
-
-    Copy ``i`` plays its episodes on seeds ``seed + i``, ``seed + i + n_envs``, ...;
-    ``make_expert`` adds an expert labelling every state (``info["expert_action"]``).
-    """
-    thunks = [partial(_make_copy, env_id, index, n_envs, seed, max_episode_steps, make_expert) for index in range(n_envs)]
-    same_step = gym.vector.AutoresetMode.SAME_STEP
-    if vector == "async":
-        # MiniGrid's mission strings do not fit in shared memory. Workers start from a fork server:
-        # forking a process whose torch thread pool is running (a trained expert) can deadlock.
-        return gym.vector.AsyncVectorEnv(thunks, shared_memory=not is_minigrid(env_id), copy=False,
-                                         autoreset_mode=same_step, context="forkserver")
-    return gym.vector.SyncVectorEnv(thunks, copy=False, autoreset_mode=same_step)

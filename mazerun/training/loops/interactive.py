@@ -26,6 +26,7 @@ import torch
 
 from mazerun.acting.envs import is_minigrid, make_env
 from mazerun.acting.policies import Policy, build_policy
+from mazerun.acting.vector import VectorSteps
 from mazerun.algorithms import build_algorithm
 from mazerun.config.schemas import ExpertConfig, PolicyConfig
 from mazerun.core import interrupts
@@ -289,7 +290,7 @@ class LabelCollector:
 
     recorder: EpisodeRecorder
 
-    def __init__(self, envs: gym.vector.VectorEnv, network: torch.nn.Module, setup: RunSetup,
+    def __init__(self, envs: VectorSteps, network: torch.nn.Module, setup: RunSetup,
                  aggregate: LabelledStates, generator: torch.Generator, greedy: bool,
                  state: dict[str, Any] | None) -> None:
         self.network, self.aggregate, self.generator, self.greedy = network, aggregate, generator, greedy
