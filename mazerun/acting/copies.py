@@ -10,8 +10,9 @@ some of the copies (:mod:`mazerun.acting.workers`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -20,6 +21,14 @@ Replay = tuple[list[Any], list[float], list[dict]]
 """A copy's running episode rebuilt: its observations, rewards and infos from its reset to now."""
 EpisodeState = tuple[int, np.ndarray]
 """A copy's episode index and the actions taken in it so far (:meth:`SeededEpisodes.episode_state`)."""
+Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
+"""The shape and dtype of each field of :class:`StepArrays`."""
+ALIGNMENT = 64
+"""Each field starts on a cache line of its own."""
+
+
+def _aligned(size: int) -> int:
+    return -(-size // ALIGNMENT) * ALIGNMENT
 
 
 @dataclass
@@ -37,8 +46,7 @@ class StepArrays:
     """With an expert: its label of each copy's current observation."""
 
     @staticmethod
-    def layout(n_envs: int, observation_space: gym.Space, action_space: gym.Space,
-               labelled: bool) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    def layout(n_envs: int, observation_space: gym.Space, action_space: gym.Space, labelled: bool) -> Layout:
         """Each field's shape and dtype. Rewards are float64, as gymnasium's vector envs return them."""
         observation = ((n_envs, *observation_space.shape), np.dtype(observation_space.dtype))
         discrete = isinstance(action_space, gym.spaces.Discrete)
@@ -51,20 +59,19 @@ class StepArrays:
             layout["expert_actions"] = action if discrete else ((n_envs, *action_space.shape), np.dtype(np.float32))
         return layout
 
-    @classmethod
-    def allocate(cls, layout: dict[str, tuple[tuple[int, ...], np.dtype]],
-                 buffer: Callable[[int], Any] | None = None) -> tuple[StepArrays, dict[str, Any]]:
-        """Arrays of ``layout``, on ``buffer(size in bytes)`` (shared memory) when given; and those buffers."""
-        if buffer is None:
-            return cls(**{name: np.zeros(shape, dtype) for name, (shape, dtype) in layout.items()}), {}
-        buffers = {name: buffer(max(1, int(np.prod(shape)) * dtype.itemsize)) for name, (shape, dtype) in layout.items()}
-        return cls.on(layout, buffers), buffers
+    @staticmethod
+    def size(layout: Layout) -> int:
+        """Bytes of memory the arrays of ``layout`` take, laid one after another (:meth:`on`)."""
+        return sum(_aligned(math.prod(shape) * dtype.itemsize) for shape, dtype in layout.values())
 
     @classmethod
-    def on(cls, layout: dict[str, tuple[tuple[int, ...], np.dtype]], buffers: dict[str, Any]) -> StepArrays:
-        """The arrays of ``layout`` that live in ``buffers`` (a worker's view of the parent's shared memory)."""
-        return cls(**{name: np.frombuffer(buffers[name], dtype, count=int(np.prod(shape))).reshape(shape)
-                      for name, (shape, dtype) in layout.items()})
+    def on(cls, layout: Layout, memory: Any) -> StepArrays:
+        """The arrays of ``layout`` laid one after another in ``memory`` (a bytearray, or a mapping a worker shares)."""
+        arrays, offset = {}, 0
+        for name, (shape, dtype) in layout.items():
+            arrays[name] = np.ndarray(shape, dtype, buffer=memory, offset=offset)
+            offset += _aligned(math.prod(shape) * dtype.itemsize)
+        return cls(**arrays)
 
     def rows(self, rows: slice) -> StepArrays:
         """Views of ``rows`` of every field."""

@@ -24,6 +24,7 @@ the policy.
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Any, Callable, Protocol
 
@@ -32,7 +33,7 @@ import numpy as np
 
 from mazerun.acting.copies import EnvCopies, EpisodeState, Replay, StepArrays
 from mazerun.acting.envs import ExpertActions, SeededEpisodes, Teacher, is_minigrid, make_env
-from mazerun.acting.workers import WorkerCopies, shared_buffer
+from mazerun.acting.workers import WorkerCopies, shared_memory
 from mazerun.config.schemas import CGROUP_CPU_MAX, usable_cpus
 from mazerun.core.errors import MazerunError
 
@@ -262,13 +263,17 @@ def make_vector_env(
     layout = StepArrays.layout(n_envs, observation_space, action_space, make_expert is not None)
     halves = split_in_halves(n_envs)
     if vector == "sync":
-        arrays, _ = StepArrays.allocate(layout)
+        arrays = StepArrays.on(layout, bytearray(StepArrays.size(layout)))
         envs = [first, *(thunk() for thunk in thunks[1:])]
         parts: list[Part] = [EnvCopies(envs[rows], arrays.rows(rows)) for rows in halves]
         return ArrayVectorEnv(arrays, parts, observation_space, action_space)
-    arrays, buffers = StepArrays.allocate(layout, shared_buffer)
+    descriptor, memory = shared_memory(StepArrays.size(layout))
+    arrays = StepArrays.on(layout, memory)
     own, theirs = halves
-    worker = WorkerCopies(thunks[theirs], layout, buffers, theirs)  # first: its start-up overlaps the rest of ours
+    try:  # the worker first: its start-up overlaps the rest of ours
+        worker = WorkerCopies(thunks[theirs], layout, descriptor, theirs)
+    finally:
+        os.close(descriptor)  # the worker has its own; the mapping stays
     try:
         local = EnvCopies([first, *(thunk() for thunk in thunks[1:own.stop])], arrays.rows(own))
     except BaseException:

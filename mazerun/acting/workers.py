@@ -1,34 +1,38 @@
 """A worker process that steps half of the env copies over shared memory, so the envs and the policy use two cores.
 
-The worker builds and owns its copies (:class:`mazerun.acting.copies.EnvCopies`), and their
-steps land in their rows of step arrays that live in shared memory. A step costs two bytes on
-a pipe: the parent writes the half's actions into the arrays and sends ``STEP``; the worker
-steps, writes the rows and answers ``DONE``. Everything rarer (reset, the episodes' resume
-state, replay, close) is a pickled command on the same pipe.
+The worker builds and owns its copies (:class:`mazerun.acting.copies.EnvCopies`); their steps
+land in their rows of step arrays that live in memory both processes map (an anonymous file,
+``memfd``). A step costs two bytes on a socket: the parent writes the half's actions into the
+arrays and sends ``STEP``; the worker steps, writes the rows and answers ``DONE``. Everything
+rarer (reset, the episodes' resume state, replay, close) is a pickled command on the same socket.
 
-The worker is spawned: a fork of a process whose torch thread pool is running can deadlock.
-It starts with the stop signals held (:func:`mazerun.core.interrupts.held`) and then ignores
-Ctrl-C and SIGHUP, which a terminal sends to the whole process group: the parent alone decides
-what a stop means, and closes the worker. SIGTERM ends it, so that whatever ends the parent's
-process group (or multiprocessing's own clean-up) ends the worker too. It also ends when the
-parent is gone, which its pipe reports as end-of-file. A worker that dies while the run needs
-it ends the run with one line (:class:`EnvWorkerDied`).
+The worker is a fresh interpreter (``python -c``), as multiprocessing's spawn would start it:
+a fork of a process whose torch thread pool is running can deadlock. It is started directly,
+not through multiprocessing: spawn and forkserver both start a resource-tracker process as
+well, which outlives the run by a moment, and re-run the parent's main module. The worker starts
+with the stop signals held (:func:`mazerun.core.interrupts.held`) and then ignores Ctrl-C and
+SIGHUP, which a terminal sends to the whole process group: the parent alone decides what a stop
+means, and closes the worker. SIGTERM ends it, so that whatever ends the run's process group
+ends the worker too, and it ends when the parent is gone (its socket reports end-of-file). A
+worker that dies while the run needs it ends the run with one line (:class:`EnvWorkerDied`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
+import mmap
+import os
 import pickle
 import signal
+import socket
+import subprocess
 import sys
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 import gymnasium as gym
-import numpy as np
 
-from mazerun.acting.copies import EnvCopies, EpisodeState, Replay, StepArrays
+from mazerun.acting.copies import EnvCopies, EpisodeState, Layout, Replay, StepArrays
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError, how_it_ended
 
@@ -36,13 +40,14 @@ STEP, DONE = b"s", b"d"
 """A step's two messages: the parent's "your half's actions are in", the worker's "its rows are written"."""
 CLOSE_SECONDS = 5.0
 """How long a worker told to close may take (it may be inside a step) before it is killed."""
+ENTRY = "from mazerun.acting.workers import main; main()"
 
-_CONTEXT = multiprocessing.get_context("spawn")
 
-
-def shared_buffer(size: int) -> Any:
-    """``size`` bytes of memory the worker shares (it is handed over when the worker starts)."""
-    return _CONTEXT.RawArray("b", size)
+def shared_memory(size: int) -> tuple[int, mmap.mmap]:
+    """``size`` bytes of zeroed memory a worker can map: the file descriptor to hand it, and this process's mapping."""
+    descriptor = os.memfd_create("mazerun-env-steps")
+    os.ftruncate(descriptor, size)
+    return descriptor, mmap.mmap(descriptor, size)
 
 
 class EnvWorkerDied(MazerunError):
@@ -50,18 +55,28 @@ class EnvWorkerDied(MazerunError):
 
 
 class WorkerCopies:
-    """The parent's side of a worker stepping env copies ``rows``; the same calls as :class:`EnvCopies`."""
+    """The parent's side of a worker stepping env copies ``rows`` in ``memory``; the same calls as :class:`EnvCopies`.
 
-    def __init__(self, thunks: list[Callable[[], gym.Env]], layout: dict[str, tuple[tuple[int, ...], np.dtype]],
-                 buffers: dict[str, Any], rows: slice) -> None:
+    ``memory`` is the descriptor of :func:`shared_memory`, laid out as ``layout`` for every copy.
+    """
+
+    def __init__(self, thunks: list[Callable[[], gym.Env]], layout: Layout, memory: int, rows: slice) -> None:
         self.rows = rows
         self.closed = False
-        with interrupts.held():  # no stop between the start and the bookkeeping; the worker inherits the mask
-            self.connection, worker_end = _CONTEXT.Pipe()
-            self.process = _CONTEXT.Process(target=_serve, args=(thunks, layout, buffers, rows, worker_end),
-                                            name=f"mazerun-env-worker-{rows.start}-{rows.stop - 1}", daemon=True)
-            self.process.start()
-            worker_end.close()  # the worker holds the only copy: its end shows here as end-of-file
+        parent_end, worker_end = socket.socketpair()
+        with parent_end, worker_end, interrupts.held():  # no stop before the bookkeeping; the worker inherits the mask
+            self.process = subprocess.Popen([sys.executable, "-c", ENTRY, str(worker_end.fileno()), str(memory)],
+                                            pass_fds=(worker_end.fileno(), memory), stdin=subprocess.DEVNULL)
+            self.connection = Connection(parent_end.detach())
+        try:  # sys.path first: the worker imports the thunks' modules with it (a test's, a plugin's)
+            self._send(pickle.dumps(sys.path))
+            self._send(pickle.dumps((thunks, layout, rows)))
+        except BaseException:
+            self.closed = True
+            self.process.kill()
+            self.process.wait()
+            self.connection.close()
+            raise
 
     def reset(self) -> None:
         self._call("reset")
@@ -87,11 +102,12 @@ class WorkerCopies:
         self.closed = True
         with interrupts.held():  # a second Ctrl-C here must not leave the worker behind
             with contextlib.suppress(OSError):
-                self.connection.send_bytes(pickle.dumps(("close", ())))
-            self.process.join(timeout=CLOSE_SECONDS)
-            if self.process.is_alive():
+                self.connection.send(("close", ()))
+            try:
+                self.process.wait(timeout=CLOSE_SECONDS)
+            except subprocess.TimeoutExpired:
                 self.process.kill()
-                self.process.join()
+                self.process.wait()
             self.connection.close()
 
     def _call(self, name: str, *args: Any) -> Any:
@@ -113,11 +129,12 @@ class WorkerCopies:
         except (EOFError, OSError):
             raise self._died() from None
 
-    def _died(self) -> BaseException:
-        """Why the worker is gone: a stop signal the whole process group got (then stop as asked), else one line."""
-        self.process.join(timeout=CLOSE_SECONDS)
+    def _died(self) -> EnvWorkerDied:
+        """One line on the worker's end; a stop signal the whole process group got ends the run as asked instead."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=CLOSE_SECONDS)
         interrupts.check()
-        how, _ = how_it_ended(self.process.exitcode)
+        how, _ = how_it_ended(self.process.returncode)
         return EnvWorkerDied(f"the env worker stepping env copies {self.rows.start} to {self.rows.stop - 1} {how}; "
                              "the run cannot go on without them")
 
@@ -127,17 +144,28 @@ def _failure(what: str, error: Exception) -> bytes:
     return pickle.dumps(("error", f"the env worker {what}: {cause}"))
 
 
-def _serve(thunks: list[Callable[[], gym.Env]], layout: dict[str, tuple[tuple[int, ...], np.dtype]],
-           buffers: dict[str, Any], rows: slice, connection: Connection) -> None:
-    """The worker's life: build its copies, then step them and answer commands until told to close."""
+def main() -> None:
+    """The worker's life (:data:`ENTRY`): build its copies, then step them and answer commands until told to close.
+
+    Its arguments are the descriptors of its socket and of the shared memory.
+    """
     for number in (signal.SIGINT, signal.SIGHUP):
         signal.signal(number, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, interrupts.HANDLED_SIGNALS)  # held by the parent while it started
+    socket_descriptor, memory_descriptor = map(int, sys.argv[1:3])
+    connection = Connection(socket_descriptor)
+    memory = mmap.mmap(memory_descriptor, 0)
+    os.close(memory_descriptor)
     try:
-        copies = EnvCopies([thunk() for thunk in thunks], StepArrays.on(layout, buffers).rows(rows))
+        sys.path[:] = connection.recv()
+        thunks, layout, rows = connection.recv()
+        copies = EnvCopies([thunk() for thunk in thunks], StepArrays.on(layout, memory).rows(rows))
+    except (EOFError, OSError):
+        return  # the parent is gone
     except Exception as error:  # noqa: BLE001 - whatever stops an env from being built is the parent's one line
-        connection.send_bytes(_failure("could not build its env copies", error))
+        with contextlib.suppress(OSError):
+            connection.send_bytes(_failure("could not build its env copies", error))
         return
     if "torch" in sys.modules:  # an expert with a network: one thread, the parent has the other core
         sys.modules["torch"].set_num_threads(1)
@@ -153,7 +181,7 @@ def _serve(thunks: list[Callable[[], gym.Env]], layout: dict[str, tuple[tuple[in
                 break
             connection.send(("ok", getattr(copies, name)(*args)))
     except (EOFError, OSError):
-        pass  # the parent is gone (end-of-file, or the pipe was reset)
+        pass  # the parent is gone (end-of-file, or the socket was reset)
     except Exception as error:  # noqa: BLE001 - an env that fails: the parent says so in one line
         with contextlib.suppress(OSError):
             connection.send_bytes(_failure("failed", error))
