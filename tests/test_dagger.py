@@ -60,7 +60,8 @@ def test_lunar_lander_labels_are_the_heuristics_own_actions_on_the_visited_state
     heuristic = LunarLanderHeuristic()
     replays = [make_env("LunarLander-v3", max_episode_steps=60) for _ in range(2)]
     try:
-        observations, infos = envs.reset()
+        envs.reset()
+        observations, infos = envs.observations, envs.infos
         for index, env in enumerate(replays):
             env.reset(seed=7 + index)
         for _ in range(80):

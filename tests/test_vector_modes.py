@@ -20,6 +20,7 @@ from mazerun.acting.copies import EnvCopies
 from mazerun.acting.envs import SeededEpisodes, make_env
 from mazerun.acting.vector import make_vector_env
 from mazerun.acting.workers import WorkerCopies
+from mazerun.config import schemas
 from mazerun.core.errors import MazerunError
 from mazerun.nn.checkpoint import load_checkpoint
 from mazerun.nn.models import ModelConfig, build_actor_critic
@@ -129,7 +130,7 @@ def test_rollouts_are_identical_in_every_mode(env_id: str) -> None:
 
 def test_auto_steps_in_a_worker_where_two_cpus_are_usable(monkeypatch: pytest.MonkeyPatch) -> None:
     for cpus, part in ((1, EnvCopies), (2, WorkerCopies)):
-        monkeypatch.setattr(vector, "usable_cpus", lambda _: cpus)
+        monkeypatch.setattr(schemas, "usable_cpus", lambda _: cpus)
         envs = make_vector_env("CartPole-v1", 4, "auto", None)
         try:
             assert isinstance(envs.parts[-1], part)
@@ -251,9 +252,10 @@ def test_a_stop_sent_to_the_whole_group_ends_the_run_quietly_and_leaves_no_proce
 def test_a_worker_that_cannot_build_its_envs_says_why() -> None:
     envs = make_vector_env("CartPole-v1", 2, "worker", None, make_expert=partial(expert_only_in, os.getpid()))
     try:
+        envs.reset()
         with pytest.raises(MazerunError, match=r"^the env worker could not build its env copies: RuntimeError: no "
                                                r"expert in a worker$"):
-            envs.reset()
+            envs.observations
     finally:
         envs.close()
     assert envs.parts[-1].process.poll() is not None

@@ -106,6 +106,9 @@ class EnvCopies:
     def wait(self) -> None:
         """The copies stepped within :meth:`send`: nothing to wait for."""
 
+    def settle(self) -> None:
+        """The copies reset within :meth:`reset`: nothing to wait for."""
+
     def _observe(self, index: int, observation: Any, info: dict) -> None:
         self.arrays.observations[index] = observation
         if self.arrays.expert_actions is not None:

@@ -34,7 +34,6 @@ import numpy as np
 from mazerun.acting.copies import EnvCopies, EpisodeState, Replay, StepArrays
 from mazerun.acting.envs import ExpertActions, SeededEpisodes, Teacher, is_minigrid, make_env
 from mazerun.acting.workers import WorkerCopies, shared_memory
-from mazerun.config.schemas import CGROUP_CPU_MAX, usable_cpus
 from mazerun.core.errors import MazerunError
 
 
@@ -77,7 +76,8 @@ class VectorSteps(Protocol):
     infos: dict[str, Any]
     """``final_obs`` (per copy, read where an episode just ended) and, with an expert, ``expert_action``."""
 
-    def reset(self) -> tuple[Any, dict[str, Any]]: ...
+    def reset(self) -> None:
+        """Start every copy's first episode; :attr:`observations` waits for it where a worker still resets."""
 
     def send(self, half: int, actions: np.ndarray) -> None:
         """Start stepping ``half`` with ``actions`` (its rows' actions)."""
@@ -105,6 +105,9 @@ class Part(Protocol):
 
     def wait(self) -> None: ...
 
+    def settle(self) -> None:
+        """Wait for a reset still in flight: before the copies' observations are read."""
+
     def episode_states(self) -> list[EpisodeState]: ...
 
     def replay(self, states: list[EpisodeState]) -> list[Replay]: ...
@@ -122,15 +125,25 @@ class ArrayVectorEnv:
         self.halves = split_in_halves(self.num_envs)
         assert len(self.halves) == len(parts), "one part steps each half"
         self.single_observation_space, self.single_action_space = observation_space, action_space
-        self.observations = arrays.observations
-        self.infos: dict[str, Any] = {"final_obs": arrays.final_observations}
+        self._infos: dict[str, Any] = {"final_obs": arrays.final_observations}
         if arrays.expert_actions is not None:
-            self.infos["expert_action"] = arrays.expert_actions
+            self._infos["expert_action"] = arrays.expert_actions
 
-    def reset(self) -> tuple[np.ndarray, dict[str, Any]]:
+    @property
+    def observations(self) -> np.ndarray:
+        for part in self.parts:
+            part.settle()
+        return self.arrays.observations
+
+    @property
+    def infos(self) -> dict[str, Any]:
+        for part in self.parts:
+            part.settle()
+        return self._infos
+
+    def reset(self) -> None:
         for part in self.parts:
             part.reset()
-        return self.observations, self.infos
 
     def send(self, half: int, actions: np.ndarray) -> None:
         self.arrays.actions[self.halves[half]] = actions
@@ -148,7 +161,7 @@ class ArrayVectorEnv:
         for half in range(len(self.halves)):
             self.parts[half].wait()
         arrays = self.arrays
-        return self.observations, arrays.rewards, arrays.terminated, arrays.truncated, self.infos
+        return arrays.observations, arrays.rewards, arrays.terminated, arrays.truncated, self._infos
 
     def episode_states(self) -> list[EpisodeState]:
         return [state for part in self.parts for state in part.episode_states()]
@@ -177,9 +190,8 @@ class GymnasiumVectorEnv:
         self._results: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._actions: list[np.ndarray] = []
 
-    def reset(self) -> tuple[Any, dict[str, Any]]:
+    def reset(self) -> None:
         self.observations, self.infos = self.envs.reset()
-        return self.observations, self.infos
 
     def send(self, half: int, actions: np.ndarray) -> None:
         self._actions.append(actions)
@@ -259,6 +271,9 @@ def make_vector_env(
         return GymnasiumVectorEnv(gym.vector.SyncVectorEnv([partial(_given, env) for env in envs], copy=False,
                                                            autoreset_mode=same_step))
     if vector == "auto":
+        # here, not at the top: a worker imports this module, and has no use for the config schemas (omegaconf)
+        from mazerun.config.schemas import CGROUP_CPU_MAX, usable_cpus
+
         vector = "worker" if n_envs >= 2 and usable_cpus(CGROUP_CPU_MAX) >= 2 else "sync"
     layout = StepArrays.layout(n_envs, observation_space, action_space, make_expert is not None)
     halves = split_in_halves(n_envs)

@@ -62,7 +62,7 @@ class WorkerCopies:
 
     def __init__(self, thunks: list[Callable[[], gym.Env]], layout: Layout, memory: int, rows: slice) -> None:
         self.rows = rows
-        self.closed = False
+        self.closed = self.resetting = False
         parent_end, worker_end = socket.socketpair()
         with parent_end, worker_end, interrupts.held():  # no stop before the bookkeeping; the worker inherits the mask
             self.process = subprocess.Popen([sys.executable, "-c", ENTRY, str(worker_end.fileno()), str(memory)],
@@ -79,9 +79,22 @@ class WorkerCopies:
             raise
 
     def reset(self) -> None:
-        self._call("reset")
+        """Start the reset; its reply is awaited where the copies' observations are first read (:meth:`settle`).
+
+        Meanwhile the worker may still be starting (importing gymnasium, building its envs): the
+        parent evaluates, or builds its own copies.
+        """
+        self._send(pickle.dumps(("reset", ())))
+        self.resetting = True
+
+    def settle(self) -> None:
+        """Wait for the reset in flight, if one is."""
+        if self.resetting:
+            self.resetting = False
+            self._reply()
 
     def send(self) -> None:
+        self.settle()
         self._send(STEP)
 
     def wait(self) -> None:
@@ -111,7 +124,11 @@ class WorkerCopies:
             self.connection.close()
 
     def _call(self, name: str, *args: Any) -> Any:
+        self.settle()
         self._send(pickle.dumps((name, args)))
+        return self._reply()
+
+    def _reply(self) -> Any:
         kind, value = pickle.loads(self._receive())
         if kind == "error":
             raise MazerunError(value)
@@ -129,8 +146,14 @@ class WorkerCopies:
         except (EOFError, OSError):
             raise self._died() from None
 
-    def _died(self) -> EnvWorkerDied:
-        """One line on the worker's end; a stop signal the whole process group got ends the run as asked instead."""
+    def _died(self) -> MazerunError:
+        """One line on the worker's end: why it ended, where it said so before it did; a stop signal the whole process
+        group got ends the run as asked instead."""
+        with contextlib.suppress(EOFError, OSError):
+            while self.connection.poll():
+                reply = self.connection.recv_bytes()
+                if reply != DONE:
+                    return MazerunError(pickle.loads(reply)[1])
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=CLOSE_SECONDS)
         interrupts.check()
