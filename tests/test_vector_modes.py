@@ -22,6 +22,7 @@ from mazerun.acting.vector import make_vector_env
 from mazerun.acting.workers import WorkerCopies
 from mazerun.config import schemas
 from mazerun.core.errors import MazerunError
+from mazerun.data.records import load_records
 from mazerun.nn.checkpoint import load_checkpoint
 from mazerun.nn.models import ModelConfig, build_actor_critic
 from mazerun.training.loops.onpolicy import RolloutBuffer, RolloutCollector
@@ -75,7 +76,7 @@ def test_every_mode_steps_the_same_trajectories_as_gymnasium(env_id: str, limit:
 
 
 def test_each_copy_plays_its_own_seeds_as_a_lone_env_does() -> None:
-    """The arrays hold what copy i's own env returns, on seeds seed + i, seed + i + n_envs, ... (auto-reset in place)."""
+    """The arrays hold what copy i's own env returns on seeds seed + i, seed + i + n_envs, ... (reset in place)."""
     n_envs, limit, steps = 3, 20, 120
     trajectory = play("worker", "CartPole-v1", steps, n_envs=n_envs, limit=limit)
     rng = np.random.default_rng(0)
@@ -172,6 +173,21 @@ def test_ppo_through_the_cli_gives_the_same_metrics_in_every_mode(workdir: Path)
         assert torch.equal(value, worker.model_state[name]), name
 
 
+def test_dagger_through_the_cli_gives_the_same_metrics_and_records_in_every_mode(workdir: Path) -> None:
+    """The expert labels in the worker beside its copies, as it does in the main process."""
+    for mode in MODES:
+        run_ok("algorithm=dagger", "algorithm.n_steps=16", "runner.n_envs=4", "runner.eval_repeats=2",
+               "model.hidden_sizes=[16,16]", "algorithm.total_steps=128", "algorithm.n_updates=20",
+               "algorithm.eval_every=64", "runner.max_episode_steps=20", f"runner.vector={mode}",
+               f"hydra.run.dir={mode}", cwd=workdir)
+    assert metrics(workdir / "sync") == metrics(workdir / "worker")
+    sync, worker = (load_records(workdir / mode / "trajectory_data") for mode in MODES)
+    assert sync and [record.seed for record in sync] == [record.seed for record in worker]
+    for ours, theirs in zip(sync, worker):
+        assert np.array_equal(ours.actions, theirs.actions) and np.array_equal(ours.expert_actions,
+                                                                               theirs.expert_actions)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_a_run_stopped_and_continued_equals_the_whole_run(workdir: Path, mode: str) -> None:
     """A run of 128 steps continued to 256 is the run of 256 (constant schedules: theirs end at total_steps)."""
@@ -231,12 +247,19 @@ def test_a_killed_worker_ends_the_run_in_one_line_and_keeps_last_pt(workdir: Pat
     assert f"run/last.pt holds step {kept.extra['step']} (continue with input_dir=" in errors[0]
 
 
+LONG_DAGGER = ["algorithm=dagger", "algorithm.n_steps=16", "runner.n_envs=4", "runner.eval_repeats=1",
+               "model.hidden_sizes=[16,16]", "algorithm.total_steps=10000000", "algorithm.eval_every=64",
+               "runner.max_episode_steps=20", "runner.vector=worker", "hydra.run.dir=run"]
+
+
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("command", [LONG, LONG_DAGGER], ids=["ppo", "dagger"])
 def test_a_stop_sent_to_the_whole_group_ends_the_run_quietly_and_leaves_no_process(
-    workdir: Path, stop: signal.Signals
+    workdir: Path, stop: signal.Signals, command: list[str]
 ) -> None:
-    """Ctrl-C in a terminal signals the whole process group, the worker with it; so may a scheduler's SIGTERM."""
-    with spawn_cli(*LONG, cwd=workdir) as process:
+    """Ctrl-C in a terminal signals the whole process group, the worker with it; so may a scheduler's SIGTERM.
+    DAgger saves where it stopped, with the episodes of the copies the worker steps."""
+    with spawn_cli(*command, cwd=workdir) as process:
         _wait_for(workdir / "run" / "last.pt", process)
         assert _workers_of(process.pid)
         time.sleep(0.3)  # into an iteration: the worker is stepping
@@ -245,8 +268,9 @@ def test_a_stop_sent_to_the_whole_group_ends_the_run_quietly_and_leaves_no_proce
         assert not group_members(process.pid), "a process of the run outlived it"
     assert process.returncode == 128 + stop, stderr
     assert "Traceback" not in stderr and f"stopped by {stop.name} at step" in stderr, stderr
-    assert "last.pt holds step" in stderr
-    load_checkpoint(workdir / "run" / "last.pt")
+    kept = load_checkpoint(workdir / "run" / "last.pt")
+    assert f"last.pt holds step {kept.extra['step']}" in stderr
+    assert len(kept.extra["training_state"]["envs"]["episodes"]) == 4
 
 
 def test_a_worker_that_cannot_build_its_envs_says_why() -> None:

@@ -97,7 +97,7 @@ class VectorSteps(Protocol):
 
 
 class Part(Protocol):
-    """Who steps a half: :class:`EnvCopies` in this process, or a worker's (:class:`mazerun.acting.workers.WorkerCopies`)."""
+    """Who steps a half: :class:`EnvCopies` here, or a worker (:class:`mazerun.acting.workers.WorkerCopies`)."""
 
     def reset(self) -> None: ...
 
@@ -184,7 +184,8 @@ class GymnasiumVectorEnv:
         self.envs = envs
         self.num_envs = envs.num_envs
         self.halves = split_in_halves(self.num_envs)
-        self.single_observation_space, self.single_action_space = envs.single_observation_space, envs.single_action_space
+        self.single_observation_space = envs.single_observation_space
+        self.single_action_space = envs.single_action_space
         self.observations: Any = None
         self.infos: dict[str, Any] = {}
         self._results: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -247,13 +248,14 @@ def make_vector_env(
     seed: int = 0,
     make_expert: Callable[[gym.Env], Teacher] | None = None,
 ) -> VectorSteps:
-    """``n_envs`` seeded copies of ``env_id`` stepped as ``vector`` says (one of :data:`mazerun.config.schemas.VECTOR_MODES`).
+    """``n_envs`` seeded copies of ``env_id``, stepped as ``vector`` (:data:`mazerun.config.schemas.VECTOR_MODES`) says.
 
     Copy ``i`` plays its episodes on seeds ``seed + i``, ``seed + i + n_envs``, ...;
     ``make_expert`` adds an expert labelling every state (``infos["expert_action"]``). A
     worker builds its copies itself, so ``make_expert`` must then pickle (a function, not a lambda).
     """
-    thunks = [partial(_make_copy, env_id, index, n_envs, seed, max_episode_steps, make_expert) for index in range(n_envs)]
+    thunks = [partial(_make_copy, env_id, index, n_envs, seed, max_episode_steps, make_expert)
+              for index in range(n_envs)]
     same_step = gym.vector.AutoresetMode.SAME_STEP
     if vector == "async":
         # MiniGrid's mission strings do not fit in shared memory. Workers start from a fork server:

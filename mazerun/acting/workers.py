@@ -10,11 +10,12 @@ The worker is a fresh interpreter (``python -c``), as multiprocessing's spawn wo
 a fork of a process whose torch thread pool is running can deadlock. It is started directly,
 not through multiprocessing: spawn and forkserver both start a resource-tracker process as
 well, which outlives the run by a moment, and re-run the parent's main module. The worker starts
-with the stop signals held (:func:`mazerun.core.interrupts.held`) and then ignores Ctrl-C and
-SIGHUP, which a terminal sends to the whole process group: the parent alone decides what a stop
-means, and closes the worker. SIGTERM ends it, so that whatever ends the run's process group
-ends the worker too, and it ends when the parent is gone (its socket reports end-of-file). A
-worker that dies while the run needs it ends the run with one line (:class:`EnvWorkerDied`).
+with the stop signals held (:func:`mazerun.core.interrupts.held`) and then ignores them: a
+terminal's Ctrl-C and a scheduler's SIGTERM reach the whole process group, and the parent alone
+decides what a stop means (DAgger's saves the copies' episodes, which it asks the worker for),
+then closes the worker. A worker also ends when the parent is gone: its socket reports
+end-of-file. One that dies while the run needs it ends the run with one line
+(:class:`EnvWorkerDied`).
 """
 
 from __future__ import annotations
@@ -147,8 +148,8 @@ class WorkerCopies:
             raise self._died() from None
 
     def _died(self) -> MazerunError:
-        """One line on the worker's end: why it ended, where it said so before it did; a stop signal the whole process
-        group got ends the run as asked instead."""
+        """One line on the worker's end: why it ended, where it said so before it did. A stop asked for meanwhile
+        ends the run as asked instead."""
         with contextlib.suppress(EOFError, OSError):
             while self.connection.poll():
                 reply = self.connection.recv_bytes()
@@ -172,9 +173,8 @@ def main() -> None:
 
     Its arguments are the descriptors of its socket and of the shared memory.
     """
-    for number in (signal.SIGINT, signal.SIGHUP):
+    for number in interrupts.HANDLED_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, interrupts.HANDLED_SIGNALS)  # held by the parent while it started
     socket_descriptor, memory_descriptor = map(int, sys.argv[1:3])
     connection = Connection(socket_descriptor)
