@@ -13,7 +13,6 @@ import gymnasium as gym
 import numpy as np
 
 from mazerun.core.errors import MazerunError
-from mazerun.data.records import NO_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +190,9 @@ class ExpertActions(gym.Wrapper):
         """False once the expert gave up on this episode."""
         self._seed: int | None = None
         discrete = isinstance(env.action_space, gym.spaces.Discrete)
+        # imported here: an env worker imports this module, and only an expert's reads the records' format
+        from mazerun.data.records import NO_LABEL
+
         self._no_label = NO_LABEL if discrete else np.full(env.action_space.shape, np.nan, dtype=np.float32)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Any, dict]:
