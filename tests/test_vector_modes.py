@@ -99,6 +99,22 @@ def test_each_copy_plays_its_own_seeds_as_a_lone_env_does() -> None:
         env.close()
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_steps_land_in_arrays_allocated_once(mode: str) -> None:
+    """Nothing is built per step between the envs and the policy: the same arrays and infos every step."""
+    envs = make_vector_env("LunarLander-v3", 4, mode, 30, seed=0)
+    try:
+        envs.reset()
+        observations, infos = envs.observations, envs.infos
+        rewards = envs.step(np.zeros(4, dtype=np.int64))[1]
+        for _ in range(40):  # past the time limit: resets happen in place too
+            stepped, stepped_rewards, _, _, stepped_infos = envs.step(np.zeros(4, dtype=np.int64))
+            assert stepped is observations and stepped_rewards is rewards and stepped_infos is infos
+        assert envs.observations is observations and infos["final_obs"].shape == observations.shape
+    finally:
+        envs.close()
+
+
 def linear_network(envs: vector.VectorSteps) -> torch.nn.Module:
     torch.manual_seed(0)
     return build_actor_critic(ModelConfig(kind="vector_obs", hidden_sizes=(8,)), envs.single_observation_space,
