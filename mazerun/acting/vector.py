@@ -31,7 +31,7 @@ from typing import Any, Callable, Protocol
 import gymnasium as gym
 import numpy as np
 
-from mazerun.acting.copies import EnvCopies, EpisodeState, Replay, StepArrays
+from mazerun.acting.copies import EnvCopies, EpisodeState, Layout, Replay, StepArrays
 from mazerun.acting.envs import ExpertActions, SeededEpisodes, Teacher, is_minigrid, make_env
 from mazerun.acting.workers import WorkerCopies, shared_memory
 from mazerun.core.errors import MazerunError
@@ -236,6 +236,7 @@ def _make_copy(
 
 
 def _given(env: gym.Env) -> gym.Env:
+    """A thunk of a copy built already (the first one, built to read the spaces)."""
     return env
 
 
@@ -278,15 +279,20 @@ def make_vector_env(
 
         vector = "worker" if n_envs >= 2 and usable_cpus(CGROUP_CPU_MAX) >= 2 else "sync"
     layout = StepArrays.layout(n_envs, observation_space, action_space, make_expert is not None)
-    halves = split_in_halves(n_envs)
-    if vector == "sync":
-        arrays = StepArrays.on(layout, bytearray(StepArrays.size(layout)))
-        envs = [first, *(thunk() for thunk in thunks[1:])]
-        parts: list[Part] = [EnvCopies(envs[rows], arrays.rows(rows)) for rows in halves]
-        return ArrayVectorEnv(arrays, parts, observation_space, action_space)
+    if vector == "worker":
+        return _with_worker(first, thunks, layout, observation_space, action_space)
+    arrays = StepArrays.on(layout, bytearray(StepArrays.size(layout)))
+    envs = [first, *(thunk() for thunk in thunks[1:])]
+    parts: list[Part] = [EnvCopies(envs[rows], arrays.rows(rows)) for rows in split_in_halves(n_envs)]
+    return ArrayVectorEnv(arrays, parts, observation_space, action_space)
+
+
+def _with_worker(first: gym.Env, thunks: list[Callable[[], gym.Env]], layout: Layout, observation_space: gym.Space,
+                 action_space: gym.Space) -> ArrayVectorEnv:
+    """Half A (``first`` and the copies after it) stepped here, half B by a worker, in memory both map."""
+    own, theirs = split_in_halves(len(thunks))  # validation refuses runner.vector=worker with one copy
     descriptor, memory = shared_memory(StepArrays.size(layout))
     arrays = StepArrays.on(layout, memory)
-    own, theirs = halves
     try:  # the worker first: its start-up overlaps the rest of ours
         worker = WorkerCopies(thunks[theirs], layout, descriptor, theirs)
     finally:
