@@ -25,8 +25,9 @@ import numpy as np
 import pytest
 import torch
 
-from mazerun.acting.envs import make_env, make_vector_env
+from mazerun.acting.envs import make_env
 from mazerun.acting.evaluation import stack_observations
+from mazerun.acting.vector import make_vector_env
 from mazerun.algorithms import ALGORITHMS, algorithm_config, algorithm_module, build_algorithm
 from mazerun.algorithms.protocol import Algorithm, AlgorithmSpec
 from mazerun.core.errors import MazerunError

@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import newest_run_dir, run_cli, run_ok, spawn_cli
 
-from mazerun.acting.envs import ExpertActions, make_env, make_vector_env
+from mazerun.acting.envs import ExpertActions, make_env
 from mazerun.acting.policies.heuristic import BabyAIBotPolicy, LunarLanderHeuristic
+from mazerun.acting.vector import make_vector_env
 from mazerun.algorithms.dagger import DAggerConfig, TeacherForcingConfig
 from mazerun.config.schemas import EnvConfig, RunConfig, RunnerConfig
 from mazerun.core import interrupts
@@ -59,7 +60,8 @@ def test_lunar_lander_labels_are_the_heuristics_own_actions_on_the_visited_state
     heuristic = LunarLanderHeuristic()
     replays = [make_env("LunarLander-v3", max_episode_steps=60) for _ in range(2)]
     try:
-        observations, infos = envs.reset()
+        envs.reset()
+        observations, infos = envs.observations, envs.infos
         for index, env in enumerate(replays):
             env.reset(seed=7 + index)
         for _ in range(80):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import run_ok
 
-from mazerun.acting.envs import make_vector_env
+from mazerun.acting.vector import make_vector_env
 from mazerun.algorithms.bc import BCConfig, BehaviouralCloning
 from mazerun.algorithms.cql import ConservativeQLearning, CQLConfig
 from mazerun.algorithms.ppo import PPO, PPOConfig

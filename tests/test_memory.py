@@ -10,10 +10,11 @@ import pytest
 import torch
 from conftest import newest_run_dir, run_cli, run_ok
 
-from mazerun.acting.envs import make_env, make_vector_env
+from mazerun.acting.envs import make_env
 from mazerun.acting.evaluation import EVAL_SEED_OFFSET, evaluate
 from mazerun.acting.policies.torch_policy import TorchPolicy
 from mazerun.acting.rollout import rollout
+from mazerun.acting.vector import make_vector_env
 from mazerun.config.schemas import PolicyConfig, RunnerConfig
 from mazerun.data.records import StateTrajectoryRecord, load_records
 from mazerun.data.tensors import SequenceSampler, records_to_dataset

@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import newest_run_dir, run_cli, run_ok, save_network, synthetic_batch
 
-from mazerun.acting.envs import make_env, make_vector_env
+from mazerun.acting.envs import make_env
 from mazerun.acting.evaluation import evaluate
 from mazerun.acting.rollout import rollout
+from mazerun.acting.vector import make_vector_env
 from mazerun.algorithms.bc import BCConfig
 from mazerun.algorithms.ppo import PPO, PPOConfig, log_prob_and_entropy
 from mazerun.algorithms.protocol import AlgorithmSpec

@@ -7,14 +7,12 @@ import difflib
 import io
 import logging
 import os
-from functools import partial
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import gymnasium as gym
 import numpy as np
 
 from mazerun.core.errors import MazerunError
-from mazerun.data.records import NO_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +190,9 @@ class ExpertActions(gym.Wrapper):
         """False once the expert gave up on this episode."""
         self._seed: int | None = None
         discrete = isinstance(env.action_space, gym.spaces.Discrete)
+        # imported here: an env worker imports this module, and only an expert's reads the records' format
+        from mazerun.data.records import NO_LABEL
+
         self._no_label = NO_LABEL if discrete else np.full(env.action_space.shape, np.nan, dtype=np.float32)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Any, dict]:
@@ -266,37 +267,3 @@ class SeededEpisodes(gym.Wrapper):
             rewards.append(float(reward))
             infos.append(info)
         return observations, rewards, infos
-
-
-def _make_copy(
-    env_id: str, index: int, n_envs: int, seed: int, max_episode_steps: int | None,
-    make_expert: Callable[[gym.Env], Teacher] | None,
-) -> gym.Env:
-    env = make_env(env_id, max_episode_steps=max_episode_steps)
-    if make_expert is not None:
-        env = ExpertActions(env, make_expert(env))
-    return SeededEpisodes(env, first_seed=seed + index, stride=n_envs)
-
-
-def make_vector_env(
-    env_id: str,
-    n_envs: int,
-    vector: str,
-    max_episode_steps: int | None,
-    *,
-    seed: int = 0,
-    make_expert: Callable[[gym.Env], Teacher] | None = None,
-) -> gym.vector.VectorEnv:
-    """``n_envs`` seeded copies of ``env_id`` that reset a finished episode within the step that ends it.
-
-    Copy ``i`` plays its episodes on seeds ``seed + i``, ``seed + i + n_envs``, ...;
-    ``make_expert`` adds an expert labelling every state (``info["expert_action"]``).
-    """
-    thunks = [partial(_make_copy, env_id, index, n_envs, seed, max_episode_steps, make_expert) for index in range(n_envs)]
-    same_step = gym.vector.AutoresetMode.SAME_STEP
-    if vector == "async":
-        # MiniGrid's mission strings do not fit in shared memory. Workers start from a fork server:
-        # forking a process whose torch thread pool is running (a trained expert) can deadlock.
-        return gym.vector.AsyncVectorEnv(thunks, shared_memory=not is_minigrid(env_id), copy=False,
-                                         autoreset_mode=same_step, context="forkserver")
-    return gym.vector.SyncVectorEnv(thunks, copy=False, autoreset_mode=same_step)

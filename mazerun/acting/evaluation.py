@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from mazerun.acting.envs import is_minigrid, make_env
+from mazerun.acting.vector import stack_observations
 from mazerun.core.progress import Progress
 from mazerun.nn.models import ModelInput, Vocabulary, obs_to_tensor
 
@@ -68,14 +69,6 @@ class EvaluationResult:
         if self.successes is not None:
             metrics["success_rate"] = float(np.mean(self.successes))
         return metrics
-
-
-def stack_observations(observations: list[Any]) -> Any:
-    """Batch single env observations the way gymnasium vector envs do (dicts of arrays)."""
-    if isinstance(observations[0], dict):
-        return {key: np.stack([obs[key] for obs in observations]) if key != "mission"
-                else [obs[key] for obs in observations] for key in observations[0]}
-    return np.stack(observations)
 
 
 @torch.no_grad()

@@ -14,7 +14,6 @@ episodes there too); a write that fails leaves no store at all.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import multiprocessing
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 from tqdm import tqdm
@@ -36,7 +35,7 @@ from mazerun.acting.envs import check_display_for_human_render, env_spaces, is_m
 from mazerun.acting.policies import Policy, build_policy
 from mazerun.config.schemas import DEFAULT_ENV_ID, PolicyConfig, RunConfig, RunnerConfig, worker_count
 from mazerun.core import interrupts
-from mazerun.core.errors import MazerunError
+from mazerun.core.errors import MazerunError, how_it_ended
 from mazerun.core.files import atomic_write_bytes
 from mazerun.core.interrupts import HANDLED_SIGNALS
 from mazerun.data.records import (
@@ -232,20 +231,6 @@ Reply = tuple[str, Any]
 """What a worker sends back: ("done", EpisodeSummary), ("failed", message) or ("error", message)."""
 
 
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM until the block ends, for the parent's bookkeeping.
-
-    An interrupt between a fork and its bookkeeping would leave a worker nobody stops, and one
-    between reading a reply and noting it would leave a worker counted busy for ever.
-    """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 def _worker_main(spec: RolloutSpec, connection: Connection, parent_ends: list[Connection]) -> None:
     """A worker's life: play the episode indices the parent sends, one at a time, until it sends None.
 
@@ -281,14 +266,6 @@ def _worker_main(spec: RolloutSpec, connection: Connection, parent_ends: list[Co
         player.env.close()
 
 
-def _how_it_ended(exitcode: int | None) -> tuple[str, str]:
-    """A dead worker's exit, as a phrase and as a short note: ("was killed by SIGKILL", "SIGKILL")."""
-    if exitcode is not None and exitcode < 0:
-        name = signal.Signals(-exitcode).name
-        return f"was killed by {name}", name
-    return f"exited with code {exitcode}", f"exit code {exitcode}"
-
-
 def _remove_partial_files(spec: RolloutSpec, index: int) -> None:
     """The temporary files of episode ``index``, left by a worker killed while writing them.
 
@@ -322,7 +299,7 @@ class _WorkerPool:
     def start(self, number: int) -> None:
         parent_end, worker_end = self.context.Pipe()
         parent_ends = [parent_end, *(worker.connection for worker in self.workers)]
-        with _signals_held():
+        with interrupts.held():
             process = self.context.Process(
                 target=_worker_main, args=(self.spec, worker_end, parent_ends), name=f"rollout-worker-{number}"
             )
@@ -390,7 +367,7 @@ class _WorkerPool:
 
         A killed worker's episode may have left a temporary file, which is removed.
         """
-        with _signals_held():  # a second Ctrl-C here must not leave workers behind
+        with interrupts.held():  # a second Ctrl-C here must not leave workers behind
             for worker in self.workers:
                 if worker.episode is not None or not self._send(worker, None):
                     worker.process.kill()
@@ -426,13 +403,13 @@ class _ParallelRollout:
 
     def run(self) -> None:
         """Hand out episodes and take the replies until no worker holds one."""
-        with _signals_held():
+        with interrupts.held():
             self._hand_out()
         while self.pool.busy():
             ready = self.pool.wait()  # a Ctrl-C here leaves every reply unread, to be read by the drain
             if not self.stopping:
                 interrupts.check()  # a stop whose signal was raised where Python swallowed it
-            with _signals_held():
+            with interrupts.held():
                 replies, ended = self.pool.collect(ready)
                 for worker, messages in replies:
                     for message in messages:
@@ -470,7 +447,7 @@ class _ParallelRollout:
         An episode that kills a second worker would kill every worker: the run stops instead.
         """
         lost = worker.episode
-        how, short = _how_it_ended(worker.process.exitcode)
+        how, short = how_it_ended(worker.process.exitcode)
         who = f"worker {worker.number} (pid {worker.process.pid}) {how}"
         if lost is None:
             log.warning("%s between episodes; no episode was lost", who)

@@ -56,7 +56,8 @@ class PPOConfig:
 
     From scratch: run algorithm=ppo; fine-tune a clone: run algorithm=ppo input_dir=outputs/<bc run>;
     continue a PPO run: run algorithm=ppo input_dir=outputs/<ppo run> (total_steps is the total).
-    runner.n_envs (16), runner.vector (sync|async) and runner.eval_repeats set the environments and the evaluations.
+    runner.n_envs (16), runner.vector (auto|sync|worker|async) and runner.eval_repeats set the environments and
+    the evaluations.
     """
 
     loop: ClassVar[str] = "on_policy"

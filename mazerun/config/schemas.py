@@ -97,8 +97,10 @@ class RunnerConfig:
     """Training: episodes per evaluation rollout (deterministic actions, fixed seeds)."""
     n_envs: int = 16
     """PPO and DAgger: environments stepped side by side."""
-    vector: str = "sync"
-    """PPO and DAgger: sync (one process; fastest for cheap envs) or async (one process per env)."""
+    vector: str = "auto"
+    """PPO and DAgger: how the env copies step. sync: in the main process. worker: a worker process steps half of
+    them over shared memory while the main process acts on the other half and steps it (two cores). async: one process
+    per copy (gymnasium's). auto: worker where two CPUs are usable, else sync. Every mode gives the same results."""
     critic_burn_in_epochs: Optional[int] = None
     """Maze's name for ``algorithm.critic_burn_in_epochs`` (PPO); accepted so seed 004's command runs."""
 
@@ -134,6 +136,8 @@ class RunConfig:
 
 
 RUNNER_TYPES = ("sequential", "parallel")
+VECTOR_MODES = ("auto", "sync", "worker", "async")
+"""``runner.vector``: how PPO's and DAgger's env copies step (:mod:`mazerun.acting.vector`)."""
 HEURISTIC_ALIASES = ("heuristic", "lunar_lander_heuristics")
 POLICY_NAMES = (*HEURISTIC_ALIASES, "planner", "bot", "random", "torch_policy", "onnx")
 """The built-in policies; installed packages add more (:func:`policy_names`)."""
@@ -242,8 +246,11 @@ def check_training(config: RunConfig) -> None:
         raise MazerunError(f"runner.eval_repeats={runner.eval_repeats} must be at least 1")
     if runner.n_envs <= 0:
         raise MazerunError(f"runner.n_envs={runner.n_envs} must be at least 1")
-    if runner.vector not in ("sync", "async"):
-        raise MazerunError(f"runner.vector={runner.vector!r} is unknown; use sync or async")
+    if runner.vector not in VECTOR_MODES:
+        raise MazerunError(f"runner.vector={runner.vector!r} is unknown; use {', '.join(VECTOR_MODES)}")
+    if runner.vector == "worker" and runner.n_envs < 2:
+        raise MazerunError(f"runner.vector=worker steps half of the env copies in a worker and runner.n_envs="
+                           f"{runner.n_envs}; use runner.n_envs >= 2 or runner.vector=sync")
     if config.device not in ("auto", "cpu", "cuda") and not config.device.startswith("cuda:"):
         raise MazerunError(f"device={config.device!r} is unknown; use auto, cpu or cuda")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 
@@ -18,3 +19,11 @@ class MazerunError(Exception):
 
     def __init__(self, message: Any = "", *args: Any) -> None:
         super().__init__(one_line(str(message)), *args)
+
+
+def how_it_ended(exitcode: int | None) -> tuple[str, str]:
+    """A dead child process's exit, as a phrase and as a short note: ("was killed by SIGKILL", "SIGKILL")."""
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        return f"was killed by {name}", name
+    return f"exited with code {exitcode}", f"exit code {exitcode}"

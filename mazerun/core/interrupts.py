@@ -117,6 +117,22 @@ def deferred() -> Iterator[None]:
         check()  # a stop asked for after the region's last check
 
 
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """Hold the stop signals until the block ends, for the bookkeeping of child processes.
+
+    A stop between starting a child and noting it would leave a process nobody ends, and one
+    between reading a child's reply and noting it a child counted busy for ever. A child started
+    inside inherits the held mask, so it can ignore the signals before one reaches it (Ctrl-C
+    goes to the whole process group).
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def check() -> None:
     """Raise the pending stop, if a signal asked for one."""
     global _requested

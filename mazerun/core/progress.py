@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger("mazerun")
 
@@ -47,6 +46,9 @@ class Progress:
         self.bar = tqdm(total=total, initial=initial, unit=unit, desc=desc, leave=leave, disable=disable)
         self._redirect = contextlib.ExitStack()
         if not self.bar.disable:  # log lines go above the bar instead of through it
+            # imported here: it loads asyncio (tqdm.auto), and a run whose stderr is no terminal draws no bar
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
             self._redirect.enter_context(logging_redirect_tqdm())
 
     def __enter__(self) -> Progress:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from tqdm import tqdm
 
+from mazerun.acting.workers import EnvWorkerDied
 from mazerun.algorithms.protocol import Algorithm
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
@@ -211,10 +212,14 @@ class CheckpointKeeper:
     def stop_cleanly(self, on_stop: Callable[[], int]) -> Iterator[None]:
         """Turn Ctrl-C (and SIGTERM/SIGHUP, which the CLI raises as Ctrl-C) into a message that says how to go on.
 
+        A dead env worker ends the run too: its one line says which checkpoint the run goes on from.
+
         ``on_stop`` saves what can be saved consistently and returns the step the run reached.
         """
         try:
             yield
+        except EnvWorkerDied as error:
+            raise MazerunError(f"{error}; {self.kept()} (continue with input_dir={self.setup.continue_hint})") from None
         except KeyboardInterrupt as interrupt:
             reached = on_stop()
             reason = str(interrupt) or "stopped"

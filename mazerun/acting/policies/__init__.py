@@ -14,10 +14,10 @@ from mazerun.acting.policies.base import EpsilonGreedyPolicy, Policy, RandomPoli
 from mazerun.acting.policies.heuristic import bot_for, heuristic_for
 from mazerun.acting.policies.planner import planner_for
 from mazerun.config.plugins import POLICY_PLUGINS, describe, load_plugin, plugins_beside
-from mazerun.config.schemas import HEURISTIC_ALIASES, POLICY_NAMES, PolicyConfig
+from mazerun.config.schemas import HEURISTIC_ALIASES, POLICY_NAMES, ExpertConfig, PolicyConfig
 from mazerun.core.errors import MazerunError
 
-__all__ = ["Policy", "build_policy"]
+__all__ = ["Policy", "build_expert", "build_policy"]
 
 
 def build_policy(
@@ -48,6 +48,13 @@ def build_policy(
     if config.epsilon > 0:
         policy = EpsilonGreedyPolicy(policy, action_space, config.epsilon)
     return policy
+
+
+def build_expert(expert: ExpertConfig, env_id: str, env: gym.Env) -> Policy:
+    """The teacher beside one env copy (DAgger's). Here, not in the loop: an env worker builds it, and imports no
+    more than it needs (a scripted expert needs no torch)."""
+    policy = PolicyConfig(name=expert.name, deterministic=expert.deterministic)
+    return build_policy(policy, env_id, env.observation_space, env.action_space, input_dir=expert.input_dir)
 
 
 def plugin_policy(name: str, env_id: str, action_space: gym.Space) -> Policy:

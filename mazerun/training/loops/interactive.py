@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from mazerun.acting.envs import is_minigrid, make_env
-from mazerun.acting.policies import Policy, build_policy
+from mazerun.acting.policies import build_expert
+from mazerun.acting.vector import VectorSteps
 from mazerun.algorithms import build_algorithm
-from mazerun.config.schemas import ExpertConfig, PolicyConfig
+from mazerun.config.schemas import ExpertConfig
 from mazerun.core import interrupts
 from mazerun.core.progress import Progress
 from mazerun.data.records import NO_LABEL, TRAJECTORY_DIR, EpisodeBuilder, write_record
@@ -48,12 +49,6 @@ from mazerun.training.runsetup import RunSetup, TrainResult
 from mazerun.training.session import LoopShell
 
 log = logging.getLogger(__name__)
-
-
-def make_expert(expert: ExpertConfig, env_id: str, env: gym.Env) -> Policy:
-    """The teacher for one env copy (the env's heuristic by default)."""
-    policy = PolicyConfig(name=expert.name, deterministic=expert.deterministic)
-    return build_policy(policy, env_id, env.observation_space, env.action_space, input_dir=expert.input_dir)
 
 
 class LabelledStates:
@@ -149,7 +144,7 @@ def train_interactive(setup: RunSetup) -> TrainResult:
     expert_config = setup.expert or ExpertConfig()
     probe = make_env(setup.env_id, max_episode_steps=runner.max_episode_steps)
     try:
-        expert_name = make_expert(expert_config, setup.env_id, probe).name  # a bad expert fails before any env runs
+        expert_name = build_expert(expert_config, setup.env_id, probe).name  # a bad expert fails before any env runs
     finally:
         probe.close()
     generator = torch.Generator(device=device)
@@ -175,7 +170,7 @@ def train_interactive(setup: RunSetup) -> TrainResult:
     # A policy learnt here standardises with the aggregate's statistics; a clone it starts from keeps its own.
     normalise = (start is None or start.continuing) and not isinstance(setup.observation_space, gym.spaces.Dict)
     window = ReportWindow.from_state(state["window"] if state else None)
-    envs = open_vector_env(setup, make_expert=partial(make_expert, expert_config, setup.env_id))
+    envs = open_vector_env(setup, make_expert=partial(build_expert, expert_config, setup.env_id))
     try:
         collector = LabelCollector(envs, network, setup, aggregate, generator, greedy=config.learner_actions == "greedy",
                                    state=None if state is None else state["envs"])
@@ -289,7 +284,7 @@ class LabelCollector:
 
     recorder: EpisodeRecorder
 
-    def __init__(self, envs: gym.vector.VectorEnv, network: torch.nn.Module, setup: RunSetup,
+    def __init__(self, envs: VectorSteps, network: torch.nn.Module, setup: RunSetup,
                  aggregate: LabelledStates, generator: torch.Generator, greedy: bool,
                  state: dict[str, Any] | None) -> None:
         self.network, self.aggregate, self.generator, self.greedy = network, aggregate, generator, greedy

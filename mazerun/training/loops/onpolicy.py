@@ -35,7 +35,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from mazerun.acting.evaluation import stack_observations
+from mazerun.acting.vector import VectorSteps, observation_rows, stack_observations
 from mazerun.algorithms import build_algorithm
 from mazerun.algorithms.rollouts import RolloutBatch, compute_gae
 from mazerun.core import interrupts
@@ -273,6 +273,11 @@ class RolloutBuffer:
 class RolloutCollector:
     """Steps the vector env with the current policy, sampling actions from the loop's generator.
 
+    The policy acts on the env copies half by half: on half A, whose actions go off to be
+    stepped, then on half B while A steps (in a worker process, where the mode has one). Every
+    mode acts on the same halves in the same order and draws from the generator in that order,
+    so a seed gives the same rollout in every mode.
+
     A network with memory is stepped from one state per env copy, restarted where an episode
     starts; that state and the start flags travel in ``last.pt`` with the envs' episodes. With
     ``fused`` (the learner's view of the same network) actor and critic act in one pass.
@@ -280,7 +285,7 @@ class RolloutCollector:
 
     def __init__(
         self,
-        envs: gym.vector.VectorEnv,
+        envs: VectorSteps,
         network: ActorCritic,
         observation_space: gym.Space,
         vocabulary: Vocabulary | None,
@@ -308,53 +313,70 @@ class RolloutCollector:
     @torch.no_grad()
     def collect(self, buffer: RolloutBuffer) -> None:
         """Fill ``buffer`` with ``n_steps`` steps of every environment."""
-        episodes, network = self.episodes, self.network
+        halves = self.episodes.halves
         if buffer.recurrent:
             buffer.initial_state.copy_(self.memory)
         for t in range(buffer.n_steps):
             interrupts.check()
-            observations = episodes.tensor(episodes.observations)
-            if self.fused is not None:  # the same network, its actor and critic in one pass
-                actions, log_probs, values = self.fused.act(observations, self.generator)
+            for half, rows in enumerate(halves):
+                if t:
+                    self._receive(buffer, t - 1, half, rows)
+                self._act(buffer, t, half, rows)
+        for half, rows in enumerate(halves):
+            self._receive(buffer, buffer.n_steps - 1, half, rows)
+
+    def _act(self, buffer: RolloutBuffer, t: int, half: int, rows: slice) -> None:
+        """Sample the actions of the copies in ``rows`` at step ``t`` and send them off to be stepped."""
+        episodes, network = self.episodes, self.network
+        observations = episodes.tensor(observation_rows(episodes.observations, rows))
+        if self.fused is not None:  # the same network, its actor and critic in one pass
+            actions, log_probs, values = self.fused.act(observations, self.generator)
+        else:
+            if buffer.recurrent:
+                buffer.starts[t, rows] = self.starts[rows]
+                distribution, values, self.memory[rows] = network.step(observations, self.starts[rows],
+                                                                       self.memory[rows])
             else:
-                if buffer.recurrent:
-                    buffer.starts[t] = self.starts
-                    distribution, values, self.memory = network.step(observations, self.starts, self.memory)
-                else:
-                    distribution, values = network.distribution(observations), network.value(observations)
-                actions = sample(distribution, self.generator)
-                log_probs = distribution.log_prob(actions)
-            buffer.store_observations(t, observations)
-            buffer.actions[t] = actions
-            buffer.log_probs[t] = log_probs
-            buffer.values[t] = values
+                distribution, values = network.distribution(observations), network.value(observations)
+            actions = sample(distribution, self.generator)
+            log_probs = distribution.log_prob(actions)
+        buffer.store_observations((t, rows), observations)
+        buffer.actions[t, rows] = actions
+        buffer.log_probs[t, rows] = log_probs
+        buffer.values[t, rows] = values
 
-            env_actions = actions.cpu().numpy()
-            if self.bounds is not None:
-                # The env gets actions inside its bounds; the buffer keeps the sample its log-prob belongs to.
-                env_actions = np.clip(env_actions, *self.bounds)
-            rewards, terminated, truncated, infos = episodes.step(env_actions)
-            buffer.rewards[t] = rewards
-            done = terminated | truncated
-            buffer.dones[t] = done
-            cut = truncated & ~terminated
-            if cut.any():
-                self._bootstrap_cut_episodes(buffer.rewards[t], cut, infos)
-            self.starts = torch.as_tensor(done, device=self.starts.device)
+        env_actions = actions.cpu().numpy()
+        if self.bounds is not None:
+            # The env gets actions inside its bounds; the buffer keeps the sample its log-prob belongs to.
+            env_actions = np.clip(env_actions, *self.bounds)
+        episodes.send(half, env_actions)
 
-    def _bootstrap_cut_episodes(self, rewards: np.ndarray, cut: np.ndarray, infos: dict) -> None:
+    def _receive(self, buffer: RolloutBuffer, t: int, half: int, rows: slice) -> None:
+        """The step ``t`` of the copies in ``rows``: rewards, episode ends, and the bootstrap of cut episodes."""
+        rewards, terminated, truncated = self.episodes.receive(half)
+        buffer.rewards[t, rows] = rewards
+        done = terminated | truncated
+        buffer.dones[t, rows] = done
+        cut = truncated & ~terminated
+        if cut.any():
+            self._bootstrap_cut_episodes(buffer.rewards[t, rows], np.flatnonzero(cut), rows.start)
+        self.starts[rows] = torch.as_tensor(done, device=self.starts.device)
+
+    def _bootstrap_cut_episodes(self, rewards: np.ndarray, cut: np.ndarray, first: int) -> None:
         """Add ``gamma * V(final observation)`` to the reward of episodes cut off by the time limit.
 
-        With memory the final observation is read from the state the episode's last step left.
+        ``cut`` indexes ``rewards``, the rows of copies ``first`` on. With memory the final
+        observation is read from the state the episode's last step left.
         """
-        indices = np.flatnonzero(cut)
-        final_observations = self.episodes.tensor(stack_observations([infos["final_obs"][i] for i in indices]))
+        indices = cut + first
+        final_observations = self.episodes.infos["final_obs"]
+        final_observations = self.episodes.tensor(stack_observations([final_observations[i] for i in indices]))
         if self.network.recurrent:
             critic_states = self.network.split_state(self.memory[torch.as_tensor(indices)])[1]
             values = self.network.next_value(_unsqueeze(final_observations), critic_states[None])[0]
         else:
             values = self.network.value(final_observations)
-        rewards[indices] += self.gamma * values.cpu().numpy()
+        rewards[cut] += self.gamma * values.cpu().numpy()
 
     @torch.no_grad()
     def last_values(self) -> torch.Tensor:
