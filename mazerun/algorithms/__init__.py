@@ -29,6 +29,7 @@ ALGORITHMS = {
     "iql": "mazerun.algorithms.iql",
     "ppo": "mazerun.algorithms.ppo",
     "dagger": "mazerun.algorithms.dagger",
+    "sac": "mazerun.algorithms.sac",
 }
 """The built-in algorithms: name -> module."""
 
