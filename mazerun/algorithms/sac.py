@@ -45,10 +45,10 @@ from mazerun.fast.optim import Adam
 class SACConfig:
     """SAC's settings; the defaults are Stable-Baselines3's.
 
-    From scratch: run algorithm=sac env.name=Pendulum-v1; fine-tune a clone: run algorithm=sac input_dir=outputs/<bc
-    run> (its encoder, trunk and mean head; the std head and the critics start fresh); continue a SAC run: run
-    algorithm=sac input_dir=outputs/<sac run> (total_steps is the total; last.pt holds the replay buffer).
-    runner.n_envs sets the env copies stepped side by side (SB3 steps one: runner.n_envs=1).
+    From scratch: run algorithm=sac env=Pendulum-v1 runner.n_envs=1 (SB3 steps one env copy);
+    fine-tune a clone of Box actions: run algorithm=sac input_dir=outputs/<continuous bc run>;
+    continue a SAC run: run algorithm=sac input_dir=outputs/<sac run> (total_steps is the total).
+    A clone lends its encoder, trunk and mean head; the std head and the critics start fresh.
     """
 
     loop: ClassVar[str] = "off_policy"
