@@ -96,9 +96,9 @@ class RunnerConfig:
     eval_repeats: int = 10
     """Training: episodes per evaluation rollout (deterministic actions, fixed seeds)."""
     n_envs: int = 16
-    """PPO and DAgger: environments stepped side by side."""
+    """PPO, DAgger and SAC: environments stepped side by side."""
     vector: str = "sync"
-    """PPO and DAgger: sync (one process; fastest for cheap envs) or async (one process per env)."""
+    """PPO, DAgger and SAC: sync (one process; fastest for cheap envs) or async (one process per env)."""
     critic_burn_in_epochs: Optional[int] = None
     """Maze's name for ``algorithm.critic_burn_in_epochs`` (PPO); accepted so seed 004's command runs."""
 
