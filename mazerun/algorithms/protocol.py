@@ -35,6 +35,7 @@ from mazerun.nn.models import (
     ModelConfig,
     QNetwork,
     SquashedGaussianPolicy,
+    TanhPolicy,
     TwinQNetwork,
     Vocabulary,
     build_actor_critic,
@@ -61,6 +62,10 @@ class AlgorithmSpec:
         """A fresh Q-network over the discrete actions, on the device."""
         return build_q_network(self.model_config, self.observation_space, self.action_space,
                                self.vocabulary).to(self.device)
+
+    def tanh_policy(self) -> TanhPolicy:
+        """A fresh deterministic tanh-squashed policy over the Box actions, on the device."""
+        return TanhPolicy(self.model_config, self.observation_space, self.action_space, self.vocabulary).to(self.device)
 
     def squashed_gaussian_policy(self) -> SquashedGaussianPolicy:
         """A fresh tanh-squashed Gaussian policy over the Box actions, on the device."""
@@ -119,8 +124,8 @@ class Algorithm(ABC):
 
     network: nn.Module
     network_type: ClassVar[str]
-    """``actor_critic``, ``q_network`` or ``squashed_gaussian``: how :func:`mazerun.nn.models.build_network`
-    rebuilds ``network``."""
+    """``actor_critic``, ``q_network``, ``squashed_gaussian`` or ``tanh_deterministic``: how
+    :func:`mazerun.nn.models.build_network` rebuilds ``network``."""
     starts_from: ClassVar[tuple[str, ...]] = ()
     """Other network types whose weights :meth:`load_network_state` can start from (``input_dir`` of another
     algorithm's run), besides ``network_type``."""
