@@ -160,6 +160,7 @@ BUDGETS: dict[str, list[str]] = {
     "ppo": ["total_steps=512", "n_steps=16", "eval_every=512"],
     "dagger": ["total_steps=128", "n_steps=8", "n_updates=2", "eval_every=128"],
     "sac": ["total_steps=64", "learning_starts=16", "batch_size=16", "buffer_size=1000", "eval_every=64"],
+    "td3_bc": ["n_updates=2", "eval_every=2"],
     "awr": ["n_updates=2", "eval_every=2"],  # the plugin examples/mazerun_awr
 }
 """Keys of an algorithm (or record stage) and their tiny values; ``algorithm.`` or ``pipeline.stages.<stage>.`` goes before."""
@@ -268,10 +269,20 @@ def sac_run(runs: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def continuous_bc_run(runs: Path) -> Path:
-    """A clone of 2 heuristic episodes of LunarLanderContinuous-v3 (Box actions)."""
-    recording = tiny_run(runs / "continuous", "env=LunarLanderContinuous-v3", "policy=heuristic")
-    return tiny_run(runs / "continuous_bc", "-cn", "conf_train", f"runner.dataset.dir_or_file={recording}/trajectory_data")
+def continuous_records(runs: Path) -> Path:
+    """2 heuristic episodes of LunarLanderContinuous-v3 (Box actions)."""
+    return tiny_run(runs / "continuous", "env=LunarLanderContinuous-v3", "policy=heuristic") / "trajectory_data"
+
+
+@pytest.fixture(scope="module")
+def continuous_bc_run(runs: Path, continuous_records: Path) -> Path:
+    return tiny_run(runs / "continuous_bc", "-cn", "conf_train", f"runner.dataset.dir_or_file={continuous_records}")
+
+
+@pytest.fixture(scope="module")
+def td3_bc_run(runs: Path, continuous_records: Path) -> Path:
+    return tiny_run(runs / "td3_bc", "-cn", "conf_train", "algorithm=td3_bc",
+                    f"runner.dataset.dir_or_file={continuous_records}")
 
 
 @pytest.fixture(scope="module")
@@ -401,6 +412,8 @@ PLACEHOLDERS: dict[str, str] = {
     "outputs/<ppo run>": "ppo_run",
     "outputs/<sac run>": "sac_run",
     "outputs/<continuous bc run>": "continuous_bc_run",
+    "outputs/<td3_bc run>": "td3_bc_run",
+    "<continuous records>": "continuous_records",
     "outputs/<awr run>": "awr_run",
     "outputs/<evolution run>": "evolution_run",
     "outputs/<a stopped pipeline run>": "stopped_pipeline_run",

@@ -106,6 +106,33 @@ class ValueLearningConfig(OfflineConfig):
             )
 
 
+def check_box_actions(name: str, action_space: gym.Space) -> None:
+    """Refuse, in one line, an env whose actions are not a 1-D Box (SAC's and TD3+BC's tanh-squashed policies)."""
+    if not (isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1):
+        raise MazerunError(f"algorithm={name} acts in 1-D Box (continuous) action spaces and this env's actions are "
+                           f"{action_space}; use algorithm=ppo, or a Box env such as env.name=Pendulum-v1")
+
+
+def check_polyak_tau(tau: float, prefix: str) -> None:
+    """``tau`` of targets averaged in after every update must lie in (0, 1]."""
+    if not 0.0 < tau <= 1.0:
+        raise MazerunError(f"{prefix}.tau={tau} must lie in (0, 1]: e.g. 0.005 averages the online networks into "
+                           "their targets slowly, 1 copies them")
+
+
+def load_matching_weights(policy: nn.Module, state: dict[str, torch.Tensor], *readers: nn.Module) -> None:
+    """Start a tanh-squashed policy from another run's acting network: every weight whose name and shape match (a
+    clone's encoder, trunk and mean head, and its observation statistics); ``readers`` (critics, targets) then read
+    observations with the policy's statistics."""
+    own = policy.state_dict()
+    policy.load_state_dict({**own, **{name: value for name, value in state.items()
+                                      if name in own and own[name].shape == value.shape}})
+    encoder = policy.actor_encoder
+    if encoder.kind == "vector_obs":
+        for reader in readers:
+            reader.set_normalization(encoder.obs_mean, encoder.obs_std)
+
+
 def warm_state(sequence_fn: Any, batch: SequenceBatch, batch_size: int, state_size: int) -> torch.Tensor:
     """The state each chunk starts from: zeros, run through the burn-in steps (without gradient) if any.
 

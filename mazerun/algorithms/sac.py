@@ -33,7 +33,13 @@ import gymnasium as gym
 import torch
 from torch import nn
 
-from mazerun.algorithms.base import BatchAlgorithm, frozen_copy
+from mazerun.algorithms.base import (
+    BatchAlgorithm,
+    check_box_actions,
+    check_polyak_tau,
+    frozen_copy,
+    load_matching_weights,
+)
 from mazerun.algorithms.protocol import AlgorithmSpec, UpdatePhase
 from mazerun.config.schemas import check_fields
 from mazerun.core.errors import MazerunError
@@ -97,15 +103,11 @@ class SACConfig:
         check_fields(self, prefix, positive=("total_steps", "buffer_size", "batch_size", "lr", "train_freq",
                                              "gradient_steps", "target_update_interval", "eval_every"),
                      non_negative=("learning_starts",), unit_interval=("gamma",))
-        if not 0.0 < self.tau <= 1.0:
-            raise MazerunError(f"{prefix}.tau={self.tau} must lie in (0, 1]: e.g. 0.005 averages the critics into "
-                               "their targets slowly, 1 copies them")
+        check_polyak_tau(self.tau, prefix)
         temperature(self.ent_coef, prefix)
 
     def check_spaces(self, observation_space: gym.Space, action_space: gym.Space) -> None:
-        if not (isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1):
-            raise MazerunError(f"algorithm={self.name} acts in 1-D Box (continuous) action spaces and this env's "
-                               f"actions are {action_space}; use algorithm=ppo, or a Box env such as env.name=Pendulum-v1")
+        check_box_actions(self.name, action_space)
 
 
 def temperature(ent_coef: str, prefix: str = "algorithm") -> tuple[float, bool]:
@@ -156,7 +158,7 @@ class SoftActorCritic(BatchAlgorithm):
     """
 
     network_type = "squashed_gaussian"
-    starts_from = ("actor_critic",)
+    starts_from = ("actor_critic", "tanh_deterministic")
     phases = (UpdatePhase("critic_loss", "critic_optimizer"), UpdatePhase("actor_loss", "actor_optimizer"))
     target_networks = {"critic_target": "critic"}
 
@@ -192,20 +194,12 @@ class SoftActorCritic(BatchAlgorithm):
         return actor_loss + alpha_loss, {**metrics, "temperature_loss": alpha_loss.detach()}
 
     def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Start from an earlier run's policy: every weight whose name and shape match (a BC clone's encoder, trunk,
-        mean head and observation statistics); the critics read observations with the same statistics.
+        """Start from an earlier run's policy (a BC clone, a TD3+BC policy, a SAC run's own): its matching weights.
 
         A clone's Gaussian mean becomes the mean of ``u`` before the tanh: where the clone's actions
         lie well inside the box they stay close, near its edges tanh bends them inwards.
         """
-        own = self.network.state_dict()
-        matching = {name: value for name, value in state.items() if name in own and own[name].shape == value.shape}
-        self.network.load_state_dict({**own, **matching})
-        encoder = self.network.actor_encoder
-        if encoder.kind == "vector_obs":
-            self.critic.set_normalization(encoder.obs_mean, encoder.obs_std)
-            self.critic_target.set_normalization(encoder.obs_mean, encoder.obs_std)
-
+        load_matching_weights(self.network, state, self.critic, self.critic_target)
 
 Config = SACConfig
 Algorithm = SoftActorCritic
