@@ -164,6 +164,15 @@ def test_a_run_stopped_between_two_steps_and_continued_equals_the_run_that_never
     assert_same_run(tmp_path / "whole", tmp_path / "continued")
 
 
+def test_a_continued_run_must_step_as_many_env_copies_as_it_saved(tmp_path: Path) -> None:
+    train(tiny_config(total_steps=24), tmp_path / "first")
+    config = tiny_config(tmp_path / "first", total_steps=48)
+    config.runner.n_envs = 4
+    with pytest.raises(MazerunError, match=r"^runner\.n_envs=4 differs from the 2 env copies .*; continue with "
+                                           r"runner\.n_envs=2$"):
+        train(config, tmp_path / "continued")
+
+
 # ---------------------------------------------------------------------------------------------- the CLI
 
 

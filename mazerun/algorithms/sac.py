@@ -51,10 +51,11 @@ from mazerun.fast.optim import Adam
 class SACConfig:
     """SAC's settings; the defaults are Stable-Baselines3's.
 
-    From scratch: run algorithm=sac env=Pendulum-v1 runner.n_envs=1 (SB3 steps one env copy);
+    From scratch: run algorithm=sac env=Pendulum-v1 (its tuned defaults step one env copy, as SB3);
     fine-tune a clone of Box actions: run algorithm=sac input_dir=outputs/<continuous bc run>;
-    continue a SAC run: run algorithm=sac input_dir=outputs/<sac run> (total_steps is the total).
-    A clone lends its encoder, trunk and mean head; the std head and the critics start fresh.
+    continue a SAC run: run algorithm=sac env=Pendulum-v1 input_dir=outputs/<sac run> (the same runner.n_envs;
+    total_steps is the total). A clone lends its encoder, trunk and mean head; the std head and the critics start
+    fresh. Elsewhere runner.n_envs=1 steps as SB3 does.
     """
 
     loop: ClassVar[str] = "off_policy"

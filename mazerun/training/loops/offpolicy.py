@@ -62,6 +62,10 @@ def train_off_policy(setup: RunSetup) -> TrainResult:
         log.info("training %s from scratch on %s", config.name, setup.env_id)
     elif start.continuing:
         state = start.checkpoint.extra[TRAINING_STATE]
+        stepped = len(state["envs"]["episodes"])
+        if stepped != n_envs:  # each copy replays its own running episode
+            raise MazerunError(f"runner.n_envs={n_envs} differs from the {stepped} env copies {start.checkpoint.path} "
+                               f"stepped; continue with runner.n_envs={stepped}")
         algorithm.network.load_state_dict(start.checkpoint.model_state)
         algorithm.load_training_state(state["algorithm"], start.step)
         generator.set_state(state["generator"])
