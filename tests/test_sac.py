@@ -129,7 +129,8 @@ def assert_same_run(whole: Path, resumed: Path) -> None:
         for key, value in state["algorithm"][name].items():
             assert torch.equal(value, other["algorithm"][name][key]), f"{name}.{key}"
     for key, value in state["buffer"].items():
-        assert torch.equal(value, other["buffer"][key]) if isinstance(value, torch.Tensor) else value == other["buffer"][key]
+        found = other["buffer"][key]
+        assert torch.equal(value, found) if isinstance(value, torch.Tensor) else value == found, key
     assert torch.equal(state["generator"], other["generator"])
     assert metric_rows(resumed) == metric_rows(whole)
 
@@ -212,7 +213,8 @@ def test_sac_fine_tunes_a_continuous_clone_from_its_policy_weights(tmp_path: Pat
                     runner=RunnerConfig(eval_repeats=1, max_episode_steps=10, dataset=DatasetConfig(
                         dir_or_file=str(tmp_path / "records" / "trajectory_data"))),
                     model={"hidden_sizes": [16, 16]}, device="cpu"), tmp_path / "bc")
-    config = RunConfig(algorithm=SACConfig(total_steps=8, learning_starts=100, eval_every=8, buffer_size=100),  # no update yet
+    no_update = SACConfig(total_steps=8, learning_starts=100, eval_every=8, buffer_size=100)
+    config = RunConfig(algorithm=no_update,
                        runner=RunnerConfig(n_envs=2, max_episode_steps=10, eval_repeats=1),
                        input_dir=str(tmp_path / "bc"), device="cpu")
     train(config, tmp_path / "sac")

@@ -67,7 +67,8 @@ def test_a_run_stopped_between_the_actor_steps_and_continued_equals_the_run_that
     train(tiny_config(records, n_updates=6), tmp_path / "whole")
     train(tiny_config(records, n_updates=3), tmp_path / "first")
     train(tiny_config(records, tmp_path / "first", n_updates=6), tmp_path / "continued")
-    whole, continued = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(tmp_path / "continued" / "last.pt")
+    whole = load_checkpoint(tmp_path / "whole" / "last.pt")
+    continued = load_checkpoint(tmp_path / "continued" / "last.pt")
     for name, value in whole.model_state.items():
         assert torch.equal(value, continued.model_state[name]), name
     state, other = whole.extra["training_state"], continued.extra["training_state"]
@@ -75,7 +76,8 @@ def test_a_run_stopped_between_the_actor_steps_and_continued_equals_the_run_that
         for key, value in state["algorithm"][network].items():
             assert torch.equal(value, other["algorithm"][network][key]), f"{network}.{key}"
     assert torch.equal(state["generator"], other["generator"])
-    assert read_metrics_csv(tmp_path / "continued" / "metrics.csv") == read_metrics_csv(tmp_path / "whole" / "metrics.csv")
+    assert read_metrics_csv(tmp_path / "continued" / "metrics.csv") == read_metrics_csv(
+        tmp_path / "whole" / "metrics.csv")
 
 
 # ---------------------------------------------------------------------------------------------- the CLI

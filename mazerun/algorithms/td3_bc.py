@@ -80,7 +80,8 @@ def smoothed_target_actions(squashed: torch.Tensor, noise: torch.Tensor, policy_
 
 
 def normalized_q_term(q_values: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``-lambda * E[Q]`` with ``lambda = alpha / E[|Q|]`` held fixed: the actor's Q term, free of the rewards' scale."""
+    """``-lambda * E[Q]`` with ``lambda = alpha / E[|Q|]`` held fixed: the actor's Q term, free of the rewards'
+    scale."""
     return -(alpha / q_values.abs().mean().detach()) * q_values.mean()
 
 

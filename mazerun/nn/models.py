@@ -767,8 +767,8 @@ class TanhPolicy(Recurrent, nn.Module):
             raise MazerunError(f"a tanh-squashed policy acts in 1-D Box action spaces, not {action_space}; "
                                "use algorithm=ppo for discrete actions")
         if config.recurrent:
-            raise MazerunError(f"model.memory={config.memory}: the tanh-squashed policies (SAC, TD3+BC) have no memory; "
-                               "use model.memory=none")
+            raise MazerunError(f"model.memory={config.memory}: the tanh-squashed policies (SAC, TD3+BC) have no "
+                               "memory; use model.memory=none")
         action_dim = int(action_space.shape[0])
         actor = Torso(config, observation_space, vocabulary, orthogonal=False)
         self.actor_encoder, self.actor_trunk = actor.encoder, actor.trunk
@@ -857,7 +857,8 @@ class TwinQNetwork(nn.Module):
         self.heads = nn.ModuleList()
         for _ in range(2):
             encoder = ObservationEncoder(config, observation_space, vocabulary, orthogonal=False)
-            trunk, width = mlp(encoder.output_dim + action_dim, config.hidden_sizes, config.activation, orthogonal=False)
+            trunk, width = mlp(encoder.output_dim + action_dim, config.hidden_sizes, config.activation,
+                               orthogonal=False)
             self.encoders.append(encoder)
             self.trunks.append(trunk)
             self.heads.append(nn.Linear(width, 1))

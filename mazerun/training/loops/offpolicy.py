@@ -12,12 +12,13 @@ episode's last observation (``infos["final_obs"]``) as its next observation, and
 only where the episode terminated: a time limit's cut bootstraps from that final observation.
 
 Each step that ends episodes logs their returns (``rollout``); every ``eval_every`` steps the
-loop reports (train metrics averaged since the last report, an evaluation) and writes ``last.pt``: the policy, the algorithm's training
-state (critics, targets, temperature, optimisers), the loop's generator, the replay buffer, each
-env copy's running episode and the report window in progress. A stop (Ctrl-C, SIGTERM) between
-two iterations writes it too, so ``input_dir=<this run>`` with a larger ``total_steps`` continues
-as the run that was never stopped. ``input_dir`` of another algorithm's run (a BC clone) lends
-its policy's weights where they fit (``Algorithm.load_network_state``).
+loop reports (train metrics averaged since the last report, an evaluation) and writes
+``last.pt``: the policy, the algorithm's training state (critics, targets, temperature,
+optimisers), the loop's generator, the replay buffer, each env copy's running episode and the
+report window in progress. A stop (Ctrl-C, SIGTERM) between two iterations writes it too, so
+``input_dir=<this run>`` with a larger ``total_steps`` continues as the run that was never
+stopped. ``input_dir`` of another algorithm's run (a BC clone, a TD3+BC policy) lends its
+policy's weights where they fit (``Algorithm.load_network_state``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from mazerun.training.session import LoopShell
 log = logging.getLogger(__name__)
 
 def train_off_policy(setup: RunSetup) -> TrainResult:
-    """Train the setup's off-policy algorithm (SAC) up to ``total_steps`` env steps; writes best.pt, last.pt, metrics."""
+    """Train the setup's off-policy algorithm (SAC) up to ``total_steps`` env steps; writes best.pt, last.pt and
+    the metrics."""
     config, runner, device = setup.algorithm, setup.runner, setup.device
     n_envs = runner.n_envs
     total_steps = -(-config.total_steps // n_envs) * n_envs
