@@ -88,8 +88,8 @@ def normalized_q_term(q_values: torch.Tensor, alpha: float) -> torch.Tensor:
 class TD3BC(OfflineAlgorithm):
     """The TD3+BC learner: the deterministic policy that acts, two critics, and a target of each.
 
-    ``generator`` draws the target smoothing noise; the loop saves its state, so a continued run
-    draws what the uninterrupted one would.
+    ``generator`` (the offline loop's sampler's) draws the target smoothing noise; the loop saves its
+    state, so a continued run draws what the uninterrupted one would.
     """
 
     network_type = "tanh_deterministic"
@@ -111,7 +111,8 @@ class TD3BC(OfflineAlgorithm):
         config = self.config
         with torch.no_grad():
             squashed = self.actor_target(batch.next_observations)
-            noise = torch.randn(squashed.shape, generator=self.generator, device=squashed.device)
+            noise = torch.randn(squashed.shape, generator=self.generator, device=self.generator.device)
+            noise = noise.to(squashed.device)  # a memory-mapped store's sampler draws on the CPU
             next_actions = self.actor_target.to_env(smoothed_target_actions(squashed, noise, config.policy_noise,
                                                                             config.noise_clip))
             next_q = self.critic_target(batch.next_observations, next_actions).min(dim=0).values
