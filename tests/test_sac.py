@@ -225,3 +225,14 @@ def test_sac_fine_tunes_a_continuous_clone_from_its_policy_weights(tmp_path: Pat
         assert torch.equal(sac.model_state[name], clone.model_state[name]), name
     critic = sac.extra["training_state"]["algorithm"]["critic"]
     assert torch.equal(critic["encoders.0.obs_std"], clone.model_state["actor_encoder.obs_std"])
+
+
+def test_dagger_learns_from_a_sac_teacher(tmp_path: Path, workdir: Path) -> None:
+    """A trained SAC run labels every state a DAgger learner visits (a continuous teacher, issue 27's imitation)."""
+    train(tiny_config(), tmp_path / "sac")
+    run_ok("algorithm=dagger", "env=Pendulum-v1", "expert=torch_policy", f"expert.input_dir={tmp_path / 'sac'}",
+           "algorithm.total_steps=32", "algorithm.n_steps=8", "algorithm.n_updates=4", "algorithm.eval_every=32",
+           "runner.n_envs=2", "runner.max_episode_steps=8", "runner.eval_repeats=1", "model.hidden_sizes=[16,16]",
+           "device=cpu", cwd=workdir)
+    rows = read_metrics_csv(newest_run_dir(workdir) / "metrics.csv")
+    assert {"action_error", "labels"} <= {row["metric"] for row in rows}
