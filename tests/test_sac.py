@@ -6,19 +6,34 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import gymnasium as gym
 import pytest
 import torch
 from conftest import newest_run_dir, run_cli, run_ok
 
 from mazerun.acting.envs import make_env
 from mazerun.acting.rollout import rollout
+from mazerun.algorithms import build_algorithm
 from mazerun.algorithms.bc import BCConfig
-from mazerun.algorithms.sac import SACConfig, soft_q_target, temperature, temperature_loss
-from mazerun.config.schemas import DatasetConfig, EnvConfig, PolicyConfig, RunConfig, RunnerConfig
+from mazerun.algorithms.protocol import AlgorithmSpec
+from mazerun.algorithms.sac import (
+    SACConfig,
+    soft_q_target,
+    temperature,
+    temperature_loss,
+)
+from mazerun.config.schemas import (
+    DatasetConfig,
+    EnvConfig,
+    PolicyConfig,
+    RunConfig,
+    RunnerConfig,
+)
 from mazerun.core.errors import MazerunError
 from mazerun.data.records import load_records
+from mazerun.data.tensors import TransitionBatch
 from mazerun.nn.checkpoint import load_checkpoint
-from mazerun.nn.models import squashed_log_prob
+from mazerun.nn.models import ModelConfig, squashed_log_prob
 from mazerun.training.loops import offpolicy
 from mazerun.training.metrics import read_metrics_csv
 from mazerun.training.train import train
@@ -91,6 +106,25 @@ def test_ent_coef_is_auto_auto_with_a_start_or_a_fixed_number() -> None:
     for bad in ("automatic", "auto_-1", "0", "nan"):
         with pytest.raises(MazerunError, match=r"^algorithm\.ent_coef="):
             temperature(bad)
+
+
+def test_a_fixed_ent_coef_stays_fixed_and_auto_moves_towards_the_target_entropy() -> None:
+    env = make_env("Pendulum-v1")
+    spec = AlgorithmSpec(env.observation_space, env.action_space, ModelConfig(kind="vector_obs", hidden_sizes=(16,)))
+    batch = TransitionBatch(torch.randn(32, 3), torch.rand(32, 1) * 4 - 2, torch.randn(32), torch.randn(32, 3),
+                            torch.zeros(32))
+    fixed = build_algorithm(SACConfig(ent_coef="0.2"), spec, torch.Generator().manual_seed(0))
+    learned = build_algorithm(SACConfig(), spec, torch.Generator().manual_seed(0))
+    for _ in range(3):
+        fixed_metrics, learned_metrics = fixed.update(batch), learned.update(batch)
+    assert fixed.temperature.alpha.item() == pytest.approx(0.2) and "temperature_loss" not in fixed_metrics
+    # a fresh policy's entropy (about 0.5 nats of tanh(u) in [-1, 1]) lies above the target -1: alpha falls from 1
+    assert learned_metrics["entropy"] > -1.0 and learned.temperature.alpha.item() < 1.0
+
+
+def test_an_action_space_the_policy_cannot_act_in_is_refused_in_one_line() -> None:
+    with pytest.raises(MazerunError, match=r"^algorithm=sac acts in 1-D Box .* Box\(-1\.0, 1\.0, \(2, 2\)"):
+        SACConfig().check_spaces(gym.spaces.Box(-1, 1, (3,)), gym.spaces.Box(-1, 1, (2, 2)))
 
 
 # ------------------------------------------------------------------------------------------------ the loop
