@@ -199,12 +199,17 @@ def test_a_run_stopped_between_two_steps_and_continued_equals_the_run_that_never
     assert_same_run(tmp_path / "whole", tmp_path / "continued")
 
 
-def test_a_continued_run_must_step_as_many_env_copies_as_it_saved(tmp_path: Path) -> None:
+def test_a_continued_run_must_step_as_many_env_copies_into_as_large_a_buffer_as_it_saved(tmp_path: Path) -> None:
     train(tiny_config(total_steps=24), tmp_path / "first")
     config = tiny_config(tmp_path / "first", total_steps=48)
     config.runner.n_envs = 4
     with pytest.raises(MazerunError, match=r"^runner\.n_envs=4 differs from the 2 env copies .*; continue with "
                                            r"runner\.n_envs=2$"):
+        train(config, tmp_path / "continued")
+    config = tiny_config(tmp_path / "first", total_steps=48)
+    config.algorithm.buffer_size = 500
+    with pytest.raises(MazerunError, match=r"^algorithm\.buffer_size=500 differs from the 1000 of .*; continue with "
+                                           r"algorithm\.buffer_size=1000$"):
         train(config, tmp_path / "continued")
 
 
