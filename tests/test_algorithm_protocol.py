@@ -5,7 +5,8 @@ The registry is iterated, so an algorithm registered tomorrow is tested here wit
 built through :func:`mazerun.algorithms.build_algorithm` for every kind of env it accepts (its
 ``Config.check_spaces``: vector observations with discrete actions, continuous actions, a GRU, MiniGrid's dict
 observations) and fed what its loop feeds (``Config.loop``): offline batches drawn from records by
-:mod:`mazerun.data.tensors`' samplers, DAgger's labelled states, or rollouts of real env copies scored with GAE.
+:mod:`mazerun.data.tensors`' samplers, DAgger's labelled states, rollouts of real env copies scored with GAE, or
+batches replayed from a buffer of real transitions.
 Only the sizes the loops read (batch and chunk sizes, rollout length) are shrunk; every other setting is the
 algorithm's default. An algorithm's own maths is tested in its own file.
 """
@@ -32,6 +33,7 @@ from mazerun.algorithms import ALGORITHMS, algorithm_config, algorithm_module, b
 from mazerun.algorithms.protocol import Algorithm, AlgorithmSpec
 from mazerun.core.errors import MazerunError
 from mazerun.data.records import StateTrajectoryRecord
+from mazerun.data.replay import ReplayBuffer
 from mazerun.data.tensors import (
     BatchSampler,
     SequenceSampler,
@@ -55,6 +57,7 @@ LOOP_SIZES: dict[str, dict[str, int]] = {
     "offline": {"batch_size": 8, "rollout_len": 4, "nrollouts": 3, "burn_in": 2},
     "interactive": {"batch_size": 8, "rollout_len": 4, "nrollouts": 3, "burn_in": 2},
     "on_policy": {"n_steps": 8, "batch_size": 16},
+    "off_policy": {"batch_size": 8},
 }
 """The settings each loop reads to size what it feeds (the samplers', the rollout's), shrunk to a few rows.
 On-policy with memory: a minibatch of 16 is whole sequences of 8 steps from 2 of the 4 env copies."""
@@ -175,6 +178,11 @@ class Case(NamedTuple):
             draw = (aggregate.sequences(config, generator).sample if recurrent
                     else functools.partial(aggregate.sample, config.batch_size, generator))
             return [draw() for _ in range(count)]
+        if self.loop == "off_policy":  # a replay buffer holding the random episodes
+            buffer = ReplayBuffer(len(data), self.spec.observation_space, self.spec.action_space, CPU)
+            buffer.add(data.observations, data.actions, data.rewards, data.next_observations, data.dones)
+            generator = torch.Generator().manual_seed(0)
+            return [buffer.sample(config.batch_size, generator) for _ in range(count)]
         assert self.loop == "on_policy", f"{config.name}: unknown loop {self.loop!r}"
         return self.rollouts(count)
 

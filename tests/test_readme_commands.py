@@ -159,6 +159,8 @@ BUDGETS: dict[str, list[str]] = {
     # 16 steps x 16 envs = 256 per rollout: a multiple of every batch_size (64, CartPole's tuned 256)
     "ppo": ["total_steps=512", "n_steps=16", "eval_every=512"],
     "dagger": ["total_steps=128", "n_steps=8", "n_updates=2", "eval_every=128"],
+    "sac": ["total_steps=64", "learning_starts=16", "batch_size=16", "buffer_size=1000", "eval_every=64"],
+    "td3_bc": ["n_updates=2", "eval_every=2"],
     "awr": ["n_updates=2", "eval_every=2"],  # the plugin examples/mazerun_awr
 }
 """Keys of an algorithm (or record stage) and their tiny values; ``algorithm.`` or ``pipeline.stages.<stage>.`` goes before."""
@@ -258,6 +260,29 @@ def recurrent_bc_run(runs: Path, bot_records: Path) -> Path:
 def ppo_run(runs: Path) -> Path:
     """One rollout, half the commands' budget: continuing it trains on."""
     return tiny_run(runs / "ppo", "algorithm=ppo", then=("algorithm.total_steps=256",))
+
+
+@pytest.fixture(scope="module")
+def sac_run(runs: Path) -> Path:
+    """Half the commands' budget on Pendulum: continuing it trains on."""
+    return tiny_run(runs / "sac", "algorithm=sac", "env=Pendulum-v1", then=("algorithm.total_steps=32",))
+
+
+@pytest.fixture(scope="module")
+def continuous_records(runs: Path) -> Path:
+    """2 heuristic episodes of LunarLanderContinuous-v3 (Box actions)."""
+    return tiny_run(runs / "continuous", "env=LunarLanderContinuous-v3", "policy=heuristic") / "trajectory_data"
+
+
+@pytest.fixture(scope="module")
+def continuous_bc_run(runs: Path, continuous_records: Path) -> Path:
+    return tiny_run(runs / "continuous_bc", "-cn", "conf_train", f"runner.dataset.dir_or_file={continuous_records}")
+
+
+@pytest.fixture(scope="module")
+def td3_bc_run(runs: Path, continuous_records: Path) -> Path:
+    return tiny_run(runs / "td3_bc", "-cn", "conf_train", "algorithm=td3_bc",
+                    f"runner.dataset.dir_or_file={continuous_records}")
 
 
 @pytest.fixture(scope="module")
@@ -385,6 +410,10 @@ PLACEHOLDERS: dict[str, str] = {
     "outputs/<recurrent bc run>": "recurrent_bc_run",
     "outputs/<recurrent run>": "recurrent_bc_run",
     "outputs/<ppo run>": "ppo_run",
+    "outputs/<sac run>": "sac_run",
+    "outputs/<continuous bc run>": "continuous_bc_run",
+    "outputs/<td3_bc run>": "td3_bc_run",
+    "<continuous records>": "continuous_records",
     "outputs/<awr run>": "awr_run",
     "outputs/<evolution run>": "evolution_run",
     "outputs/<a stopped pipeline run>": "stopped_pipeline_run",

@@ -29,6 +29,8 @@ ALGORITHMS = {
     "iql": "mazerun.algorithms.iql",
     "ppo": "mazerun.algorithms.ppo",
     "dagger": "mazerun.algorithms.dagger",
+    "sac": "mazerun.algorithms.sac",
+    "td3_bc": "mazerun.algorithms.td3_bc",
 }
 """The built-in algorithms: name -> module."""
 

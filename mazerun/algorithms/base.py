@@ -1,4 +1,4 @@
-"""The algorithms fed batches (offline, and DAgger's labelled states): their shared settings and their shared step."""
+"""The algorithms fed batches (records, labelled states, a replay buffer): their shared settings and their step."""
 
 from __future__ import annotations
 
@@ -106,6 +106,33 @@ class ValueLearningConfig(OfflineConfig):
             )
 
 
+def check_box_actions(name: str, action_space: gym.Space) -> None:
+    """Refuse, in one line, an env whose actions are not a 1-D Box (SAC's and TD3+BC's tanh-squashed policies)."""
+    if not (isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1):
+        raise MazerunError(f"algorithm={name} acts in 1-D Box (continuous) action spaces and this env's actions are "
+                           f"{action_space}; use algorithm=ppo, or a Box env such as env.name=Pendulum-v1")
+
+
+def check_polyak_tau(tau: float, prefix: str) -> None:
+    """``tau`` of targets averaged in after every update must lie in (0, 1]."""
+    if not 0.0 < tau <= 1.0:
+        raise MazerunError(f"{prefix}.tau={tau} must lie in (0, 1]: e.g. 0.005 averages the online networks into "
+                           "their targets slowly, 1 copies them")
+
+
+def load_matching_weights(policy: nn.Module, state: dict[str, torch.Tensor], *readers: nn.Module) -> None:
+    """Start a tanh-squashed policy from another run's acting network: every weight whose name and shape match (a
+    clone's encoder, trunk and mean head, and its observation statistics); ``readers`` (critics, targets) then read
+    observations with the policy's statistics."""
+    own = policy.state_dict()
+    policy.load_state_dict({**own, **{name: value for name, value in state.items()
+                                      if name in own and own[name].shape == value.shape}})
+    encoder = policy.actor_encoder
+    if encoder.kind == "vector_obs":
+        for reader in readers:
+            reader.set_normalization(encoder.obs_mean, encoder.obs_std)
+
+
 def warm_state(sequence_fn: Any, batch: SequenceBatch, batch_size: int, state_size: int) -> torch.Tensor:
     """The state each chunk starts from: zeros, run through the burn-in steps (without gradient) if any.
 
@@ -157,28 +184,77 @@ def update_target(target: nn.Module, online: nn.Module, tau: float) -> None:
         torch._foreach_lerp_(target_parameters, online_parameters, tau)
 
 
-def follow_target(target: nn.Module, online: nn.Module, update: int, config: ValueLearningConfig) -> None:
-    """The target update due after gradient step number ``update`` (counted from 1), if any."""
+def follow_target(target: nn.Module, online: nn.Module, update: int, config: Any) -> None:
+    """The target update due after gradient step number ``update`` (counted from 1), if any, by ``config.tau`` and
+    ``config.target_update_interval``."""
     if update % config.target_update_interval == 0:
         update_target(target, online, config.tau)
 
 
-class OfflineAlgorithm(Algorithm):
-    """An algorithm fed batches (of records, or of labelled states): each update runs its phases in order.
+class BatchAlgorithm(Algorithm):
+    """An algorithm fed batches of transitions (records, labelled states, a replay buffer): each update runs its
+    phases in order, then its target networks follow.
 
-    Subclasses build their networks and optimisers and write each phase's loss as a method
-    (:meth:`losses` for the single phase most have); the step around a loss is shared here:
-    zero the gradients, backward, average them over data-parallel ranks, schedule the learning
-    rate, step, then let the target networks follow. A phase may also have a hand-written
-    gradient (:meth:`fused_gradient`, for the phase of :meth:`losses` where :attr:`stack` is set):
-    the same loss, faster, never a different one.
+    Subclasses build their networks and optimisers and write each phase's loss as a method; the
+    step around a loss is shared here: zero the gradients, backward, average them over data-parallel
+    ranks, step, then let the target networks follow (:func:`follow_target`, by the config's ``tau``
+    and ``target_update_interval``).
     """
 
     phases: ClassVar[tuple[UpdatePhase, ...]] = (UpdatePhase(),)
     """The optimiser steps of one update, in order."""
-    searchable = True
     gradient_sync: Callable[[], None] | None = None
     """Set by the offline loop under torchrun: averages the gradients over the processes after each backward."""
+
+    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One update on ``batch``: every phase due, then the targets; returns detached scalar metrics."""
+        metrics: dict[str, torch.Tensor] = {}
+        for phase in self.phases:
+            if self.updates % phase.every == 0:
+                metrics.update(self.step_phase(phase, batch))
+        self.updates += 1
+        self.after_step()
+        return metrics
+
+    def step_phase(self, phase: UpdatePhase, batch: Batch) -> dict[str, torch.Tensor]:
+        """One optimiser's step on the gradient of its phase's loss."""
+        optimizer = getattr(self, phase.optimizer)
+        metrics = self.phase_gradient(phase, optimizer, batch)
+        if self.gradient_sync is not None:
+            self.gradient_sync()
+        self.after_backward(metrics)
+        self.before_step(optimizer)
+        optimizer.step()
+        return metrics
+
+    def phase_gradient(self, phase: UpdatePhase, optimizer: Any, batch: Batch) -> dict[str, torch.Tensor]:
+        """The gradient of the phase's loss in the parameters' ``.grad``; returns the loss's metrics."""
+        loss, metrics = getattr(self, phase.loss)(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return metrics
+
+    def before_step(self, optimizer: Any) -> None:
+        """Work due between a phase's gradient and its step (a scheduled learning rate); none by default."""
+
+    def after_backward(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Gradient metrics, read between backward and step; none by default."""
+
+    def after_step(self) -> None:
+        """Work due after each update: every target network follows its online one."""
+        for target, online in self.target_networks.items():
+            follow_target(getattr(self, target), getattr(self, online), self.updates, self.config)
+
+
+class OfflineAlgorithm(BatchAlgorithm):
+    """An algorithm fed batches of records (or of labelled states), on :class:`BatchAlgorithm`'s step.
+
+    It adds what learning from a fixed budget of updates brings: a learning rate that may decay to
+    0 at ``n_updates``, and a hand-written gradient for a phase (:meth:`fused_gradient`, for the
+    phase of :meth:`losses` where :attr:`stack` is set): the same loss, faster, never a different one.
+    """
+
+    searchable = True
     stack: Any = None
     """The hand-written fast path's state where the algorithm has one for this network (:meth:`build_stack`),
     else None: the autograd path."""
@@ -213,34 +289,16 @@ class OfflineAlgorithm(Algorithm):
     def losses(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss to minimise on ``batch`` and its detached scalar metrics (the first phase's loss)."""
 
-    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """One update on ``batch``: every phase due, then the targets; returns detached scalar metrics."""
-        metrics: dict[str, torch.Tensor] = {}
-        for phase in self.phases:
-            if self.updates % phase.every == 0:
-                metrics.update(self.step_phase(phase, batch))
-        self.updates += 1
-        self.after_step()
-        return metrics
-
-    def step_phase(self, phase: UpdatePhase, batch: Batch) -> dict[str, torch.Tensor]:
-        """One optimiser's step on the gradient of its phase's loss."""
-        optimizer = getattr(self, phase.optimizer)
+    def phase_gradient(self, phase: UpdatePhase, optimizer: Any, batch: Batch) -> dict[str, torch.Tensor]:
         if phase.loss == "losses" and self.stack is not None and isinstance(batch, TransitionBatch):
             with torch.no_grad():
-                metrics = self.fused_gradient(batch)
-        else:
-            loss, metrics = getattr(self, phase.loss)(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        if self.gradient_sync is not None:
-            self.gradient_sync()
-        self.after_backward(metrics)
+                return self.fused_gradient(batch)
+        return super().phase_gradient(phase, optimizer, batch)
+
+    def before_step(self, optimizer: Any) -> None:
         if self.config.lr_schedule != "constant":
             for group in optimizer.param_groups:
                 group["lr"] = self.lr_schedule(self.updates)
-        optimizer.step()
-        return metrics
 
     def fast_path_tolerance(self) -> tuple[float, float]:
         """How far the hand-written gradient may stray from autograd's, and the floor of :func:`gradient_mismatch`:
@@ -280,14 +338,6 @@ class OfflineAlgorithm(Algorithm):
         """The fast path's part of :meth:`update` (with :attr:`stack`): write the gradient of the loss on ``batch``
         into the parameters' ``.grad`` by hand and return the metrics :meth:`losses` would."""
         raise NotImplementedError(f"{type(self).__name__} has no hand-written step")
-
-    def after_backward(self, metrics: dict[str, torch.Tensor]) -> None:
-        """Gradient metrics, read between backward and step; none by default."""
-
-    def after_step(self) -> None:
-        """Work due after each update: every target network follows its online one."""
-        for target, online in self.target_networks.items():
-            follow_target(getattr(self, target), getattr(self, online), self.updates, self.config)
 
     @torch.no_grad()
     def validation_metrics(self, batch: Batch) -> dict[str, torch.Tensor]:

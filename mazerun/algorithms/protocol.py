@@ -30,7 +30,17 @@ import gymnasium as gym
 import torch
 from torch import nn
 
-from mazerun.nn.models import ActorCritic, ModelConfig, QNetwork, Vocabulary, build_actor_critic, build_q_network
+from mazerun.nn.models import (
+    ActorCritic,
+    ModelConfig,
+    QNetwork,
+    SquashedGaussianPolicy,
+    TanhPolicy,
+    TwinQNetwork,
+    Vocabulary,
+    build_actor_critic,
+    build_q_network,
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,20 @@ class AlgorithmSpec:
         """A fresh Q-network over the discrete actions, on the device."""
         return build_q_network(self.model_config, self.observation_space, self.action_space,
                                self.vocabulary).to(self.device)
+
+    def tanh_policy(self) -> TanhPolicy:
+        """A fresh deterministic tanh-squashed policy over the Box actions, on the device."""
+        return TanhPolicy(self.model_config, self.observation_space, self.action_space, self.vocabulary).to(self.device)
+
+    def squashed_gaussian_policy(self) -> SquashedGaussianPolicy:
+        """A fresh tanh-squashed Gaussian policy over the Box actions, on the device."""
+        return SquashedGaussianPolicy(self.model_config, self.observation_space, self.action_space,
+                                      self.vocabulary).to(self.device)
+
+    def twin_q_network(self) -> TwinQNetwork:
+        """Two fresh Q(s, a) networks over the Box actions, on the device."""
+        return TwinQNetwork(self.model_config, self.observation_space, self.action_space,
+                            self.vocabulary).to(self.device)
 
 
 @dataclass(frozen=True)
@@ -100,7 +124,11 @@ class Algorithm(ABC):
 
     network: nn.Module
     network_type: ClassVar[str]
-    """``actor_critic`` or ``q_network``: how :func:`mazerun.nn.models.build_network` rebuilds ``network``."""
+    """``actor_critic``, ``q_network``, ``squashed_gaussian`` or ``tanh_deterministic``: how
+    :func:`mazerun.nn.models.build_network` rebuilds ``network``."""
+    starts_from: ClassVar[tuple[str, ...]] = ()
+    """Other network types whose weights :meth:`load_network_state` can start from (``input_dir`` of another
+    algorithm's run), besides ``network_type``."""
     target_networks: ClassVar[dict[str, str]] = {}
     """Target network attribute -> the online network attribute it follows after each update."""
     fast_actor: Any = None

@@ -96,11 +96,12 @@ class RunnerConfig:
     eval_repeats: int = 10
     """Training: episodes per evaluation rollout (deterministic actions, fixed seeds)."""
     n_envs: int = 16
-    """PPO and DAgger: environments stepped side by side."""
+    """PPO, DAgger and SAC: environments stepped side by side."""
     vector: str = "auto"
-    """PPO and DAgger: how the env copies step. sync: in the main process. worker: a worker process steps half of
-    them over shared memory while the main process acts on the other half and steps it (two cores). async: one process
-    per copy (gymnasium's). auto: worker where two CPUs are usable, else sync. Every mode gives the same results."""
+    """PPO, DAgger and SAC: how the env copies step. sync: in the main process. worker: a worker process steps half
+    of them over shared memory while the main process acts on the other half and steps it (two cores). async: one
+    process per copy (gymnasium's). auto: worker where two CPUs are usable, else sync. Every mode gives the same
+    results."""
     critic_burn_in_epochs: Optional[int] = None
     """Maze's name for ``algorithm.critic_burn_in_epochs`` (PPO); accepted so seed 004's command runs."""
 

@@ -1,4 +1,4 @@
-"""Networks shared by BC, PPO, CQL and IQL, and the conversion of env observations to their input.
+"""Networks shared by BC, PPO, CQL, IQL, SAC and TD3+BC, and the conversion of env observations to their input.
 
 Two observation kinds are supported:
 
@@ -34,7 +34,7 @@ ModelInput = Union[torch.Tensor, dict[str, torch.Tensor]]
 
 MODEL_KINDS = ("vector_obs", "minigrid")
 MEMORY_KINDS = ("none", "gru", "lstm")
-NETWORK_TYPES = ("actor_critic", "q_network")
+NETWORK_TYPES = ("actor_critic", "q_network", "squashed_gaussian", "tanh_deterministic")
 CRITIC_PREFIXES = ("critic_", "value_head")
 """Parameter names of an :class:`ActorCritic`'s value function; everything else acts."""
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
@@ -733,6 +733,146 @@ class ValueNetwork(Recurrent, Torso):
         return self.head(self.next_step(obs, states)).squeeze(-1)
 
 
+LOG_STD_BOUNDS = (-20.0, 2.0)
+"""The squashed Gaussian's log-std is clamped to this range, as in SB3's and CleanRL's SAC."""
+
+
+def squashed_log_prob(mean: torch.Tensor, log_std: torch.Tensor, pre_squash: torch.Tensor) -> torch.Tensor:
+    """``log pi(tanh(u))`` of ``u ~ N(mean, exp(log_std))``, summed over the action dimensions: the Gaussian's
+    log-density of ``u`` minus ``sum log(1 - tanh(u)^2)``, the change of variables through tanh.
+
+    ``log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u))`` is exact and finite where ``tanh(u)`` rounds to +-1
+    (SB3 adds 1e-6 inside the log instead).
+    """
+    gaussian = Normal(mean, log_std.exp(), validate_args=False).log_prob(pre_squash)
+    correction = 2.0 * (math.log(2.0) - pre_squash - nn.functional.softplus(-2.0 * pre_squash))
+    return (gaussian - correction).sum(-1)
+
+
+class TanhPolicy(Recurrent, nn.Module):
+    """A deterministic policy for a 1-D Box (TD3+BC's): a head's output ``u`` squashed by tanh into the box,
+    ``a = centre + half_width * tanh(u)``.
+
+    The encoder, trunk and head carry :class:`ActorCritic`'s names (``actor_encoder``, ``actor_trunk``,
+    ``policy_head``), so a clone's weights load into it. Layers keep torch's default initialisation, as
+    SB3's and d3rlpy's actors do. No memory: it acts on each observation alone.
+    """
+
+    def __init__(
+        self, config: ModelConfig, observation_space: gym.Space, action_space: gym.Space,
+        vocabulary: Vocabulary | None = None,
+    ) -> None:
+        super().__init__()
+        if not (isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1):
+            raise MazerunError(f"a tanh-squashed policy acts in 1-D Box action spaces, not {action_space}; "
+                               "use algorithm=ppo for discrete actions")
+        if config.recurrent:
+            raise MazerunError(f"model.memory={config.memory}: the tanh-squashed policies (SAC, TD3+BC) have no "
+                               "memory; use model.memory=none")
+        action_dim = int(action_space.shape[0])
+        actor = Torso(config, observation_space, vocabulary, orthogonal=False)
+        self.actor_encoder, self.actor_trunk = actor.encoder, actor.trunk
+        self.policy_head = nn.Linear(actor.output_dim, action_dim)
+        self.features_dim = actor.output_dim
+        self.state_size = 0
+        self.register_buffer("action_low", torch.as_tensor(action_space.low, dtype=torch.float32))
+        self.register_buffer("action_high", torch.as_tensor(action_space.high, dtype=torch.float32))
+
+    def set_normalization(self, mean: torch.Tensor | np.ndarray, std: torch.Tensor | np.ndarray) -> None:
+        self.actor_encoder.set_normalization(mean, std)
+
+    def features(self, obs: ModelInput) -> torch.Tensor:
+        return self.actor_trunk(self.actor_encoder(obs))
+
+    def forward(self, obs: ModelInput) -> torch.Tensor:
+        """Actions in [-1, 1], ``(B, A)``, before they are mapped onto the box."""
+        return torch.tanh(self.policy_head(self.features(obs)))
+
+    def to_env(self, squashed: torch.Tensor) -> torch.Tensor:
+        """Actions in [-1, 1] mapped onto the env's box."""
+        half_width = (self.action_high - self.action_low) / 2
+        return self.action_low + half_width * (squashed + 1.0)
+
+    @torch.no_grad()
+    def act(self, obs: ModelInput, deterministic: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The policy's action (it has no other to sample)."""
+        return self.to_env(self(obs))
+
+    @torch.no_grad()
+    def act_step(
+        self, obs: ModelInput, state: torch.Tensor, starts: torch.Tensor, deterministic: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.act(obs, deterministic, generator), state
+
+
+class SquashedGaussianPolicy(TanhPolicy):
+    """SAC's policy: a Gaussian over ``u`` with a state-dependent std, squashed by tanh into the box; its mean is
+    the :class:`TanhPolicy` it acts as at test time.
+
+    Log-probabilities are those of ``tanh(u)`` in [-1, 1] (as SB3's), so the entropy target ``-dim(A)`` means
+    the same for every box.
+    """
+
+    def __init__(
+        self, config: ModelConfig, observation_space: gym.Space, action_space: gym.Space,
+        vocabulary: Vocabulary | None = None,
+    ) -> None:
+        super().__init__(config, observation_space, action_space, vocabulary)
+        self.log_std_head = nn.Linear(self.features_dim, int(action_space.shape[0]))
+
+    def gaussian(self, obs: ModelInput) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Gaussian's mean and clamped log-std over ``u``, ``(B, A)`` each."""
+        features = self.features(obs)
+        return self.policy_head(features), self.log_std_head(features).clamp(*LOG_STD_BOUNDS)
+
+    def sample(self, obs: ModelInput, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterised actions in the env's box (gradients flow through the noise) and their log-probabilities
+        ``(B,)``; the noise is drawn from ``generator``."""
+        mean, log_std = self.gaussian(obs)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        pre_squash = mean + log_std.exp() * noise
+        return self.to_env(torch.tanh(pre_squash)), squashed_log_prob(mean, log_std, pre_squash)
+
+    @torch.no_grad()
+    def act(self, obs: ModelInput, deterministic: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The squashed mean, or a sample."""
+        if deterministic:
+            return super().act(obs, deterministic)
+        return self.sample(obs, generator)[0]
+
+
+class TwinQNetwork(nn.Module):
+    """Two independent ``Q(s, a)`` for 1-D Box actions (clipped double Q): each an encoder, then an MLP over the
+    encoded observation and the action, then one output. Torch's default initialisation, as SB3's critics."""
+
+    def __init__(
+        self, config: ModelConfig, observation_space: gym.Space, action_space: gym.Space,
+        vocabulary: Vocabulary | None = None,
+    ) -> None:
+        super().__init__()
+        action_dim = int(action_space.shape[0])
+        self.encoders = nn.ModuleList()
+        self.trunks = nn.ModuleList()
+        self.heads = nn.ModuleList()
+        for _ in range(2):
+            encoder = ObservationEncoder(config, observation_space, vocabulary, orthogonal=False)
+            trunk, width = mlp(encoder.output_dim + action_dim, config.hidden_sizes, config.activation,
+                               orthogonal=False)
+            self.encoders.append(encoder)
+            self.trunks.append(trunk)
+            self.heads.append(nn.Linear(width, 1))
+
+    def set_normalization(self, mean: torch.Tensor | np.ndarray, std: torch.Tensor | np.ndarray) -> None:
+        for encoder in self.encoders:
+            encoder.set_normalization(mean, std)
+
+    def forward(self, obs: ModelInput, actions: torch.Tensor) -> torch.Tensor:
+        """Both Q-values of each row, ``(2, B)``."""
+        return torch.stack([head(trunk(torch.cat([encoder(obs), actions], dim=-1))).squeeze(-1)
+                            for encoder, trunk, head in zip(self.encoders, self.trunks, self.heads)])
+
+
 def build_actor_critic(
     config: ModelConfig,
     observation_space: gym.Space,
@@ -763,6 +903,10 @@ def build_network(
         return build_actor_critic(config, observation_space, action_space, vocabulary)
     if network_type == "q_network":
         return build_q_network(config, observation_space, action_space, vocabulary)
+    if network_type == "squashed_gaussian":
+        return SquashedGaussianPolicy(config, observation_space, action_space, vocabulary)
+    if network_type == "tanh_deterministic":
+        return TanhPolicy(config, observation_space, action_space, vocabulary)
     raise MazerunError(
         f"network type {network_type!r} is unknown (this mazerun builds {', '.join(NETWORK_TYPES)}); "
         "retrain with this mazerun"

@@ -151,14 +151,15 @@ class Start:
         return int(self.checkpoint.extra["step"]) if self.continuing else 0
 
 
-def load_start(input_dir: str, algorithm: str, network_type: str) -> Start:
-    """The checkpoint of ``input_dir``: a run of ``algorithm`` continues from its ``last.pt``, any other lends its ``best.pt``."""
+def load_start(input_dir: str, algorithm: str, network_type: str, starts_from: tuple[str, ...] = ()) -> Start:
+    """The checkpoint of ``input_dir``: a run of ``algorithm`` continues from its ``last.pt``, any other lends its ``best.pt``
+    (whose network must be a ``network_type``, or one of ``starts_from``)."""
     run_dir = resolve_run_dir(input_dir)
     checkpoint = load_checkpoint(run_dir)
     if checkpoint.algorithm == algorithm and run_dir.is_dir():
         checkpoint = load_checkpoint(run_dir, prefer=(LAST_CHECKPOINT, BEST_CHECKPOINT))
     found = checkpoint.model_config.get("network")
-    if found != network_type:
+    if found != network_type and found not in starts_from:
         raise MazerunError(
             f"input_dir {input_dir} holds a {found} ({checkpoint.algorithm}) and {algorithm} trains an "
             f"{network_type}: pass a run that trained an {network_type}, or drop input_dir to train from scratch"
@@ -258,14 +259,15 @@ def prepare(
     device = resolve_device(config.device)
     if world.distributed and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
-    network_type = algorithm_module(algorithm_config.name).Algorithm.network_type
+    algorithm_class = algorithm_module(algorithm_config.name).Algorithm
     explicit = config.env.name
     if explicit is not None:  # an env the algorithm cannot learn in fails before any record is read
         env = make_env(explicit)
         env.close()
         algorithm_config.check_spaces(env.observation_space, env.action_space)
 
-    start = load_start(input_dir, algorithm_config.name, network_type) if input_dir else None
+    start = (load_start(input_dir, algorithm_config.name, algorithm_class.network_type, algorithm_class.starts_from)
+             if input_dir else None)
     records, sources, store = None, [], None
     if algorithm_config.needs_dataset:
         if dataset is None and start is not None and start.checkpoint.extra.get("dataset"):

@@ -1,7 +1,7 @@
 """Training one algorithm: prepare the run, hand it to the loop the algorithm names, return the result.
 
-Each algorithm's ``Config.loop`` says which loop trains it (``offline``, ``on_policy`` or
-``interactive``); loops are imported on first use. Process-wide settings (the seed of torch's
+Each algorithm's ``Config.loop`` says which loop trains it (``offline``, ``on_policy``,
+``interactive`` or ``off_policy``); loops are imported on first use. Process-wide settings (the seed of torch's
 global generator, which initialises networks, and the CPU thread count) are made here, above
 the loops, so a loop never changes what another learner in the process sees.
 """
@@ -21,6 +21,7 @@ LOOPS = {
     "offline": ("mazerun.training.loops.offline", "train_offline"),
     "on_policy": ("mazerun.training.loops.onpolicy", "train_on_policy"),
     "interactive": ("mazerun.training.loops.interactive", "train_interactive"),
+    "off_policy": ("mazerun.training.loops.offpolicy", "train_off_policy"),
 }
 
 SINGLE_THREADED_LOOPS = ("on_policy", "interactive")

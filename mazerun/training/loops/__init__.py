@@ -1,4 +1,4 @@
-"""Training loops: offline (records), on-policy (PPO) and interactive (DAgger).
+"""Training loops: offline (records), on-policy (PPO), interactive (DAgger) and off-policy (SAC).
 
 Each takes a prepared :class:`mazerun.training.runsetup.RunSetup` and returns a
 :class:`mazerun.training.runsetup.TrainResult`; none of them sets process-wide state (seeds, thread

@@ -1,4 +1,4 @@
-"""The offline loop every algorithm that learns from records shares (BC, CQL, IQL).
+"""The offline loop every algorithm that learns from records shares (BC, CQL, IQL, TD3+BC).
 
 The loop owns what is the same for all of them: the episode-wise split, tensors built once,
 seeded batch sampling, periodic reports (train and validation metrics, an evaluation
@@ -6,9 +6,9 @@ rollout), best/last checkpoints and stopping cleanly. An algorithm only says how
 updates its networks.
 
 ``last.pt`` is written at every report and when the run is stopped; it holds the algorithm's
-training state, the sampler's generator and the metrics of the report window in progress, so
-a continued run (``input_dir=<this run>``) draws the same batches and logs the same rows as
-the run that was never stopped.
+training state, the sampler's generator (which also draws whatever the algorithm draws) and
+the metrics of the report window in progress, so a continued run (``input_dir=<this run>``)
+draws the same batches and logs the same rows as the run that was never stopped.
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def train_offline(setup: RunSetup) -> TrainResult:
     world = setup.world
     train_data, validation_data = _datasets(setup)
 
-    algorithm: OfflineAlgorithm = build_algorithm(config, setup.spec)
     sampler = make_sampler(train_data, setup)
+    # What an algorithm draws (TD3+BC's smoothing noise) comes from the sampler's generator, which last.pt keeps
+    algorithm: OfflineAlgorithm = build_algorithm(config, setup.spec, sampler.generator)
     if isinstance(sampler, BatchSampler):  # chunks for a network with memory have no fast path
         problem = algorithm.check_fast_path(sampler.first())
         if problem is not None:

@@ -1,0 +1,206 @@
+"""Soft Actor-Critic (Haarnoja et al., 2018) with twin critics and a learned entropy temperature, SB3's defaults.
+
+The off-policy loop (:mod:`mazerun.training.loops.offpolicy`) steps ``runner.n_envs`` env copies
+into a replay buffer and hands this algorithm batches of its transitions. The policy is a
+Gaussian over ``u`` squashed into the action box (:class:`~mazerun.nn.models.SquashedGaussianPolicy`):
+
+    u = mu(s) + sigma(s) * eps,  eps ~ N(0, I)        a = centre + half_width * tanh(u)
+    log pi(a | s) = log N(u; mu(s), sigma(s)) - sum_i log(1 - tanh(u_i)^2)
+
+Each update takes, on one batch of transitions ``(s, a, r, s', terminated)``:
+
+    y          = r + gamma * (1 - terminated) * (min_j Q'_j(s', a') - alpha * log pi(a' | s')),   a' ~ pi(. | s')
+    L_critic   = 1/2 * sum_j E[(Q_j(s, a) - y)^2]                                 (then a critic step)
+    L_actor    = E[alpha * log pi(a~ | s) - min_j Q_j(s, a~)],       a~ ~ pi(. | s), reparameterised
+    L_alpha    = -E[log alpha * (log pi(a~ | s) + target_entropy)],     target_entropy = -dim(A)
+    Q'_j      <- tau * Q_j + (1 - tau) * Q'_j                            (every target_update_interval updates)
+
+``alpha`` is held fixed in the critic's and the actor's loss, and ``log pi`` in the temperature's,
+so each loss moves only its own parameters. One Adam steps the actor and ``log alpha`` together:
+Adam's step is per parameter, so that is SB3's two optimisers of equal settings, in one step, and
+both losses see the alpha of before the step, as SB3's do. Alpha shrinks while the policy's
+entropy is above the target and grows while it is below. ``terminated`` is 1 only where the
+episode ended; an episode cut off by a time limit bootstraps from its final observation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import gymnasium as gym
+import torch
+from torch import nn
+
+from mazerun.algorithms.base import (
+    BatchAlgorithm,
+    check_box_actions,
+    check_polyak_tau,
+    frozen_copy,
+    load_matching_weights,
+)
+from mazerun.algorithms.protocol import AlgorithmSpec, UpdatePhase
+from mazerun.config.schemas import check_fields
+from mazerun.core.errors import MazerunError
+from mazerun.data.tensors import TransitionBatch
+from mazerun.fast.optim import Adam
+
+
+@dataclass
+class SACConfig:
+    """SAC's settings; the defaults are Stable-Baselines3's.
+
+    From scratch: run algorithm=sac env=Pendulum-v1 (its tuned defaults step one env copy, as SB3);
+    fine-tune a clone of Box actions: run algorithm=sac input_dir=outputs/<continuous bc run>;
+    continue a SAC run: run algorithm=sac env=Pendulum-v1 input_dir=outputs/<sac run> (the same runner.n_envs;
+    total_steps is the total). A clone lends its encoder, trunk and mean head; the std head and the critics start
+    fresh. Elsewhere runner.n_envs=1 steps as SB3 does.
+    """
+
+    loop: ClassVar[str] = "off_policy"
+    budget_key: ClassVar[str] = "total_steps"
+    step_unit: ClassVar[str] = "step"
+
+    name: str = "sac"
+    """Which algorithm this section configures, as chosen by ``algorithm=<name>``."""
+    total_steps: int = 1_000_000
+    """Environment steps in total, over all envs; rounded up to a whole step of every env copy.
+    A continued run trains up to this many (budgets are totals)."""
+    buffer_size: int = 1_000_000
+    """Transitions the replay buffer keeps (the oldest are overwritten)."""
+    learning_starts: int = 100
+    """Transitions collected with uniformly random actions before the first update."""
+    batch_size: int = 256
+    """Transitions per gradient step, drawn uniformly from the replay buffer."""
+    lr: float = 3e-4
+    """Adam's learning rate, for the critics, the actor and the temperature alike."""
+    tau: float = 0.005
+    """Share of the way the target critics move to the online ones at each target update (Polyak averaging)."""
+    gamma: float = 0.99
+    """Discount of the soft Q targets."""
+    train_freq: int = 1
+    """Steps of the vector env (each one step of every copy) between two trainings."""
+    gradient_steps: int = 1
+    """Gradient steps per training."""
+    ent_coef: str = "auto"
+    """The entropy temperature alpha: auto (learned towards an entropy of -dim(A), from 1), auto_<start> (learned,
+    from <start>, e.g. auto_0.1) or a number (fixed)."""
+    target_update_interval: int = 1
+    """Updates between two target updates."""
+    eval_every: int = 10_000
+    """Environment steps between two reports (train metrics, an evaluation, last.pt with the replay buffer);
+    the first evaluation is at step 0."""
+
+    @property
+    def budget(self) -> int:
+        return self.total_steps
+
+    @property
+    def needs_dataset(self) -> bool:
+        return False
+
+    def check(self, prefix: str = "algorithm") -> None:
+        check_fields(self, prefix, positive=("total_steps", "buffer_size", "batch_size", "lr", "train_freq",
+                                             "gradient_steps", "target_update_interval", "eval_every"),
+                     non_negative=("learning_starts",), unit_interval=("gamma",))
+        check_polyak_tau(self.tau, prefix)
+        temperature(self.ent_coef, prefix)
+
+    def check_spaces(self, observation_space: gym.Space, action_space: gym.Space) -> None:
+        check_box_actions(self.name, action_space)
+
+
+def temperature(ent_coef: str, prefix: str = "algorithm") -> tuple[float, bool]:
+    """The alpha that ``ent_coef`` starts from, and whether it is learned."""
+    learned = ent_coef == "auto" or ent_coef.startswith("auto_")
+    start = "1.0" if ent_coef == "auto" else ent_coef.removeprefix("auto_")
+    try:
+        value = float(start)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value < math.inf:
+        raise MazerunError(f"{prefix}.ent_coef={ent_coef!r} is not auto, auto_<start> (e.g. auto_0.1) or a positive "
+                           "number; use auto to learn the temperature")
+    return value, learned
+
+
+def soft_q_target(next_q: torch.Tensor, next_log_probs: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor,
+                  gamma: float, alpha: torch.Tensor | float) -> torch.Tensor:
+    """``y = r + gamma * (1 - done) * (min_j Q'_j(s', a') - alpha * log pi(a' | s'))`` from both target critics'
+    ``(2, B)`` values of the next state and ``(B,)`` log-probabilities of the actions sampled there."""
+    return rewards + gamma * (1.0 - dones) * (next_q.min(dim=0).values - alpha * next_log_probs)
+
+
+def temperature_loss(log_alpha: torch.Tensor, log_probs: torch.Tensor, target_entropy: float) -> torch.Tensor:
+    """``-E[log alpha * (log pi(a | s) + target_entropy)]``, the log-probabilities held fixed: its gradient in
+    ``log alpha`` is the policy's entropy minus the target."""
+    return -(log_alpha * (log_probs.detach() + target_entropy)).mean()
+
+
+class Temperature(nn.Module):
+    """The entropy weight alpha, kept as ``log alpha`` so that it stays positive; learned or fixed."""
+
+    def __init__(self, alpha: float, learned: bool) -> None:
+        super().__init__()
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(alpha)), requires_grad=learned)
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """Alpha, detached: the critic's and the actor's losses hold it fixed."""
+        return self.log_alpha.detach().exp()
+
+
+class SoftActorCritic(BatchAlgorithm):
+    """The SAC learner: the squashed Gaussian policy that acts, two critics, their targets and the temperature.
+
+    ``generator`` (the loop's) draws the policy's noise, so a continued run samples what the
+    uninterrupted one would.
+    """
+
+    network_type = "squashed_gaussian"
+    starts_from = ("actor_critic", "tanh_deterministic")
+    phases = (UpdatePhase("critic_loss", "critic_optimizer"), UpdatePhase("actor_loss", "actor_optimizer"))
+    target_networks = {"critic_target": "critic"}
+
+    def __init__(self, config: SACConfig, spec: AlgorithmSpec, generator: torch.Generator | None = None) -> None:
+        super().__init__(config, spec, generator)
+        self.network = spec.squashed_gaussian_policy()
+        self.critic = spec.twin_q_network()
+        self.critic_target = frozen_copy(self.critic)
+        self.temperature = Temperature(*temperature(config.ent_coef)).to(spec.device)
+        self.target_entropy = -float(spec.action_space.shape[0])
+        self.critic_optimizer = Adam(self.critic.parameters(), lr=config.lr)
+        learned = [self.temperature.log_alpha] if self.temperature.log_alpha.requires_grad else []
+        self.actor_optimizer = Adam([*self.network.parameters(), *learned], lr=config.lr)
+
+    def critic_loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            next_actions, next_log_probs = self.network.sample(batch.next_observations, self.generator)
+            next_q = self.critic_target(batch.next_observations, next_actions)
+            targets = soft_q_target(next_q, next_log_probs, batch.rewards, batch.dones, self.config.gamma,
+                                    self.temperature.alpha)
+        q_values = self.critic(batch.observations, batch.actions)
+        loss = 0.5 * (q_values - targets).square().mean(dim=1).sum()
+        return loss, {"critic_loss": loss.detach(), "mean_q": q_values.detach().mean()}
+
+    def actor_loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        actions, log_probs = self.network.sample(batch.observations, self.generator)
+        alpha = self.temperature.alpha
+        actor_loss = (alpha * log_probs - self.critic(batch.observations, actions).min(dim=0).values).mean()
+        metrics = {"actor_loss": actor_loss.detach(), "entropy": -log_probs.detach().mean(), "alpha": alpha}
+        if not self.temperature.log_alpha.requires_grad:
+            return actor_loss, metrics
+        alpha_loss = temperature_loss(self.temperature.log_alpha, log_probs, self.target_entropy)
+        return actor_loss + alpha_loss, {**metrics, "temperature_loss": alpha_loss.detach()}
+
+    def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Start from an earlier run's policy (a BC clone, a TD3+BC policy, a SAC run's own): its matching weights.
+
+        A clone's Gaussian mean becomes the mean of ``u`` before the tanh: where the clone's actions
+        lie well inside the box they stay close, near its edges tanh bends them inwards.
+        """
+        load_matching_weights(self.network, state, self.critic, self.critic_target)
+
+Config = SACConfig
+Algorithm = SoftActorCritic
