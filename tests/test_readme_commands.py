@@ -158,7 +158,7 @@ BUDGETS: dict[str, list[str]] = {
     "iql": ["n_updates=2", "eval_every=2"],
     # 16 steps x 16 envs = 256 per rollout: a multiple of every batch_size (64, CartPole's tuned 256)
     "ppo": ["total_steps=512", "n_steps=16", "eval_every=512"],
-    "dagger": ["total_steps=256", "n_steps=16", "n_updates=2", "refit_updates=2", "eval_every=256"],  # 16 steps a copy: a GRU's chunk,
+    "dagger": ["total_steps=256", "n_steps=16", "n_updates=2", "refit_updates=2", "eval_every=256"],  # 16 steps a copy: a GRU's chunk
     "awr": ["n_updates=2", "eval_every=2"],  # the plugin examples/mazerun_awr
 }
 """Keys of an algorithm (or record stage) and their tiny values; ``algorithm.`` or ``pipeline.stages.<stage>.`` goes before."""
