@@ -33,13 +33,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import (D3RLPY_INSTALL, Table, d3rlpy_run, evaluate_run, expert_return, load_average, peer_version,
-                    record, run)
+from common import (
+    D3RLPY_INSTALL,
+    Table,
+    d3rlpy_run,
+    evaluate_run,
+    expert_return,
+    load_average,
+    peer_version,
+    record,
+    run,
+)
 
 from mazerun.algorithms.bc import BCConfig
 from mazerun.config.schemas import DatasetConfig, EnvConfig, RunConfig, RunnerConfig
-from mazerun.data.tensors import records_to_dataset
 from mazerun.data.records import load_records
+from mazerun.data.tensors import records_to_dataset
 from mazerun.training.train import train
 
 LUNAR_ENV = "LunarLander-v3"

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mazerun.nn.checkpoint import load_checkpoint, network_from_checkpoint, resolve_run_dir
-from mazerun.config.schemas import PolicyConfig, RunnerConfig
 from mazerun.acting.evaluation import evaluate
-from mazerun.nn.models import Vocabulary
-from mazerun.data.records import load_records, write_record
 from mazerun.acting.rollout import rollout
+from mazerun.config.schemas import PolicyConfig, RunnerConfig
+from mazerun.data.records import load_records, write_record
+from mazerun.nn.checkpoint import load_checkpoint, network_from_checkpoint, resolve_run_dir
+from mazerun.nn.models import Vocabulary
 
 D3RLPY_INSTALL = 'pip install -e ".[bench]" && pip install --no-deps "d3rlpy==2.8.1"'
 UNSEEN_SEED_OFFSET = 2_000_000

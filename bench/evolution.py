@@ -54,17 +54,16 @@ from typing import Iterator
 
 import torch
 
-from mazerun.nn.checkpoint import BEST_CHECKPOINT, load_checkpoint, network_from_checkpoint
+from mazerun.acting.evaluation import evaluate
+from mazerun.acting.rollout import rollout
+from mazerun.compose.population import train_population
+from mazerun.compose.validation import validate
 from mazerun.config.schemas import PolicyConfig, RunnerConfig
 from mazerun.data.formats import write_hdf5
-from mazerun.acting.evaluation import evaluate
+from mazerun.data.records import TRAJECTORY_DIR, load_records
 from mazerun.fast.fused import native_low_precision
-from mazerun.compose.population import train_population
-from mazerun.data.records import load_records
-from mazerun.data.records import TRAJECTORY_DIR
-from mazerun.acting.rollout import rollout
+from mazerun.nn.checkpoint import BEST_CHECKPOINT, load_checkpoint, network_from_checkpoint
 from mazerun.training.train import train
-from mazerun.compose.validation import validate
 
 ENV_ID = "LunarLander-v3"
 EPSILON = 0.3

@@ -34,7 +34,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import gymnasium as gym
-
 from common import Table, load_average
 
 TARGET_SUCCESS = 0.99

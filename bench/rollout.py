@@ -42,12 +42,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import gymnasium
+from common import Table, load_average
 from gymnasium.envs.box2d.lunar_lander import heuristic
 
-from common import Table, load_average
-
-from mazerun.config.schemas import PolicyConfig, RunnerConfig, worker_count
 from mazerun.acting.rollout import rollout
+from mazerun.config.schemas import PolicyConfig, RunnerConfig, worker_count
 
 LUNAR_ENV = "LunarLander-v3"
 BABYAI_ENV = "BabyAI-GoToLocal-v0"

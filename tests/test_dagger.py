@@ -15,12 +15,14 @@ from conftest import newest_run_dir, run_cli, run_ok, spawn_cli
 from mazerun.acting.envs import ExpertActions, make_env
 from mazerun.acting.policies.heuristic import BabyAIBotPolicy, LunarLanderHeuristic
 from mazerun.acting.vector import make_vector_env
-from mazerun.algorithms.dagger import DAggerConfig, TeacherForcingConfig
+from mazerun.algorithms.dagger import DAgger, DAggerConfig, TeacherForcingConfig
+from mazerun.algorithms.protocol import AlgorithmSpec
 from mazerun.config.schemas import EnvConfig, RunConfig, RunnerConfig
 from mazerun.core import interrupts
 from mazerun.core.schedules import LinearSchedule
 from mazerun.data.records import load_records
 from mazerun.nn.checkpoint import load_checkpoint
+from mazerun.nn.models import ModelConfig
 from mazerun.training.loops.interactive import LabelledStates, due_updates
 from mazerun.training.metrics import read_metrics_csv
 from mazerun.training.train import train
@@ -142,7 +144,7 @@ def test_dagger_on_lunar_lander_labels_every_step_and_records_them(workdir: Path
 
 def test_dagger_with_the_babyai_bot_reports_success(workdir: Path) -> None:
     run_ok(*TINY, "env=BabyAI-GoToLocal-v0", "algorithm.total_steps=128", "algorithm.n_updates=10",
-           "algorithm.eval_every=128", cwd=workdir)
+           "algorithm.refit_updates=5", "algorithm.eval_every=128", cwd=workdir)
     rows = read_metrics_csv(newest_run_dir(workdir) / "metrics.csv")
     assert ("eval", "success_rate") in {(row["group"], row["metric"]) for row in rows}
 
@@ -161,7 +163,7 @@ def test_a_trained_run_can_be_the_teacher(workdir: Path) -> None:
     (["env=gym_env", "env.name=Acrobot-v1"], "no heuristic policy for Acrobot-v1"),
     (["algorithm.teacher_forcing.start=1.5"], "algorithm.teacher_forcing.start=1.5 must lie in [0, 1]"),
     (["algorithm.teacher_forcing.steps=0"], "algorithm.teacher_forcing.steps=0 must be > 0"),
-    (["algorithm.final_updates=1"], "algorithm.final_updates=1.0 must be in [0, 1)"),
+    (["algorithm.refit_updates=-1"], "algorithm.refit_updates=-1 must be >= 0"),
     (["expert=torch_policy"], "expert.input_dir must be set"),
     (["expert=torch_policy", "expert.input_dir=nowhere"], "nowhere does not exist"),
 ])
@@ -174,8 +176,9 @@ def test_bad_dagger_input_is_one_line_and_writes_nothing(workdir: Path, override
     assert not list(workdir.glob("outputs/*/*/*.pt")) and not list(workdir.glob("outputs/*/*/trajectory_data"))
 
 
-def dagger_config(input_dir: Path | None = None) -> RunConfig:
-    algorithm = DAggerConfig(total_steps=256, n_steps=16, n_updates=40, eval_every=128, batch_size=32)
+def dagger_config(input_dir: Path | None = None, **algorithm_settings: int) -> RunConfig:
+    algorithm = DAggerConfig(total_steps=256, n_steps=16, n_updates=40, eval_every=128, batch_size=32,
+                             **algorithm_settings)
     return RunConfig(algorithm=algorithm, env=EnvConfig(name="LunarLander-v3"),
                      runner=RunnerConfig(n_envs=4, eval_repeats=1, max_episode_steps=40),
                      input_dir=None if input_dir is None else str(input_dir), model={"hidden_sizes": [16, 16]},
@@ -196,8 +199,6 @@ def test_labels_and_updates_are_spread_in_proportion() -> None:
     config = DAggerConfig(total_steps=100_000, n_updates=10_000)
     assert [due_updates(config, step) for step in (0, 1024, 50_000, 100_000, 101_024)] == [0, 102, 5000, 10_000,
                                                                                              10_000]
-    kept = DAggerConfig(total_steps=100_000, n_updates=10_000, final_updates=0.4)  # 4,000 once the labels are in
-    assert [due_updates(kept, step) for step in (0, 1024, 50_000, 99_999, 100_000)] == [0, 61, 3000, 6000, 10_000]
 
 
 def test_a_stop_inside_an_update_phase_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -240,3 +241,63 @@ def test_sigterm_in_a_long_update_phase_stops_within_seconds(workdir: Path) -> N
     assert time.monotonic() - signalled < 15 and "Traceback" not in stderr
     last = load_checkpoint(workdir / "stopped" / "last.pt")
     assert last.extra["step"] == 64 and 0 < last.extra["training_state"]["algorithm"]["updates"] < 500_000
+
+
+# -------------------------------------------------------------------------------------- refit
+
+
+def test_the_refit_trains_fresh_weights_on_every_label_and_hands_them_over(tmp_path: Path) -> None:
+    """40 updates as the 256 labels come, then 30 of a fresh network on all of them: that network is the policy."""
+    result = train(dagger_config(refit_updates=30), tmp_path / "run")
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    refit = last.extra["training_state"]["refit"]
+    assert last.extra["training_state"]["algorithm"]["updates"] == 40 and refit["algorithm"]["updates"] == 30
+    assert refit["algorithm"]["lr_schedule"] == [3e-4, 0.0, 30, 0]  # lr down to 0 over the refit's own updates
+    collector, handed_over = refit["collector"], last.model_state
+    assert not torch.equal(collector["policy_head.weight"], handed_over["policy_head.weight"])
+    rows = read_metrics_csv(tmp_path / "run" / "metrics.csv")
+    assert [row["step"] for row in rows if row["metric"] == "labels"] == [128, 256]  # the last report is the refit's
+    assert result.step == 256 and (tmp_path / "run" / "best.pt").exists()
+
+
+def test_the_refit_draws_its_fresh_weights_from_the_seed_alone() -> None:
+    """Whatever torch's generator went through (a continued run's differs), the same seed draws the same weights,
+    and drawing them leaves that generator where it was."""
+    spec = AlgorithmSpec(gym.spaces.Box(-1.0, 1.0, (8,)), gym.spaces.Discrete(4),
+                         ModelConfig(kind="vector_obs", hidden_sizes=(16, 16)))
+    learner = DAgger(DAggerConfig(refit_updates=30), spec)
+    torch.manual_seed(1)
+    first = learner.refit_learner(seed=7).network.state_dict()
+    after = torch.rand(1)
+    torch.manual_seed(2)
+    second = learner.refit_learner(seed=7).network.state_dict()
+    other = learner.refit_learner(seed=8).network.state_dict()
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(1), after)
+    assert all(torch.equal(value, second[name]) for name, value in first.items())
+    assert not torch.equal(first["policy_head.weight"], other["policy_head.weight"])
+
+
+def test_a_stop_inside_the_refit_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refit's network and optimiser, and the collector beside them, travel in last.pt."""
+    train(dagger_config(refit_updates=30), tmp_path / "whole")
+    check, calls = interrupts.check, {"n": 0}
+
+    def stop_in_the_refit() -> None:  # 4 iterations: 1 check each and 1 per update (40), then 1 per refit update
+        calls["n"] += 1
+        if calls["n"] == 4 + 40 + 12:
+            raise KeyboardInterrupt
+        check()
+
+    monkeypatch.setattr(interrupts, "check", stop_in_the_refit)
+    with pytest.raises(KeyboardInterrupt):
+        train(dagger_config(refit_updates=30), tmp_path / "stopped")
+    monkeypatch.setattr(interrupts, "check", check)
+    stopped = load_checkpoint(tmp_path / "stopped" / "last.pt").extra["training_state"]
+    assert stopped["refit"]["algorithm"]["updates"] == 11
+    train(dagger_config(tmp_path / "stopped", refit_updates=30), tmp_path / "continued")
+
+    whole, continued = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(tmp_path / "continued" / "last.pt")
+    for name, value in whole.model_state.items():
+        assert torch.equal(value, continued.model_state[name]), name
+    assert read_metrics_csv(tmp_path / "continued" / "metrics.csv") == read_metrics_csv(tmp_path / "whole" / "metrics.csv")

@@ -188,12 +188,14 @@ def test_recurrent_dagger_trains(workdir: Path) -> None:
     tests/test_algorithm_protocol.py's."""
     run_ok("algorithm=dagger", "env=BabyAI-GoToLocal-v0", *MEMORY, "algorithm.rollout_len=8", "algorithm.nrollouts=4",
            "algorithm.total_steps=128", "algorithm.n_steps=16", "runner.n_envs=4", "algorithm.n_updates=5",
-           "algorithm.eval_every=128", "runner.eval_repeats=1", cwd=workdir)
+           "algorithm.refit_updates=3", "algorithm.eval_every=128", "runner.eval_repeats=1", cwd=workdir)
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["model.memory=transformer"], "unknown model.memory 'transformer'; use one of none, gru, lstm"),
     (["model.memory=gru", "algorithm.rollout_len=0"], "algorithm.rollout_len=0 must be > 0"),
+    (["model.memory=gru", "algorithm=dagger", "algorithm.total_steps=64", "runner.n_envs=8", "algorithm.rollout_len=16"],
+     "algorithm.total_steps=64 over runner.n_envs=8 copies labels 8 each: nothing could train"),
     (["model.memory=gru", "algorithm.nrollouts=-1"], "algorithm.nrollouts=-1 must be > 0"),
     (["model.memory=gru", "algorithm.rollout_len=100000"], "algorithm.rollout_len=100000 is longer than the whole"),
     (["env=gym_env", "env.name=Acrobot-v1", "wrappers=mask_velocity"], "mask_velocity does not know"),

@@ -53,6 +53,7 @@ def test_bc_ppo_records_clones_and_fine_tunes_in_one_run(workdir: Path) -> None:
 def test_dagger_ppo_on_babyai(workdir: Path) -> None:
     run_ok("pipeline=dagger_ppo", "env=BabyAI-GoToLocal-v0", "pipeline.stages.dagger.total_steps=64",
            "pipeline.stages.dagger.n_steps=16", "pipeline.stages.dagger.n_updates=5",
+           "pipeline.stages.dagger.refit_updates=3",
            "pipeline.stages.dagger.eval_every=64", "pipeline.stages.ppo.total_steps=64", *PPO_STAGE,
            "runner.n_envs=2", "runner.eval_repeats=2", cwd=workdir)
     run_dir = newest_run_dir(workdir)

@@ -158,7 +158,7 @@ BUDGETS: dict[str, list[str]] = {
     "iql": ["n_updates=2", "eval_every=2"],
     # 16 steps x 16 envs = 256 per rollout: a multiple of every batch_size (64, CartPole's tuned 256)
     "ppo": ["total_steps=512", "n_steps=16", "eval_every=512"],
-    "dagger": ["total_steps=128", "n_steps=8", "n_updates=2", "eval_every=128"],
+    "dagger": ["total_steps=256", "n_steps=16", "n_updates=2", "refit_updates=2", "eval_every=256"],  # 16 steps a copy: a GRU's chunk
     "sac": ["total_steps=64", "learning_starts=16", "batch_size=16", "buffer_size=1000", "eval_every=64"],
     "td3_bc": ["n_updates=2", "eval_every=2"],
     "awr": ["n_updates=2", "eval_every=2"],  # the plugin examples/mazerun_awr

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import kill_group, run_cli, spawn_cli
+from conftest import run_cli, spawn_cli
 
 from mazerun.acting.rollout import rollout
 from mazerun.config.schemas import PolicyConfig, RunnerConfig

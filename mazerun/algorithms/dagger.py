@@ -12,8 +12,15 @@ beta decays linearly from ``teacher_forcing.start`` to ``teacher_forcing.end`` o
 the expert's own trajectories and then the states its own mistakes lead to, which plain
 behavioural cloning never sees (Ross et al., 2011). ``n_updates`` gradient steps are spread
 over the iterations in proportion to the labels collected, so DAgger and BC with the same
-``n_updates`` do the same amount of optimisation; ``final_updates`` keeps a share of them for
-after the last label, when every label is in the aggregate, as BC trains on all of its data.
+``n_updates`` do the same amount of optimisation.
+
+A network trained as the labels come has fitted the early aggregate first, and that warm start
+generalises worse than a fresh one trained on all of it (Ash & Adams, 2020). With
+``refit_updates`` the policy handed over is a network from fresh weights, trained on the whole
+aggregate once the last label is in, as behavioural cloning trains on its records (the learning
+rate decays from ``lr`` to 0 over those updates); the iterations' network only collects. On
+GoToLocal with the bot, cloning DAgger's own 30k labels from scratch reached 0.946 success where
+the network trained along reached 0.894 (bench/defaults.py).
 
 The update is behavioural cloning's (:class:`mazerun.algorithms.bc.BehaviouralCloning`); only
 where the data comes from differs, which is the interactive loop's business.
@@ -21,8 +28,10 @@ where the data comes from differs, which is the interactive loop's business.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Optional
+
+import torch
 
 from mazerun.algorithms.bc import BehaviouralCloning
 from mazerun.config.schemas import check_fields
@@ -60,9 +69,10 @@ class DAggerConfig:
     """Steps per env copy between two training phases."""
     n_updates: int = 3000
     """Gradient steps in total, spread over the iterations in proportion to the labels collected."""
-    final_updates: float = 0.0
-    """Share of n_updates kept for after the last label, on the whole aggregate (the rest is spread as the labels
-    come): without it the last labels get the fewest updates."""
+    refit_updates: int = 0
+    """Gradient steps of a network from fresh weights on the whole aggregate once the last label is in, its learning
+    rate decaying from lr to 0; that network is the policy handed over. 0: hand over the network trained as the
+    labels came."""
     batch_size: int = 256
     """Labelled states per gradient step (models without memory; nrollouts sizes the batches of those with it)."""
     lr: float = 3e-4
@@ -97,15 +107,12 @@ class DAggerConfig:
 
     def check(self, prefix: str = "algorithm") -> None:
         check_fields(self, prefix, positive=("total_steps", "n_steps", "n_updates", "batch_size", "lr", "eval_every",
-                                             "rollout_len", "nrollouts"), non_negative=("burn_in",),
+                                             "rollout_len", "nrollouts"), non_negative=("burn_in", "refit_updates"),
                      schedules=("lr_schedule",))
         if self.learner_actions not in ("sample", "greedy"):
             raise MazerunError(f"{prefix}.learner_actions={self.learner_actions!r} is unknown; use sample or greedy")
         forcing = self.teacher_forcing
         check_fields(forcing, f"{prefix}.teacher_forcing", unit_interval=("start", "end"))
-        if not 0 <= self.final_updates < 1:
-            raise MazerunError(f"{prefix}.final_updates={self.final_updates} must be in [0, 1): the share of n_updates "
-                               "taken after the last label, some must train as the labels come")
         if forcing.steps is not None and forcing.steps <= 0:
             raise MazerunError(
                 f"{prefix}.teacher_forcing.steps={forcing.steps} must be > 0 (or null to decay over total_steps)"
@@ -119,6 +126,17 @@ class DAggerConfig:
 
 class DAgger(BehaviouralCloning):
     """Behavioural cloning of the expert's labels; the interactive loop feeds it the aggregate."""
+
+    def refit_learner(self, seed: int) -> DAgger:
+        """A learner from fresh weights for the refit: ``refit_updates`` updates, the learning rate decaying to 0.
+
+        The weights are drawn from torch's generator seeded with ``seed`` alone (and restored after), so a
+        run stopped before the refit and continued draws the same ones.
+        """
+        config = replace(self.config, n_updates=self.config.refit_updates, lr_schedule="linear")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return DAgger(config, self.spec, self.generator)
 
 
 Config = DAggerConfig

@@ -228,9 +228,12 @@ class RunSetup:
         ).metrics()
 
     def budget_reached(self) -> None:
-        """Refuse to continue a run that already trained for the whole budget."""
+        """Refuse to continue a run that already trained for the whole budget (and owes no work after it, such as
+        the updates on DAgger's last labels: a loop that does marks its ``last.pt`` ``unfinished``)."""
         budget = self.algorithm.budget
-        if self.start is not None and self.start.continuing and self.start.step >= budget:
+        start = self.start
+        if (start is not None and start.continuing and start.step >= budget
+                and not start.checkpoint.extra.get(TRAINING_STATE, {}).get("unfinished", False)):
             key = f"{self.prefix}.{self.algorithm.budget_key}"
             raise MazerunError(
                 f"{self.start.checkpoint.path} already trained for {self.start.step} {self.algorithm.step_unit}s "

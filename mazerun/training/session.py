@@ -58,6 +58,10 @@ class LoopShell:
         self.logger: MetricsLogger | NullLogger = NullLogger()
         self.progress: Progress | None = None
 
+    def hand_over(self, network: torch.nn.Module) -> None:
+        """Evaluate and checkpoint ``network`` from now on (DAgger's refit trains a new one after the last label)."""
+        self.network = self.keeper.network = network
+
     def advance(self, count: int = 1) -> None:
         """``count`` more units of the budget are done."""
         self.step += count

@@ -5,12 +5,15 @@ copy (:class:`mazerun.acting.envs.ExpertActions`), so its label of the current s
 step's ``info`` and the BabyAI bot replans from whatever action was taken. With probability
 beta the expert's action is executed (teacher forcing), else the learner's sample. Every
 labelled state joins the aggregate (:class:`LabelledStates`); then the policy takes its share
-of ``n_updates`` gradient steps on batches drawn from all of it.
+of ``n_updates`` gradient steps on batches drawn from all of it. With ``refit_updates``, once the
+last label is in, a network from fresh weights trains on the whole aggregate and is handed over
+instead (:meth:`mazerun.algorithms.dagger.DAgger.refit_learner`); the run's last report is its.
 
 Finished episodes are written to ``trajectory_data/`` as :class:`StateTrajectoryRecord` with
 an ``expert_actions`` column, so ``algorithm=bc`` can train on them later. ``last.pt`` is
 written at every report and when stopped (between iterations); it holds the aggregate, the
-optimiser, the generator and each copy's running episode, so a continued run goes on exactly.
+optimiser, the generator and each copy's running episode (and, in the refit, the collecting
+network beside the refitted one it saves), so a continued run goes on exactly.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from mazerun.acting.envs import is_minigrid, make_env
 from mazerun.acting.policies import build_expert
 from mazerun.acting.vector import VectorSteps
 from mazerun.algorithms import build_algorithm
+from mazerun.algorithms.dagger import DAgger
 from mazerun.config.schemas import ExpertConfig
 from mazerun.core import interrupts
+from mazerun.core.errors import MazerunError
 from mazerun.core.progress import Progress
 from mazerun.data.records import NO_LABEL, TRAJECTORY_DIR, EpisodeBuilder, write_record
 from mazerun.data.tensors import (
@@ -147,6 +152,12 @@ def train_interactive(setup: RunSetup) -> TrainResult:
         expert_name = build_expert(expert_config, setup.env_id, probe).name  # a bad expert fails before any env runs
     finally:
         probe.close()
+    steps_per_copy = config.total_steps // runner.n_envs
+    if setup.model_config.recurrent and steps_per_copy < config.rollout_len + config.burn_in:
+        raise MazerunError(
+            f"algorithm.rollout_len={config.rollout_len} (+ burn_in={config.burn_in}) steps of one env copy make a "
+            f"chunk, but algorithm.total_steps={config.total_steps} over runner.n_envs={runner.n_envs} copies labels "
+            f"{steps_per_copy} each: nothing could train; raise algorithm.total_steps or lower algorithm.rollout_len")
     generator = torch.Generator(device=device)
     generator.manual_seed(setup.seed)
     algorithm = build_algorithm(config, setup.spec)
@@ -157,8 +168,13 @@ def train_interactive(setup: RunSetup) -> TrainResult:
     start = setup.start
     state = None
     records_written = 0
+    refit_state = None
     if start is not None:
-        algorithm.load_network_state(start.checkpoint.model_state)
+        saved_refit = start.checkpoint.extra[TRAINING_STATE].get("refit") if start.continuing else None
+        # In the refit the checkpoint's network is the refitted one; the collecting network travels beside it.
+        algorithm.load_network_state(saved_refit["collector"] if saved_refit else start.checkpoint.model_state)
+        if saved_refit is not None and start.step >= config.total_steps:  # a raised budget collects, then refits anew
+            refit_state = saved_refit
         if start.continuing:
             state = start.checkpoint.extra[TRAINING_STATE]
             records_written = int(state["records_written"])
@@ -179,18 +195,32 @@ def train_interactive(setup: RunSetup) -> TrainResult:
         collector.recorder = recorder
 
         def training_state() -> dict[str, Any]:
+            refitting = None
+            if refit is not None:
+                refitting = {"algorithm": refit.training_state(),
+                             "collector": {name: value.detach().cpu() for name, value in network.state_dict().items()}}
             return {
                 "algorithm": algorithm.training_state(), "generator": generator.get_state(),
                 "aggregate": aggregate.state(), "envs": collector.state(), "records_written": recorder.written,
-                "window": window.state(), "next_report": next_report,
+                "window": window.state(), "next_report": next_report, "refit": refitting,
+                "unfinished": algorithm.updates < config.n_updates or refit_owed(),
             }
 
-        shell = LoopShell(setup, algorithm, algorithm.selection_metric(False), training_state)
+        def refit_owed() -> bool:
+            return config.refit_updates > 0 and (refit is None or refit.updates < config.refit_updates)
 
-        def report() -> None:
+        refit: DAgger | None = None
+        shell = LoopShell(setup, algorithm, algorithm.selection_metric(False), training_state)
+        if refit_state is not None:
+            refit = algorithm.refit_learner(setup.seed)
+            refit.load_network_state(start.checkpoint.model_state)
+            refit.load_training_state(refit_state["algorithm"], start.step)
+            shell.hand_over(refit.network)
+
+        def report(learner: DAgger) -> None:
             metrics = window.means()
             shell.check_finite(metrics)
-            metrics.update(labels=float(len(aggregate)), **algorithm.report_metrics())
+            metrics.update(labels=float(len(aggregate)), **learner.report_metrics())
             shell.log(episodes.episode_metrics(is_minigrid(setup.env_id)), "rollout")
             shell.log(metrics, "train")
             shell.evaluate()
@@ -201,22 +231,49 @@ def train_interactive(setup: RunSetup) -> TrainResult:
                 return None
             return _batches(aggregate, config, generator, setup.model_config.recurrent)
 
+        def check_fast_path(learner: DAgger) -> None:
+            """Hold the learner's fast path against autograd on the first rows: no draw, the batches stay seeded."""
+            if setup.model_config.recurrent:  # chunks for a network with memory have no fast path
+                return
+            first = torch.arange(min(config.batch_size, len(aggregate)), device=aggregate.labels.device)
+            problem = learner.check_fast_path(aggregate.rows(first))
+            if problem is not None:
+                log.warning(problem)
+
         def pay_updates(batches: Callable[[], Any], updates_bar: Progress) -> None:
             """The owed gradient steps, each after a stop check: a phase can take minutes (recurrent networks)."""
             nonlocal fast_path_checked
-            if not fast_path_checked:  # the first labels this process trains on: no draw, the batches stay seeded
+            if not fast_path_checked:  # the first labels this process trains on
                 fast_path_checked = True
-                first = torch.arange(min(config.batch_size, len(aggregate)), device=aggregate.labels.device)
-                problem = algorithm.check_fast_path(aggregate.rows(first))
-                if problem is not None:
-                    log.warning(problem)
+                check_fast_path(algorithm)
             due = due_updates(config, shell.step)
             while algorithm.updates < due:
                 interrupts.check()
                 window.add_update(algorithm.update(batches()))
                 updates_bar.update()
 
-        fast_path_checked = setup.model_config.recurrent  # chunks for a network with memory have no fast path
+        def refit_on_the_aggregate() -> None:
+            """A network from fresh weights trains on every label, is handed over, and makes the last report."""
+            nonlocal refit
+            if refit is None:
+                refit = algorithm.refit_learner(setup.seed)
+                if not isinstance(setup.observation_space, gym.spaces.Dict):  # a policy learnt here: the labels' statistics
+                    refit.set_normalization(*observation_stats(aggregate.observations[: len(aggregate)]))
+                shell.hand_over(refit.network)
+                log.info("refit: a network from fresh weights trains %d updates on all %d labels",
+                         config.refit_updates, len(aggregate))
+            check_fast_path(refit)
+            batches = _batches(aggregate, refit.config, generator, setup.model_config.recurrent)
+            with Progress(config.refit_updates, initial=refit.updates, unit="update", desc="refit updates",
+                          leave=False) as refit_bar:
+                while refit.updates < config.refit_updates:
+                    interrupts.check()
+                    window.add_update(refit.update(batches()))
+                    refit_bar.update()
+            report(refit)
+            shell.save_last()
+
+        fast_path_checked = False
         log.info("DAgger on %s with the %s expert: %d env copies, %d steps each per iteration; %d labels, "
                  "%d updates", setup.env_id, expert_name, runner.n_envs, config.n_steps, config.total_steps,
                  config.n_updates)
@@ -239,11 +296,14 @@ def train_interactive(setup: RunSetup) -> TrainResult:
                     batches = owed_batches()
                 if batches is not None:
                     pay_updates(batches, updates_bar)
-                if shell.step >= next_report or shell.step >= config.total_steps:
-                    report()
+                labelled_all = shell.step >= config.total_steps
+                if (shell.step >= next_report or labelled_all) and not (labelled_all and config.refit_updates):
+                    report(algorithm)
                     window = ReportWindow()
                     next_report = _next_report(config, shell.step)
                     shell.save_last()
+            if refit_owed():
+                refit_on_the_aggregate()
     finally:
         envs.close()
     log.info("done: %d labelled steps, %d updates; %d episodes recorded to %s", shell.step, algorithm.updates,
@@ -252,11 +312,8 @@ def train_interactive(setup: RunSetup) -> TrainResult:
 
 
 def due_updates(config: Any, step: int) -> int:
-    """Gradient steps owed once ``step`` labels are in: ``n_updates`` spread in proportion to the labels, but for
-    the ``final_updates`` share, owed once the last label is in."""
-    if step >= config.total_steps:
-        return config.n_updates
-    return round(config.n_updates * (1 - config.final_updates) * step / config.total_steps)
+    """Gradient steps owed once ``step`` labels are in: ``n_updates`` spread in proportion to the labels."""
+    return round(config.n_updates * min(step, config.total_steps) / config.total_steps)
 
 
 def _next_report(config: Any, step: int) -> int:

@@ -112,9 +112,13 @@ class VectorEpisodes:
         return metrics
 
     def state(self) -> dict[str, Any]:
-        """Each copy's episode index and actions so far: enough to rebuild every running episode exactly."""
+        """Each copy's episode index and actions so far: enough to rebuild every running episode exactly; and the
+        episodes finished since the last report, which the next report still owes."""
         episodes, actions = zip(*self.envs.episode_states())
-        return {"episodes": list(episodes), "actions": [torch.as_tensor(np.asarray(a)) for a in actions]}
+        return {"episodes": list(episodes), "actions": [torch.as_tensor(np.asarray(a)) for a in actions],
+                "finished": {"returns": torch.tensor(self.finished_returns, dtype=torch.float64),
+                             "lengths": torch.tensor(self.finished_lengths, dtype=torch.int64),
+                             "successes": torch.tensor(self.finished_successes, dtype=torch.bool)}}
 
     def _replay(self, state: dict[str, Any]) -> None:
         replays = self.envs.replay([(episode, actions.numpy()) for episode, actions
@@ -126,3 +130,8 @@ class VectorEpisodes:
         """Each copy's running episode as replayed: observations, actions, rewards and infos since its reset."""
         self.episode_returns = np.array([sum(rewards, 0.0) for _, _, rewards, _ in self.replayed], dtype=np.float64)
         self.episode_lengths = np.array([len(rewards) for _, _, rewards, _ in self.replayed], dtype=np.int64)
+        finished = state.get("finished")  # absent from checkpoints written before it was kept
+        if finished is not None:
+            self.finished_returns = finished["returns"].tolist()
+            self.finished_lengths = finished["lengths"].tolist()
+            self.finished_successes = finished["successes"].tolist()
