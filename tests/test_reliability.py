@@ -484,3 +484,20 @@ def test_two_identical_recordings_train_identically(workdir: Path) -> None:
 def test_a_misspelt_key_or_unknown_group_is_one_line(workdir: Path, overrides: list[str], message: str) -> None:
     line = one_line_error(run_cli(*overrides, cwd=workdir), message)
     assert "HYDRA_FULL_ERROR" not in line
+
+
+@pytest.mark.parametrize("algorithm", [
+    ["algorithm=ppo", "algorithm.n_steps=16", "algorithm.batch_size=32", "algorithm.eval_every=64"],
+    ["algorithm=dagger", "algorithm.n_steps=16", "algorithm.n_updates=4", "algorithm.eval_every=64"],
+])
+def test_a_continued_run_must_step_as_many_env_copies_as_it_saved(workdir: Path, algorithm: list[str]) -> None:
+    """Each copy replays its own running episode from last.pt: another runner.n_envs is refused in one line."""
+    tiny = [*algorithm, "runner.eval_repeats=1", "runner.max_episode_steps=30", "model.hidden_sizes=[16]"]
+    run_ok(*tiny, "runner.n_envs=2", "algorithm.total_steps=64", "hydra.run.dir=first", cwd=workdir)
+    result = run_cli(*tiny, "runner.n_envs=4", "algorithm.total_steps=128", "input_dir=first", "hydra.run.dir=second",
+                     cwd=workdir)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "runner.n_envs=4 differs from the 2 env copies" in errors[0], result.stderr
+    assert errors[0].endswith("continue with runner.n_envs=2") and "Traceback" not in result.stderr
+    assert not (workdir / "second" / "last.pt").exists()

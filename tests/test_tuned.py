@@ -48,8 +48,8 @@ def test_every_tuned_file_composes_into_a_valid_run(path: Path) -> None:
     tuned = yaml.safe_load(path.read_text())
     section = {"tuned_model": cfg.model, "tuned_runner": cfg.runner}.get(path.parent.name, cfg[group])
     for key, value in dotted_items(tuned, "").items():
-        if not key.startswith(".defaults"):
-            assert OmegaConf.select(section, key[1:]) == value, key
+        if not key.startswith("defaults"):
+            assert OmegaConf.select(section, key) == value, key
     validate(cfg)
 
 
@@ -88,3 +88,9 @@ def test_an_env_of_ones_own_is_tuned_from_a_search_path_directory(workdir: Path)
     shown = yaml.safe_load(run_ok(f"hydra.searchpath=[file://{conf}]", "env=Acrobot-v1", "algorithm=ppo", "--cfg",
                                   "job", cwd=workdir).stdout)
     assert shown["env"]["name"] == "Acrobot-v1" and shown["algorithm"]["n_epochs"] == 3
+
+
+def test_dotted_items_names_nested_keys_as_a_command_line_does() -> None:
+    nested = {"teacher_forcing": {"steps": 100_000}, "lr": 0.001}
+    assert dotted_items(nested, "algorithm") == {"algorithm.teacher_forcing.steps": 100_000, "algorithm.lr": 0.001}
+    assert dotted_items(nested, "") == {"teacher_forcing.steps": 100_000, "lr": 0.001}

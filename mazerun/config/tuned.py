@@ -26,10 +26,11 @@ TUNED_GROUPS = ("tuned", "tuned_model", "tuned_runner")
 
 
 def dotted_items(values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` under ``prefix`` as ``{"prefix.a.b": 1}``: the keys as a command line names them."""
+    """``{"a": {"b": 1}}`` under ``prefix`` as ``{"prefix.a.b": 1}`` (``{"a.b": 1}`` under ``""``): the keys as a
+    command line names them."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
-        name = f"{prefix}.{key}"
+        name = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, Mapping):
             flat.update(dotted_items(value, name))
         else:

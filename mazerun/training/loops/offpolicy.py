@@ -67,7 +67,7 @@ def train_off_policy(setup: RunSetup) -> TrainResult:
         log.info("training %s from scratch on %s", config.name, setup.env_id)
     elif start.continuing:
         state = start.checkpoint.extra[TRAINING_STATE]
-        check_continuable(state, n_envs, buffer.capacity, setup.prefix, start.checkpoint.path)
+        check_continuable(state, buffer.capacity, setup.prefix, start.checkpoint.path)
         algorithm.network.load_state_dict(start.checkpoint.model_state)
         algorithm.load_training_state(state["algorithm"], start.step)
         generator.set_state(state["generator"])
@@ -132,12 +132,9 @@ def train_off_policy(setup: RunSetup) -> TrainResult:
     return shell.finish()
 
 
-def check_continuable(state: dict[str, Any], n_envs: int, capacity: int, prefix: str, path: Path) -> None:
-    """A continued run steps as many env copies (each replays its own running episode) into a buffer as large."""
-    stepped, saved = len(state["envs"]["episodes"]), int(state["buffer"]["capacity"])
-    if stepped != n_envs:
-        raise MazerunError(f"runner.n_envs={n_envs} differs from the {stepped} env copies {path} stepped; continue "
-                           f"with runner.n_envs={stepped}")
+def check_continuable(state: dict[str, Any], capacity: int, prefix: str, path: Path) -> None:
+    """A continued run steps into a buffer as large (the env copies are :func:`open_vector_env`'s to check)."""
+    saved = int(state["buffer"]["capacity"])
     if saved != capacity:
         raise MazerunError(f"{prefix}.buffer_size={capacity} differs from the {saved} of {path}; continue with "
                            f"{prefix}.buffer_size={saved}")

@@ -17,14 +17,22 @@ import numpy as np
 import torch
 
 from mazerun.acting.vector import VectorSteps, make_vector_env
+from mazerun.core.errors import MazerunError
+from mazerun.nn.checkpoint import TRAINING_STATE
 from mazerun.nn.models import ModelInput, Vocabulary, obs_to_tensor
 from mazerun.training.runsetup import RunSetup
 
 
 def open_vector_env(setup: RunSetup, make_expert: Any = None) -> VectorSteps:
     """The setup's ``runner.n_envs`` seeded env copies, stepped as ``runner.vector`` says, with an expert beside each
-    when asked."""
-    runner = setup.runner
+    when asked. A continued run must step as many copies as its ``last.pt``: each replays its own running episode."""
+    runner, start = setup.runner, setup.start
+    if start is not None and start.continuing:
+        saved = start.checkpoint.extra[TRAINING_STATE].get("envs")
+        if saved is not None and len(saved["episodes"]) != runner.n_envs:
+            stepped = len(saved["episodes"])
+            raise MazerunError(f"runner.n_envs={runner.n_envs} differs from the {stepped} env copies "
+                               f"{start.checkpoint.path} stepped; continue with runner.n_envs={stepped}")
     return make_vector_env(setup.env_id, runner.n_envs, runner.vector, runner.max_episode_steps, seed=runner.seed,
                            make_expert=make_expert)
 
