@@ -102,7 +102,7 @@ class ValueLearningConfig(OfflineConfig):
         if not isinstance(action_space, gym.spaces.Discrete):
             raise MazerunError(
                 f"{self.name} learns Q-values of discrete actions and this environment's actions are "
-                f"{action_space}; use algorithm=bc or algorithm=ppo for continuous actions"
+                f"{action_space}; for continuous actions use algorithm=td3_bc (offline), sac, bc or ppo"
             )
 
 
