@@ -55,7 +55,7 @@ class SACConfig:
     fine-tune a clone of Box actions: run algorithm=sac input_dir=outputs/<continuous bc run>;
     continue a SAC run: run algorithm=sac env=Pendulum-v1 input_dir=outputs/<sac run> (the same runner.n_envs;
     total_steps is the total). A clone lends its encoder, trunk and mean head; the std head and the critics start
-    fresh. Elsewhere runner.n_envs=1 steps as SB3 does.
+    fresh. With gradient_steps=-1, any runner.n_envs takes one update per transition, as SB3's one copy.
     """
 
     loop: ClassVar[str] = "off_policy"
@@ -81,8 +81,9 @@ class SACConfig:
     """Discount of the soft Q targets."""
     train_freq: int = 1
     """Steps of the vector env (each one step of every copy) between two trainings."""
-    gradient_steps: int = 1
-    """Gradient steps per training."""
+    gradient_steps: int = -1
+    """Gradient steps per training; -1 (SB3's meaning): one per transition collected since the last, train_freq x
+    runner.n_envs, so every runner.n_envs takes as many updates per transition as SB3's one env copy."""
     ent_coef: str = "auto"
     """The entropy temperature alpha: auto (learned towards an entropy of -dim(A), from 1), auto_<start> (learned,
     from <start>, e.g. auto_0.1) or a number (fixed)."""
@@ -102,8 +103,11 @@ class SACConfig:
 
     def check(self, prefix: str = "algorithm") -> None:
         check_fields(self, prefix, positive=("total_steps", "buffer_size", "batch_size", "lr", "train_freq",
-                                             "gradient_steps", "target_update_interval", "eval_every"),
+                                             "target_update_interval", "eval_every"),
                      non_negative=("learning_starts",), unit_interval=("gamma",))
+        if self.gradient_steps == 0 or self.gradient_steps < -1:
+            raise MazerunError(f"{prefix}.gradient_steps={self.gradient_steps} must be > 0, or -1 for one per "
+                               "transition collected")
         check_polyak_tau(self.tau, prefix)
         temperature(self.ent_coef, prefix)
 

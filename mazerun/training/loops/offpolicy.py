@@ -3,8 +3,8 @@
 Each iteration steps ``runner.n_envs`` env copies once: uniformly random actions until
 ``learning_starts`` transitions are in, then the policy's samples. Every transition goes into
 the replay buffer (:class:`~mazerun.data.replay.ReplayBuffer`). Every ``train_freq`` iterations
-the algorithm takes ``gradient_steps`` updates, each on a batch drawn from the buffer, as
-Stable-Baselines3's off-policy loop does.
+the algorithm takes ``gradient_steps`` updates (-1: one per transition collected since), each on
+a batch drawn from the buffer, as Stable-Baselines3's off-policy loop does.
 
 Episode boundaries: the vector env resets a finished copy within the step that ends it, so the
 observation it returns is already the next episode's first; the transition keeps the finished
@@ -51,6 +51,7 @@ def train_off_policy(setup: RunSetup) -> TrainResult:
     the metrics."""
     config, runner, device = setup.algorithm, setup.runner, setup.device
     n_envs = runner.n_envs
+    updates_per_training = config.gradient_steps if config.gradient_steps > 0 else config.train_freq * n_envs
     total_steps = -(-config.total_steps // n_envs) * n_envs
     if total_steps != config.total_steps:
         log.info("%s.total_steps=%d is not a multiple of runner.n_envs=%d; training for %d steps", setup.prefix,
@@ -110,7 +111,7 @@ def train_off_policy(setup: RunSetup) -> TrainResult:
                 if episodes_ended:
                     shell.log(episodes.episode_metrics(), "rollout")
                 if shell.step >= config.learning_starts and (shell.step // n_envs) % config.train_freq == 0:
-                    for _ in range(config.gradient_steps):
+                    for _ in range(updates_per_training):
                         for name, value in algorithm.update(buffer.sample(config.batch_size, generator)).items():
                             window[name] += value
                         window_updates += 1
