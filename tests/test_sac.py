@@ -275,3 +275,13 @@ def test_dagger_learns_from_a_sac_teacher(tmp_path: Path, workdir: Path) -> None
            "device=cpu", cwd=workdir)
     rows = read_metrics_csv(newest_run_dir(workdir) / "metrics.csv")
     assert {"action_error", "labels"} <= {row["metric"] for row in rows}
+
+
+@pytest.mark.parametrize(("gradient_steps", "updates"), [(-1, 34), (1, 17), (3, 51)])
+def test_gradient_steps_default_to_one_per_transition_whatever_the_env_copies(tmp_path: Path, gradient_steps: int,
+                                                                                updates: int) -> None:
+    """48 steps over 2 copies, learning from step 16: 17 trainings (steps 16, 18, ..., 48), 2 new transitions each."""
+    config = tiny_config()
+    config.algorithm.gradient_steps = gradient_steps
+    train(config, tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run" / "last.pt").extra["training_state"]["algorithm"]["updates"] == updates
