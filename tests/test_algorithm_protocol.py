@@ -341,7 +341,7 @@ def bad_values(annotation: Any) -> list[Any]:
     if kind is bool:
         return ["maybe"]
     if kind is int:
-        return [-1]
+        return [-2]  # not -1: SAC's gradient_steps=-1 means one update per transition, as SB3's
     if kind is float:
         return [-1.0, math.nan]
     if kind is str:
