@@ -30,7 +30,7 @@ import torch
 from mazerun.acting.envs import is_minigrid, make_env
 from mazerun.acting.policies import Policy, build_policy
 from mazerun.algorithms import build_algorithm
-from mazerun.algorithms.dagger import DAgger
+from mazerun.algorithms.protocol import Algorithm
 from mazerun.config.schemas import ExpertConfig, PolicyConfig
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
@@ -214,7 +214,7 @@ def train_interactive(setup: RunSetup) -> TrainResult:
         def refit_owed() -> bool:
             return config.refit_updates > 0 and (refit is None or refit.updates < config.refit_updates)
 
-        refit: DAgger | None = None
+        refit: Any = None  # the refit's learner (DAgger.refit_learner), once the last label is in
         shell = LoopShell(setup, algorithm, algorithm.selection_metric(False), training_state)
         if refit_state is not None:
             refit = algorithm.refit_learner(setup.seed)
@@ -222,7 +222,7 @@ def train_interactive(setup: RunSetup) -> TrainResult:
             refit.load_training_state(refit_state["algorithm"], start.step)
             shell.hand_over(refit.network)
 
-        def report(learner: DAgger) -> None:
+        def report(learner: Algorithm) -> None:
             metrics = window.means()
             shell.check_finite(metrics)
             metrics.update(labels=float(len(aggregate)), **learner.report_metrics())
@@ -236,7 +236,7 @@ def train_interactive(setup: RunSetup) -> TrainResult:
                 return None
             return _batches(aggregate, config, generator, setup.model_config.recurrent)
 
-        def check_fast_path(learner: DAgger) -> None:
+        def check_fast_path(learner: Algorithm) -> None:
             """Hold the learner's fast path against autograd on the first rows: no draw, the batches stay seeded."""
             if setup.model_config.recurrent:  # chunks for a network with memory have no fast path
                 return
