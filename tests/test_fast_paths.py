@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 from conftest import run_ok
@@ -23,10 +24,11 @@ from mazerun.core.errors import MazerunError
 from mazerun.data.records import NO_LABEL
 from mazerun.data.tensors import TransitionBatch
 from mazerun.fast import fused
+from mazerun.fast.array_actor import ArrayActor, inverse_cdf
 from mazerun.fast.fused import FusedActorCritic, fusable
 from mazerun.fast.optim import Adam, adam_step, reference_adam_step
 from mazerun.nn.checkpoint import save_checkpoint
-from mazerun.nn.models import ModelConfig, build_actor_critic
+from mazerun.nn.models import ModelConfig, build_actor_critic, sample_with_noise
 from mazerun.training.loops.onpolicy import RolloutBuffer, RolloutCollector
 
 OBSERVATIONS = gym.spaces.Box(-1.0, 1.0, (5,))
@@ -209,6 +211,36 @@ def test_fused_rollouts_act_as_the_network_does(env_id: str) -> None:
     torch.testing.assert_close(ours.actions, expected.actions)
     torch.testing.assert_close(ours.log_probs, expected.log_probs)
     torch.testing.assert_close(ours.values, expected.values)
+
+
+def test_the_inverse_cdf_draw_by_hand() -> None:
+    probabilities = np.array([[0.2, 0.5, 0.3]] * 6, dtype=np.float32)  # cumulative 0.2, 0.7, 1.0
+    uniforms = np.array([0.0, 0.19, 0.21, 0.69, 0.71, 0.99], dtype=np.float32)
+    assert inverse_cdf(probabilities, uniforms).tolist() == [0, 0, 1, 1, 2, 2]
+    categorical = torch.distributions.Categorical(probs=torch.from_numpy(probabilities))
+    assert sample_with_noise(categorical, torch.from_numpy(uniforms)).tolist() == [0, 0, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_the_array_actor_acts_as_the_network_does_and_sees_new_weights(discrete: bool) -> None:
+    network = _network(discrete)
+    actor = ArrayActor(FusedActorCritic(network))
+    generator = torch.Generator().manual_seed(2)
+    observations = torch.randn(9, 5, generator=generator) * 3
+    noise = torch.rand(9, generator=generator) if discrete else torch.randn(9, 2, generator=generator)
+    for _ in range(2):
+        actions, log_probs, values = actor.act(observations.numpy(), noise.numpy())
+        with torch.no_grad():
+            distribution = network.distribution(observations)
+            expected = sample_with_noise(distribution, noise)
+            if discrete:
+                assert actions.tolist() == expected.tolist() and len(set(actions.tolist())) > 1
+            else:
+                torch.testing.assert_close(torch.from_numpy(actions), expected)
+            torch.testing.assert_close(torch.from_numpy(log_probs), distribution.log_prob(expected))
+            torch.testing.assert_close(torch.from_numpy(values), network.value(observations))
+        network.load_state_dict(_network(discrete, hidden=(16, 16), activation="tanh").state_dict() | {
+            name: value * 1.5 for name, value in network.state_dict().items() if name.endswith("weight")})
 
 
 def test_training_never_imports_the_compiler() -> None:
@@ -467,7 +499,9 @@ def test_an_edited_ppo_loss_is_caught_in_a_real_run_and_said_in_one_line(workdir
     from mazerun.training.train import train
 
     readable = ppo.ppo_terms
-    monkeypatch.setattr(ppo, "ppo_terms", lambda *args: readable(*args)._replace(entropy=2 * readable(*args).entropy))
+    # the policy term: at a fresh near-uniform policy the entropy's gradient is too small to tell an edit of it
+    monkeypatch.setattr(ppo, "ppo_terms",
+                        lambda *args: readable(*args)._replace(policy_loss=1.5 * readable(*args).policy_loss))
     config = RunConfig(runner=RunnerConfig(eval_repeats=1, n_envs=2),
                        algorithm=PPOConfig(total_steps=128, n_steps=32, batch_size=16, eval_every=128))
     with caplog.at_level("WARNING"):

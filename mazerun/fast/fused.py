@@ -467,22 +467,6 @@ class FusedActorCritic:
         self.forward(workspace, self.normalize(observations))
         return workspace
 
-    @torch.no_grad()
-    def act(self, observations: torch.Tensor, generator: torch.Generator | None
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Actions sampled from the policy (as :func:`mazerun.nn.models.sample` draws them), their log-probabilities
-        and the values of ``(B, D)`` observations: a rollout step without building a ``Distribution``."""
-        workspace = self.heads(observations)
-        head, values = workspace.head, workspace.values.squeeze(1)
-        if self.discrete:
-            log_p = torch.log_softmax(head, 1)
-            actions = torch.multinomial(log_p.exp(), 1, generator=generator)
-            return actions.squeeze(1), log_p.gather(1, actions).squeeze(1), values
-        noise = torch.randn(head.shape, generator=generator, device=head.device, dtype=head.dtype)
-        log_prob = noise.square().mul(-0.5).sub_(self.log_std).sum(1).sub_(self.log_std.numel() * LOG_SQRT_2PI)
-        return head + self.log_std.exp() * noise, log_prob, values
-
-
 
 @dataclass
 class ActorCriticWorkspace(Workspace):

@@ -660,6 +660,20 @@ def sample(distribution: Distribution, generator: torch.Generator | None) -> tor
     return normal.loc + normal.scale * noise
 
 
+def sample_with_noise(distribution: Distribution, noise: torch.Tensor) -> torch.Tensor:
+    """A sample of a ``Categorical`` or diagonal ``Normal`` made from ``noise`` drawn beforehand: one uniform in
+    ``[0, 1)`` per row (the inverse of the cumulative distribution), or one standard normal per action dimension.
+
+    A rollout draws all of its noise in one call, and a loop acting in numpy
+    (:class:`mazerun.fast.array_actor.ArrayActor`) turns the same noise into the same actions.
+    """
+    if isinstance(distribution, Categorical):
+        cumulative = distribution.probs.cumsum(-1)
+        return (cumulative[..., :-1] <= noise.unsqueeze(-1) * cumulative[..., -1:]).sum(-1)
+    normal = distribution.base_dist if isinstance(distribution, Independent) else distribution
+    return normal.loc + normal.scale * noise
+
+
 class QNetwork(Recurrent, Torso):
     """Q-values of every discrete action: encoder, optional memory, MLP trunk, one output per action."""
 

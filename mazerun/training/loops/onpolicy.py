@@ -29,7 +29,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -50,9 +51,10 @@ from mazerun.data.tensors import (
     records_to_dataset,
     store_observations,
 )
+from mazerun.fast.array_actor import ArrayActor
 from mazerun.fast.fused import FusedActorCritic
 from mazerun.nn.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, TRAINING_STATE
-from mazerun.nn.models import ActorCritic, ModelInput, Vocabulary, sample
+from mazerun.nn.models import ActorCritic, ModelInput, Vocabulary, sample_with_noise
 from mazerun.training.loops.vector import VectorEpisodes, open_vector_env
 from mazerun.training.runsetup import RunSetup, TrainResult
 from mazerun.training.session import LoopShell
@@ -270,17 +272,31 @@ class RolloutBuffer:
         )
 
 
+class _ArrayViews(NamedTuple):
+    """Numpy views of a CPU :class:`RolloutBuffer`'s tensors, which the numpy actor writes into."""
+
+    observations: np.ndarray
+    actions: np.ndarray
+    log_probs: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def of(cls, buffer: RolloutBuffer) -> _ArrayViews:
+        return cls(buffer.observations.numpy(), buffer.actions.numpy(), buffer.log_probs.numpy(), buffer.values.numpy())
+
+
 class RolloutCollector:
-    """Steps the vector env with the current policy, sampling actions from the loop's generator.
+    """Steps the vector env with the current policy, sampling actions with noise from the loop's generator.
 
     The policy acts on the env copies half by half: on half A, whose actions go off to be
-    stepped, then on half B while A steps (in a worker process, where the mode has one). Every
-    mode acts on the same halves in the same order and draws from the generator in that order,
-    so a seed gives the same rollout in every mode.
+    stepped, then on half B while A steps (in a worker process, where the mode has one). A
+    rollout draws all its noise at once, a number per copy and step (:meth:`_draw_noise`), so a
+    seed gives the same rollout whichever rows the halves hold and whichever mode steps them.
 
     A network with memory is stepped from one state per env copy, restarted where an episode
     starts; that state and the start flags travel in ``last.pt`` with the envs' episodes. With
-    ``fused`` (the learner's view of the same network) actor and critic act in one pass.
+    ``fused`` (the learner's view of the same network) on the CPU, actor and critic act in numpy
+    (:class:`mazerun.fast.array_actor.ArrayActor`) on the env's own arrays.
     """
 
     def __init__(
@@ -295,9 +311,11 @@ class RolloutCollector:
         state: dict[str, Any] | None = None,
         fused: FusedActorCritic | None = None,
     ) -> None:
-        self.network, self.gamma, self.generator, self.fused = network, gamma, generator, fused
+        self.network, self.gamma, self.generator = network, gamma, generator
         action_space = envs.single_action_space
         self.bounds = (action_space.low, action_space.high) if isinstance(action_space, gym.spaces.Box) else None
+        self.noise_shape = () if self.bounds is None else action_space.shape
+        self.array_actor = ArrayActor(fused) if fused is not None and device.type == "cpu" else None
         self.episodes = VectorEpisodes(envs, observation_space, vocabulary, device, state)
         self.memory = network.initial_state(envs.num_envs, device)
         self.starts = torch.ones(envs.num_envs, dtype=torch.bool, device=device)
@@ -316,40 +334,57 @@ class RolloutCollector:
         halves = self.episodes.halves
         if buffer.recurrent:
             buffer.initial_state.copy_(self.memory)
+        noise = self._draw_noise(buffer.n_steps)
+        act = self._act if self.array_actor is None else partial(self._act_in_arrays, _ArrayViews.of(buffer))
         for t in range(buffer.n_steps):
             interrupts.check()
             for half, rows in enumerate(halves):
                 if t:
                     self._receive(buffer, t - 1, half, rows)
-                self._act(buffer, t, half, rows)
+                act(buffer, t, half, rows, noise[t, rows])
         for half, rows in enumerate(halves):
             self._receive(buffer, buffer.n_steps - 1, half, rows)
 
-    def _act(self, buffer: RolloutBuffer, t: int, half: int, rows: slice) -> None:
+    def _draw_noise(self, n_steps: int) -> torch.Tensor | np.ndarray:
+        """The rollout's randomness in one draw: a uniform in ``[0, 1)`` per copy and step for discrete actions, a
+        standard normal per action dimension for continuous ones (:func:`mazerun.nn.models.sample_with_noise`)."""
+        draw = torch.rand if self.bounds is None else torch.randn
+        shape = (n_steps, self.episodes.envs.num_envs, *self.noise_shape)
+        noise = draw(shape, generator=self.generator, device=self.generator.device)
+        return noise if self.array_actor is None else noise.numpy()
+
+    def _act(self, buffer: RolloutBuffer, t: int, half: int, rows: slice, noise: torch.Tensor) -> None:
         """Sample the actions of the copies in ``rows`` at step ``t`` and send them off to be stepped."""
         episodes, network = self.episodes, self.network
         observations = episodes.tensor(observation_rows(episodes.observations, rows))
-        if self.fused is not None:  # the same network, its actor and critic in one pass
-            actions, log_probs, values = self.fused.act(observations, self.generator)
+        if buffer.recurrent:
+            buffer.starts[t, rows] = self.starts[rows]
+            distribution, values, self.memory[rows] = network.step(observations, self.starts[rows], self.memory[rows])
         else:
-            if buffer.recurrent:
-                buffer.starts[t, rows] = self.starts[rows]
-                distribution, values, self.memory[rows] = network.step(observations, self.starts[rows],
-                                                                       self.memory[rows])
-            else:
-                distribution, values = network.distribution(observations), network.value(observations)
-            actions = sample(distribution, self.generator)
-            log_probs = distribution.log_prob(actions)
+            distribution, values = network.distribution(observations), network.value(observations)
+        actions = sample_with_noise(distribution, noise)
         buffer.store_observations((t, rows), observations)
         buffer.actions[t, rows] = actions
-        buffer.log_probs[t, rows] = log_probs
+        buffer.log_probs[t, rows] = distribution.log_prob(actions)
         buffer.values[t, rows] = values
+        self._send(half, actions.cpu().numpy())
 
-        env_actions = actions.cpu().numpy()
+    def _act_in_arrays(self, views: _ArrayViews, buffer: RolloutBuffer, t: int, half: int, rows: slice,
+                       noise: np.ndarray) -> None:
+        """:meth:`_act` in numpy, on the env's observation arrays and the buffer's memory."""
+        observations = self.episodes.observations[rows]
+        actions, log_probs, values = self.array_actor.act(observations, noise)
+        views.observations[t, rows] = observations
+        views.actions[t, rows] = actions
+        views.log_probs[t, rows] = log_probs
+        views.values[t, rows] = values
+        self._send(half, actions)
+
+    def _send(self, half: int, actions: np.ndarray) -> None:
         if self.bounds is not None:
             # The env gets actions inside its bounds; the buffer keeps the sample its log-prob belongs to.
-            env_actions = np.clip(env_actions, *self.bounds)
-        episodes.send(half, env_actions)
+            actions = np.clip(actions, *self.bounds)
+        self.episodes.send(half, actions)
 
     def _receive(self, buffer: RolloutBuffer, t: int, half: int, rows: slice) -> None:
         """The step ``t`` of the copies in ``rows``: rewards, episode ends, and the bootstrap of cut episodes."""
@@ -360,7 +395,8 @@ class RolloutCollector:
         cut = truncated & ~terminated
         if cut.any():
             self._bootstrap_cut_episodes(buffer.rewards[t, rows], np.flatnonzero(cut), rows.start)
-        self.starts[rows] = torch.as_tensor(done, device=self.starts.device)
+        if self.network.recurrent:
+            self.starts[rows] = torch.as_tensor(done, device=self.starts.device)
 
     def _bootstrap_cut_episodes(self, rewards: np.ndarray, cut: np.ndarray, first: int) -> None:
         """Add ``gamma * V(final observation)`` to the reward of episodes cut off by the time limit.
