@@ -24,10 +24,12 @@ import contextlib
 import mmap
 import os
 import pickle
+import select
 import signal
 import socket
 import subprocess
 import sys
+import time
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
@@ -42,6 +44,23 @@ STEP, DONE = b"s", b"d"
 CLOSE_SECONDS = 5.0
 """How long a worker told to close may take (it may be inside a step) before it is killed."""
 ENTRY = "from mazerun.acting.workers import main; main()"
+SPIN_SECONDS = 0.001
+"""How long a side polls for the other's message before it sleeps in a blocking read. Waking a sleeping
+process costs tens of microseconds on a VM, per message; a step of the worker's copies takes hundreds."""
+
+
+class Listener:
+    """Waits for a message on a socket by polling it for up to :data:`SPIN_SECONDS`, then by blocking."""
+
+    def __init__(self, descriptor: int) -> None:
+        self.poller = select.poll()
+        self.poller.register(descriptor, select.POLLIN)
+
+    def spin(self) -> None:
+        """Return once a message (or the end of the stream) is there, or the spin's time is up."""
+        poll, deadline = self.poller.poll, time.perf_counter() + SPIN_SECONDS
+        while not poll(0) and time.perf_counter() < deadline:
+            pass
 
 
 def shared_memory(size: int) -> tuple[int, mmap.mmap]:
@@ -69,6 +88,7 @@ class WorkerCopies:
             self.process = subprocess.Popen([sys.executable, "-c", ENTRY, str(worker_end.fileno()), str(memory)],
                                             pass_fds=(worker_end.fileno(), memory), stdin=subprocess.DEVNULL)
             self.connection = Connection(parent_end.detach())
+        self.listener = Listener(self.connection.fileno())
         try:  # sys.path first: the worker imports the thunks' modules with it (a test's, a plugin's)
             self._send(pickle.dumps(sys.path))
             self._send(pickle.dumps((thunks, layout, rows)))
@@ -99,6 +119,7 @@ class WorkerCopies:
         self._send(STEP)
 
     def wait(self) -> None:
+        self.listener.spin()
         reply = self._receive()
         if reply != DONE:
             raise MazerunError(pickle.loads(reply)[1])
@@ -192,8 +213,10 @@ def main() -> None:
         return
     if "torch" in sys.modules:  # an expert with a network: one thread, the parent has the other core
         sys.modules["torch"].set_num_threads(1)
+    listener = Listener(socket_descriptor)
     try:
         while True:
+            listener.spin()
             message = connection.recv_bytes()
             if message == STEP:
                 copies.send()
