@@ -14,11 +14,16 @@ Ours is always the real ``run`` command in a subprocess; SB3 runs in a spawned w
    the table shows medians.
    * whole run: our ``run env=LunarLander-v3 algorithm=ppo`` from launch to exit (imports, Hydra,
      the evaluations at step 0 and at the end, a ``last.pt`` per iteration, the learning curve)
-     against SB3's ``learn()`` alone, as steps/s. Target: >= 2x.
-   * rollout and update phases, as steps/s of one iteration: ours from the run's own timers
-     (``train/rollout_seconds``, ``train/update_seconds``), SB3's from a callback at the start and
-     end of each rollout. Target: update >= 2x; rollout shown.
-   * start-up: seconds from launching ``run`` to its envs being ready to step (shown).
+     against SB3's ``learn()`` alone, as steps/s. Target: >= 3x.
+   * iteration (rollout and update) as steps/s, ours from the run's own timers
+     (``train/rollout_seconds``, ``train/update_seconds``) against the raw env rate: two processes
+     stepping 8 LunarLander copies each with random actions, side by side, nothing else. Target:
+     >= 0.6x. The rollout and update phases are shown against SB3's (a callback at the start and
+     end of each rollout); target for the update: >= 2x.
+   * start-up: seconds from launching ``run`` to its envs being ready to step. Target: <= 1 s.
+     Beside it, ``python -c "import torch"`` alone: the floor any torch program starts from.
+   * CartPole-v1 with rl-zoo's settings (below) for ``--cartpole-steps``: whole run against
+     SB3's ``learn()``, shown. A CartPole step costs microseconds, so the overhead shows.
 2. return: both trained for ``--steps`` on the same seeds; the final policy (``last.pt``, SB3's
    model) plays 100 greedy episodes on seeds no run has seen. Target at 1M steps: ours >= SB3.
    The long runs' steps/s is shown, not judged: SB3's rollouts slow down as its policy fires the
@@ -41,6 +46,7 @@ import argparse
 import math
 import multiprocessing
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,7 +61,13 @@ from mazerun.training.metrics import plot_curves, read_metrics_csv
 
 LUNAR_ENV = "LunarLander-v3"
 CARTPOLE_ENV = "CartPole-v1"
-SPEED_TARGET = 2.0
+SPEED_TARGET = 3.0
+UPDATE_TARGET = 2.0
+RAW_RATE_TARGET = 0.6
+STARTUP_TARGET = 1.0
+RAW_COPIES = 8
+"""Env copies per process of the raw env rate: the 16 copies of the timed runs, in two processes."""
+RAW_SECONDS = 3.0
 FINAL_EVAL_EPISODES = 100
 FINETUNE_FLOOR = 200.0
 FINETUNE_TARGET = 250.0
@@ -194,20 +206,63 @@ def sb3(env_id: str, settings: dict, seed: int, steps: int, eval_every: int = 0,
     return outcome
 
 
+def random_steps(env_id: str, copies: int, seconds: float, seed: int) -> float:
+    """Steps/s of ``copies`` copies of ``env_id`` stepped one after another with random actions for ``seconds``."""
+    import gymnasium as gym
+
+    envs = [gym.make(env_id) for _ in range(copies)]
+    for index, env in enumerate(envs):
+        env.reset(seed=seed + index)
+        env.action_space.seed(seed + index)
+    actions = [[int(env.action_space.sample()) for _ in range(4096)] for env in envs]
+    steps, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        for index, env in enumerate(envs):
+            _, _, terminated, truncated, _ = env.step(actions[index][steps % 4096])
+            if terminated or truncated:
+                env.reset()
+        steps += 1
+    rate = steps * copies / (time.perf_counter() - started)
+    for env in envs:
+        env.close()
+    return rate
+
+
+def raw_env_rate(env_id: str, seconds: float = RAW_SECONDS) -> float:
+    """Steps/s of two processes stepping :data:`RAW_COPIES` copies each at the same time: the envs' ceiling."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(2, mp_context=context) as pool:
+        list(pool.map(random_steps, [env_id] * 2, [RAW_COPIES] * 2, [0.2] * 2, [0, 100]))  # both started
+        return sum(pool.map(random_steps, [env_id] * 2, [RAW_COPIES] * 2, [seconds] * 2, [0, 100]))
+
+
+def torch_import_seconds() -> float:
+    """Seconds a fresh interpreter takes to ``import torch``."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    return time.perf_counter() - started
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
 def speed(args: argparse.Namespace, work: Path, pool: ProcessPoolExecutor | None, table: Table) -> None:
-    """Whole runs and phases, ours and SB3's in turn, ``--repeats`` times."""
+    """Whole runs and phases, ours and SB3's in turn, ``--repeats`` times; the raw env rate; CartPole's whole runs."""
     steps, seed = args.speed_steps, args.seeds[0]
-    runs: dict[str, list[Outcome]] = {"ours": [], "sb3": []}
+    runs: dict[str, list[Outcome]] = {"ours": [], "sb3": [], "ours_cartpole": [], "sb3_cartpole": []}
+    raw_rates, torch_imports = [], []
     for round_number in range(args.repeats):
         print(f"  speed round {round_number + 1}/{args.repeats} ({load_average()})", file=sys.stderr, flush=True)
         runs["ours"].append(ours(work, f"speed{round_number}", *overrides_for(LUNAR, LUNAR_ENV, steps, seed),
                                  "model.hidden_sizes=[64,64]"))
+        raw_rates.append(raw_env_rate(LUNAR_ENV))
+        torch_imports.append(torch_import_seconds())
+        runs["ours_cartpole"].append(ours(work, f"speed_cartpole{round_number}", *overrides_for(
+            CARTPOLE, CARTPOLE_ENV, args.cartpole_steps, seed), "model.hidden_sizes=[64,64]"))
         if pool is not None:
             runs["sb3"].append(pool.submit(sb3, LUNAR_ENV, LUNAR, seed, steps).result())
+            runs["sb3_cartpole"].append(pool.submit(sb3, CARTPOLE_ENV, CARTPOLE, seed, args.cartpole_steps).result())
     rollout_size = LUNAR["n_envs"] * LUNAR["n_steps"]
 
     def rates(name: str, attribute: str) -> float | str:
@@ -215,22 +270,37 @@ def speed(args: argparse.Namespace, work: Path, pool: ProcessPoolExecutor | None
             return "missing"
         if attribute == "seconds":
             return median([outcome.steps / outcome.seconds for outcome in runs[name]])
+        if attribute == "iteration":
+            return median([rollout_size / (rollout + update) for outcome in runs[name]
+                           for rollout, update in zip(outcome.rollout_seconds, outcome.update_seconds)])
         return median([rollout_size / seconds for outcome in runs[name] for seconds in getattr(outcome, attribute)])
 
-    whole, rollout, update = rates("ours", "seconds"), rates("ours", "rollout_seconds"), rates("ours", "update_seconds")
-    peer_whole, peer_rollout, peer_update = (rates("sb3", "seconds"), rates("sb3", "rollout_seconds"),
-                                             rates("sb3", "update_seconds"))
+    def at_least(ours_value: float | str, peer: float | str, target: float) -> bool:
+        return isinstance(ours_value, float) and isinstance(peer, float) and ours_value >= target * peer
+
+    whole, peer_whole = rates("ours", "seconds"), rates("sb3", "seconds")
+    iteration, raw = rates("ours", "iteration"), median(raw_rates)
+    update, peer_update = rates("ours", "update_seconds"), rates("sb3", "update_seconds")
+    startup = median([outcome.startup_seconds for outcome in runs["ours"]])
     table.add(f"whole run, {steps:,} steps: steps/s (vs learn())", whole, peer_whole, f">= {SPEED_TARGET:g}x",
-              isinstance(peer_whole, float) and whole >= SPEED_TARGET * peer_whole)
-    table.add("rollout phase: steps/s per iteration", rollout, peer_rollout)
-    table.add("update phase: steps/s per iteration", update, peer_update, f">= {SPEED_TARGET:g}x",
-              isinstance(peer_update, float) and update >= SPEED_TARGET * peer_update)
-    table.add("start-up to envs ready to step (s)", median([outcome.startup_seconds for outcome in runs["ours"]]), "-")
+              at_least(whole, peer_whole, SPEED_TARGET))
+    table.add(f"iteration steps/s (vs 2 processes x {RAW_COPIES} random)", iteration, raw,
+              f">= {RAW_RATE_TARGET:g}x", at_least(iteration, raw, RAW_RATE_TARGET))
+    table.add("rollout phase: steps/s per iteration", rates("ours", "rollout_seconds"), rates("sb3", "rollout_seconds"))
+    table.add("update phase: steps/s per iteration", update, peer_update, f">= {UPDATE_TARGET:g}x",
+              at_least(update, peer_update, UPDATE_TARGET))
+    table.add("start-up to envs ready to step (s)", startup, None, f"<= {STARTUP_TARGET:g} s",
+              startup <= STARTUP_TARGET)
+    table.add("python -c 'import torch' alone (s)", median(torch_imports), None)
+    table.add(f"{CARTPOLE_ENV} whole run, {args.cartpole_steps:,} steps: steps/s", rates("ours_cartpole", "seconds"),
+              rates("sb3_cartpole", "seconds"))
     for name, outcomes in runs.items():
         for outcome in outcomes:
             print(f"  {name}: {outcome.seconds:.2f} s for {outcome.steps:,} steps; rollouts "
                   f"{', '.join(f'{s:.2f}' for s in outcome.rollout_seconds)} s; updates "
                   f"{', '.join(f'{s:.2f}' for s in outcome.update_seconds)} s", file=sys.stderr)
+    print(f"  raw env rates: {', '.join(f'{rate:,.0f}' for rate in raw_rates)} steps/s; import torch: "
+          f"{', '.join(f'{seconds:.2f}' for seconds in torch_imports)} s", file=sys.stderr)
 
 
 def final_return(args: argparse.Namespace, work: Path, peer: bool, table: Table) -> None:
