@@ -296,9 +296,9 @@ def speed(args: argparse.Namespace, work: Path, pool: ProcessPoolExecutor | None
               rates("sb3_cartpole", "seconds"))
     for name, outcomes in runs.items():
         for outcome in outcomes:
-            print(f"  {name}: {outcome.seconds:.2f} s for {outcome.steps:,} steps; rollouts "
-                  f"{', '.join(f'{s:.2f}' for s in outcome.rollout_seconds)} s; updates "
-                  f"{', '.join(f'{s:.2f}' for s in outcome.update_seconds)} s", file=sys.stderr)
+            print(f"  {name}: {outcome.seconds:.2f} s for {outcome.steps:,} steps; {len(outcome.rollout_seconds)} "
+                  f"rollouts {sum(outcome.rollout_seconds):.2f} s, updates {sum(outcome.update_seconds):.2f} s; "
+                  f"start-up {outcome.startup_seconds:.2f} s", file=sys.stderr)
     print(f"  raw env rates: {', '.join(f'{rate:,.0f}' for rate in raw_rates)} steps/s; import torch: "
           f"{', '.join(f'{seconds:.2f}' for seconds in torch_imports)} s", file=sys.stderr)
 
