@@ -170,13 +170,13 @@ def train_interactive(setup: RunSetup) -> TrainResult:
     records_written = 0
     refit_state = None
     if start is not None:
-        saved_refit = start.checkpoint.extra[TRAINING_STATE].get("refit") if start.continuing else None
+        state = start.checkpoint.extra[TRAINING_STATE] if start.continuing else None
+        saved_refit = state.get("refit") if state else None
         # In the refit the checkpoint's network is the refitted one; the collecting network travels beside it.
         algorithm.load_network_state(saved_refit["collector"] if saved_refit else start.checkpoint.model_state)
         if saved_refit is not None and start.step >= config.total_steps:  # a raised budget collects, then refits anew
             refit_state = saved_refit
-        if start.continuing:
-            state = start.checkpoint.extra[TRAINING_STATE]
+        if state is not None:
             records_written = int(state["records_written"])
             algorithm.load_training_state(state["algorithm"], start.step)
             generator.set_state(state["generator"])
@@ -209,13 +209,18 @@ def train_interactive(setup: RunSetup) -> TrainResult:
         def refit_owed() -> bool:
             return config.refit_updates > 0 and (refit is None or refit.updates < config.refit_updates)
 
-        refit: Any = None  # the refit's learner (DAgger.refit_learner), once the last label is in
+        def begin_refit() -> Any:
+            """The refit's learner (``DAgger.refit_learner``), whose network the shell evaluates and saves from now on."""
+            learner = algorithm.refit_learner(setup.seed)
+            shell.hand_over(learner.network)
+            return learner
+
+        refit: Any = None  # the refit's learner, once the last label is in
         shell = LoopShell(setup, algorithm, algorithm.selection_metric(False), training_state)
         if refit_state is not None:
-            refit = algorithm.refit_learner(setup.seed)
+            refit = begin_refit()
             refit.load_network_state(start.checkpoint.model_state)
             refit.load_training_state(refit_state["algorithm"], start.step)
-            shell.hand_over(refit.network)
 
         def report(learner: Algorithm) -> None:
             metrics = window.means()
@@ -256,10 +261,9 @@ def train_interactive(setup: RunSetup) -> TrainResult:
             """A network from fresh weights trains on every label, is handed over, and makes the last report."""
             nonlocal refit
             if refit is None:
-                refit = algorithm.refit_learner(setup.seed)
+                refit = begin_refit()
                 if not isinstance(setup.observation_space, gym.spaces.Dict):  # a policy learnt here: the labels' statistics
                     refit.set_normalization(*observation_stats(aggregate.observations[: len(aggregate)]))
-                shell.hand_over(refit.network)
                 log.info("refit: a network from fresh weights trains %d updates on all %d labels",
                          config.refit_updates, len(aggregate))
             check_fast_path(refit)
@@ -297,7 +301,8 @@ def train_interactive(setup: RunSetup) -> TrainResult:
                 if batches is not None:
                     pay_updates(batches, updates_bar)
                 labelled_all = shell.step >= config.total_steps
-                if (shell.step >= next_report or labelled_all) and not (labelled_all and config.refit_updates):
+                # The report after the last labels is the refit's, where there is one.
+                if (not config.refit_updates) if labelled_all else shell.step >= next_report:
                     report(algorithm)
                     window = ReportWindow()
                     next_report = _next_report(config, shell.step)
