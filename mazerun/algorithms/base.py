@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -78,7 +79,8 @@ class OfflineConfig:
 
 @dataclass
 class ValueLearningConfig(OfflineConfig):
-    """Settings of the offline algorithms that learn discrete-action Q-values (CQL, IQL)."""
+    """Settings of the offline algorithms that learn Q-values (CQL, IQL): of discrete actions, or of a 1-D Box's
+    in their continuous variants (:class:`BoxVariant`)."""
 
     gamma: float = 0.99
     """Discount of the TD targets."""
@@ -99,16 +101,22 @@ class ValueLearningConfig(OfflineConfig):
             )
 
     def check_spaces(self, observation_space: gym.Space, action_space: gym.Space) -> None:
-        if not isinstance(action_space, gym.spaces.Discrete):
+        if not (isinstance(action_space, gym.spaces.Discrete) or is_box_of_actions(action_space)):
             raise MazerunError(
-                f"{self.name} learns Q-values of discrete actions and this environment's actions are "
-                f"{action_space}; for continuous actions use algorithm=td3_bc (offline), sac, bc or ppo"
+                f"algorithm={self.name} learns Q-values of Discrete or 1-D Box actions and this env's actions are "
+                f"{action_space}; wrap the env so that its actions are one of those (flatten a Box of several "
+                "dimensions into one)"
             )
+
+
+def is_box_of_actions(action_space: gym.Space) -> bool:
+    """Whether the actions are a 1-D Box, the continuous actions the tanh-squashed policies act in."""
+    return isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1
 
 
 def check_box_actions(name: str, action_space: gym.Space) -> None:
     """Refuse, in one line, an env whose actions are not a 1-D Box (SAC's and TD3+BC's tanh-squashed policies)."""
-    if not (isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1):
+    if not is_box_of_actions(action_space):
         raise MazerunError(f"algorithm={name} acts in 1-D Box (continuous) action spaces and this env's actions are "
                            f"{action_space}; use algorithm=ppo, or a Box env such as env.name=Pendulum-v1")
 
@@ -118,6 +126,19 @@ def check_polyak_tau(tau: float, prefix: str) -> None:
     if not 0.0 < tau <= 1.0:
         raise MazerunError(f"{prefix}.tau={tau} must lie in (0, 1]: e.g. 0.005 averages the online networks into "
                            "their targets slowly, 1 copies them")
+
+
+def standard_normal(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Standard normal draws from the loop's ``generator``, made on its device and moved to ``device`` (a
+    memory-mapped store's sampler draws on the CPU while the networks may be on a GPU)."""
+    return torch.randn(shape, generator=generator, device=device if generator is None else generator.device).to(device)
+
+
+def uniform_in_unit_box(shape: tuple[int, ...], generator: torch.Generator | None,
+                        device: torch.device) -> torch.Tensor:
+    """Uniform draws in [-1, 1] from the loop's ``generator``, as :func:`standard_normal` makes them."""
+    draws = torch.rand(shape, generator=generator, device=device if generator is None else generator.device)
+    return (2.0 * draws - 1.0).to(device)
 
 
 def load_matching_weights(policy: nn.Module, state: dict[str, torch.Tensor], *readers: nn.Module) -> None:
@@ -354,3 +375,25 @@ class OfflineAlgorithm(BatchAlgorithm):
         if "lr_schedule" in state:  # absent from checkpoints written before schedules: those keep the config's
             self.lr_schedule = LinearSchedule.from_list(state["lr_schedule"]).extended_to(self.updates,
                                                                                             self.config.n_updates)
+
+
+class BoxVariant:
+    """Mixin of a discrete-action algorithm that has a continuous variant under the same name (CQL, IQL): built
+    for a 1-D Box of actions, the class builds its :attr:`box_variant` instead.
+
+    The registry hands the loops one ``Algorithm`` per name, and the action space is known only when it is built,
+    so the choice is made here, at construction; each variant keeps its own file and loss maths. The class
+    attributes a loop reads before building (``network_type``, ``starts_from``) are the discrete class's, whose
+    ``starts_from`` also names the continuous networks the Box variant continues or starts from (a run of the
+    other kind of actions is refused by the setup's check of the action kinds).
+    """
+
+    box_variant: ClassVar[str]
+    """``module:Class`` of the continuous variant, imported on first use."""
+
+    def __new__(cls, config: Any = None, spec: AlgorithmSpec | None = None,
+                generator: torch.Generator | None = None) -> Any:
+        if spec is not None and is_box_of_actions(spec.action_space):
+            module, name = cls.box_variant.split(":")
+            return getattr(importlib.import_module(module), name)(config, spec, generator)
+        return super().__new__(cls)

@@ -13,13 +13,16 @@ double DQN. The term is at least 0 and equals ``log(n_actions)`` when all Q-valu
 The target network follows the online one as :func:`mazerun.algorithms.base.follow_target`
 says (hard copy every ``target_update_interval`` updates by default). The acting network is the
 :class:`~mazerun.nn.models.QNetwork` (``network_type = "q_network"``), greedy in Q at test time.
+
+For a 1-D Box of actions ``algorithm=cql`` builds :mod:`mazerun.algorithms.cql_continuous` instead
+(:class:`~mazerun.algorithms.base.BoxVariant`), with the settings under ``box``.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -27,14 +30,17 @@ import torch.nn.functional as F
 
 from mazerun.algorithms.base import (
     Batch,
+    BoxVariant,
     OfflineAlgorithm,
     ValueLearningConfig,
+    check_polyak_tau,
     flat,
     flat_transitions,
     frozen_copy,
     warm_state,
 )
 from mazerun.algorithms.protocol import AlgorithmSpec
+from mazerun.config.schemas import check_fields
 from mazerun.core.errors import MazerunError
 from mazerun.data.tensors import SequenceBatch, TransitionBatch
 from mazerun.fast.fused import HeadGradient, StackedQLearner
@@ -42,6 +48,22 @@ from mazerun.fast.optim import Adam
 
 TD_LOSSES = ("huber", "mse")
 MATMUL_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class CQLBoxConfig:
+    """Settings of CQL for 1-D Box actions (d3rlpy's defaults) that the discrete variant has not, or whose defaults
+    differ from its; ``lr`` (the critics'), ``gamma`` and ``batch_size`` mean the same for both, and the discrete
+    variant's ``tau``, ``target_update_interval``, ``td_loss``, ``fused`` and ``matmul_dtype`` do not apply."""
+
+    alpha: float = 5.0
+    """Weight of the conservative term (d3rlpy's conservative_weight); 0 is SAC without the entropy backup."""
+    actor_lr: float = 1e-4
+    """Adam's learning rate of the policy and of its entropy temperature."""
+    tau: float = 0.005
+    """Share of the way the target critics move to the online ones after every update."""
+    n_action_samples: int = 10
+    """Actions per state drawn from each of the three proposals of the conservative term's log-sum-exp."""
 
 
 @dataclass
@@ -63,9 +85,14 @@ class CQLConfig(ValueLearningConfig):
     (:class:`mazerun.fast.fused.LowPrecisionMLP`), 2-4x faster on CPUs with AVX512-BF16 or AMX, about 20x
     slower on those without (a warning says so); weights, gradients, Adam, evaluation and checkpoints
     stay float32. Needs the fused step."""
+    box: CQLBoxConfig = field(default_factory=CQLBoxConfig)
+    """1-D Box actions (mazerun.algorithms.cql_continuous): the settings that differ from the discrete ones;
+    alpha, tau, target_update_interval, td_loss, fused and matmul_dtype above are the discrete variant's only."""
 
     def check(self, prefix: str = "algorithm") -> None:
         super().check(prefix)
+        check_fields(self.box, f"{prefix}.box", positive=("actor_lr", "n_action_samples"), non_negative=("alpha",))
+        check_polyak_tau(self.box.tau, f"{prefix}.box")
         if self.alpha < 0:
             raise MazerunError(f"{prefix}.alpha={self.alpha} must be >= 0 (0 is double DQN without the conservative term)")
         if self.td_loss not in TD_LOSSES:
@@ -136,8 +163,10 @@ def conservative_q_gradient(
     return (td + alpha * conservative).squeeze(1), metrics
 
 
-class ConservativeQLearning(OfflineAlgorithm):
+class ConservativeQLearning(BoxVariant, OfflineAlgorithm):
     network_type = "q_network"
+    starts_from = ("squashed_gaussian", "tanh_deterministic")
+    box_variant = "mazerun.algorithms.cql_continuous:ContinuousConservativeQLearning"
     target_networks = {"target_network": "network"}
 
     def __init__(self, config: CQLConfig, spec: AlgorithmSpec, generator: torch.Generator | None = None) -> None:

@@ -17,12 +17,15 @@ twin Qs: the expectile already keeps V inside the data's support, so a second Q 
 and backward pass per update for little. Q and V live only in the algorithm; the checkpoint
 holds the policy as the same :class:`~mazerun.nn.models.ActorCritic` BC trains
 (``network_type = "actor_critic"``), so ``run algorithm=ppo input_dir=<iql run>`` fine-tunes it.
+
+For a 1-D Box of actions ``algorithm=iql`` builds :mod:`mazerun.algorithms.iql_continuous` instead
+(:class:`~mazerun.algorithms.base.BoxVariant`), with the settings under ``box``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -31,6 +34,7 @@ from torch.distributions import Distribution
 
 from mazerun.algorithms.base import (
     Batch,
+    BoxVariant,
     OfflineAlgorithm,
     ValueLearningConfig,
     flat,
@@ -48,6 +52,15 @@ from mazerun.nn.models import ValueNetwork
 
 
 @dataclass
+class IQLBoxConfig:
+    """Settings of IQL for 1-D Box actions (CORL's) whose defaults differ from the discrete variant's; every other
+    key means the same for both."""
+
+    beta: float = 3.0
+    """Inverse temperature of the advantage weights for Box actions (CORL's, on MuJoCo)."""
+
+
+@dataclass
 class IQLConfig(ValueLearningConfig):
     name: str = "iql"
     n_updates: int = 20000
@@ -60,10 +73,14 @@ class IQLConfig(ValueLearningConfig):
     """Inverse temperature of the advantage weights: 0 is plain cloning, larger follows Q more greedily."""
     max_weight: float = 100.0
     """Cap of the advantage weights, so that a few transitions cannot dominate a batch."""
+    box: IQLBoxConfig = field(default_factory=IQLBoxConfig)
+    """1-D Box actions (mazerun.algorithms.iql_continuous): the settings whose defaults differ from the discrete
+    ones (beta above is the discrete variant's only); every other key applies to both."""
 
     def check(self, prefix: str = "algorithm") -> None:
         super().check(prefix)
         check_fields(self, prefix, positive=("beta", "max_weight"))
+        check_fields(self.box, f"{prefix}.box", positive=("beta",))
         if not 0.0 < self.expectile < 1.0:
             raise MazerunError(
                 f"{prefix}.expectile={self.expectile} must lie in (0, 1): 0.5 regresses V to the mean of Q, "
@@ -102,8 +119,10 @@ class Estimates(NamedTuple):
     """``pi(. | s)`` over the N transitions."""
 
 
-class ImplicitQLearning(OfflineAlgorithm):
+class ImplicitQLearning(BoxVariant, OfflineAlgorithm):
     network_type = "actor_critic"
+    starts_from = ("tanh_mean_gaussian", "squashed_gaussian", "tanh_deterministic")
+    box_variant = "mazerun.algorithms.iql_continuous:ContinuousImplicitQLearning"
     target_networks = {"target_q_network": "q_network"}
 
     def __init__(self, config: IQLConfig, spec: AlgorithmSpec, generator: torch.Generator | None = None) -> None:

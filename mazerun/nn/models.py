@@ -34,7 +34,7 @@ ModelInput = Union[torch.Tensor, dict[str, torch.Tensor]]
 
 MODEL_KINDS = ("vector_obs", "minigrid")
 MEMORY_KINDS = ("none", "gru", "lstm")
-NETWORK_TYPES = ("actor_critic", "q_network", "squashed_gaussian", "tanh_deterministic")
+NETWORK_TYPES = ("actor_critic", "q_network", "squashed_gaussian", "tanh_deterministic", "tanh_mean_gaussian")
 CRITIC_PREFIXES = ("critic_", "value_head")
 """Parameter names of an :class:`ActorCritic`'s value function; everything else acts."""
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
@@ -845,6 +845,13 @@ class SquashedGaussianPolicy(TanhPolicy):
         ``(B,)``; the noise is drawn from ``generator``."""
         mean, log_std = self.gaussian(obs)
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return self.squash(mean, log_std, noise)
+
+    def squash(self, mean: torch.Tensor, log_std: torch.Tensor,
+               noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``u = mean + std * noise`` squashed into the env's box, and its log-probabilities: :meth:`sample` from
+        standard normal ``noise`` drawn beforehand (of any leading shape that broadcasts against ``mean``, e.g.
+        ``(N, B, A)`` for N actions per state)."""
         pre_squash = mean + log_std.exp() * noise
         return self.to_env(torch.tanh(pre_squash)), squashed_log_prob(mean, log_std, pre_squash)
 
@@ -854,6 +861,37 @@ class SquashedGaussianPolicy(TanhPolicy):
         if deterministic:
             return super().act(obs, deterministic)
         return self.sample(obs, generator)[0]
+
+
+class TanhMeanGaussianPolicy(TanhPolicy):
+    """IQL's policy for a 1-D Box (CORL's ``GaussianPolicy``): a Gaussian over the env's actions whose mean is the
+    :class:`TanhPolicy`'s squashed output and whose log-std is one parameter per action dimension, the same in
+    every state.
+
+    Unlike :class:`SquashedGaussianPolicy` the noise comes after the squash, so ``log pi(a | s)`` of a recorded
+    action is a plain Gaussian density, finite at the box's edges, which is what advantage-weighted regression
+    maximises. It acts as its mean (greedy) or a sample clipped into the box.
+    """
+
+    def __init__(
+        self, config: ModelConfig, observation_space: gym.Space, action_space: gym.Space,
+        vocabulary: Vocabulary | None = None,
+    ) -> None:
+        super().__init__(config, observation_space, action_space, vocabulary)
+        self.log_std = nn.Parameter(torch.zeros(int(action_space.shape[0])))  # ActorCritic's name: a clone's loads
+
+    def distribution(self, obs: ModelInput) -> Distribution:
+        """A diagonal ``Normal`` (``Independent``) over the env's actions, its log-std clamped as SAC's."""
+        mean = self.to_env(self(obs))
+        std = self.log_std.clamp(*LOG_STD_BOUNDS).exp().expand_as(mean)
+        return Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
+
+    @torch.no_grad()
+    def act(self, obs: ModelInput, deterministic: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The mean, or a sample clipped into the box."""
+        if deterministic:
+            return super().act(obs, deterministic)
+        return torch.clamp(sample(self.distribution(obs), generator), self.action_low, self.action_high)
 
 
 class TwinQNetwork(nn.Module):
@@ -921,6 +959,8 @@ def build_network(
         return SquashedGaussianPolicy(config, observation_space, action_space, vocabulary)
     if network_type == "tanh_deterministic":
         return TanhPolicy(config, observation_space, action_space, vocabulary)
+    if network_type == "tanh_mean_gaussian":
+        return TanhMeanGaussianPolicy(config, observation_space, action_space, vocabulary)
     raise MazerunError(
         f"network type {network_type!r} is unknown (this mazerun builds {', '.join(NETWORK_TYPES)}); "
         "retrain with this mazerun"

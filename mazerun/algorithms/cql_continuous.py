@@ -1,0 +1,141 @@
+"""Conservative Q-learning, CQL(H), for 1-D Box actions (Kumar et al., 2020), with d3rlpy's defaults:
+``algorithm=cql`` on an env with continuous actions (:class:`~mazerun.algorithms.base.BoxVariant`).
+
+SAC's learner (:mod:`mazerun.algorithms.sac`: the squashed Gaussian policy, twin critics ``Q_1, Q_2``, their
+Polyak-averaged targets, a learned temperature ``alpha``) on recorded transitions ``(s, a, r, s', done)``,
+each critic's TD loss joined by a conservative term that pushes Q down on actions the data did not take:
+
+    y          = r + gamma * (1 - done) * min_j Q'_j(s', a'),   a' ~ pi(. | s')     (no entropy term: d3rlpy's)
+    sampled    = N actions of each proposal q, with their log-densities log q(.):
+                   a_unif ~ U(box),       log q = log(1 / volume)
+                   a_pi   ~ pi(. | s),    log q = log pi(a_pi | s)
+                   a_pi'  ~ pi(. | s'),   log q = log pi(a_pi' | s')
+    C_j        = E_s[ logsumexp_{3N sampled a} (Q_j(s, a) - log q(a))  -  Q_j(s, a_data) ]
+    L_critic   = sum_j ( E[(Q_j(s, a) - y)^2] + alpha_cql * C_j )                    (then a critic step)
+    L_actor    = E[alpha * log pi(a~ | s) - min_j Q_j(s, a~)],   a~ ~ pi(. | s), reparameterised
+    L_alpha    = -E[log alpha * (log pi(a~ | s) + target_entropy)],   target_entropy = -dim(A)
+    Q'_j      <- tau * Q_j + (1 - tau) * Q'_j                                         (after every update)
+
+The log-sum-exp is an importance-sampled estimate of ``log integral exp Q_j(s, a) da``, the soft maximum of
+Q over all actions, so ``C_j`` is the discrete term ``logsumexp_a Q(s, a) - Q(s, a_data)`` with the sum over
+actions turned into an integral. Every density is measured in the unit box [-1, 1]^dim(A), where the policy's
+log-probabilities live, so the uniform's volume is 2^dim(A); measuring them in the env's box instead would add
+one constant to every term, which moves the loss but not its gradient. The sampled actions and their densities
+are constants (d3rlpy draws them without gradient). ``alpha`` is held fixed in the critics' and the actor's
+loss, as in SAC; the policy and ``log alpha`` share one Adam of ``box.actor_lr``.
+
+Every draw (target actions, the 3N proposals, the actor's actions) comes from the loop's generator, which the
+checkpoint keeps, so a continued run draws what the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mazerun.algorithms.base import (
+    OfflineAlgorithm,
+    frozen_copy,
+    load_matching_weights,
+    standard_normal,
+    uniform_in_unit_box,
+    update_target,
+)
+from mazerun.algorithms.cql import CQLConfig
+from mazerun.algorithms.protocol import AlgorithmSpec, UpdatePhase
+from mazerun.algorithms.sac import Temperature, temperature_loss
+from mazerun.data.tensors import TransitionBatch
+from mazerun.fast.optim import Adam
+
+
+def conservative_term(sampled_q: torch.Tensor, log_densities: torch.Tensor, data_q: torch.Tensor) -> torch.Tensor:
+    """``sum_j E_s[logsumexp_k (Q_j(s, a_k) - log q(a_k)) - Q_j(s, a_data)]`` from the critics' values of the
+    sampled actions ``(2, B, K)``, those actions' log-densities ``(B, K)`` and the critics' values of the data's
+    actions ``(2, B)``."""
+    return (torch.logsumexp(sampled_q - log_densities, dim=-1) - data_q).mean(dim=-1).sum()
+
+
+class ContinuousConservativeQLearning(OfflineAlgorithm):
+    """The CQL learner for Box actions: the squashed Gaussian policy that acts, two critics, their targets and the
+    entropy temperature."""
+
+    network_type = "squashed_gaussian"
+    starts_from = ("tanh_deterministic",)
+    phases = (UpdatePhase("losses", "critic_optimizer"), UpdatePhase("actor_loss", "actor_optimizer"))
+    target_networks = {"critic_target": "critic"}
+
+    def __init__(self, config: CQLConfig, spec: AlgorithmSpec, generator: torch.Generator | None = None) -> None:
+        super().__init__(config, spec, generator)
+        self.network = spec.squashed_gaussian_policy()
+        self.critic = spec.twin_q_network()
+        self.critic_target = frozen_copy(self.critic)
+        self.temperature = Temperature(1.0, learned=True).to(spec.device)
+        action_dim = int(spec.action_space.shape[0])
+        self.target_entropy = -float(action_dim)
+        self.uniform_log_density = -action_dim * math.log(2.0)
+        """``log(1 / volume)`` of the unit box [-1, 1]^dim(A), where the policy's densities are measured."""
+        self.critic_optimizer = Adam(self.critic.parameters(), lr=config.lr)
+        self.actor_optimizer = Adam([*self.network.parameters(), self.temperature.log_alpha], lr=config.box.actor_lr)
+
+    def policy_samples(self, observations: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` reparameterised actions of the policy per state, ``(n, B, A)``, and their log-probabilities
+        ``(n, B)``, the noise drawn from the loop's generator."""
+        mean, log_std = self.network.gaussian(observations)
+        return self.network.squash(mean, log_std, standard_normal((n, *mean.shape), self.generator, mean.device))
+
+    def losses(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The critics' loss: TD error and conservative term."""
+        config, n = self.config, self.config.box.n_action_samples
+        observations = batch.observations
+        with torch.no_grad():
+            next_actions, _ = self.policy_samples(batch.next_observations, 1)
+            next_q = self.critic_target(batch.next_observations, next_actions[0]).min(dim=0).values
+            targets = batch.rewards + config.gamma * (1.0 - batch.dones) * next_q
+            sampled_actions, log_densities = self.proposals(batch, n)
+        q_values = self.critic(observations, batch.actions)
+        td_loss = (q_values - targets).square().mean(dim=1).sum()
+
+        rows = observations.shape[0]
+        repeated = observations.expand(3 * n, *observations.shape).reshape(3 * n * rows, *observations.shape[1:])
+        sampled_q = self.critic(repeated, sampled_actions.reshape(3 * n * rows, -1)).view(2, 3 * n, rows)
+        conservative = conservative_term(sampled_q.transpose(1, 2), log_densities.T, q_values)
+        loss = td_loss + config.box.alpha * conservative
+        return loss, {"td_loss": td_loss.detach(), "conservative_loss": conservative.detach(),
+                      "mean_q": q_values.detach().mean()}
+
+    def proposals(self, batch: TransitionBatch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conservative term's ``3n`` actions per state, ``(3n, B, A)``, and their log-densities ``(3n, B)``:
+        uniform in the box, then the policy's at s, then the policy's at s'."""
+        here, here_log_probs = self.policy_samples(batch.observations, n)
+        there, there_log_probs = self.policy_samples(batch.next_observations, n)
+        unit = uniform_in_unit_box(here.shape, self.generator, here.device)
+        uniform_log_densities = torch.full_like(here_log_probs, self.uniform_log_density)
+        return (torch.cat([self.network.to_env(unit), here, there]),
+                torch.cat([uniform_log_densities, here_log_probs, there_log_probs]))
+
+    def actor_loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """SAC's actor loss and the temperature's."""
+        actions, log_probs = self.policy_samples(batch.observations, 1)
+        actions, log_probs = actions[0], log_probs[0]
+        alpha = self.temperature.alpha
+        actor_loss = (alpha * log_probs - self.critic(batch.observations, actions).min(dim=0).values).mean()
+        alpha_loss = temperature_loss(self.temperature.log_alpha, log_probs, self.target_entropy)
+        return actor_loss + alpha_loss, {"actor_loss": actor_loss.detach(), "entropy": -log_probs.detach().mean(),
+                                         "alpha": alpha, "temperature_loss": alpha_loss.detach()}
+
+    def before_step(self, optimizer: Adam) -> None:
+        """A linear schedule decays each optimiser from its own learning rate (the actor's and the critics'
+        differ)."""
+        if self.config.lr_schedule != "constant":
+            start = self.config.lr if optimizer is self.critic_optimizer else self.config.box.actor_lr
+            for group in optimizer.param_groups:
+                group["lr"] = start * self.lr_schedule(self.updates) / self.config.lr
+
+    def after_step(self) -> None:
+        """The target critics follow after every update, by ``box.tau``."""
+        update_target(self.critic_target, self.critic, self.config.box.tau)
+
+    def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Start from an earlier run's policy (a SAC policy, a TD3+BC one): its matching weights."""
+        load_matching_weights(self.network, state, self.critic, self.critic_target)
