@@ -218,3 +218,18 @@ def test_memory_on_box_actions_is_refused_in_one_line(name: str, records: Path, 
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "have no memory; use model.memory=none" in errors[0]
+
+
+def test_sac_goes_on_online_from_a_box_cql_run(records: Path, workdir: Path) -> None:
+    """CQL's Box policy is SAC's network: SAC fine-tunes it with every weight it has."""
+    run_ok("-cn", "conf_train", "algorithm=cql", f"runner.dataset.dir_or_file={records}", "algorithm.n_updates=2",
+           "algorithm.eval_every=2", "algorithm.batch_size=16", "runner.eval_repeats=1", "runner.max_episode_steps=10",
+           "model.hidden_sizes=[16,16]", "device=cpu", cwd=workdir)
+    cql_run = newest_run_dir(workdir)
+    result = run_ok("algorithm=sac", f"input_dir={cql_run}", "algorithm.total_steps=8", "algorithm.learning_starts=100",
+                    "algorithm.eval_every=8", "algorithm.buffer_size=100", "runner.n_envs=2", "runner.eval_repeats=1",
+                    "runner.max_episode_steps=10", "device=cpu", cwd=workdir)
+    assert "fine-tuning the cql policy" in result.stderr
+    sac = load_checkpoint(newest_run_dir(workdir) / "last.pt").model_state
+    policy = load_checkpoint(cql_run / "best.pt").model_state
+    assert sac.keys() == policy.keys() and all(torch.equal(sac[name], value) for name, value in policy.items())
