@@ -220,6 +220,16 @@ def test_memory_on_box_actions_is_refused_in_one_line(name: str, records: Path, 
     assert len(errors) == 1 and "have no memory; use model.memory=none" in errors[0]
 
 
+@pytest.mark.parametrize("name", ["iql", "cql"])
+def test_an_evolution_search_on_box_actions_is_refused_in_one_line(name: str, records: Path, workdir: Path) -> None:
+    result = run_cli("-cn", "conf_train", f"algorithm={name}", "hpo=evolution", f"runner.dataset.dir_or_file={records}",
+                     "device=cpu", cwd=workdir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "hpo=evolution searches learners of Discrete actions" in errors[0]
+    assert not list(workdir.rglob("*.pt"))
+
+
 def test_sac_goes_on_online_from_a_box_cql_run(records: Path, workdir: Path) -> None:
     """CQL's Box policy is SAC's network: SAC fine-tunes it with every weight it has."""
     run_ok("-cn", "conf_train", "algorithm=cql", f"runner.dataset.dir_or_file={records}", "algorithm.n_updates=2",

@@ -113,6 +113,11 @@ def train_population(config: RunConfig, run_dir: Path) -> TrainResult:
             if setup.start is not None else f"model.memory={setup.model_config.memory}: "
         raise MazerunError(f"{source}hpo=evolution trains agents without memory, which cannot carry a recurrent "
                            "state; drop model.memory, or train it with plain algorithm=... without hpo")
+    if not isinstance(setup.action_space, gym.spaces.Discrete):
+        # the cohort stacks Q-networks of discrete actions; Box IQL and CQL build other networks
+        raise MazerunError(f"hpo=evolution searches learners of Discrete actions and {setup.env_id}'s actions are "
+                           f"{setup.action_space}; train algorithm={algorithm_config.name} without hpo, or sweep its "
+                           "settings with -m (Hydra's multirun)")
     hpo = config.hpo.resolved(algorithm_config, config.runner.eval_repeats)
     # Process-wide settings belong here, above the loop (as in mazerun.training.train): the initial
     # networks draw from torch's global generator; everything after draws from the search's own.
