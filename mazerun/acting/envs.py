@@ -133,7 +133,11 @@ def make_env(
         kwargs["max_episode_steps"] = max_episode_steps
     if render_mode is not None:
         kwargs["render_mode"] = render_mode
-    env = gym.make(base, **kwargs)
+    try:
+        env = gym.make(base, **kwargs)
+    except gym.error.DependencyNotInstalled as error:
+        extra = " (mazerun's mujoco extra: pip install \".[mujoco]\")" if "mujoco" in str(error).lower() else ""
+        raise MazerunError(f"{base} needs a package that is not installed: {error}{extra}") from None
     if is_minigrid(base):
         env = QuietReset(env)
     for wrapper in wrappers:
