@@ -45,22 +45,34 @@ CLOSE_SECONDS = 5.0
 """How long a worker told to close may take (it may be inside a step) before it is killed."""
 ENTRY = "from mazerun.acting.workers import main; main()"
 SPIN_SECONDS = 0.001
-"""How long a side polls for the other's message before it sleeps in a blocking read. Waking a sleeping
-process costs tens of microseconds on a VM, per message; a step of the worker's copies takes hundreds."""
+"""How long a side polls for the other's message before it sleeps in a blocking read. Waking a sleeping process costs
+tens of microseconds on a VM, per message; a step of the worker's copies takes hundreds."""
 
 
 class Listener:
-    """Waits for a message on a socket by polling it for up to :data:`SPIN_SECONDS`, then by blocking."""
+    """Receives the other side's messages, polling for each for up to :data:`SPIN_SECONDS` before a blocking read.
+
+    Polling pays where the two processes have a core each: the message comes within the spin,
+    and nobody waits to be woken. On a machine busier than its cores (parallel runs, a test
+    suite beside) a spin only takes the core from the process it waits for, so a side spins only
+    while the last message came within the spin, and yields the core on every poll.
+    """
 
     def __init__(self, descriptor: int) -> None:
         self.poller = select.poll()
         self.poller.register(descriptor, select.POLLIN)
+        self.spinning = True
 
-    def spin(self) -> None:
-        """Return once a message (or the end of the stream) is there, or the spin's time is up."""
-        poll, deadline = self.poller.poll, time.perf_counter() + SPIN_SECONDS
-        while not poll(0) and time.perf_counter() < deadline:
-            pass
+    def receive(self, read: Callable[[], bytes]) -> bytes:
+        """The next message, read by ``read`` (a blocking read) once it is there or the spin is over."""
+        started = time.perf_counter()
+        if self.spinning:
+            poll, deadline = self.poller.poll, started + SPIN_SECONDS
+            while not poll(0) and time.perf_counter() < deadline:
+                os.sched_yield()
+        message = read()
+        self.spinning = time.perf_counter() - started < SPIN_SECONDS
+        return message
 
 
 def shared_memory(size: int) -> tuple[int, mmap.mmap]:
@@ -119,8 +131,7 @@ class WorkerCopies:
         self._send(STEP)
 
     def wait(self) -> None:
-        self.listener.spin()
-        reply = self._receive()
+        reply = self.listener.receive(self._receive)
         if reply != DONE:
             raise MazerunError(pickle.loads(reply)[1])
 
@@ -216,8 +227,7 @@ def main() -> None:
     listener = Listener(socket_descriptor)
     try:
         while True:
-            listener.spin()
-            message = connection.recv_bytes()
+            message = listener.receive(connection.recv_bytes)
             if message == STEP:
                 copies.send()
                 connection.send_bytes(DONE)
