@@ -3,15 +3,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mazerun.training.metrics import (
-    LEARNING_CURVE,
-    CurvePainter,
-    MetricsLogger,
-    copy_metrics_history,
-    format_table,
-    read_metrics_csv,
-    render_curves,
-)
+from mazerun.training.metrics import MetricsLogger, copy_metrics_history, format_table, read_metrics_csv
 
 
 def test_format_table_matches_maze_layout():
@@ -116,26 +108,3 @@ def test_a_file_written_before_wall_seconds_reads_without_them(tmp_path: Path):
     copy_metrics_history(tmp_path, tmp_path / "continued", up_to_step=5)
     assert (tmp_path / "continued" / "metrics.csv").read_text().splitlines() == [
         "step,group,metric,value,wall_seconds", "5,eval,mean_return,-3.5,"]
-
-
-def _run_with_evaluations(run_dir: Path) -> Path:
-    with MetricsLogger(run_dir, console=False, tensorboard=False) as logger:
-        for step, value in ((0, -200.0), (100, -50.0), (200, 120.0)):
-            logger.log(step, {"mean_return": value}, "eval")
-    return run_dir
-
-
-@pytest.mark.parametrize("painter_alive", [True, False])
-def test_the_learning_curve_is_drawn_by_the_painter_or_by_the_run_when_the_painter_is_gone(
-        tmp_path: Path, painter_alive: bool) -> None:
-    run_dir = _run_with_evaluations(tmp_path)
-    painter = CurvePainter()
-    if not painter_alive:
-        painter.process.kill()
-        painter.process.wait()
-    painter.paint(run_dir, "ppo on LunarLander-v3")
-    drawn = (run_dir / LEARNING_CURVE).read_bytes()
-    assert drawn[:4] == b"\x89PNG"
-    assert painter.process.returncode == (0 if painter_alive else -9)  # ended either way: nothing left behind
-    expected = render_curves({"eval mean return": ([0, 100, 200], [-200.0, -50.0, 120.0])}, "ppo on LunarLander-v3")
-    assert drawn == expected  # the same figure whoever draws it

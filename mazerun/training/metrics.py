@@ -10,20 +10,13 @@ after every :meth:`MetricsLogger.log` call, so an interrupted run still leaves a
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Callable
 
-from mazerun.core import interrupts
 from mazerun.core.files import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -188,12 +181,6 @@ def evaluation_curve(run_dir: Path, metric: str = "mean_return") -> tuple[list[i
 def plot_curves(path: Path, curves: dict[str, tuple[list[int], list[float]]], title: str,
                 xlabel: str = "environment steps") -> None:
     """Line plots of return against steps (one per label) with the Agg backend, written atomically."""
-    atomic_write_bytes(Path(path), render_curves(curves, title, xlabel))
-
-
-def render_curves(curves: dict[str, tuple[list[int], list[float]]], title: str,
-                  xlabel: str = "environment steps") -> bytes:
-    """The PNG of :func:`plot_curves`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -210,7 +197,7 @@ def render_curves(curves: dict[str, tuple[list[int], list[float]]], title: str,
     figure.tight_layout()
     image = io.BytesIO()
     figure.savefig(image, format="png", dpi=100)
-    return image.getvalue()
+    atomic_write_bytes(Path(path), image.getvalue())
 
 
 def write_learning_curve(run_dir: Path, title: str) -> None:
@@ -218,76 +205,6 @@ def write_learning_curve(run_dir: Path, title: str) -> None:
     steps, returns = evaluation_curve(run_dir)
     if steps:
         plot_curves(Path(run_dir) / LEARNING_CURVE, {"eval mean return": (steps, returns)}, title)
-
-
-PAINTER_ENTRY = "from mazerun.training.metrics import painter_main; painter_main()"
-PAINTER_NICENESS = 10
-"""The painter imports while the run trains: at a lower priority, so that it takes only a core the run leaves idle."""
-PAINTER_EXIT_SECONDS = 5.0
-"""How long a painter that has drawn may take to end before it is killed."""
-
-
-class CurvePainter:
-    """Draws a run's learning curve in a process of its own, started when the run starts.
-
-    matplotlib's import and first figure take about half a second, which a short run would
-    otherwise spend after its last evaluation (a tenth of a 65k-step PPO run). The painter
-    spends it at the start, at a lower priority, on whichever core the run leaves idle; at the
-    end it is handed the run directory and draws from ``metrics.csv``. Like the env worker it
-    holds the stop signals at birth and then ignores them: the run decides what a stop means,
-    and a stopped run's curve is drawn too. It ends once it has drawn, or when its pipe closes
-    (the run is gone); one that is gone by then leaves the drawing to the run's own process.
-    """
-
-    def __init__(self) -> None:
-        self.process: subprocess.Popen | None = None
-        with interrupts.held(), contextlib.suppress(OSError):  # started and noted before a stop can come between
-            self.process = subprocess.Popen([sys.executable, "-c", PAINTER_ENTRY], stdin=subprocess.PIPE,
-                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-
-    def paint(self, run_dir: Path, title: str) -> None:
-        """Write ``run_dir``'s learning curve (:func:`write_learning_curve`): by the painter, or here if it is gone."""
-        drawn = False
-        if self.process is not None:
-            try:
-                self.process.stdin.write(json.dumps([str(run_dir), title]) + "\n")
-                self.process.stdin.close()
-                drawn = self.process.stdout.readline().strip() == "drawn"
-                if drawn:
-                    self.process.wait(timeout=PAINTER_EXIT_SECONDS)  # it ends once it has said so
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-            finally:
-                self.close()
-        if not drawn:
-            write_learning_curve(run_dir, title)
-
-    def close(self) -> None:
-        """End the painter, drawn or not."""
-        process = self.process
-        if process is None:
-            return
-        with interrupts.held():
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-            for stream in (process.stdin, process.stdout):
-                stream.close()
-
-
-def painter_main() -> None:
-    """The painter's life (:data:`PAINTER_ENTRY`): import matplotlib and draw once, then draw the curve it is sent."""
-    for number in interrupts.HANDLED_SIGNALS:
-        signal.signal(number, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, interrupts.HANDLED_SIGNALS)  # held by the run while it started
-    os.nice(PAINTER_NICENESS)
-    render_curves({"": ([0, 1], [0.0, 1.0])}, "")  # the imports, the fonts: everything the curve waits on
-    request = sys.stdin.readline()
-    if not request:
-        return  # the run is gone, or drew nothing
-    run_dir, title = json.loads(request)
-    write_learning_curve(Path(run_dir), title)
-    print("drawn", flush=True)
 
 
 def last_value(run_dir: Path, name: str) -> float:

@@ -35,7 +35,7 @@ from mazerun.core.errors import MazerunError
 from mazerun.core.progress import Progress
 from mazerun.nn.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, TRAINING_STATE, save_checkpoint
 from mazerun.training.distributed import NullLogger
-from mazerun.training.metrics import CurvePainter, MetricsLogger
+from mazerun.training.metrics import MetricsLogger, write_learning_curve
 from mazerun.training.runsetup import RunSetup, TrainResult, model_config_dict
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,6 @@ class LoopShell:
 
         logger = (MetricsLogger(setup.run_dir, print_fn=tqdm.write, step_offset=setup.step_offset) if writes
                   else NullLogger())
-        painter = CurvePainter() if writes and learning_curve else None
         progress.setdefault("unit", setup.algorithm.step_unit)
         progress.setdefault("desc", setup.algorithm.name)
         try:
@@ -116,9 +115,9 @@ class LoopShell:
                 yield bar
         finally:
             self.logger, self.progress = NullLogger(), None
-            if painter is not None:
+            if writes and learning_curve:
                 with contextlib.suppress(MazerunError):  # a by-product: never hide why the run ended
-                    painter.paint(setup.run_dir, f"{setup.algorithm.name} on {setup.env_id}")
+                    write_learning_curve(setup.run_dir, f"{setup.algorithm.name} on {setup.env_id}")
 
     def finish(self) -> TrainResult:
         """The run's result, written to ``result.json`` by the rank that writes."""
