@@ -22,6 +22,23 @@ Batch = TransitionBatch | SequenceBatch
 """Transitions for networks without memory, chunks of consecutive ones for networks with it."""
 
 
+class EnvStepBudget:
+    """What the algorithms that step envs themselves (PPO, DAgger, SAC) share in their configs: a budget of
+    ``total_steps`` env steps, and no dataset they must be given. A mixin of their dataclasses; it adds no field."""
+
+    budget_key: ClassVar[str] = "total_steps"
+    step_unit: ClassVar[str] = "step"
+    total_steps: int
+
+    @property
+    def budget(self) -> int:
+        return self.total_steps
+
+    @property
+    def needs_dataset(self) -> bool:
+        return False
+
+
 @dataclass
 class OfflineConfig:
     """Budget and optimiser settings of every algorithm that learns from records."""

@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
+from mazerun.algorithms.base import EnvStepBudget
 from mazerun.algorithms.bc import BehaviouralCloning
 from mazerun.config.schemas import check_fields
 from mazerun.core.errors import MazerunError
@@ -50,14 +51,12 @@ class TeacherForcingConfig:
 
 
 @dataclass
-class DAggerConfig:
+class DAggerConfig(EnvStepBudget):
     """DAgger's settings. The expert is the ``expert`` group (default: the env's heuristic, the bot for BabyAI);
     labelled episodes are recorded to trajectory_data/ with an expert_actions column, which behavioural cloning
     can train on later."""
 
     loop: ClassVar[str] = "interactive"
-    budget_key: ClassVar[str] = "total_steps"
-    step_unit: ClassVar[str] = "step"
     imitates: ClassVar[bool] = True
 
     name: str = "dagger"
@@ -93,14 +92,6 @@ class DAggerConfig:
     """Env steps between evaluations and checkpoints; the first one is after the first iteration."""
     fused: bool = True
     """Behavioural cloning's hand-written step where the policy allows it (see ``BCConfig.fused``)."""
-
-    @property
-    def budget(self) -> int:
-        return self.total_steps
-
-    @property
-    def needs_dataset(self) -> bool:
-        return False
 
     def check_spaces(self, observation_space: Any, action_space: Any) -> None:
         """DAgger learns in any env the models read and the expert acts in."""

@@ -38,6 +38,7 @@ from torch import nn
 from torch.distributions import Distribution
 from torch.nn import functional as F
 
+from mazerun.algorithms.base import EnvStepBudget
 from mazerun.algorithms.bc import cloning_loss
 from mazerun.algorithms.protocol import Algorithm, AlgorithmSpec, gradient_mismatch, mismatch_line
 from mazerun.algorithms.rollouts import RolloutBatch, explained_variance
@@ -51,7 +52,7 @@ from mazerun.nn.models import flatten_distribution, log_probs_and_entropies
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(EnvStepBudget):
     """PPO's settings; the defaults are rl-zoo's tuned values for LunarLander.
 
     From scratch: run algorithm=ppo; fine-tune a clone: run algorithm=ppo input_dir=outputs/<bc run>;
@@ -61,8 +62,6 @@ class PPOConfig:
     """
 
     loop: ClassVar[str] = "on_policy"
-    budget_key: ClassVar[str] = "total_steps"
-    step_unit: ClassVar[str] = "step"
 
     name: str = "ppo"
     """Which algorithm this section configures, as chosen by ``algorithm=<name>``."""
@@ -110,10 +109,6 @@ class PPOConfig:
     fused: bool = True
     """Networks without memory on vector observations (and no imitation term): evaluate actor and
     critic as one (mazerun.fast.fused), with a hand-written backward; false: the plain autograd path."""
-
-    @property
-    def budget(self) -> int:
-        return self.total_steps
 
     @property
     def needs_dataset(self) -> bool:

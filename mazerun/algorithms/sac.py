@@ -35,6 +35,7 @@ from torch import nn
 
 from mazerun.algorithms.base import (
     BatchAlgorithm,
+    EnvStepBudget,
     check_box_actions,
     check_polyak_tau,
     frozen_copy,
@@ -48,7 +49,7 @@ from mazerun.fast.optim import Adam
 
 
 @dataclass
-class SACConfig:
+class SACConfig(EnvStepBudget):
     """SAC's settings; the defaults are Stable-Baselines3's.
 
     From scratch: run algorithm=sac env=Pendulum-v1 (its tuned defaults step one env copy, as SB3);
@@ -59,8 +60,6 @@ class SACConfig:
     """
 
     loop: ClassVar[str] = "off_policy"
-    budget_key: ClassVar[str] = "total_steps"
-    step_unit: ClassVar[str] = "step"
 
     name: str = "sac"
     """Which algorithm this section configures, as chosen by ``algorithm=<name>``."""
@@ -92,14 +91,6 @@ class SACConfig:
     eval_every: int = 10_000
     """Environment steps between two reports (train metrics, an evaluation, last.pt with the replay buffer);
     the first evaluation is at step 0."""
-
-    @property
-    def budget(self) -> int:
-        return self.total_steps
-
-    @property
-    def needs_dataset(self) -> bool:
-        return False
 
     def check(self, prefix: str = "algorithm") -> None:
         check_fields(self, prefix, positive=("total_steps", "buffer_size", "batch_size", "lr", "train_freq",
