@@ -44,7 +44,7 @@ from mazerun.algorithms.base import (
 )
 from mazerun.algorithms.cql import CQLConfig
 from mazerun.algorithms.protocol import AlgorithmSpec, UpdatePhase
-from mazerun.algorithms.sac import Temperature, temperature_loss
+from mazerun.algorithms.sac import Temperature, soft_actor_loss, temperature_loss
 from mazerun.data.tensors import TransitionBatch
 from mazerun.fast.optim import Adam
 
@@ -119,7 +119,7 @@ class ContinuousConservativeQLearning(OfflineAlgorithm):
         actions, log_probs = self.policy_samples(batch.observations, 1)
         actions, log_probs = actions[0], log_probs[0]
         alpha = self.temperature.alpha
-        actor_loss = (alpha * log_probs - self.critic(batch.observations, actions).min(dim=0).values).mean()
+        actor_loss = soft_actor_loss(self.critic, batch.observations, actions, log_probs, alpha)
         alpha_loss = temperature_loss(self.temperature.log_alpha, log_probs, self.target_entropy)
         return actor_loss + alpha_loss, {"actor_loss": actor_loss.detach(), "entropy": -log_probs.detach().mean(),
                                          "alpha": alpha, "temperature_loss": alpha_loss.detach()}

@@ -127,6 +127,12 @@ def soft_q_target(next_q: torch.Tensor, next_log_probs: torch.Tensor, rewards: t
     return rewards + gamma * (1.0 - dones) * (next_q.min(dim=0).values - alpha * next_log_probs)
 
 
+def soft_actor_loss(critic: nn.Module, observations: torch.Tensor, actions: torch.Tensor, log_probs: torch.Tensor,
+                    alpha: torch.Tensor | float) -> torch.Tensor:
+    """``E[alpha * log pi(a~ | s) - min_j Q_j(s, a~)]`` for reparameterised actions ``a~`` of the policy."""
+    return (alpha * log_probs - critic(observations, actions).min(dim=0).values).mean()
+
+
 def temperature_loss(log_alpha: torch.Tensor, log_probs: torch.Tensor, target_entropy: float) -> torch.Tensor:
     """``-E[log alpha * (log pi(a | s) + target_entropy)]``, the log-probabilities held fixed: its gradient in
     ``log alpha`` is the policy's entropy minus the target."""
@@ -182,7 +188,7 @@ class SoftActorCritic(BatchAlgorithm):
     def actor_loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         actions, log_probs = self.network.sample(batch.observations, self.generator)
         alpha = self.temperature.alpha
-        actor_loss = (alpha * log_probs - self.critic(batch.observations, actions).min(dim=0).values).mean()
+        actor_loss = soft_actor_loss(self.critic, batch.observations, actions, log_probs, alpha)
         metrics = {"actor_loss": actor_loss.detach(), "entropy": -log_probs.detach().mean(), "alpha": alpha}
         if not self.temperature.log_alpha.requires_grad:
             return actor_loss, metrics

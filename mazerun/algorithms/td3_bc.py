@@ -31,6 +31,7 @@ from mazerun.algorithms.base import (
     check_polyak_tau,
     frozen_copy,
     load_matching_weights,
+    standard_normal,
     update_target,
 )
 from mazerun.algorithms.protocol import AlgorithmSpec, UpdatePhase
@@ -111,8 +112,7 @@ class TD3BC(OfflineAlgorithm):
         config = self.config
         with torch.no_grad():
             squashed = self.actor_target(batch.next_observations)
-            noise = torch.randn(squashed.shape, generator=self.generator, device=self.generator.device)
-            noise = noise.to(squashed.device)  # a memory-mapped store's sampler draws on the CPU
+            noise = standard_normal(squashed.shape, self.generator, squashed.device)
             next_actions = self.actor_target.to_env(smoothed_target_actions(squashed, noise, config.policy_noise,
                                                                             config.noise_clip))
             next_q = self.critic_target(batch.next_observations, next_actions).min(dim=0).values
