@@ -7,7 +7,7 @@ Both runs go through the real `run` command with rl-zoo's PPO settings; the pipe
 counts DAgger's env steps too, so both curves are against all environment steps taken.
 Targets: after its DAgger stage the pipeline's evaluation return never drops below 200, and it
 is ahead of PPO from scratch at every evaluation up to 300k steps. Writes
-`bench/pipeline_vs_scratch.png` and exits non-zero when a target is missed.
+`bench/pipeline_vs_scratch.svg` and exits non-zero when a target is missed.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from common import Table, load_average, run
 
 from mazerun.training.metrics import evaluation_curve, plot_curves
 
-PLOT = Path(__file__).resolve().parent / "pipeline_vs_scratch.png"
+PLOT = Path(__file__).resolve().parent / "pipeline_vs_scratch.svg"
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ Ours is always the real ``run`` command in a subprocess; SB3 runs in a spawned w
 3. finetune (seed 004): 50 heuristic episodes are recorded and cloned with BC (defaults); PPO
    fine-tunes the clone (critic burn-in of 10 iterations, 100 evaluation episodes every 32768
    steps), and PPO from scratch with the same (256x256) network is the baseline. Both curves go
-   to ``bench/ppo_finetune.png``. Targets: the fine-tuned return never below 200, >= 250 by 300k.
+   to ``bench/ppo_finetune.svg``. Targets: the fine-tuned return never below 200, >= 250 by 300k.
 4. cartpole: rl-zoo's CartPole-v1 settings (8 envs, n_steps 32, batch 256, 20 epochs, gamma 0.98,
    gae_lambda 0.8, no entropy bonus, lr 1e-3 decaying linearly) for 100k steps in both, 10
    evaluation episodes every 4096 steps: the first step with a mean return of 500.
@@ -80,7 +80,7 @@ CARTPOLE_EVAL_EPISODES = 10
 CARTPOLE_SOLVED = 500.0
 READY_LINE = "ready to step"
 """What the on-policy loop logs once its envs are open: the end of start-up."""
-PLOT = Path(__file__).resolve().parent / "ppo_finetune.png"
+PLOT = Path(__file__).resolve().parent / "ppo_finetune.svg"
 SB3_INSTALL = 'pip install -e ".[bench]"'
 
 LUNAR = dict(n_envs=16, n_steps=1024, batch_size=64, n_epochs=4, gamma=0.999, gae_lambda=0.98, ent_coef=0.01,

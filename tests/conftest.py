@@ -11,6 +11,7 @@ import time
 from multiprocessing import forkserver, resource_tracker
 from pathlib import Path
 from typing import Iterator, Sequence
+from xml.etree import ElementTree
 
 import gymnasium as gym
 import pytest
@@ -112,6 +113,13 @@ def kill_group(group: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while group_members(group) and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def svg_polylines(path: Path) -> list[list[tuple[float, float]]]:
+    """The points of each line of a learning-curve SVG; parsing it also proves the file is well-formed XML."""
+    root = ElementTree.parse(path).getroot()
+    return [[tuple(float(value) for value in pair.split(",")) for pair in line.get("points").split()]
+            for line in root.iter("{http://www.w3.org/2000/svg}polyline")]
 
 
 def newest_run_dir(cwd: Path) -> Path:

@@ -1,9 +1,11 @@
 from pathlib import Path
 
 import pytest
+from conftest import svg_polylines
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mazerun.training.metrics import MetricsLogger, copy_metrics_history, format_table, read_metrics_csv
+from mazerun.training.linechart import BOTTOM, HEIGHT, LEFT, RIGHT, TOP, WIDTH, nice_ticks, tick_label
+from mazerun.training.metrics import MetricsLogger, copy_metrics_history, format_table, plot_curves, read_metrics_csv
 
 
 def test_format_table_matches_maze_layout():
@@ -108,3 +110,22 @@ def test_a_file_written_before_wall_seconds_reads_without_them(tmp_path: Path):
     copy_metrics_history(tmp_path, tmp_path / "continued", up_to_step=5)
     assert (tmp_path / "continued" / "metrics.csv").read_text().splitlines() == [
         "step,group,metric,value,wall_seconds", "5,eval,mean_return,-3.5,"]
+
+
+# ------------------------------------------------------------------------------------- learning curve
+
+
+def test_nice_ticks_are_round_steps_that_cover_the_range() -> None:
+    assert nice_ticks(0, 65536) == [0.0, 20000.0, 40000.0, 60000.0, 80000.0]
+    assert nice_ticks(-397.1, -28.5) == [-400.0, -300.0, -200.0, -100.0, 0.0]
+    assert nice_ticks(5.0, 5.0) == [4.0, 4.5, 5.0, 5.5, 6.0]  # one value: a unit either side
+    assert [tick_label(value) for value in (60000.0, 1_500_000.0, 0.25, -100.0)] == ["60k", "1.5M", "0.25", "-100"]
+
+
+def test_learning_curve_maps_points_onto_the_axes(tmp_path: Path) -> None:
+    # evaluations at steps 0 and 100 with returns -100 and 0, and a diverged one that is left out
+    plot_curves(tmp_path / "curve.svg", {"a": ([0, 100, 200], [-100.0, 0.0, float("nan")])}, "title <&>")
+    [line] = svg_polylines(tmp_path / "curve.svg")
+    # x ticks 0..100 span the plot's width (80 to 680 px), y ticks -100..0 its height (390 to 40 px)
+    assert line == [(LEFT, HEIGHT - BOTTOM), (WIDTH - RIGHT, TOP)]
+    assert "title &lt;&amp;&gt;" in (tmp_path / "curve.svg").read_text()

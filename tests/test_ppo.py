@@ -8,7 +8,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import newest_run_dir, run_cli, run_ok, save_network, synthetic_batch
+from conftest import newest_run_dir, run_cli, run_ok, save_network, svg_polylines, synthetic_batch
 
 from mazerun.acting.envs import make_env
 from mazerun.acting.evaluation import evaluate
@@ -206,9 +206,11 @@ def test_scratch_run_through_the_cli_writes_checkpoints_metrics_and_curve(workdi
     assert "not a multiple of the rollout size 64" in result.stderr and "training for 128 steps" in result.stderr
     run_dir = newest_run_dir(workdir)
     names = {path.name for path in run_dir.iterdir()}
-    assert {"best.pt", "last.pt", "metrics.csv", "learning_curve.png"} <= names
+    assert {"best.pt", "last.pt", "metrics.csv", "learning_curve.svg"} <= names
     assert any(name.startswith("events.out.tfevents") for name in names)
-    assert (run_dir / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    evaluations = [row for row in read_metrics_csv(run_dir / "metrics.csv") if row["metric"] == "mean_return"]
+    assert len(evaluations) == 3  # steps 0, 64 and 128
+    assert [len(line) for line in svg_polylines(run_dir / "learning_curve.svg")] == [3]  # a point each
     rows = read_metrics_csv(run_dir / "metrics.csv")
     logged = {(row["group"], row["metric"]) for row in rows}
     for name in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "explained_variance",
@@ -236,7 +238,7 @@ def test_fine_tune_through_the_cli_starts_from_the_clone(workdir: Path, bc_run: 
                     "runner.max_episode_steps=50", "runner.eval_repeats=3", cwd=workdir)
     assert "fine-tuning the bc policy" in result.stderr and "critic burn-in" in result.stderr
     run_dir = newest_run_dir(workdir)
-    assert {"best.pt", "last.pt", "metrics.csv", "learning_curve.png"} <= {path.name for path in run_dir.iterdir()}
+    assert {"best.pt", "last.pt", "metrics.csv", "learning_curve.svg"} <= {path.name for path in run_dir.iterdir()}
     first = next(row for row in read_metrics_csv(run_dir / "metrics.csv") if row["metric"] == "mean_return")
     assert first["step"] == 0
 
@@ -291,7 +293,7 @@ def test_a_run_split_by_ctrl_c_and_continued_equals_the_uninterrupted_run(
     with pytest.raises(KeyboardInterrupt, match="at step 64; .*last.pt holds step 64"):
         train(tiny_config(total_steps=192), tmp_path / "stopped")
     assert load_checkpoint(tmp_path / "stopped" / "last.pt").extra["step"] == 64
-    assert (tmp_path / "stopped" / "learning_curve.png").is_file()
+    assert (tmp_path / "stopped" / "learning_curve.svg").is_file()
     monkeypatch.setattr(PPO, "update", update)
     train(tiny_config(tmp_path / "stopped", total_steps=192), tmp_path / "resumed")
 

@@ -5,7 +5,7 @@ TensorBoard events, or the trajectory_data of a ``record`` stage). A training st
 from the policy of the training stage before it and learns from the newest recording stage's
 data unless ``runner.dataset.dir_or_file`` names other records. Every stage logs against one
 counter: a stage's steps (updates or env steps) follow on from where the stage before ended,
-so their curves line up in TensorBoard and in the pipeline's ``learning_curve.png``.
+so their curves line up in TensorBoard and in the pipeline's ``learning_curve.svg``.
 
 ``pipeline.json`` lists the stages, where each one ran and whether it finished. A pipeline
 run given as ``input_dir`` is continued: its finished stages are kept where they are, the

@@ -30,7 +30,7 @@ GROUP_WIDTH = 10
 
 CSV_COLUMNS = ("step", "group", "metric", "value", "wall_seconds")
 METRICS_CSV = "metrics.csv"
-LEARNING_CURVE = "learning_curve.png"
+LEARNING_CURVE = "learning_curve.svg"
 
 
 def _format_value(value: float | str) -> str:
@@ -180,31 +180,17 @@ def evaluation_curve(run_dir: Path, metric: str = "mean_return") -> tuple[list[i
 
 def plot_curves(path: Path, curves: dict[str, tuple[list[int], list[float]]], title: str,
                 xlabel: str = "environment steps") -> None:
-    """Line plots of return against steps (one per label) with the Agg backend, written atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """Line plots of evaluation return against steps (one per label), written atomically as SVG."""
+    from mazerun.training.linechart import line_chart_svg
 
-    figure = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for label, (steps, returns) in curves.items():
-        axes.plot(steps, returns, marker="o", markersize=3, label=label)
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel("evaluation return")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    image = io.BytesIO()
-    figure.savefig(image, format="png", dpi=100)
-    atomic_write_bytes(Path(path), image.getvalue())
+    atomic_write_bytes(Path(path), line_chart_svg(curves, title, xlabel, "evaluation return").encode())
 
 
-def write_learning_curve(run_dir: Path, title: str) -> None:
-    """Evaluation return against steps over the run's whole history (continued runs included), as a PNG."""
+def write_learning_curve(run_dir: Path, title: str, xlabel: str = "environment steps") -> None:
+    """Evaluation return against steps over the run's whole history (continued runs included), as SVG."""
     steps, returns = evaluation_curve(run_dir)
     if steps:
-        plot_curves(Path(run_dir) / LEARNING_CURVE, {"eval mean return": (steps, returns)}, title)
+        plot_curves(Path(run_dir) / LEARNING_CURVE, {"eval mean return": (steps, returns)}, title, xlabel)
 
 
 def last_value(run_dir: Path, name: str) -> float:

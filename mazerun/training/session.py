@@ -88,13 +88,12 @@ class LoopShell:
         self.keeper.check_finite(metrics, self.step, names)
 
     @contextlib.contextmanager
-    def running(self, total: int, *, save_on_stop: bool = True, learning_curve: bool = True,
-                **progress: Any) -> Iterator[Progress]:
+    def running(self, total: int, *, save_on_stop: bool = True, **progress: Any) -> Iterator[Progress]:
         """The loop's body runs inside: logger open, stops made clean, a progress bar of ``total`` units.
 
         ``save_on_stop``: a stop saves ``last.pt`` first. A loop whose state is only consistent
-        where it saved last (mid-rollout it is not) passes False. Afterwards, with
-        ``learning_curve``, the curve is drawn from the run's whole history as a PNG.
+        where it saved last (mid-rollout it is not) passes False. Afterwards the learning curve is
+        drawn from the run's whole history (``learning_curve.svg``).
         """
         setup = self.setup
         writes = setup.world.writes
@@ -115,9 +114,10 @@ class LoopShell:
                 yield bar
         finally:
             self.logger, self.progress = NullLogger(), None
-            if writes and learning_curve:
+            if writes:
                 with contextlib.suppress(MazerunError):  # a by-product: never hide why the run ended
-                    write_learning_curve(setup.run_dir, f"{setup.algorithm.name} on {setup.env_id}")
+                    write_learning_curve(setup.run_dir, f"{setup.algorithm.name} on {setup.env_id}",
+                                         f"{setup.algorithm.step_unit}s")
 
     def finish(self) -> TrainResult:
         """The run's result, written to ``result.json`` by the rank that writes."""

@@ -112,9 +112,7 @@ def train_offline(setup: RunSetup) -> TrainResult:
         shell.save_last()  # a run that fails early still has a start to go on from
     stop_check = sync.check if sync is not None else interrupts.check
     started, first_update = time.perf_counter(), shell.step
-    # No learning_curve.png: matplotlib's start-up alone is 5% of a 5,000-update run (bench/offline.py);
-    # metrics.csv and TensorBoard hold the curve.
-    with shell.running(config.n_updates, learning_curve=False):
+    with shell.running(config.n_updates):
         while shell.step < config.n_updates:
             stop_check()
             metrics = algorithm.update(sampler.sample())
