@@ -7,7 +7,7 @@ import difflib
 import io
 import logging
 import os
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import gymnasium as gym
 import numpy as np
@@ -73,7 +73,7 @@ class MaskVelocity(gym.ObservationWrapper):
     """Drops the velocities from CartPole's and LunarLander's observations: a POMDP that needs memory.
 
     A policy must then infer motion from the positions it remembers. Scripted experts still
-    see the whole state (:func:`unmasked_observation`), as a teacher with privileged
+    see the whole state (:func:`unmasking`), as a teacher with privileged
     information does.
     """
 
@@ -105,13 +105,19 @@ WRAPPERS: dict[str, Any] = {"mask_velocity": MaskVelocity}
 """Wrappers an env id may name after its gymnasium id."""
 
 
-def unmasked_observation(env: gym.Env, observation: Any) -> Any:
-    """The whole observation behind ``observation`` when a wrapper hid part of it, else ``observation``."""
-    try:
-        whole = env.get_wrapper_attr("unmasked_observation")
-    except AttributeError:
-        return observation
-    return observation if whole is None else whole
+def unmasking(env: gym.Env) -> Callable[[Any], Any]:
+    """A function from the observation ``env`` returns to the whole one, where a wrapper hid part of it.
+
+    Found once per episode: searching the wrapper chain at every step (``get_wrapper_attr``) cost
+    a scripted expert 5 µs a step, a sixth of a LunarLander step.
+    """
+    layer = env
+    while isinstance(layer, gym.Wrapper):
+        if isinstance(layer, MaskVelocity):
+            mask = layer
+            return lambda observation: observation if mask.unmasked_observation is None else mask.unmasked_observation
+        layer = layer.env
+    return lambda observation: observation
 
 
 class QuietReset(gym.Wrapper):

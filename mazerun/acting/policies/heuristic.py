@@ -7,7 +7,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from mazerun.acting.envs import is_minigrid, unmasked_observation
+from mazerun.acting.envs import is_minigrid, unmasking
 from mazerun.acting.policies.base import Policy
 from mazerun.acting.policies.planner import planner_for
 from mazerun.core.errors import MazerunError
@@ -22,11 +22,11 @@ class LunarLanderHeuristic(Policy):
         from gymnasium.envs.box2d.lunar_lander import heuristic  # Box2D is loaded only for LunarLander
 
         self._heuristic = heuristic
-        self._env = env
+        self._whole = unmasking(env)
         self._lander = env.unwrapped
 
     def act(self, observation: Any) -> Any:
-        action = self._heuristic(self._lander, unmasked_observation(self._env, observation))
+        action = self._heuristic(self._lander, self._whole(observation))
         return np.asarray(action, dtype=np.float32) if self._lander.continuous else int(action)
 
 
@@ -36,10 +36,10 @@ class CartPoleController(Policy):
     name = "heuristic"
 
     def reset(self, env: gym.Env, seed: int | None) -> None:
-        self._env = env
+        self._whole = unmasking(env)
 
     def act(self, observation: Any) -> int:
-        cart_position, cart_velocity, pole_angle, pole_velocity = unmasked_observation(self._env, observation)
+        cart_position, cart_velocity, pole_angle, pole_velocity = self._whole(observation)
         push = pole_angle + 0.5 * pole_velocity + 0.01 * cart_position + 0.1 * cart_velocity
         return int(push > 0)
 
