@@ -24,7 +24,7 @@ from mazerun.algorithms.cql import CQLConfig
 from mazerun.config.schemas import DatasetConfig, PolicyConfig, RunConfig, RunnerConfig
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
-from mazerun.core.files import atomic_write_bytes
+from mazerun.core.files import BackgroundFlusher, atomic_write_bytes
 from mazerun.data.records import STATS_FILE, load_records, write_record
 from mazerun.nn.checkpoint import load_checkpoint, space_to_dict
 from mazerun.training.metrics import read_metrics_csv
@@ -332,6 +332,30 @@ def test_writes_are_flushed_to_disk_before_the_rename(tmp_path: Path, monkeypatc
     atomic_write_bytes(tmp_path / "file.bin", b"data")
     assert events == ["fsync", "replace", "fsync"]  # the file, the rename, the directory
     assert (tmp_path / "file.bin").read_bytes() == b"data"
+
+
+
+def test_the_background_flusher_also_flushes_before_the_rename_and_reports_a_failure_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), replace(a, b))[1])
+    flusher = BackgroundFlusher()
+    flusher.write(tmp_path / "a.bin", b"a")
+    flusher.wait()
+    assert events == ["fsync", "replace", "fsync"] and (tmp_path / "a.bin").read_bytes() == b"a"
+
+    def full_disk(a: str, b: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    flusher.write(tmp_path / "b.bin", b"b")
+    with pytest.raises(MazerunError, match=r"cannot write .*b\.bin: No space left on device; free disk space"):
+        flusher.wait()
+    flusher.close()  # raised once, at the wait
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.bin"]  # no temporary file left behind
 
 
 def file_hashes(directory: Path) -> dict[str, str]:

@@ -36,7 +36,7 @@ from mazerun.acting.policies import Policy, build_policy
 from mazerun.config.schemas import DEFAULT_ENV_ID, PolicyConfig, RunConfig, RunnerConfig, worker_count
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError, how_it_ended
-from mazerun.core.files import atomic_write_bytes
+from mazerun.core.files import BackgroundFlusher, atomic_write_bytes
 from mazerun.core.interrupts import HANDLED_SIGNALS
 from mazerun.data.records import (
     STATS_FILE,
@@ -98,7 +98,11 @@ def policy_for(spec: RolloutSpec, env: Any) -> Policy:
 
 
 class EpisodePlayer:
-    """One environment and one policy, playing whole episodes by index."""
+    """One environment and one policy, playing whole episodes by index.
+
+    Records are flushed to disk by a thread while the next episode plays; :meth:`close` (or
+    ``flusher.wait()``) returns once every record played so far is in place.
+    """
 
     def __init__(self, spec: RolloutSpec, render_mode: str | None) -> None:
         self.spec = spec
@@ -109,6 +113,12 @@ class EpisodePlayer:
         self.records_dir = spec.run_dir / TRAJECTORY_DIR
         self.videos_dir = spec.run_dir / VIDEO_DIR
         self.minigrid = is_minigrid(spec.env_id)
+        self.flusher = BackgroundFlusher()
+
+    def close(self) -> None:
+        """Close the env, then put every record written in place (raises what the flusher could not write)."""
+        self.env.close()
+        self.flusher.close()
 
     def play(self, index: int) -> EpisodeSummary:
         seed = self.spec.runner.seed + index
@@ -138,7 +148,7 @@ class EpisodePlayer:
         )
         record_path = None
         if self.spec.runner.record_trajectory:
-            record_path = str(write_record(record, self.records_dir, index))
+            record_path = str(write_record(record, self.records_dir, index, self.flusher))
         if frames is not None:
             write_video(frames, video_path(self.videos_dir, index, seed), env.metadata)
         return EpisodeSummary(
@@ -215,7 +225,7 @@ def _run_sequential(spec: RolloutSpec, progress: tqdm, store: OrderedEpisodes | 
     except KeyboardInterrupt as interrupt:
         result.interrupted = interrupt
     finally:
-        player.env.close()
+        player.close()
     return result
 
 
@@ -255,6 +265,7 @@ def _worker_main(spec: RolloutSpec, connection: Connection, parent_ends: list[Co
         while (index := connection.recv()) is not None:
             try:
                 reply: Reply = ("done", player.play(index))
+                player.flusher.wait()  # "done" means its record is on disk: a worker may die after this
             except EpisodeFailed as failure:
                 reply = ("failed", str(failure))
             except MazerunError as error:  # e.g. the disk is full: nothing more can be recorded
@@ -263,7 +274,7 @@ def _worker_main(spec: RolloutSpec, connection: Connection, parent_ends: list[Co
     except (EOFError, OSError):
         pass  # the parent is gone (end-of-file, or the pipe was reset)
     finally:
-        player.env.close()
+        player.close()
 
 
 def _remove_partial_files(spec: RolloutSpec, index: int) -> None:

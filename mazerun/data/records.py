@@ -35,7 +35,7 @@ import cloudpickle
 import numpy as np
 
 from mazerun.core.errors import MazerunError
-from mazerun.core.files import atomic_write_bytes
+from mazerun.core.files import BackgroundFlusher, atomic_write_bytes
 from mazerun.core.progress import Progress
 
 RECORD_FORMAT_VERSION = 1
@@ -210,10 +210,18 @@ def record_name(index: int) -> str:
     return f"episode_{index:08d}.pkl"
 
 
-def write_record(record: StateTrajectoryRecord, directory: Path, index: int) -> Path:
-    """Pickle ``record``, episode ``index`` of its recording, into ``directory`` atomically; returns the path."""
+def write_record(record: StateTrajectoryRecord, directory: Path, index: int,
+                 flusher: BackgroundFlusher | None = None) -> Path:
+    """Pickle ``record``, episode ``index`` of its recording, into ``directory`` atomically; returns the path.
+
+    With a ``flusher`` the file is put in place by its thread: it is there after ``flusher.wait()``.
+    """
     path = Path(directory) / record_name(index)
-    atomic_write_bytes(path, cloudpickle.dumps(record))
+    data = cloudpickle.dumps(record)
+    if flusher is None:
+        atomic_write_bytes(path, data)
+    else:
+        flusher.write(path, data)
     return path
 
 
