@@ -120,11 +120,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         command.add_argument("--env", default=None, help="env id of sources that do not name one")
     info = commands.add_parser("info", help="describe a columnar store")
     info.add_argument("store")
+    d4rl = commands.add_parser("d4rl", help="D4RL-style random, medium, medium-replay and expert datasets of a SAC run")
+    d4rl.add_argument("sac_run", help="a run of `run algorithm=sac` (its snapshots and last.pt's replay buffer)")
+    d4rl.add_argument("--out", required=True, help="the directory the four datasets and references.json go to")
+    d4rl.add_argument("--episodes", type=int, default=100, help="episodes of random, medium and expert each")
+    d4rl.add_argument("--seed", type=int, default=0, help="episode i is seeded seed + i")
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress lines of a long conversion
     try:
         if arguments.command == "info":
             outcome = describe(arguments.store)
+        elif arguments.command == "d4rl":
+            from mazerun.compose.d4rl import make_d4rl_datasets
+
+            if arguments.episodes < 1:
+                raise MazerunError(f"--episodes={arguments.episodes}: record at least 1 episode per dataset")
+            references = make_d4rl_datasets(arguments.sac_run, arguments.out, episodes=arguments.episodes,
+                                            seed=arguments.seed)
+            outcome = f"wrote {', '.join(references['datasets'])} and references.json to {arguments.out}"
         elif arguments.command == "export":
             outcome = export(arguments.source, arguments.destination, arguments.env)
         else:

@@ -437,7 +437,10 @@ def read_record(path: Path) -> StateTrajectoryRecord:
 
 
 def record_files(dir_or_file: str | Path | Sequence[str | Path]) -> list[Path]:
-    """The record files named by a file, a directory, or a list of either, sorted per directory."""
+    """The record files named by a file, a directory, or a list of either, sorted per directory.
+
+    A recording's run directory stands for its ``trajectory_data``.
+    """
     if isinstance(dir_or_file, (str, os.PathLike)):
         sources = [dir_or_file]
     else:
@@ -445,6 +448,8 @@ def record_files(dir_or_file: str | Path | Sequence[str | Path]) -> list[Path]:
     files: list[Path] = []
     for source in sources:
         path = Path(source)
+        if path.is_dir() and not any(path.glob("*.pkl")) and (path / TRAJECTORY_DIR).is_dir():
+            path = path / TRAJECTORY_DIR
         if path.is_dir():
             found = sorted(path.glob("*.pkl"))
             if not found:

@@ -38,6 +38,8 @@ CHECKPOINT_MARKER = "mazerun-checkpoint"
 BEST_CHECKPOINT = "best.pt"
 LAST_CHECKPOINT = "last.pt"
 CHECKPOINT_NAMES = (BEST_CHECKPOINT, LAST_CHECKPOINT)
+SNAPSHOT_DIR = "snapshots"
+"""Where an off-policy run keeps its policy at every report (``step_<N>.pt``), for datasets of a medium policy."""
 """Files looked for, in order, when a run directory is given instead of a file."""
 
 TRAINING_STATE = "training_state"
@@ -303,3 +305,17 @@ def network_from_checkpoint(checkpoint: Checkpoint) -> torch.nn.Module:
     network = _build_network(checkpoint)
     network.load_state_dict(checkpoint.model_state)
     return network.eval()
+
+
+def snapshot_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / SNAPSHOT_DIR / f"step_{step:09d}.pt"
+
+
+def snapshots(run_dir: Path) -> dict[int, Path]:
+    """An off-policy run's policy snapshots by step (empty if it kept none)."""
+    found = {}
+    for path in (Path(run_dir) / SNAPSHOT_DIR).glob("step_*.pt"):
+        step = path.stem[len("step_"):]
+        if step.isdigit():
+            found[int(step)] = path
+    return dict(sorted(found.items()))

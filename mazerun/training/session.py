@@ -33,7 +33,7 @@ from mazerun.algorithms.protocol import Algorithm
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
 from mazerun.core.progress import Progress
-from mazerun.nn.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, TRAINING_STATE, save_checkpoint
+from mazerun.nn.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, TRAINING_STATE, save_checkpoint, snapshot_path
 from mazerun.training.distributed import NullLogger
 from mazerun.training.metrics import MetricsLogger, write_learning_curve
 from mazerun.training.runsetup import RunSetup, TrainResult, model_config_dict
@@ -189,6 +189,10 @@ class CheckpointKeeper:
     def save_last(self, step: int, training_state: dict[str, Any]) -> None:
         self._save(self.last_path, step, training_state)
         self.last_saved_step, self.last_saved_path = step, self.last_path
+
+    def save_snapshot(self, step: int) -> None:
+        """The policy as it is now, kept beside the others as ``snapshots/step_<step>.pt`` (weights only)."""
+        self._save(snapshot_path(self.setup.run_dir, step), step, None)
 
     def consider(self, metrics: dict[str, float], step: int) -> bool:
         """Save ``best.pt`` if ``metrics`` beat the best so far."""

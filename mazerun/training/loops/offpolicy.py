@@ -12,8 +12,8 @@ episode's last observation (``infos["final_obs"]``) as its next observation, and
 only where the episode terminated: a time limit's cut bootstraps from that final observation.
 
 Each step that ends episodes logs their returns (``rollout``); every ``eval_every`` steps the
-loop reports (train metrics averaged since the last report, an evaluation) and writes
-``last.pt``: the policy, the algorithm's training state (critics, targets, temperature,
+loop reports (train metrics averaged since the last report, an evaluation, the policy's snapshot
+in ``snapshots/step_<N>.pt``) and writes ``last.pt``: the policy, the algorithm's training state (critics, targets, temperature,
 optimisers), the loop's generator, the replay buffer, each env copy's running episode and the
 report window in progress. A stop (Ctrl-C, SIGTERM) between two iterations writes it too, so
 ``input_dir=<this run>`` with a larger ``total_steps`` continues as the run that was never
@@ -95,6 +95,7 @@ def train_off_policy(setup: RunSetup) -> TrainResult:
 
         def evaluate() -> None:
             bar.set_postfix(eval_return=f"{shell.evaluate()['mean_return']:.1f}")
+            shell.keeper.save_snapshot(shell.step)  # a dataset of a medium policy picks one of these
 
         with shell.running(total_steps) as bar:
             log.info("%d copies of %s ready to step; a replay buffer of %d transitions", n_envs, setup.env_id,
