@@ -269,6 +269,14 @@ def sac_run(runs: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
+def hopper_datasets(runs: Path) -> Path:
+    """`datasets d4rl` of a tiny SAC run on Hopper (2 episodes each): what README's Hopper dataset lines read."""
+    sac = tiny_run(runs / "hopper_sac", "algorithm=sac", "env=Hopper-v5")
+    datasets("d4rl", str(sac), "--out", str(runs / "hopper_sets"), "--episodes", "2", cwd=runs)
+    return runs / "hopper_sets"
+
+
+@pytest.fixture(scope="module")
 def continuous_records(runs: Path) -> Path:
     """2 heuristic episodes of LunarLanderContinuous-v3 (Box actions)."""
     return tiny_run(runs / "continuous", "env=LunarLanderContinuous-v3", "policy=heuristic") / "trajectory_data"
@@ -428,8 +436,10 @@ PLACEHOLDERS: dict[str, str] = {
 """Placeholder -> the fixture whose value replaces it."""
 
 DATA_FILES: dict[str, str] = {"data/lunar.h5": "lunar_h5", "data/cartpole.h5": "cartpole_h5",
-                              "data/lunar.store": "store", "data/lunar_d3rlpy.h5": "lunar_d3rlpy"}
-"""Files the README names relative to the working directory -> the fixture linked there."""
+                              "data/lunar.store": "store", "data/lunar_d3rlpy.h5": "lunar_d3rlpy",
+                              "data/hopper/medium-replay": "hopper_datasets/medium-replay",
+                              "data/hopper/medium/trajectory_data": "hopper_datasets/medium/trajectory_data"}
+"""Files the README names relative to the working directory -> the fixture linked there (or a path below it)."""
 
 OFFLINE = (*(name for name in ALGORITHMS if algorithm_module(name).Config().needs_dataset), "awr")
 """Algorithms that read records (built-ins, and the plugin examples/mazerun_awr): without
@@ -454,13 +464,18 @@ def prepare_workdir(argv: list[str], workdir: Path, request: pytest.FixtureReque
     training run without ``runner.dataset.dir_or_file`` reads the newest recording under
     ``outputs/``: the README records one of the env it trains on just before.
     """
-    written = argv[-1] if argv[1:3] == ["-m", "mazerun.datasets"] and argv[3] in ("export", "convert") else None
+    written = None
+    if argv[1:3] == ["-m", "mazerun.datasets"] and argv[3] in ("export", "convert"):
+        written = argv[-1]
+    elif argv[1:4] == ["-m", "mazerun.datasets", "d4rl"]:
+        written = argv[argv.index("--out") + 1]
     read = [argument.split("=", 1)[-1].removeprefix("d3rlpy:") for argument in argv if argument != written]
     for name in sorted({path for path in read if path.startswith("data/")}):
         if name not in DATA_FILES:
             pytest.fail(f"no fixture makes {name}")
-        (workdir / name).parent.mkdir(exist_ok=True)
-        (workdir / name).symlink_to(request.getfixturevalue(DATA_FILES[name]))
+        fixture, _, below = DATA_FILES[name].partition("/")
+        (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / name).symlink_to(Path(request.getfixturevalue(fixture)) / below)
     reads_minari = any(path.startswith("minari:") for path in read)
     overrides = overrides_of(argv)
     if trained_algorithm(argv) in OFFLINE and not {"runner.dataset.dir_or_file", "pipeline"} & overrides.keys():
