@@ -1,0 +1,118 @@
+"""A ladder of clones: BC from 1k, 3k and 10k expert demos and DAgger at equal labels, on 8 MiniGrid/BabyAI tasks.
+
+    python bench/ladder.py                                    # the 8 tasks, 500 unseen seeds per score
+    python bench/ladder.py --tasks MiniGrid-DoorKey-8x8-v0 --demos 100 300 --eval-episodes 50   # a quick look
+    python bench/ladder.py --work ladder_work                 # keep each task's results; a rerun skips them
+
+Per task, ``policy=heuristic`` (the better of the planner and the bot for the id, by
+bench/experts.py) records the largest number of demos once, on seeds 0, 1, ... Then, through
+the real `run` command with each algorithm's default settings (and the env option's tuned ones,
+where `conf/env/<id>.yaml` exists):
+
+* BC (``run -cn conf_train algorithm=bc``) on the first 1k, 3k and 10k of those demos;
+* DAgger (``run algorithm=dagger``, the same expert labelling every state its learner visits) with
+  ``algorithm.total_steps`` equal to the labels those demos hold: the same number of expert labels.
+
+Every clone's ``best.pt`` is scored greedily on ``--eval-episodes`` seeds neither recorded nor
+used to pick ``best.pt`` (from 2,000,000). Wall times are each command's, end to end.
+
+Targets (issue 29): the 10k-demo clone >= 0.95 success on at least 6 of the 8 tasks, and DAgger
+>= BC at equal labels on every task and rung. Exits non-zero when one is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import Table, evaluate_run, load_average, record, run
+
+from mazerun.data.records import load_records
+
+TASKS = ("BabyAI-GoToRedBallGrey-v0", "BabyAI-GoToLocal-v0", "BabyAI-PickupLoc-v0", "BabyAI-PutNextLocal-v0",
+         "MiniGrid-DoorKey-8x8-v0", "MiniGrid-KeyCorridorS3R3-v0", "MiniGrid-LavaCrossingS9N1-v0",
+         "MiniGrid-MultiRoom-N4-S5-v0")
+CLONE_TARGET = 0.95
+TASKS_AT_TARGET = 6
+CONF_ENV = Path(__file__).resolve().parents[1] / "conf" / "env"
+
+
+def env_overrides(env_id: str) -> list[str]:
+    """The env option where one exists (its tuned defaults come with it), else the id on the generic option."""
+    return [f"env={env_id}"] if (CONF_ENV / f"{env_id}.yaml").is_file() else [f"env.name={env_id}"]
+
+
+def climb(env_id: str, demos: list[int], eval_episodes: int, work: Path) -> dict:
+    """One task's ladder: the recording, then BC and DAgger at each rung; every score and wall time."""
+    started = time.perf_counter()
+    records_dir = record(env_id, max(demos), work / "demos")
+    result = {"env_id": env_id, "record_seconds": time.perf_counter() - started, "rungs": {}}
+    lengths = [len(episode) for episode in load_records(records_dir)]
+    env = env_overrides(env_id)
+    for count in demos:
+        labels = sum(lengths[:count])
+        bc_seconds = run("-cn", "conf_train", "algorithm=bc", *env, f"runner.dataset.dir_or_file={records_dir}",
+                         f"runner.dataset.max_episodes={count}", f"hydra.run.dir=bc_{count}", cwd=work)
+        dagger_seconds = run("algorithm=dagger", *env, f"algorithm.total_steps={labels}",
+                             f"hydra.run.dir=dagger_{count}", cwd=work)
+        result["rungs"][str(count)] = {
+            "labels": labels,
+            "bc": {"success": evaluate_run(work / f"bc_{count}", eval_episodes)["success_rate"], "seconds": bc_seconds},
+            "dagger": {"success": evaluate_run(work / f"dagger_{count}", eval_episodes)["success_rate"],
+                       "seconds": dagger_seconds},
+        }
+        print(f"  {env_id} {count} demos ({labels} labels): BC {result['rungs'][str(count)]['bc']}, "
+              f"DAgger {result['rungs'][str(count)]['dagger']} ({load_average()})", file=sys.stderr, flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
+    parser.add_argument("--demos", type=int, nargs="+", default=[1000, 3000, 10000])
+    parser.add_argument("--eval-episodes", type=int, default=500, help="unseen seeds per score")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep each task's runs and result.json here; a task with a result.json is not run again")
+    args = parser.parse_args()
+    demos = sorted(args.demos)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="mazerun-ladder-") as scratch:
+        for env_id in args.tasks:
+            work = (args.work or Path(scratch)) / env_id
+            saved = work / "result.json"
+            if saved.is_file():
+                results.append(json.loads(saved.read_text()))
+                continue
+            work.mkdir(parents=True, exist_ok=True)
+            results.append(climb(env_id, demos, args.eval_episodes, work))
+            saved.write_text(json.dumps(results[-1], indent=2))
+
+    top = str(demos[-1])
+    table = Table(f"Ladder of clones: success on {args.eval_episodes} unseen seeds; BC from k demos, DAgger at the "
+                  "labels they hold; the peer is BC at the same labels", peer_name="BC")
+    at_target = 0
+    for result in results:
+        env_id = result["env_id"]
+        table.add(f"{env_id}: record {demos[-1]} demos (s)", result["record_seconds"], None)
+        for count, rung in result["rungs"].items():
+            bc, dagger = rung["bc"], rung["dagger"]
+            checked = count == top
+            table.add(f"{env_id}: BC {count} demos ({bc['seconds']:.0f} s)", bc["success"], None,
+                      f">= {CLONE_TARGET}" if checked else "", bc["success"] >= CLONE_TARGET if checked else None)
+            table.add(f"{env_id}: DAgger {rung['labels']} labels ({dagger['seconds']:.0f} s)", dagger["success"],
+                      bc["success"], ">= BC", dagger["success"] >= bc["success"])
+        at_target += result["rungs"][top]["bc"]["success"] >= CLONE_TARGET
+    table.add(f"tasks whose {top}-demo clone reaches {CLONE_TARGET}", at_target, None,
+              f">= {TASKS_AT_TARGET} of {len(TASKS)}",
+              at_target >= TASKS_AT_TARGET if len(results) == len(TASKS) else None)
+    print(table.render())
+    print(f"({load_average()})")
+    sys.exit(table.exit_code())
+
+
+if __name__ == "__main__":
+    main()
