@@ -14,9 +14,9 @@ module, its checkpoints and every plain-code path see the weights this class tra
 ``load_state_dict`` writes into it. The critic's head (1 output) is padded to the actor's head
 width with zeros that no loss reads: their gradients are 0, Adam leaves them at 0.
 
-:class:`FlatAdam` steps the storage with torch's fused Adam kernel, one call for both rows (or one
-per row while their step counts differ, after a critic burn-in), and reads and writes the
-``state_dict`` of :class:`mazerun.fast.optim.Adam` over the module's parameters.
+:class:`FlatAdam` steps such a storage (this one, or SAC's stacked networks) with torch's fused Adam
+kernel, one call for all rows (or one per row while their step counts differ, after a critic burn-in),
+and reads and writes the ``state_dict`` of :class:`mazerun.fast.optim.Adam` over the module's parameters.
 """
 
 from __future__ import annotations
@@ -488,38 +488,39 @@ def _bind(parameter: torch.Tensor, view: torch.Tensor) -> None:
 
 
 class FlatAdam:
-    """Adam over the ``(2, S)`` storage of a :class:`FusedActorCritic`, each row with its own step count.
+    """Adam over a ``(K, S)`` storage that ``parameters`` live in (a :class:`FusedActorCritic`'s, a
+    :class:`StackedMLP`'s), stepped from ``flat_grad``, each row with its own step count.
 
     The state is that of :class:`mazerun.fast.optim.Adam` (torch's layout) over ``parameters``, the
     module's parameters in their usual order; a row never stepped has no state, as a parameter
     never given a gradient has none.
     """
 
-    def __init__(self, fused: FusedActorCritic, parameters: list[torch.Tensor], lr: float,
+    def __init__(self, flat: torch.Tensor, flat_grad: torch.Tensor, parameters: list[torch.Tensor], lr: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        self.fused = fused
+        self.flat, self.flat_grad = flat, flat_grad
         self.parameters = parameters
         self.param_groups: list[dict[str, Any]] = [
             {"lr": lr, "betas": tuple(betas), "eps": eps, **GROUP_DEFAULTS, "params": parameters}
         ]
-        self.exp_avg = torch.zeros_like(fused.flat)
-        self.exp_avg_sq = torch.zeros_like(fused.flat)
-        self.counts = [0, 0]
+        self.exp_avg = torch.zeros_like(flat)
+        self.exp_avg_sq = torch.zeros_like(flat)
+        self.counts = [0] * flat.shape[0]
         """Each row's step count."""
-        self._step = torch.zeros((), device=fused.flat.device)
+        self._step = torch.zeros((), device=flat.device)
         """The count the kernel reads (it takes a tensor)."""
-        storage = fused.flat
-        self._rows = [_row_of(parameter, storage) for parameter in parameters]
+        self._rows = [_row_of(parameter, flat) for parameter in parameters]
 
-    def step(self, rows: tuple[int, ...] = (0, 1)) -> None:
-        """One step of the rows given (both, or the critic's alone); the gradients are the fused storage's."""
+    def step(self, rows: tuple[int, ...] | None = None) -> None:
+        """One step of the rows given (all by default; e.g. the critic's alone); the gradients are ``flat_grad``'s."""
         group = self.param_groups[0]
         beta1, beta2 = group["betas"]
-        fused, counts = self.fused, self.counts
-        if len(rows) == 2 and counts[0] == counts[1]:  # one kernel call for both rows
-            groups = [(fused.flat, fused.flat_grad, self.exp_avg, self.exp_avg_sq, counts[0] + 1)]
+        counts = self.counts
+        rows = tuple(range(len(counts))) if rows is None else rows
+        if len(rows) == len(counts) and len(set(counts)) == 1:  # one kernel call for every row
+            groups = [(self.flat, self.flat_grad, self.exp_avg, self.exp_avg_sq, counts[0] + 1)]
         else:
-            groups = [(fused.flat[row], fused.flat_grad[row], self.exp_avg[row], self.exp_avg_sq[row], counts[row] + 1)
+            groups = [(self.flat[row], self.flat_grad[row], self.exp_avg[row], self.exp_avg_sq[row], counts[row] + 1)
                       for row in rows]
         for parameter, grad, exp_avg, exp_avg_sq, count in groups:
             self._step.fill_(count)
@@ -530,8 +531,8 @@ class FlatAdam:
 
     def _views(self, tensor: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
         """``parameter``'s part of a storage-shaped ``tensor``."""
-        offset = parameter.storage_offset() - self.fused.flat.storage_offset()
-        row, start = divmod(offset, self.fused.flat.shape[1])
+        offset = parameter.storage_offset() - self.flat.storage_offset()
+        row, start = divmod(offset, self.flat.shape[1])
         return tensor[row, start:start + parameter.numel()].view_as(parameter)
 
     def state_dict(self) -> dict[str, Any]:
@@ -553,7 +554,7 @@ class FlatAdam:
         if saved.get("weight_decay") or saved.get("amsgrad") or saved.get("maximize"):
             raise ValueError("the saved optimiser state uses weight decay, amsgrad or maximize, which this Adam lacks")
         self.param_groups[0].update(lr=saved["lr"], betas=tuple(saved["betas"]), eps=saved["eps"])
-        steps: list[set[float]] = [set(), set()]
+        steps: list[set[float]] = [set() for _ in self.counts]
         self.exp_avg.zero_()
         self.exp_avg_sq.zero_()
         by_index = dict(zip(saved["params"], range(len(self.parameters))))
@@ -567,8 +568,8 @@ class FlatAdam:
             missing = any(self._rows[position] == row and index not in state_dict["state"]
                           for index, position in by_index.items())
             if len(counts) > 1 or (counts and missing):
-                raise ValueError("the saved optimiser state has different step counts within the "
-                                 f"{('actor', 'critic')[row]}; it cannot be stepped as one")
+                raise ValueError("the saved optimiser state has different step counts within row "
+                                 f"{row} of the storage (a network); it cannot be stepped as one")
             self.counts[row] = int(counts.pop()) if counts else 0
 
 
