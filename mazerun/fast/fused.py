@@ -181,6 +181,18 @@ class StackedMLP:
                 self._activation_backward(previous, layer_input, grad_input=previous)
                 grad, grad_t = previous, workspace.hidden_grad_t[index - 1]
 
+    def input_gradient(self, workspace: Workspace, columns: slice) -> torch.Tensor:
+        """d loss / d the inputs' ``columns``, ``(K, B, len)``, from ``workspace.out_grad`` and the activations
+        :meth:`forward` left there; no weight's gradient is computed (SAC's actor step reads the critics through
+        their inputs, without training them)."""
+        grad = workspace.out_grad
+        for index in range(len(self.layers) - 1, 0, -1):
+            previous = workspace.hidden_grad[index - 1]
+            torch.bmm(grad, self.layers[index].weight, out=previous)
+            self._activation_backward(previous, workspace.hidden[index - 1], grad_input=previous)
+            grad = previous
+        return torch.bmm(grad, self.layers[0].weight[:, :, columns])
+
 
 @dataclass
 class LowPrecisionWorkspace(Workspace):
@@ -298,8 +310,8 @@ def bind_row(stack: StackedMLP, row: int, layers: list[nn.Linear], gradients: bo
     A layer with fewer outputs than the stack's (the critic's value head) takes the first rows of its slot."""
     for slot, layer in zip(stack.layers, layers):
         rows = layer.weight.shape[0]
-        _bind(layer.weight, slot.weight[row, :rows])
-        _bind(layer.bias, slot.bias[row, 0, :rows])
+        bind(layer.weight, slot.weight[row, :rows])
+        bind(layer.bias, slot.bias[row, 0, :rows])
         if gradients:
             layer.weight.grad, layer.bias.grad = slot.weight_grad[row, :rows], slot.bias_grad[row, 0, :rows]
 
@@ -433,15 +445,8 @@ class FusedActorCritic:
             layers_end = size - self.action_width
             self.log_std = self.flat[0, layers_end:]
             self.log_std_grad = self.flat_grad[0, layers_end:]
-            _bind(network.log_std, self.log_std)
-        # Both encoders' statistics, stacked (2, 1, D): set_normalization and load_state_dict copy into them.
-        width = network.actor_encoder.obs_mean.shape[0]
-        self.obs_mean = torch.zeros(2, 1, width, device=device)
-        self.obs_std = torch.ones(2, 1, width, device=device)
-        for row, encoder in enumerate((network.actor_encoder, network.critic_encoder)):
-            for name, storage in (("obs_mean", self.obs_mean), ("obs_std", self.obs_std)):
-                storage[row, 0].copy_(getattr(encoder, name))
-                setattr(encoder, name, storage[row, 0])
+            bind(network.log_std, self.log_std)
+        self.obs_mean, self.obs_std = bind_statistics([network.actor_encoder, network.critic_encoder])
         self.forward, self.backward = self.stack.forward, self.stack.backward
         self._workspaces: dict[int, ActorCriticWorkspace] = {}
 
@@ -480,7 +485,20 @@ class ActorCriticWorkspace(Workspace):
     value_grad: torch.Tensor
 
 
-def _bind(parameter: torch.Tensor, view: torch.Tensor) -> None:
+def bind_statistics(encoders: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vector encoders' observation statistics stacked ``(K, 1, D)``, for :func:`normalize`; the encoders'
+    buffers become views of them, so ``set_normalization`` and ``load_state_dict`` (which copy) write into them."""
+    width, device = encoders[0].obs_mean.shape[0], encoders[0].obs_mean.device
+    mean = torch.zeros(len(encoders), 1, width, device=device)
+    std = torch.ones(len(encoders), 1, width, device=device)
+    for row, encoder in enumerate(encoders):
+        for name, storage in (("obs_mean", mean), ("obs_std", std)):
+            storage[row, 0].copy_(getattr(encoder, name))
+            setattr(encoder, name, storage[row, 0])
+    return mean, std
+
+
+def bind(parameter: torch.Tensor, view: torch.Tensor) -> None:
     """Make ``parameter`` (same object, same value) live in ``view``."""
     with torch.no_grad():
         view.copy_(parameter)

@@ -104,6 +104,7 @@ def train_off_policy(setup: RunSetup) -> TrainResult:
                 shell.save_last()
             next_report = (shell.step // config.eval_every + 1) * config.eval_every
             started, started_step = time.perf_counter(), shell.step
+            fast_path_checked = False
             while shell.step < total_steps:
                 interrupts.check()
                 episodes_ended = collector.step(random_actions=shell.step < config.learning_starts)
@@ -112,7 +113,13 @@ def train_off_policy(setup: RunSetup) -> TrainResult:
                     shell.log(episodes.episode_metrics(), "rollout")
                 if shell.step >= config.learning_starts and (shell.step // n_envs) % config.train_freq == 0:
                     for _ in range(updates_per_training):
-                        for name, value in algorithm.update(buffer.sample(config.batch_size, generator)).items():
+                        batch = buffer.sample(config.batch_size, generator)
+                        if not fast_path_checked:  # this process's first batch
+                            fast_path_checked = True
+                            problem = algorithm.check_fast_path(batch)
+                            if problem is not None:
+                                log.warning(problem)
+                        for name, value in algorithm.update(batch).items():
                             window[name] += value
                         window_updates += 1
                 if shell.step >= next_report or shell.step >= total_steps:
