@@ -18,7 +18,9 @@ optimisers), the loop's generator, the replay buffer, each env copy's running ep
 report window in progress. A stop (Ctrl-C, SIGTERM) between two iterations writes it too, so
 ``input_dir=<this run>`` with a larger ``total_steps`` continues as the run that was never
 stopped. ``input_dir`` of another algorithm's run (a BC clone, a TD3+BC policy) lends its
-policy's weights where they fit (``Algorithm.load_network_state``).
+policy's weights where they fit (``Algorithm.load_network_state``). The first batch a process draws is
+also handed to ``Algorithm.check_fast_path``: a hand-written gradient that no longer matches autograd
+of the readable loss is dropped, and the run says so in one line.
 """
 
 from __future__ import annotations
