@@ -20,6 +20,7 @@ from mazerun.algorithms.cql import ConservativeQLearning, CQLConfig
 from mazerun.algorithms.ppo import PPO, PPOConfig
 from mazerun.algorithms.protocol import AlgorithmSpec
 from mazerun.algorithms.rollouts import RolloutBatch
+from mazerun.algorithms.sac import SACConfig, SoftActorCritic
 from mazerun.core.errors import MazerunError
 from mazerun.data.records import NO_LABEL
 from mazerun.data.tensors import TransitionBatch
@@ -508,3 +509,116 @@ def test_an_edited_ppo_loss_is_caught_in_a_real_run_and_said_in_one_line(workdir
         train(config, workdir / "ppo")
     lines = [record.getMessage() for record in caplog.records if "differs from autograd" in record.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("ppo's hand-written gradient differs from autograd")
+
+
+# -------------------------------------------------------------------------------------------- SAC
+
+
+def _sac(fused: bool, activation: str = "tanh", ent_coef: str = "auto_0.3") -> SoftActorCritic:
+    """A tiny SAC learner (asymmetric action box) whose networks standardise observations with fixed statistics."""
+    torch.manual_seed(0)
+    actions = gym.spaces.Box(np.array([-1.0, -2.0], np.float32), np.array([1.0, 0.5], np.float32))
+    model = ModelConfig(kind="vector_obs", hidden_sizes=(16, 16), activation=activation)
+    algorithm = SoftActorCritic(SACConfig(fused=fused, ent_coef=ent_coef, gamma=0.9, tau=0.1),
+                                AlgorithmSpec(OBSERVATIONS, actions, model), torch.Generator().manual_seed(3))
+    mean, std = torch.randn(5) * 0.1, torch.rand(5) + 0.5
+    for network in (algorithm.network, algorithm.critic, algorithm.critic_target):
+        network.set_normalization(mean, std)
+    return algorithm
+
+
+def _box_transitions(generator: torch.Generator, size: int = 32) -> TransitionBatch:
+    return TransitionBatch(torch.randn(size, 5, generator=generator) * 2,
+                           torch.rand(size, 2, generator=generator) - 0.5,
+                           torch.randn(size, generator=generator) * 3, torch.randn(size, 5, generator=generator) * 2,
+                           (torch.rand(size, generator=generator) < 0.2).float(), None)
+
+
+def _assert_same_sac_state(ours: SoftActorCritic, expected: SoftActorCritic) -> None:
+    for attribute in ("network", "critic", "critic_target", "temperature"):
+        ours_state, expected_state = getattr(ours, attribute).state_dict(), getattr(expected, attribute).state_dict()
+        for key, value in expected_state.items():
+            assert torch.allclose(ours_state[key], value, atol=1e-6), f"{attribute}.{key}"
+    for attribute in ("critic_optimizer", "actor_optimizer"):
+        ours_state, expected_state = getattr(ours, attribute).state_dict(), getattr(expected, attribute).state_dict()
+        assert ours_state["state"].keys() == expected_state["state"].keys(), attribute
+        for index, state in expected_state["state"].items():
+            for name, value in state.items():
+                assert torch.allclose(ours_state["state"][index][name], value, atol=1e-6), f"{attribute}.{index}.{name}"
+
+
+@pytest.mark.parametrize("activation,ent_coef", [("tanh", "auto_0.3"), ("relu", "auto_0.3"), ("tanh", "0.2")])
+def test_the_stacked_sac_update_gives_the_autograd_update(activation: str, ent_coef: str) -> None:
+    """Five updates (five target updates) on the same batches: the same metrics, weights, targets, temperature and
+    Adam moments as autograd of critic_loss and actor_loss with their Adam steps."""
+    fused, plain = _sac(True, activation, ent_coef), _sac(False, activation, ent_coef)
+    assert fused.stacks is not None and plain.stacks is None
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        batch = _box_transitions(generator)
+        ours, expected = fused.update(batch), plain.update(batch)
+        assert ours.keys() == expected.keys()
+        for name, value in expected.items():
+            assert torch.allclose(ours[name], value, rtol=1e-5, atol=1e-6), name
+    _assert_same_sac_state(fused, plain)
+
+
+def test_the_stacked_sac_gradients_are_autograd_s_where_the_log_std_clamp_holds() -> None:
+    """A log-std pushed past its upper bound: no gradient flows through the clamped entries, as autograd's. (At the
+    lower bound, sigma = 2e-9, autograd's own gradient in the mean is float32 rounding of two terms of 1e9 that
+    cancel; the hand-written one has them cancelled in the formula.)"""
+    fused = _sac(True)
+    with torch.no_grad():
+        fused.network.log_std_head.bias.copy_(torch.tensor([30.0, 0.0]))
+    assert fused.check_fast_path(_box_transitions(torch.Generator().manual_seed(4))) is None
+    assert fused.stacks is not None
+
+
+def test_optimiser_states_move_between_the_stacked_and_the_plain_sac() -> None:
+    """A checkpoint's training state of either path continues on the other: its layout is unchanged."""
+    generator = torch.Generator().manual_seed(2)
+    for source_fused in (True, False):
+        source, target, reference = _sac(source_fused), _sac(not source_fused), _sac(source_fused)
+        for _ in range(2):
+            batch = _box_transitions(generator)
+            source.update(batch), reference.update(batch)
+        target.network.load_state_dict(source.network.state_dict())
+        target.load_training_state(source.training_state(), 0)
+        target.generator.set_state(source.generator.get_state())
+        batch = _box_transitions(generator)
+        target.update(batch), reference.update(batch)
+        _assert_same_sac_state(target, reference)
+
+
+def test_the_sac_check_passes_changes_nothing_and_leaves_the_generator_where_it_was() -> None:
+    checked, unchecked = _sac(True), _sac(True)
+    assert checked.check_fast_path(_box_transitions(torch.Generator().manual_seed(4))) is None
+    assert checked.stacks is not None
+    assert torch.equal(checked.generator.get_state(), unchecked.generator.get_state())
+    for seed in range(3):
+        batch = _box_transitions(torch.Generator().manual_seed(seed))
+        checked.update(batch), unchecked.update(batch)
+    _assert_same_sac_state(checked, unchecked)
+
+
+@pytest.mark.parametrize("edit", ["actor", "critic"])
+def test_an_edited_sac_loss_is_caught_at_the_first_batch_and_training_follows_the_edit(edit: str, monkeypatch) -> None:
+    """A researcher doubles the entropy term of soft_actor_loss, or scales critic_loss, and leaves the gradients."""
+    import mazerun.algorithms.sac as sac
+
+    if edit == "actor":
+        monkeypatch.setattr(sac, "soft_actor_loss", lambda critic, observations, actions, log_probs, alpha: (
+            (2 * alpha * log_probs - critic(observations, actions).min(dim=0).values).mean()))
+    else:
+        readable = sac.SoftActorCritic.critic_loss
+        monkeypatch.setattr(sac.SoftActorCritic, "critic_loss",
+                            lambda self, batch: (lambda loss, metrics: (3 * loss, metrics))(*readable(self, batch)))
+    fused, plain = _sac(True), _sac(False)
+    line = fused.check_fast_path(_box_transitions(torch.Generator().manual_seed(4)))
+    assert line is not None and "\n" not in line
+    assert "sac's hand-written gradient differs from autograd of its loss" in line and "training on autograd" in line
+    assert fused.stacks is None
+    for seed in range(3):  # from here on the edited loss is what trains
+        batch = _box_transitions(torch.Generator().manual_seed(seed))
+        fused.update(batch), plain.update(batch)
+    _assert_same_sac_state(fused, plain)

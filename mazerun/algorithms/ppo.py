@@ -312,7 +312,8 @@ class PPO(Algorithm):
         self.fast_actor = self.fused
         # eps=1e-5 as in Stable-Baselines3 and CleanRL's PPO.
         self.optimizer: Adam | FlatAdam = (Adam(self.parameters, lr=config.lr, eps=1e-5) if self.fused is None else
-                                           FlatAdam(self.fused, self.parameters, lr=config.lr, eps=1e-5))
+                                           FlatAdam(self.fused.flat, self.fused.flat_grad, self.parameters,
+                                                    lr=config.lr, eps=1e-5))
         end = config.total_steps
         self.schedules = {
             "learning_rate": LinearSchedule.of(config.lr_schedule, config.lr, end),

@@ -21,13 +21,18 @@ Adam's step is per parameter, so that is SB3's two optimisers of equal settings,
 both losses see the alpha of before the step, as SB3's do. Alpha shrinks while the policy's
 entropy is above the target and grows while it is below. ``terminated`` is 1 only where the
 episode ended; an episode cut off by a time limit bootstraps from its final observation.
+
+With ``fused`` (MLPs on vector observations) an update runs on :class:`~mazerun.fast.stacked_sac.StackedSAC`
+with the gradients of these losses written by hand (:func:`soft_q_gradient`, :func:`soft_actor_gradient`);
+:meth:`SoftActorCritic.check_fast_path` holds them to autograd of the losses on a run's first batch.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from functools import partial
+from typing import Callable, ClassVar
 
 import gymnasium as gym
 import torch
@@ -41,11 +46,17 @@ from mazerun.algorithms.base import (
     frozen_copy,
     load_matching_weights,
 )
-from mazerun.algorithms.protocol import AlgorithmSpec, UpdatePhase
+from mazerun.algorithms.protocol import AlgorithmSpec, UpdatePhase, gradient_mismatch, mismatch_line
 from mazerun.config.schemas import check_fields
 from mazerun.core.errors import MazerunError
 from mazerun.data.tensors import TransitionBatch
+from mazerun.fast.fused import FlatAdam
 from mazerun.fast.optim import Adam
+from mazerun.fast.stacked_sac import StackedSAC, stackable
+from mazerun.nn.models import LOG_STD_BOUNDS, squashed_log_prob
+
+FAST_PATH_TOLERANCE = 1e-4
+"""How far the hand-written gradients may stray from autograd's (:func:`gradient_mismatch`): float32 rounding."""
 
 
 @dataclass
@@ -91,6 +102,9 @@ class SACConfig(EnvStepBudget):
     eval_every: int = 10_000
     """Environment steps between two reports (train metrics, an evaluation, last.pt with the replay buffer);
     the first evaluation is at step 0."""
+    fused: bool = True
+    """MLPs on vector observations: both critics evaluated as one (mazerun.fast.stacked_sac), with hand-written
+    gradients of the same losses, checked against autograd on the first batch; false: the plain autograd path."""
 
     def check(self, prefix: str = "algorithm") -> None:
         check_fields(self, prefix, positive=("total_steps", "buffer_size", "batch_size", "lr", "train_freq",
@@ -139,6 +153,45 @@ def temperature_loss(log_alpha: torch.Tensor, log_probs: torch.Tensor, target_en
     return -(log_alpha * (log_probs.detach() + target_entropy)).mean()
 
 
+def soft_q_gradient(q_values: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The critics' loss ``1/2 * sum_j E[(Q_j - y)^2]`` of their ``(2, B)`` values and its gradient in them,
+    ``(Q_j - y) / B``."""
+    errors = q_values - targets
+    return 0.5 * errors.square().mean(dim=1).sum(), errors / q_values.shape[1]
+
+
+def soft_actor_gradient(policy: nn.Module, mean: torch.Tensor, raw_log_std: torch.Tensor, noise: torch.Tensor,
+                        q_of: Callable[[torch.Tensor], torch.Tensor],
+                        action_gradient: Callable[[torch.Tensor], torch.Tensor], alpha: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`soft_actor_loss` of the squashed Gaussian (``mean``, log-std before its clamp) and its gradient in
+    them, by hand; returns the loss, the log-probabilities, d loss / d mean and d loss / d the raw log-std.
+
+    With ``u = mean + sigma * eps``, ``t = tanh(u)``, ``a = centre + h * t`` and ``c = alpha / B``,
+    ``log pi = sum_i [log N(eps) - log sigma_i - log(1 - t_i^2)]``, so per row and action dimension:
+
+        d L / d mean      = g_a * h * (1 - t^2) + 2 c t,      g_a = -1/B * d min_j Q_j(s, a) / d a
+        d L / d log sigma = (d L / d mean) * sigma * eps - c       (0 where the clamp holds log sigma)
+
+    ``q_of(actions)`` gives both critics' ``(2, B)`` values, ``action_gradient(d L / d Q)`` the ``(B, A)``
+    gradient in the actions through them (the critic of the smaller value takes each row's)."""
+    log_std = raw_log_std.clamp(*LOG_STD_BOUNDS)
+    std = log_std.exp()
+    pre_squash = mean + std * noise
+    squashed = torch.tanh(pre_squash)
+    log_probs = squashed_log_prob(mean, log_std, pre_squash)
+    min_q, chosen = q_of(policy.to_env(squashed)).min(dim=0)
+    rows = len(mean)
+    loss = (alpha * log_probs - min_q).mean()
+    q_grad = torch.zeros(2, rows, device=mean.device).scatter_(0, chosen[None], -1.0 / rows)
+    half_width = (policy.action_high - policy.action_low) / 2
+    weight = alpha / rows
+    mean_grad = action_gradient(q_grad) * half_width * (1.0 - squashed.square()) + 2.0 * weight * squashed
+    in_bounds = (raw_log_std >= LOG_STD_BOUNDS[0]) & (raw_log_std <= LOG_STD_BOUNDS[1])
+    log_std_grad = (mean_grad * std * noise - weight) * in_bounds
+    return loss, log_probs, mean_grad, log_std_grad
+
+
 class Temperature(nn.Module):
     """The entropy weight alpha, kept as ``log alpha`` so that it stays positive; learned or fixed."""
 
@@ -171,9 +224,18 @@ class SoftActorCritic(BatchAlgorithm):
         self.critic_target = frozen_copy(self.critic)
         self.temperature = Temperature(*temperature(config.ent_coef)).to(spec.device)
         self.target_entropy = -float(spec.action_space.shape[0])
-        self.critic_optimizer = Adam(self.critic.parameters(), lr=config.lr)
         learned = [self.temperature.log_alpha] if self.temperature.log_alpha.requires_grad else []
-        self.actor_optimizer = Adam([*self.network.parameters(), *learned], lr=config.lr)
+        self.actor_parameters = [*self.network.parameters(), *learned]
+        self.stacks = (StackedSAC(self.network, self.critic, self.critic_target, *learned or [None])
+                       if config.fused and stackable(self.network, self.critic) else None)
+        """The fast path's networks (:mod:`mazerun.fast.stacked_sac`), or None: the autograd path."""
+        if self.stacks is None:
+            self.critic_optimizer: Adam | FlatAdam = Adam(self.critic.parameters(), lr=config.lr)
+            self.actor_optimizer: Adam | FlatAdam = Adam(self.actor_parameters, lr=config.lr)
+        else:
+            critic, actor = self.stacks.critic, self.stacks.actor
+            self.critic_optimizer = FlatAdam(critic.flat, critic.flat_grad, list(self.critic.parameters()), config.lr)
+            self.actor_optimizer = FlatAdam(actor.flat, actor.flat_grad, self.actor_parameters, config.lr)
 
     def critic_loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
@@ -194,6 +256,87 @@ class SoftActorCritic(BatchAlgorithm):
             return actor_loss, metrics
         alpha_loss = temperature_loss(self.temperature.log_alpha, log_probs, self.target_entropy)
         return actor_loss + alpha_loss, {**metrics, "temperature_loss": alpha_loss.detach()}
+
+    def update(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
+        if self.stacks is None:
+            return super().update(batch)
+        with torch.no_grad():
+            metrics = self._critic_gradient(batch)
+            self.critic_optimizer.step()
+            metrics.update(self._actor_gradient(batch))
+            self.actor_optimizer.step()
+            self.updates += 1
+            if self.updates % self.config.target_update_interval == 0:
+                self.stacks.follow(self.config.tau)
+        return metrics
+
+    def _critic_gradient(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
+        """:meth:`critic_loss`'s gradient into the stacked critics' ``flat_grad``; its metrics."""
+        stacks = self.stacks
+        mean, raw_log_std = stacks.policy(batch.next_observations)
+        noise = torch.randn(mean.shape, generator=self.generator, device=mean.device, dtype=mean.dtype)
+        next_actions, next_log_probs = self.network.squash(mean, raw_log_std.clamp(*LOG_STD_BOUNDS), noise)
+        targets = soft_q_target(stacks.target_q_values(batch.next_observations, next_actions), next_log_probs,
+                                batch.rewards, batch.dones, self.config.gamma, self.temperature.alpha)
+        q_values = stacks.q_values(batch.observations, batch.actions)
+        loss, q_grad = soft_q_gradient(q_values, targets)
+        stacks.critic_backward(q_grad)
+        return {"critic_loss": loss, "mean_q": q_values.mean()}
+
+    def _actor_gradient(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
+        """:meth:`actor_loss`'s gradient into the stacked actor's ``flat_grad`` (``log alpha``'s included); its
+        metrics."""
+        stacks, observations = self.stacks, batch.observations
+        mean, raw_log_std = stacks.policy(observations)
+        noise = torch.randn(mean.shape, generator=self.generator, device=mean.device, dtype=mean.dtype)
+        alpha = self.temperature.alpha
+        loss, log_probs, mean_grad, log_std_grad = soft_actor_gradient(
+            self.network, mean, raw_log_std, noise, partial(stacks.q_values, observations), stacks.action_gradient,
+            alpha)
+        stacks.actor_backward(observations, mean_grad, log_std_grad)
+        metrics = {"actor_loss": loss, "entropy": -log_probs.mean(), "alpha": alpha}
+        if stacks.log_alpha_grad is not None:
+            log_alpha = self.temperature.log_alpha
+            stacks.log_alpha_grad.copy_(-(log_probs + self.target_entropy).mean())
+            metrics["temperature_loss"] = temperature_loss(log_alpha.detach(), log_probs, self.target_entropy)
+        return metrics
+
+    def check_fast_path(self, batch: TransitionBatch) -> str | None:
+        """Hold the hand-written gradients against autograd of :meth:`critic_loss` and :meth:`actor_loss` on
+        ``batch`` (the run's first), both at the current weights, from the same noise; the generator is left
+        where it was. If they differ, a loss was edited and its fast path was not: the stacks are dropped
+        (the optimisers' states carry over), training follows the readable losses, and the line says so."""
+        if self.stacks is None:
+            return None
+        critic_parameters = list(self.critic.parameters())
+        drawn = self.generator.get_state() if self.generator is not None else torch.get_rng_state()
+        expected = [*torch.autograd.grad(self.critic_loss(batch)[0], critic_parameters),
+                    *torch.autograd.grad(self.actor_loss(batch)[0], self.actor_parameters)]
+        self._restore(drawn)
+        with torch.no_grad():
+            self._critic_gradient(batch)
+            self._actor_gradient(batch)
+        self._restore(drawn)
+        fast = [flat_grad.as_strided(parameter.shape, parameter.stride(), parameter.storage_offset())
+                for parameters, flat_grad in ((critic_parameters, self.stacks.critic.flat_grad),
+                                              (self.actor_parameters, self.stacks.actor.flat_grad))
+                for parameter in parameters]
+        mismatch = gradient_mismatch(fast, expected)
+        if mismatch <= FAST_PATH_TOLERANCE:
+            return None
+        states = self.critic_optimizer.state_dict(), self.actor_optimizer.state_dict()
+        self.stacks = None
+        self.critic_optimizer = Adam(critic_parameters, lr=self.config.lr)
+        self.actor_optimizer = Adam(self.actor_parameters, lr=self.config.lr)
+        self.critic_optimizer.load_state_dict(states[0])
+        self.actor_optimizer.load_state_dict(states[1])
+        return mismatch_line(self.config.name, "critic_loss() and actor_loss()", mismatch, FAST_PATH_TOLERANCE)
+
+    def _restore(self, drawn: torch.Tensor) -> None:
+        if self.generator is not None:
+            self.generator.set_state(drawn)
+        else:
+            torch.set_rng_state(drawn)
 
     def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
         """Start from an earlier run's policy (a BC clone, a TD3+BC policy, a SAC run's own): its matching weights.

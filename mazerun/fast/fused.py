@@ -14,9 +14,9 @@ module, its checkpoints and every plain-code path see the weights this class tra
 ``load_state_dict`` writes into it. The critic's head (1 output) is padded to the actor's head
 width with zeros that no loss reads: their gradients are 0, Adam leaves them at 0.
 
-:class:`FlatAdam` steps the storage with torch's fused Adam kernel, one call for both rows (or one
-per row while their step counts differ, after a critic burn-in), and reads and writes the
-``state_dict`` of :class:`mazerun.fast.optim.Adam` over the module's parameters.
+:class:`FlatAdam` steps such a storage (this one, or SAC's stacked networks) with torch's fused Adam
+kernel, one call for all rows (or one per row while their step counts differ, after a critic burn-in),
+and reads and writes the ``state_dict`` of :class:`mazerun.fast.optim.Adam` over the module's parameters.
 """
 
 from __future__ import annotations
@@ -181,6 +181,18 @@ class StackedMLP:
                 self._activation_backward(previous, layer_input, grad_input=previous)
                 grad, grad_t = previous, workspace.hidden_grad_t[index - 1]
 
+    def input_gradient(self, workspace: Workspace, columns: slice) -> torch.Tensor:
+        """d loss / d the inputs' ``columns``, ``(K, B, len)``, from ``workspace.out_grad`` and the activations
+        :meth:`forward` left there; no weight's gradient is computed (SAC's actor step reads the critics through
+        their inputs, without training them)."""
+        grad = workspace.out_grad
+        for index in range(len(self.layers) - 1, 0, -1):
+            previous = workspace.hidden_grad[index - 1]
+            torch.bmm(grad, self.layers[index].weight, out=previous)
+            self._activation_backward(previous, workspace.hidden[index - 1], grad_input=previous)
+            grad = previous
+        return torch.bmm(grad, self.layers[0].weight[:, :, columns])
+
 
 @dataclass
 class LowPrecisionWorkspace(Workspace):
@@ -298,8 +310,8 @@ def bind_row(stack: StackedMLP, row: int, layers: list[nn.Linear], gradients: bo
     A layer with fewer outputs than the stack's (the critic's value head) takes the first rows of its slot."""
     for slot, layer in zip(stack.layers, layers):
         rows = layer.weight.shape[0]
-        _bind(layer.weight, slot.weight[row, :rows])
-        _bind(layer.bias, slot.bias[row, 0, :rows])
+        bind(layer.weight, slot.weight[row, :rows])
+        bind(layer.bias, slot.bias[row, 0, :rows])
         if gradients:
             layer.weight.grad, layer.bias.grad = slot.weight_grad[row, :rows], slot.bias_grad[row, 0, :rows]
 
@@ -433,15 +445,8 @@ class FusedActorCritic:
             layers_end = size - self.action_width
             self.log_std = self.flat[0, layers_end:]
             self.log_std_grad = self.flat_grad[0, layers_end:]
-            _bind(network.log_std, self.log_std)
-        # Both encoders' statistics, stacked (2, 1, D): set_normalization and load_state_dict copy into them.
-        width = network.actor_encoder.obs_mean.shape[0]
-        self.obs_mean = torch.zeros(2, 1, width, device=device)
-        self.obs_std = torch.ones(2, 1, width, device=device)
-        for row, encoder in enumerate((network.actor_encoder, network.critic_encoder)):
-            for name, storage in (("obs_mean", self.obs_mean), ("obs_std", self.obs_std)):
-                storage[row, 0].copy_(getattr(encoder, name))
-                setattr(encoder, name, storage[row, 0])
+            bind(network.log_std, self.log_std)
+        self.obs_mean, self.obs_std = bind_statistics([network.actor_encoder, network.critic_encoder])
         self.forward, self.backward = self.stack.forward, self.stack.backward
         self._workspaces: dict[int, ActorCriticWorkspace] = {}
 
@@ -480,7 +485,20 @@ class ActorCriticWorkspace(Workspace):
     value_grad: torch.Tensor
 
 
-def _bind(parameter: torch.Tensor, view: torch.Tensor) -> None:
+def bind_statistics(encoders: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vector encoders' observation statistics stacked ``(K, 1, D)``, for :func:`normalize`; the encoders'
+    buffers become views of them, so ``set_normalization`` and ``load_state_dict`` (which copy) write into them."""
+    width, device = encoders[0].obs_mean.shape[0], encoders[0].obs_mean.device
+    mean = torch.zeros(len(encoders), 1, width, device=device)
+    std = torch.ones(len(encoders), 1, width, device=device)
+    for row, encoder in enumerate(encoders):
+        for name, storage in (("obs_mean", mean), ("obs_std", std)):
+            storage[row, 0].copy_(getattr(encoder, name))
+            setattr(encoder, name, storage[row, 0])
+    return mean, std
+
+
+def bind(parameter: torch.Tensor, view: torch.Tensor) -> None:
     """Make ``parameter`` (same object, same value) live in ``view``."""
     with torch.no_grad():
         view.copy_(parameter)
@@ -488,38 +506,39 @@ def _bind(parameter: torch.Tensor, view: torch.Tensor) -> None:
 
 
 class FlatAdam:
-    """Adam over the ``(2, S)`` storage of a :class:`FusedActorCritic`, each row with its own step count.
+    """Adam over a ``(K, S)`` storage that ``parameters`` live in (a :class:`FusedActorCritic`'s, a
+    :class:`StackedMLP`'s), stepped from ``flat_grad``, each row with its own step count.
 
     The state is that of :class:`mazerun.fast.optim.Adam` (torch's layout) over ``parameters``, the
     module's parameters in their usual order; a row never stepped has no state, as a parameter
     never given a gradient has none.
     """
 
-    def __init__(self, fused: FusedActorCritic, parameters: list[torch.Tensor], lr: float,
+    def __init__(self, flat: torch.Tensor, flat_grad: torch.Tensor, parameters: list[torch.Tensor], lr: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        self.fused = fused
+        self.flat, self.flat_grad = flat, flat_grad
         self.parameters = parameters
         self.param_groups: list[dict[str, Any]] = [
             {"lr": lr, "betas": tuple(betas), "eps": eps, **GROUP_DEFAULTS, "params": parameters}
         ]
-        self.exp_avg = torch.zeros_like(fused.flat)
-        self.exp_avg_sq = torch.zeros_like(fused.flat)
-        self.counts = [0, 0]
+        self.exp_avg = torch.zeros_like(flat)
+        self.exp_avg_sq = torch.zeros_like(flat)
+        self.counts = [0] * flat.shape[0]
         """Each row's step count."""
-        self._step = torch.zeros((), device=fused.flat.device)
+        self._step = torch.zeros((), device=flat.device)
         """The count the kernel reads (it takes a tensor)."""
-        storage = fused.flat
-        self._rows = [_row_of(parameter, storage) for parameter in parameters]
+        self._rows = [_row_of(parameter, flat) for parameter in parameters]
 
-    def step(self, rows: tuple[int, ...] = (0, 1)) -> None:
-        """One step of the rows given (both, or the critic's alone); the gradients are the fused storage's."""
+    def step(self, rows: tuple[int, ...] | None = None) -> None:
+        """One step of the rows given (all by default; e.g. the critic's alone); the gradients are ``flat_grad``'s."""
         group = self.param_groups[0]
         beta1, beta2 = group["betas"]
-        fused, counts = self.fused, self.counts
-        if len(rows) == 2 and counts[0] == counts[1]:  # one kernel call for both rows
-            groups = [(fused.flat, fused.flat_grad, self.exp_avg, self.exp_avg_sq, counts[0] + 1)]
+        counts = self.counts
+        rows = tuple(range(len(counts))) if rows is None else rows
+        if len(rows) == len(counts) and len(set(counts)) == 1:  # one kernel call for every row
+            groups = [(self.flat, self.flat_grad, self.exp_avg, self.exp_avg_sq, counts[0] + 1)]
         else:
-            groups = [(fused.flat[row], fused.flat_grad[row], self.exp_avg[row], self.exp_avg_sq[row], counts[row] + 1)
+            groups = [(self.flat[row], self.flat_grad[row], self.exp_avg[row], self.exp_avg_sq[row], counts[row] + 1)
                       for row in rows]
         for parameter, grad, exp_avg, exp_avg_sq, count in groups:
             self._step.fill_(count)
@@ -530,8 +549,8 @@ class FlatAdam:
 
     def _views(self, tensor: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
         """``parameter``'s part of a storage-shaped ``tensor``."""
-        offset = parameter.storage_offset() - self.fused.flat.storage_offset()
-        row, start = divmod(offset, self.fused.flat.shape[1])
+        offset = parameter.storage_offset() - self.flat.storage_offset()
+        row, start = divmod(offset, self.flat.shape[1])
         return tensor[row, start:start + parameter.numel()].view_as(parameter)
 
     def state_dict(self) -> dict[str, Any]:
@@ -553,7 +572,7 @@ class FlatAdam:
         if saved.get("weight_decay") or saved.get("amsgrad") or saved.get("maximize"):
             raise ValueError("the saved optimiser state uses weight decay, amsgrad or maximize, which this Adam lacks")
         self.param_groups[0].update(lr=saved["lr"], betas=tuple(saved["betas"]), eps=saved["eps"])
-        steps: list[set[float]] = [set(), set()]
+        steps: list[set[float]] = [set() for _ in self.counts]
         self.exp_avg.zero_()
         self.exp_avg_sq.zero_()
         by_index = dict(zip(saved["params"], range(len(self.parameters))))
@@ -567,8 +586,8 @@ class FlatAdam:
             missing = any(self._rows[position] == row and index not in state_dict["state"]
                           for index, position in by_index.items())
             if len(counts) > 1 or (counts and missing):
-                raise ValueError("the saved optimiser state has different step counts within the "
-                                 f"{('actor', 'critic')[row]}; it cannot be stepped as one")
+                raise ValueError("the saved optimiser state has different step counts within row "
+                                 f"{row} of the storage (a network); it cannot be stepped as one")
             self.counts[row] = int(counts.pop()) if counts else 0
 
 

@@ -18,7 +18,9 @@ optimisers), the loop's generator, the replay buffer, each env copy's running ep
 report window in progress. A stop (Ctrl-C, SIGTERM) between two iterations writes it too, so
 ``input_dir=<this run>`` with a larger ``total_steps`` continues as the run that was never
 stopped. ``input_dir`` of another algorithm's run (a BC clone, a TD3+BC policy) lends its
-policy's weights where they fit (``Algorithm.load_network_state``).
+policy's weights where they fit (``Algorithm.load_network_state``). The first batch a process draws is
+also handed to ``Algorithm.check_fast_path``: a hand-written gradient that no longer matches autograd
+of the readable loss is dropped, and the run says so in one line.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ def train_off_policy(setup: RunSetup) -> TrainResult:
                 shell.save_last()
             next_report = (shell.step // config.eval_every + 1) * config.eval_every
             started, started_step = time.perf_counter(), shell.step
+            fast_path_checked = False
             while shell.step < total_steps:
                 interrupts.check()
                 episodes_ended = collector.step(random_actions=shell.step < config.learning_starts)
@@ -113,7 +116,13 @@ def train_off_policy(setup: RunSetup) -> TrainResult:
                     shell.log(episodes.episode_metrics(), "rollout")
                 if shell.step >= config.learning_starts and (shell.step // n_envs) % config.train_freq == 0:
                     for _ in range(updates_per_training):
-                        for name, value in algorithm.update(buffer.sample(config.batch_size, generator)).items():
+                        batch = buffer.sample(config.batch_size, generator)
+                        if not fast_path_checked:  # this process's first batch
+                            fast_path_checked = True
+                            problem = algorithm.check_fast_path(batch)
+                            if problem is not None:
+                                log.warning(problem)
+                        for name, value in algorithm.update(batch).items():
                             window[name] += value
                         window_updates += 1
                 if shell.step >= next_report or shell.step >= total_steps:
