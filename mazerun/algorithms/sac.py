@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable, ClassVar
 
 import gymnasium as gym
@@ -261,6 +260,7 @@ class SoftActorCritic(BatchAlgorithm):
         if self.stacks is None:
             return super().update(batch)
         with torch.no_grad():
+            self.stacks.load(batch.observations, batch.next_observations)
             metrics = self._critic_gradient(batch)
             self.critic_optimizer.step()
             metrics.update(self._actor_gradient(batch))
@@ -271,29 +271,29 @@ class SoftActorCritic(BatchAlgorithm):
         return metrics
 
     def _critic_gradient(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
-        """:meth:`critic_loss`'s gradient into the stacked critics' ``flat_grad``; its metrics."""
+        """:meth:`critic_loss`'s gradient into the stacked critics' ``flat_grad``, ``batch`` loaded; its metrics."""
         stacks = self.stacks
-        mean, raw_log_std = stacks.policy(batch.next_observations)
+        mean, raw_log_std = stacks.policy(next_states=True)
         noise = torch.randn(mean.shape, generator=self.generator, device=mean.device, dtype=mean.dtype)
         next_actions, next_log_probs = self.network.squash(mean, raw_log_std.clamp(*LOG_STD_BOUNDS), noise)
-        targets = soft_q_target(stacks.target_q_values(batch.next_observations, next_actions), next_log_probs,
+        targets = soft_q_target(stacks.target_q_values(next_actions), next_log_probs,
                                 batch.rewards, batch.dones, self.config.gamma, self.temperature.alpha)
-        q_values = stacks.q_values(batch.observations, batch.actions)
+        q_values = stacks.q_values(batch.actions)
         loss, q_grad = soft_q_gradient(q_values, targets)
         stacks.critic_backward(q_grad)
         return {"critic_loss": loss, "mean_q": q_values.mean()}
 
     def _actor_gradient(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
-        """:meth:`actor_loss`'s gradient into the stacked actor's ``flat_grad`` (``log alpha``'s included); its
-        metrics."""
-        stacks, observations = self.stacks, batch.observations
-        mean, raw_log_std = stacks.policy(observations)
+        """:meth:`actor_loss`'s gradient into the stacked actor's ``flat_grad`` (``log alpha``'s included), ``batch``
+        loaded; its metrics."""
+        stacks = self.stacks
+        mean, raw_log_std = stacks.policy()
         noise = torch.randn(mean.shape, generator=self.generator, device=mean.device, dtype=mean.dtype)
         alpha = self.temperature.alpha
         loss, log_probs, mean_grad, log_std_grad = soft_actor_gradient(
-            self.network, mean, raw_log_std, noise, partial(stacks.q_values, observations), stacks.action_gradient,
+            self.network, mean, raw_log_std, noise, stacks.q_values, stacks.action_gradient,
             alpha)
-        stacks.actor_backward(observations, mean_grad, log_std_grad)
+        stacks.actor_backward(mean_grad, log_std_grad)
         metrics = {"actor_loss": loss, "entropy": -log_probs.mean(), "alpha": alpha}
         if stacks.log_alpha_grad is not None:
             log_alpha = self.temperature.log_alpha
@@ -314,6 +314,7 @@ class SoftActorCritic(BatchAlgorithm):
                     *torch.autograd.grad(self.actor_loss(batch)[0], self.actor_parameters)]
         self._restore(drawn)
         with torch.no_grad():
+            self.stacks.load(batch.observations, batch.next_observations)
             self._critic_gradient(batch)
             self._actor_gradient(batch)
         self._restore(drawn)

@@ -326,9 +326,13 @@ def single_stack(layers: list[nn.Linear], activation: str) -> StackedMLP:
     return stack
 
 
-def normalize(observations: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """What :class:`~mazerun.nn.models.ObservationEncoder` does to vector observations, for stacked ``(K, B, D)``."""
-    return ((observations - mean) / std).clamp_(-NORMALIZED_OBS_CLIP, NORMALIZED_OBS_CLIP)
+def normalize(observations: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """What :class:`~mazerun.nn.models.ObservationEncoder` does to vector observations, for stacked ``(K, B, D)``;
+    into ``out`` (e.g. the columns of a wider input) where given, the same values without a copy."""
+    if out is None:
+        return ((observations - mean) / std).clamp_(-NORMALIZED_OBS_CLIP, NORMALIZED_OBS_CLIP)
+    return torch.sub(observations, mean, out=out).div_(std).clamp_(-NORMALIZED_OBS_CLIP, NORMALIZED_OBS_CLIP)
 
 
 HeadGradient = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],

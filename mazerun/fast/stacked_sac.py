@@ -15,6 +15,8 @@ their checkpoints and the readable losses see the weights trained here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -52,14 +54,29 @@ def _critic_stack(critic: TwinQNetwork, gradients: bool) -> StackedMLP:
     return stack
 
 
+@dataclass
+class _Inputs:
+    """One batch's observations as each network reads them (:meth:`StackedSAC.load`)."""
+
+    actor: torch.Tensor
+    """``s`` by the actor's statistics, ``(1, B, D)``."""
+    next_actor: torch.Tensor
+    """``s'`` by the actor's statistics, ``(1, B, D)``."""
+    critic: torch.Tensor
+    """``(2, B, D + A)``: ``s`` by each critic's statistics, then the actions of the last :meth:`StackedSAC.q_values`."""
+    target: torch.Tensor
+    """``(2, B, D + A)``: ``s'`` by each target's statistics, then the actions of the last target pass."""
+
+
 class StackedSAC:
     """The policy, the twin critics and their targets of a SAC learner, each in its stacked storage.
 
     ``actor.flat`` row 0 holds the actor's trunk, then its head: the mean head's weight rows over the
     log-std head's, and their biases likewise, then (where the temperature is learned) ``log alpha``,
     which the actor's optimiser steps with it. ``critic.flat`` rows 0 and 1 hold the two critics, and
-    ``target.flat`` their targets. Passes write into workspaces of their batch size, valid until the
-    next pass of the same network.
+    ``target.flat`` their targets. An update standardises its batch's observations once (:meth:`load`);
+    its passes read them and write into workspaces of their batch size, valid until the next pass of the
+    same network.
     """
 
     def __init__(self, policy: SquashedGaussianPolicy, critic: TwinQNetwork, target: TwinQNetwork,
@@ -90,43 +107,55 @@ class StackedSAC:
         self.critic_mean, self.critic_std = bind_statistics(list(critic.encoders))
         self.target_mean, self.target_std = bind_statistics(list(target.encoders))
         self.observation_width = self.actor_mean.shape[-1]
-        self._inputs: dict[tuple[str, int], torch.Tensor] = {}
+        self._inputs: dict[int, _Inputs] = {}
+        """The standardised inputs of each batch size, kept between updates."""
+        self._loaded: _Inputs | None = None
 
-    def policy(self, observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The Gaussian's mean and its log-std before the clamp, ``(B, A)`` each, of ``(B, D)`` observations."""
-        workspace = self.actor.workspace(len(observations))
-        out = self.actor.forward(workspace, normalize(observations, self.actor_mean, self.actor_std))[0]
+    def load(self, observations: torch.Tensor, next_observations: torch.Tensor) -> None:
+        """Standardise an update's ``(B, D)`` observations once for all its passes, each by its networks'
+        statistics: ``s`` and ``s'`` for the actor, ``s`` beside the actions for the critics, ``s'`` for the
+        targets. The passes after read them, until the next load."""
+        rows = len(observations)
+        inputs = self._inputs.get(rows)
+        if inputs is None:
+            device, width = observations.device, self.observation_width
+            inputs = self._inputs[rows] = _Inputs(
+                torch.zeros(1, rows, width, device=device), torch.zeros(1, rows, width, device=device),
+                torch.zeros(2, rows, width + self.action_width, device=device),
+                torch.zeros(2, rows, width + self.action_width, device=device))
+        self._loaded = inputs
+        columns = slice(None, self.observation_width)
+        normalize(observations, self.actor_mean, self.actor_std, out=inputs.actor)
+        normalize(next_observations, self.actor_mean, self.actor_std, out=inputs.next_actor)
+        normalize(observations, self.critic_mean, self.critic_std, out=inputs.critic[:, :, columns])
+        normalize(next_observations, self.target_mean, self.target_std, out=inputs.target[:, :, columns])
+
+    def policy(self, next_states: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Gaussian's mean and its log-std before the clamp, ``(B, A)`` each, at the loaded ``s`` (or ``s'``)."""
+        inputs = self._loaded.next_actor if next_states else self._loaded.actor
+        out = self.actor.forward(self.actor.workspace(inputs.shape[1]), inputs)[0]
         return out[:, :self.action_width], out[:, self.action_width:]
 
-    def actor_backward(self, observations: torch.Tensor, mean_grad: torch.Tensor, log_std_grad: torch.Tensor) -> None:
+    def actor_backward(self, mean_grad: torch.Tensor, log_std_grad: torch.Tensor) -> None:
         """The actor's weight gradients into ``actor.flat_grad`` from d loss / d the mean and the log-std before the
-        clamp, after :meth:`policy` of the same ``observations``."""
-        workspace = self.actor.workspace(len(observations))
+        clamp, after :meth:`policy` at ``s``."""
+        inputs = self._loaded.actor
+        workspace = self.actor.workspace(inputs.shape[1])
         workspace.out_grad[0, :, :self.action_width] = mean_grad
         workspace.out_grad[0, :, self.action_width:] = log_std_grad
-        self.actor.backward(workspace, normalize(observations, self.actor_mean, self.actor_std))
+        self.actor.backward(workspace, inputs)
 
-    def _critic_inputs(self, name: str, mean: torch.Tensor, std: torch.Tensor, observations: torch.Tensor,
-                       actions: torch.Tensor) -> torch.Tensor:
-        """``(2, B, D + A)``: each critic's standardised observations beside the actions, in a buffer kept by name."""
-        key = (name, len(observations))
-        inputs = self._inputs.get(key)
-        if inputs is None:
-            inputs = self._inputs[key] = torch.zeros(2, len(observations), self.observation_width + actions.shape[1],
-                                                     device=observations.device)
-        inputs[:, :, :self.observation_width] = normalize(observations, mean, std)
+    def q_values(self, actions: torch.Tensor) -> torch.Tensor:
+        """Both critics' ``(2, B)`` values of the loaded ``s`` and ``(B, A)`` actions."""
+        inputs = self._loaded.critic
         inputs[:, :, self.observation_width:] = actions
-        return inputs
+        return self.critic.forward(self.critic.workspace(len(actions)), inputs)[..., 0]
 
-    def q_values(self, observations: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Both critics' ``(2, B)`` values of ``(B, D)`` observations and ``(B, A)`` actions."""
-        inputs = self._critic_inputs("critic", self.critic_mean, self.critic_std, observations, actions)
-        return self.critic.forward(self.critic.workspace(len(observations)), inputs)[..., 0]
-
-    def target_q_values(self, observations: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Both target critics' ``(2, B)`` values."""
-        inputs = self._critic_inputs("target", self.target_mean, self.target_std, observations, actions)
-        return self.target.forward(self.target.workspace(len(observations)), inputs)[..., 0]
+    def target_q_values(self, actions: torch.Tensor) -> torch.Tensor:
+        """Both target critics' ``(2, B)`` values of the loaded ``s'`` and ``(B, A)`` actions."""
+        inputs = self._loaded.target
+        inputs[:, :, self.observation_width:] = actions
+        return self.target.forward(self.target.workspace(len(actions)), inputs)[..., 0]
 
     def critic_backward(self, q_grad: torch.Tensor) -> None:
         """Both critics' weight gradients into ``critic.flat_grad`` from d loss / d their ``(2, B)`` values, after
@@ -134,7 +163,7 @@ class StackedSAC:
         rows = q_grad.shape[1]
         workspace = self.critic.workspace(rows)
         workspace.out_grad[..., 0] = q_grad
-        self.critic.backward(workspace, self._inputs[("critic", rows)])
+        self.critic.backward(workspace, self._loaded.critic)
 
     def action_gradient(self, q_grad: torch.Tensor) -> torch.Tensor:
         """d loss / d the ``(B, A)`` actions of the last :meth:`q_values`, from d loss / d its ``(2, B)`` values."""
