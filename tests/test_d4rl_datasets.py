@@ -15,7 +15,7 @@ from test_sac import TINY
 
 from mazerun.compose.d4rl import DATASETS, normalized_score, pick_medium, replay_episodes
 from mazerun.data.formats import read_hdf5
-from mazerun.data.records import load_records
+from mazerun.data.records import finished_recording, load_records
 from mazerun.nn.checkpoint import snapshot_path, snapshots
 
 
@@ -75,6 +75,8 @@ def test_a_sac_run_becomes_four_datasets_that_train_and_export(workdir: Path) ->
     assert references["datasets"]["expert"]["normalized_score"] == pytest.approx(100.0)
     medium_step = references["medium_policy"]["step"]
     assert medium_step in (24, 48)
+    for name in DATASETS:  # each is a finished recording, as `run` would find one
+        assert finished_recording(workdir / "sets" / name / "trajectory_data")["env_id"] == "Pendulum-v1"
     replay = load_records(workdir / "sets" / "medium-replay" / "trajectory_data")
     assert sum(len(record) for record in replay) == medium_step == references["datasets"]["medium-replay"][
         "transitions"]

@@ -557,8 +557,7 @@ def rollout(
     if summaries:
         print_fn(format_rollout_table(summaries, stats))
         finished = not (result.interrupted is not None or result.failures or result.abandoned)
-        described = {**stats, "env_id": env_id, "policy": summaries[0].policy, "finished": finished}
-        atomic_write_bytes(spec.run_dir / STATS_FILE, json.dumps(described, indent=2).encode())
+        write_recording_stats(spec.run_dir, stats, env_id, summaries[0].policy, finished)
     if runner.record_trajectory and summaries:
         log.info("recorded %d episodes to %s", len(summaries), spec.run_dir / TRAJECTORY_DIR)
     if store is not None and summaries:
@@ -581,10 +580,15 @@ def rollout(
 def rollout_statistics(summaries: Iterable[EpisodeSummary]) -> dict[str, float]:
     """The numbers behind Maze's rollout table, also written to rollout_stats.json."""
     summaries = list(summaries)
-    returns = [summary.episode_return for summary in summaries]
-    steps = [summary.steps for summary in summaries]
+    return episode_statistics([summary.steps for summary in summaries],
+                              [summary.episode_return for summary in summaries],
+                              [summary.success for summary in summaries if summary.success is not None])
+
+
+def episode_statistics(steps: list[int], returns: list[float], successes: list[bool]) -> dict[str, float]:
+    """Counts, lengths and returns of a set of episodes (and their success rate where they report one)."""
     stats: dict[str, float] = {
-        "episode_count": len(summaries),
+        "episode_count": len(steps),
         "total_step_count": int(sum(steps)),
         "mean_step_count": float(np.mean(steps)) if steps else 0.0,
         "median_step_count": float(statistics.median(steps)) if steps else 0.0,
@@ -593,10 +597,15 @@ def rollout_statistics(summaries: Iterable[EpisodeSummary]) -> dict[str, float]:
         "min": float(np.min(returns)) if returns else 0.0,
         "max": float(np.max(returns)) if returns else 0.0,
     }
-    successes = [summary.success for summary in summaries if summary.success is not None]
     if successes:
         stats["success_rate"] = float(np.mean(successes))
     return stats
+
+
+def write_recording_stats(run_dir: Path, stats: dict[str, float], env_id: str, policy: str, finished: bool) -> None:
+    """``rollout_stats.json``: a recording's statistics; with ``finished`` it counts as a finished recording."""
+    described = {**stats, "env_id": env_id, "policy": policy, "finished": finished}
+    atomic_write_bytes(Path(run_dir) / STATS_FILE, json.dumps(described, indent=2).encode())
 
 
 def _action_summary(summaries: list[EpisodeSummary]) -> str:

@@ -31,17 +31,19 @@ from typing import Any
 
 import numpy as np
 
-from mazerun.acting.rollout import rollout
+from mazerun.acting.rollout import episode_statistics, rollout, write_recording_stats
 from mazerun.config.schemas import PolicyConfig, RunnerConfig
 from mazerun.core.errors import MazerunError
 from mazerun.core.files import atomic_write_bytes
-from mazerun.data.records import STATS_FILE, TRAJECTORY_DIR, StateTrajectoryRecord, write_record
+from mazerun.data.records import TRAJECTORY_DIR, StateTrajectoryRecord, write_record
 from mazerun.nn.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, TRAINING_STATE, load_checkpoint, snapshots
 from mazerun.training.metrics import evaluation_curve
 
 log = logging.getLogger(__name__)
 
 DATASETS = ("random", "medium", "medium-replay", "expert")
+REPLAY_POLICY = "sac-replay"
+"""The policy medium-replay's episodes name: the SAC run's own actions, random ones at first."""
 REFERENCES_FILE = "references.json"
 MEDIUM_SHARE = 1 / 3
 """A medium policy's normalised score as a share of the expert's, as D4RL's."""
@@ -92,19 +94,18 @@ def replay_episodes(buffer: dict[str, Any], n_envs: int, transitions: int, env_i
                 episodes.append((int(chosen[0]), StateTrajectoryRecord(
                     observations=np.concatenate([observations[chosen], next_observations[row][None]]),
                     actions=actions[chosen], rewards=rewards[chosen].astype(np.float64), terminated=terminated,
-                    truncated=not terminated, env_id=env_id, seed=None, policy="sac-replay")))
+                    truncated=not terminated, env_id=env_id, seed=None, policy=REPLAY_POLICY)))
                 start = position + 1
     return [record for _, record in sorted(episodes, key=lambda pair: pair[0])]  # in the order they began
 
 
-def _write_recording(records: list[StateTrajectoryRecord], run_dir: Path) -> dict[str, float]:
+def _write_recording(records: list[StateTrajectoryRecord], run_dir: Path, env_id: str) -> dict[str, float]:
     """Records as a finished recording under ``run_dir``: trajectory_data, then its rollout_stats.json."""
     for index, record in enumerate(records):
         write_record(record, run_dir / TRAJECTORY_DIR, index)
-    returns = [record.episode_return for record in records]
-    stats = {"episode_count": len(records), "total_step_count": int(sum(len(record) for record in records)),
-             "mean": float(np.mean(returns)), "std": float(np.std(returns)), "policy": "sac-replay"}
-    atomic_write_bytes(run_dir / STATS_FILE, json.dumps(stats, indent=2).encode())
+    stats = episode_statistics([len(record) for record in records], [record.episode_return for record in records],
+                               [])
+    write_recording_stats(run_dir, stats, env_id, REPLAY_POLICY, finished=True)
     return stats
 
 
@@ -136,7 +137,7 @@ def make_d4rl_datasets(sac_run: str | Path, out: str | Path, *, episodes: int = 
     stats["medium"] = rollout(env_id, PolicyConfig(name="torch_policy"), runner, out / "medium",
                               input_dir=str(medium_path), print_fn=quiet)
     stats["medium-replay"] = _write_recording(replay_episodes(buffer, n_envs, medium_step, env_id),
-                                              out / "medium-replay")
+                                              out / "medium-replay", env_id)
     stats["expert"] = rollout(env_id, PolicyConfig(name="torch_policy"), runner, out / "expert",
                               input_dir=str(sac_run / BEST_CHECKPOINT), print_fn=quiet)
     random_return, expert_return = stats["random"]["mean"], stats["expert"]["mean"]
