@@ -117,6 +117,9 @@ def test_model_auto_builds_what_the_kind_s_own_group_would() -> None:
     assert resolved.activation == "tanh"
     chosen = resolve_model_config({"kind": None, "activation": "tanh"}, make_env("BabyAI-GoToLocal-v0").observation_space)
     assert chosen.activation == "tanh"  # an explicit model.activation wins
+    lunar = make_env("LunarLanderContinuous-v3").observation_space
+    assert resolve_model_config(OmegaConf.to_container(auto), lunar, "relu").activation == "relu"  # SAC's own
+    assert resolve_model_config({"kind": None, "activation": "tanh"}, lunar, "relu").activation == "tanh"
 
 
 def test_config_errors_name_the_choices() -> None:

@@ -222,6 +222,7 @@ def test_run_trains_sac_on_pendulum_and_torch_policy_rolls_it_out(workdir: Path)
     payload = torch.load(run / "last.pt", weights_only=True)  # the replay buffer and optimisers are plain tensors
     state = payload["extra"]["training_state"]
     assert payload["algorithm"] == "sac" and payload["model_config"]["network"] == "squashed_gaussian"
+    assert payload["model_config"]["activation"] == "relu"  # model=auto takes SAC's own, SB3's ReLU
     assert state["buffer"]["size"] == 48 and state["buffer"]["observations"].shape == (48, 3)
     assert {"critic_optimizer", "actor_optimizer", "critic_target", "temperature"} <= set(state["algorithm"])
     rows = read_metrics_csv(run / "metrics.csv")
@@ -264,6 +265,7 @@ def test_sac_fine_tunes_a_continuous_clone_from_its_policy_weights(tmp_path: Pat
         assert torch.equal(sac.model_state[name], clone.model_state[name]), name
     critic = sac.extra["training_state"]["algorithm"]["critic"]
     assert torch.equal(critic["encoders.0.obs_std"], clone.model_state["actor_encoder.obs_std"])
+    assert clone.model_config["activation"] == sac.model_config["activation"] == "tanh"  # the clone's network, kept
 
 
 def test_dagger_learns_from_a_sac_teacher(tmp_path: Path, workdir: Path) -> None:

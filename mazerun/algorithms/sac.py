@@ -70,6 +70,8 @@ class SACConfig(EnvStepBudget):
     """
 
     loop: ClassVar[str] = "off_policy"
+    model_activation: ClassVar[str] = "relu"
+    """The MLP activation where the model config leaves it unset (``model=auto``): ReLU, as SB3's SAC."""
 
     name: str = "sac"
     """Which algorithm this section configures, as chosen by ``algorithm=<name>``."""

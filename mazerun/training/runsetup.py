@@ -75,14 +75,16 @@ def choose_env_id(explicit: str | None, source_env_id: str | None, source: str) 
     return env_id
 
 
-def resolve_model_config(values: Any, observation_space: gym.Space) -> ModelConfig:
+def resolve_model_config(values: Any, observation_space: gym.Space, algorithm_activation: str | None = None
+                         ) -> ModelConfig:
     """The model group's values as a :class:`ModelConfig`, its kind picked from the space when unset and its
-    activation from the kind, so ``model=auto`` builds what ``model=<kind>`` would."""
+    activation, when unset, the algorithm's own (``model_activation`` of its config: SAC's ReLU, as SB3's)
+    or else the kind's, so ``model=auto`` builds what ``model=<kind>`` would."""
     values = dict(values or {})
     if values.get("kind") is None:
         values["kind"] = default_model_kind(observation_space)
     if values.get("activation") is None:
-        values["activation"] = KIND_ACTIVATIONS.get(values["kind"], "tanh")
+        values["activation"] = algorithm_activation or KIND_ACTIVATIONS.get(values["kind"], "tanh")
     return structured(ModelConfig, values, "model")
 
 
@@ -306,7 +308,8 @@ def prepare(
             _, model_config = model_config_from_checkpoint(start.checkpoint)
             vocabulary = None if start.checkpoint.vocabulary is None else Vocabulary.from_list(start.checkpoint.vocabulary)
         else:
-            model_config = resolve_model_config(config.model, observation_space)
+            model_config = resolve_model_config(config.model, observation_space,
+                                                getattr(algorithm_config, "model_activation", None))
             vocabulary = None
         if vocabulary is None and isinstance(observation_space, gym.spaces.Dict) and "mission" in observation_space.spaces:
             vocabulary = build_vocabulary(records) if records else sample_mission_vocabulary(env, config.runner.seed)
