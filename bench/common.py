@@ -109,13 +109,14 @@ def evaluate_run(run_dir: Path, episodes: int, checkpoint_name: str = "best.pt")
                     seed_offset=UNSEEN_SEED_OFFSET).metrics()
 
 
-def d3rlpy_dataset(data_dir: Path, action_size: int) -> Any:
+def d3rlpy_dataset(data_dir: Path, action_size: int | None) -> Any:
     """Our records as d3rlpy's ``MDPDataset``.
 
     d3rlpy stores T observations per episode and never samples the last step of a timed-out
     episode (it has no next observation). A truncated episode therefore gets its final
     observation appended as one extra, never-sampled step, so its real last step bootstraps from
-    it as in mazerun; a terminated one keeps its T steps with the terminal flag.
+    it as in mazerun; a terminated one keeps its T steps with the terminal flag. ``action_size``
+    None: the records' actions are a Box's vectors (d3rlpy's continuous action space).
     """
     import d3rlpy
     import numpy as np
@@ -125,7 +126,8 @@ def d3rlpy_dataset(data_dir: Path, action_size: int) -> Any:
         steps = len(record)
         extra = 0 if record.terminated else 1
         observations.append(np.asarray(record.observations[: steps + extra], dtype=np.float32))
-        actions.append(np.concatenate([record.actions, np.zeros(extra, dtype=np.int64)]))
+        actions.append(np.concatenate([record.actions, np.zeros((extra, *record.actions.shape[1:]),
+                                                                dtype=record.actions.dtype)]))
         rewards.append(np.concatenate([record.rewards, np.zeros(extra)]).astype(np.float32))
         end = np.zeros(steps + extra, dtype=np.float32)
         end[-1] = 1.0
@@ -135,7 +137,8 @@ def d3rlpy_dataset(data_dir: Path, action_size: int) -> Any:
         return d3rlpy.dataset.MDPDataset(
             np.concatenate(observations), np.concatenate(actions), np.concatenate(rewards)[:, None],
             np.concatenate(terminals), np.concatenate(timeouts),
-            action_space=d3rlpy.constants.ActionSpace.DISCRETE, action_size=action_size,
+            action_space=(d3rlpy.constants.ActionSpace.CONTINUOUS if action_size is None
+                          else d3rlpy.constants.ActionSpace.DISCRETE), action_size=action_size,
         )
 
 

@@ -44,7 +44,8 @@ def without_peers(tmp_path: Path) -> dict[str, str]:
     ["offline.py", "--smoke", "--parts", "speed"],
     ["ppo.py", "--smoke", "--parts", "cartpole", "--cartpole-steps", "256"],
     ["report.py", "--smoke"],
-], ids=["offline", "ppo", "report"])
+    ["continuous.py", "--smoke", "--parts", "sac"],
+], ids=["offline", "ppo", "report", "continuous"])
 def test_a_bench_without_its_peer_exits_non_zero(command: list[str], without_peers: dict[str, str]) -> None:
     result = subprocess.run([sys.executable, str(REPO / "bench" / command[0]), *command[1:]], capture_output=True,
                             text=True, env=without_peers, timeout=600)
