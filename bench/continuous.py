@@ -71,9 +71,12 @@ RELU = "model.activation=relu"
 
 
 def cached(path: Path, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """``measure()``'s result, kept as JSON at ``path`` so that a second call with the same ``--work`` resumes."""
+    """``measure()``'s result, kept as JSON at ``path`` so that a second call with the same ``--work`` resumes
+    (the runs an interrupted measurement left beside it are removed first)."""
     if path.exists():
         return json.loads(path.read_text())
+    for stale in ("ours", "dagger", "bc", "bc_data"):  # an interrupted measurement's runs: they start again
+        shutil.rmtree(path.parent / stale, ignore_errors=True)
     result = measure()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result))
