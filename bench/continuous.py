@@ -70,13 +70,13 @@ DATASETS = ("medium", "medium-replay")
 RELU = "model.activation=relu"
 
 
-def cached(path: Path, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def cached(path: Path, measure: Callable[[], dict[str, Any]], runs: tuple[str, ...] = ()) -> dict[str, Any]:
     """``measure()``'s result, kept as JSON at ``path`` so that a second call with the same ``--work`` resumes
-    (the runs an interrupted measurement left beside it are removed first)."""
+    (``runs``, the run directories it makes beside ``path``, are removed first: an interrupted measurement's)."""
     if path.exists():
         return json.loads(path.read_text())
-    for stale in ("ours", "dagger", "bc", "bc_data"):  # an interrupted measurement's runs: they start again
-        shutil.rmtree(path.parent / stale, ignore_errors=True)
+    for run_dir in runs:
+        shutil.rmtree(path.parent / run_dir, ignore_errors=True)
     result = measure()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result))
@@ -154,7 +154,7 @@ def sac_part(args: argparse.Namespace, work: Path, pool: ProcessPoolExecutor, ta
             return {"seconds": seconds, "return": evaluate_run(directory / "ours", args.eval_episodes, "last.pt")[
                 "mean_return"]}
 
-        ours.append(cached(directory / "ours.json", measure_ours))
+        ours.append(cached(directory / "ours.json", measure_ours, runs=("ours",)))
         peer.append(cached(directory / "sb3.json", lambda: pool.submit(sb3_sac, args.sac_steps, seed,
                                                                        args.eval_episodes).result()))
         print(f"  SAC seed {seed}: ours {ours[-1]['return']:.0f} in {ours[-1]['seconds']:.0f} s, SB3 "
@@ -194,7 +194,7 @@ def offline_part(args: argparse.Namespace, work: Path, expert: Path, pool: Proce
                     return {"seconds": seconds, "return": evaluate_run(directory / "ours", args.eval_episodes,
                                                                        "last.pt")["mean_return"]}
 
-                ours.append(cached(directory / "ours.json", measure_ours))
+                ours.append(cached(directory / "ours.json", measure_ours, runs=("ours",)))
                 peer.append(cached(directory / "d3rlpy.json", lambda: pool.submit(
                     d3rlpy_fit, algorithm, str(datasets / dataset / "trajectory_data"), args.offline_updates, seed,
                     args.eval_episodes).result()))
@@ -236,7 +236,7 @@ def dagger_part(args: argparse.Namespace, work: Path, expert: Path, table: Table
                 f"runner.seed={seed}", "hydra.run.dir=bc", cwd=directory)
             return {name: evaluate_run(directory / name, args.eval_episodes)["mean_return"] for name in ("dagger", "bc")}
 
-        scores = cached(directory / "scores.json", measure)
+        scores = cached(directory / "scores.json", measure, runs=("dagger", "bc", "bc_data"))
         dagger_scores.append(scores["dagger"])
         bc_scores.append(scores["bc"])
         print(f"  DAgger seed {seed}: {scores['dagger']:.0f}, BC {scores['bc']:.0f}, teacher {teacher:.0f}",
