@@ -4,6 +4,7 @@ datasets of our own, DAgger with a SAC teacher, and SAC's memory at a 1M-transit
     python bench/continuous.py                          # every part (hours on 2 cores)
     python bench/continuous.py --parts sac              # SAC against SB3 only
     python bench/continuous.py --work DIR               # keep the runs in DIR; a second call resumes there
+    python bench/continuous.py --parts offline --offline-seeds 0 --offline-updates 2000   # a quick look
     python bench/continuous.py --smoke                  # tiny budgets: checks the wiring, not the targets
 
 Needs the mujoco and bench extras and d3rlpy (see README). Peers run in a spawned worker process with
@@ -182,7 +183,7 @@ def offline_part(args: argparse.Namespace, work: Path, expert: Path, pool: Proce
     for dataset in DATASETS:
         for algorithm in OFFLINE_ALGORITHMS:
             ours, peer = [], []
-            for seed in args.seeds:
+            for seed in args.offline_seeds or args.seeds:
                 directory = work / "offline" / dataset / algorithm / f"seed{seed}"
 
                 def measure_ours() -> dict[str, float]:
@@ -224,7 +225,7 @@ def dagger_part(args: argparse.Namespace, work: Path, expert: Path, table: Table
             (demos.parent / "enough").touch()
         episodes *= 4
     dagger_scores, bc_scores = [], []
-    for seed in args.seeds:
+    for seed in args.dagger_seeds or args.seeds:
         directory = work / "dagger" / f"seed{seed}"
 
         def measure() -> dict[str, float]:
@@ -263,6 +264,8 @@ def main() -> int:
     parser.add_argument("--parts", nargs="+", default=["sac", "offline", "dagger", "memory"],
                         choices=["sac", "offline", "dagger", "memory"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--offline-seeds", type=int, nargs="+", help="the offline part's seeds (default: --seeds)")
+    parser.add_argument("--dagger-seeds", type=int, nargs="+", help="the DAgger part's seeds (default: --seeds)")
     parser.add_argument("--sac-steps", type=int, default=100_000)
     parser.add_argument("--offline-updates", type=int, default=10_000)
     parser.add_argument("--dataset-episodes", type=int, default=100, help="episodes of medium (and expert, random)")
@@ -273,7 +276,8 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny budgets: the wiring, not the targets")
     args = parser.parse_args()
     if args.smoke:
-        args.seeds, args.sac_steps, args.offline_updates, args.dataset_episodes = [0], 3000, 300, 3
+        args.seeds, args.offline_seeds, args.dagger_seeds = [0], None, None
+        args.sac_steps, args.offline_updates, args.dataset_episodes = 3000, 300, 3
         args.labels, args.memory_transitions, args.eval_episodes = 2000, 5000, 2
     versions = {name: peer_version(name, install) for name, install in
                 (("stable_baselines3", SB3_INSTALL), ("d3rlpy", D3RLPY_INSTALL))}
