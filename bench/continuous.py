@@ -88,14 +88,11 @@ def peer_score(act: Callable[[Any], Any], episodes: int) -> float:
     """A peer's greedy policy (numpy observations -> numpy actions) on the unseen seeds ours is scored on."""
     import torch
 
-    from mazerun.acting.envs import make_env
+    from mazerun.acting.envs import env_spaces
     from mazerun.acting.evaluation import evaluate
 
-    env = make_env(ENV_ID)
-    space = env.observation_space
-    env.close()
     return evaluate(lambda observations: torch.as_tensor(act(observations.cpu().numpy())), ENV_ID, episodes,
-                    observation_space=space, vocabulary=None, device="cpu",
+                    observation_space=env_spaces(ENV_ID)[0], vocabulary=None, device="cpu",
                     seed_offset=UNSEEN_SEED_OFFSET).metrics()["mean_return"]
 
 
