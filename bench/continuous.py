@@ -178,10 +178,10 @@ def offline_part(args: argparse.Namespace, work: Path, expert: Path, pool: Proce
     references = json.loads((datasets / "references.json").read_text())
     print(f"  datasets of {expert}: {json.dumps(references)}", file=sys.stderr)
     for dataset in DATASETS:
-        for algorithm in OFFLINE_ALGORITHMS:
+        for algorithm in args.offline_algorithms:
             ours, peer = [], []
             for seed in args.offline_seeds or args.seeds:
-                directory = work / "offline" / dataset / algorithm / f"seed{seed}"
+                directory = work / "offline" / dataset / f"{algorithm}-{args.offline_updates}" / f"seed{seed}"
 
                 def measure_ours() -> dict[str, float]:
                     directory.mkdir(parents=True, exist_ok=True)
@@ -265,6 +265,8 @@ def main() -> int:
     parser.add_argument("--dagger-seeds", type=int, nargs="+", help="the DAgger part's seeds (default: --seeds)")
     parser.add_argument("--sac-steps", type=int, default=100_000)
     parser.add_argument("--offline-updates", type=int, default=10_000)
+    parser.add_argument("--offline-algorithms", nargs="+", default=list(OFFLINE_ALGORITHMS),
+                        choices=list(OFFLINE_ALGORITHMS), help="the offline part's algorithms (default: all)")
     parser.add_argument("--dataset-episodes", type=int, default=100, help="episodes of medium (and expert, random)")
     parser.add_argument("--labels", type=int, default=25_000)
     parser.add_argument("--memory-transitions", type=int, default=1_000_000)

@@ -15,12 +15,16 @@ import torch
 from conftest import run_ok
 
 from mazerun.acting.vector import make_vector_env
+from mazerun.algorithms import build_algorithm
+from mazerun.algorithms.base import OfflineAlgorithm
 from mazerun.algorithms.bc import BCConfig, BehaviouralCloning
 from mazerun.algorithms.cql import ConservativeQLearning, CQLConfig
+from mazerun.algorithms.iql import IQLConfig
 from mazerun.algorithms.ppo import PPO, PPOConfig
 from mazerun.algorithms.protocol import AlgorithmSpec
 from mazerun.algorithms.rollouts import RolloutBatch
 from mazerun.algorithms.sac import SACConfig, SoftActorCritic
+from mazerun.algorithms.td3_bc import TD3BC, TD3BCConfig
 from mazerun.core.errors import MazerunError
 from mazerun.data.records import NO_LABEL
 from mazerun.data.tensors import TransitionBatch
@@ -622,3 +626,78 @@ def test_an_edited_sac_loss_is_caught_at_the_first_batch_and_training_follows_th
         batch = _box_transitions(torch.Generator().manual_seed(seed))
         fused.update(batch), plain.update(batch)
     _assert_same_sac_state(fused, plain)
+
+
+# -------------------------------------------------------------------------------------------- TD3+BC and IQL on Box actions
+
+
+def _box_learner(name: str, fused: bool, activation: str = "tanh") -> OfflineAlgorithm:
+    """A tiny TD3+BC or continuous IQL learner (asymmetric action box), its networks standardising observations
+    with fixed statistics, as the offline loop sets them."""
+    torch.manual_seed(0)
+    actions = gym.spaces.Box(np.array([-1.0, -2.0], np.float32), np.array([1.0, 0.5], np.float32))
+    spec = AlgorithmSpec(OBSERVATIONS, actions, ModelConfig(kind="vector_obs", hidden_sizes=(16, 16),
+                                                            activation=activation))
+    if name == "td3_bc":
+        algorithm = TD3BC(TD3BCConfig(fused=fused, gamma=0.9, tau=0.1, lr=1e-3), spec, torch.Generator().manual_seed(3))
+    else:
+        algorithm = build_algorithm(IQLConfig(fused=fused, gamma=0.9, tau=0.1, lr=1e-3), spec,
+                                    torch.Generator().manual_seed(3))
+    algorithm.set_normalization(torch.randn(5) * 0.1, torch.rand(5) + 0.5)
+    return algorithm
+
+
+def _assert_same_state(ours: OfflineAlgorithm, expected: OfflineAlgorithm) -> None:
+    for attribute, value in vars(expected).items():
+        if isinstance(value, torch.nn.Module):
+            for key, tensor in value.state_dict().items():
+                assert torch.allclose(getattr(ours, attribute).state_dict()[key], tensor, atol=1e-6), f"{attribute}.{key}"
+    for attribute in expected.optimizers():
+        ours_state, expected_state = getattr(ours, attribute).state_dict(), getattr(expected, attribute).state_dict()
+        assert ours_state["state"].keys() == expected_state["state"].keys(), attribute
+        for index, state in expected_state["state"].items():
+            for name, value in state.items():
+                assert torch.allclose(ours_state["state"][index][name], value, atol=1e-6), f"{attribute}.{index}.{name}"
+
+
+@pytest.mark.parametrize("name,activation", [("td3_bc", "tanh"), ("td3_bc", "relu"), ("iql", "relu")])
+def test_the_stacked_box_update_gives_the_autograd_update(name: str, activation: str) -> None:
+    """Five updates (TD3+BC's actor and targets move on updates 0, 2 and 4) on the same batches: the same metrics,
+    weights, targets and Adam moments as autograd of the readable losses."""
+    fused, plain = _box_learner(name, True, activation), _box_learner(name, False, activation)
+    assert fused.stack is not None and plain.stack is None
+    assert fused.check_fast_path(_box_transitions(torch.Generator().manual_seed(4))) is None
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        batch = _box_transitions(generator)
+        ours, expected = fused.update(batch), plain.update(batch)
+        assert ours.keys() == expected.keys()
+        for metric, value in expected.items():
+            assert torch.allclose(ours[metric], value, rtol=1e-5, atol=1e-6), metric
+    _assert_same_state(fused, plain)
+
+
+def test_a_copy_of_a_stacked_td3_bc_learner_trains_its_own_weights() -> None:
+    original = _box_learner("td3_bc", True)
+    clone = copy.deepcopy(original)
+    before = copy.deepcopy(original.network.state_dict())
+    clone.update(_box_transitions(torch.Generator().manual_seed(0)))
+    assert all(torch.equal(before[key], value) for key, value in original.network.state_dict().items())
+    assert not all(torch.equal(before[key], value) for key, value in clone.network.state_dict().items())
+
+
+@pytest.mark.parametrize("name,edit", [("td3_bc", "losses"), ("td3_bc", "actor_loss"), ("iql", "losses")])
+def test_an_edited_box_loss_is_caught_at_the_first_batch_and_training_follows_the_edit(name: str, edit: str) -> None:
+    """A researcher scales one phase's loss (or, in TD3+BC's actor, its cloning term) and leaves the fast path."""
+    fused = _box_learner(name, True)
+    readable = getattr(type(fused), edit)
+    setattr(fused, edit, lambda batch: (lambda loss, metrics: (1.5 * loss, metrics))(*readable(fused, batch)))
+    line = fused.check_fast_path(_box_transitions(torch.Generator().manual_seed(4)))
+    assert line is not None and "\n" not in line
+    assert f"{name}'s hand-written gradient differs from autograd of its loss ({edit}())" in line
+    assert fused.stack is None
+    plain = _box_learner(name, False)
+    setattr(plain, edit, lambda batch: (lambda loss, metrics: (1.5 * loss, metrics))(*readable(plain, batch)))
+    batch = _box_transitions(torch.Generator().manual_seed(5))
+    fused.update(batch), plain.update(batch)
+    _assert_same_state(fused, plain)

@@ -283,19 +283,32 @@ class BatchAlgorithm(Algorithm):
         for target, online in self.target_networks.items():
             follow_target(getattr(self, target), getattr(self, online), self.updates, self.config)
 
+    def generator_state(self) -> torch.Tensor:
+        """Where the algorithm's draws stand: a fast path's check draws twice from here, and leaves it here."""
+        return self.generator.get_state() if self.generator is not None else torch.get_rng_state()
+
+    def restore_generator(self, state: torch.Tensor) -> None:
+        """Put the algorithm's draws back to :meth:`generator_state`'s ``state``."""
+        if self.generator is not None:
+            self.generator.set_state(state)
+        else:
+            torch.set_rng_state(state)
+
 
 class OfflineAlgorithm(BatchAlgorithm):
     """An algorithm fed batches of records (or of labelled states), on :class:`BatchAlgorithm`'s step.
 
     It adds what learning from a fixed budget of updates brings: a learning rate that may decay to
-    0 at ``n_updates``, and a hand-written gradient for a phase (:meth:`fused_gradient`, for the
-    phase of :meth:`losses` where :attr:`stack` is set): the same loss, faster, never a different one.
+    0 at ``n_updates``, and hand-written gradients of its phases' losses (:attr:`fused_phases`, where
+    :attr:`stack` is set): the same losses, faster, never different ones.
     """
 
     searchable = True
     stack: Any = None
     """The hand-written fast path's state where the algorithm has one for this network (:meth:`build_stack`),
     else None: the autograd path."""
+    fused_phases: ClassVar[dict[str, str]] = {"losses": "fused_gradient"}
+    """Each phase's loss method with a hand-written gradient, and the method that writes it (with :attr:`stack`)."""
 
     def __init__(self, config: Any, spec: AlgorithmSpec, generator: torch.Generator | None = None) -> None:
         super().__init__(config, spec, generator)
@@ -328,9 +341,9 @@ class OfflineAlgorithm(BatchAlgorithm):
         """The loss to minimise on ``batch`` and its detached scalar metrics (the first phase's loss)."""
 
     def phase_gradient(self, phase: UpdatePhase, optimizer: Any, batch: Batch) -> dict[str, torch.Tensor]:
-        if phase.loss == "losses" and self.stack is not None and isinstance(batch, TransitionBatch):
+        if self.stack is not None and phase.loss in self.fused_phases and isinstance(batch, TransitionBatch):
             with torch.no_grad():
-                return self.fused_gradient(batch)
+                return getattr(self, self.fused_phases[phase.loss])(batch)
         return super().phase_gradient(phase, optimizer, batch)
 
     def before_step(self, optimizer: Any) -> None:
@@ -344,33 +357,46 @@ class OfflineAlgorithm(BatchAlgorithm):
         return 1e-4, 1e-3
 
     def check_fast_path(self, batch: Batch) -> str | None:
-        """Hold the hand-written gradient against autograd of :meth:`losses` on ``batch`` (the run's first one).
+        """Hold each hand-written gradient against autograd of its phase's loss on ``batch`` (the run's first one),
+        every phase at the current weights and from the same draws; the generator is left where it was.
 
         They must agree within :meth:`fast_path_tolerance` (:func:`~mazerun.algorithms.protocol.gradient_mismatch`,
-        parameter by parameter). If they do not, :meth:`losses` was edited and the fast path was not:
-        it is dropped, so training follows the readable loss, and the returned line says so. None when
+        parameter by parameter). If they do not, a loss was edited and its fast path was not: the fast path
+        is dropped, so training follows the readable losses, and the returned line says so. None when
         they agree or there is no fast path for this batch.
         """
         if self.stack is None or not isinstance(batch, TransitionBatch):
             return None
-        parameters = [parameter for group in self.optimizer.param_groups for parameter in group["params"]]
-        loss, _ = self.losses(batch)
+        for phase in self.phases:
+            if phase.loss not in self.fused_phases:
+                continue
+            mismatch = self._phase_mismatch(phase, batch)
+            tolerance, _ = self.fast_path_tolerance()
+            if mismatch > tolerance:
+                self.stack = None
+                return mismatch_line(self.config.name, f"{phase.loss}()", mismatch, tolerance)
+        return None
+
+    def _phase_mismatch(self, phase: UpdatePhase, batch: TransitionBatch) -> float:
+        """:func:`gradient_mismatch` of the phase's hand-written gradient against autograd of its loss; the
+        parameters' gradients and the generator are left as they were."""
+        optimizer = getattr(self, phase.optimizer)
+        parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+        drawn = self.generator_state()
+        loss, _ = getattr(self, phase.loss)(batch)
         expected = torch.autograd.grad(loss, parameters, allow_unused=True)
         kept = [None if parameter.grad is None else parameter.grad.clone() for parameter in parameters]
+        self.restore_generator(drawn)
         with torch.no_grad():
-            self.fused_gradient(batch)
+            getattr(self, self.fused_phases[phase.loss])(batch)
             fast = [torch.zeros_like(parameter) if parameter.grad is None else parameter.grad.clone()
                     for parameter in parameters]
             for parameter, grad in zip(parameters, kept):  # the check leaves the gradients as it found them
                 if parameter.grad is not None:
                     parameter.grad.copy_(grad) if grad is not None else parameter.grad.zero_()
+        self.restore_generator(drawn)
         reference = [torch.zeros_like(parameter) if grad is None else grad for parameter, grad in zip(parameters, expected)]
-        tolerance, floor = self.fast_path_tolerance()
-        mismatch = gradient_mismatch(fast, reference, floor)
-        if mismatch <= tolerance:
-            return None
-        self.stack = None
-        return mismatch_line(self.config.name, "losses()", mismatch, tolerance)
+        return gradient_mismatch(fast, reference, self.fast_path_tolerance()[1])
 
     def fused_gradient(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
         """The fast path's part of :meth:`update` (with :attr:`stack`): write the gradient of the loss on ``batch``

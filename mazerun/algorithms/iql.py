@@ -73,6 +73,10 @@ class IQLConfig(ValueLearningConfig):
     """Inverse temperature of the advantage weights: 0 is plain cloning, larger follows Q more greedily."""
     max_weight: float = 100.0
     """Cap of the advantage weights, so that a few transitions cannot dominate a batch."""
+    fused: bool = True
+    """1-D Box actions with MLPs on vector observations: the losses' gradient written by hand on stacked networks
+    (mazerun.fast.stacked_box), checked against autograd on the first batch; false: the plain autograd path. The
+    discrete variant has no hand-written step."""
     box: IQLBoxConfig = field(default_factory=IQLBoxConfig)
     """1-D Box actions (mazerun.algorithms.iql_continuous): the settings whose defaults differ from the discrete
     ones (beta above is the discrete variant's only); every other key applies to both."""

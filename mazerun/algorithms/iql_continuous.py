@@ -17,6 +17,10 @@ the update and the three losses train disjoint parameters, so one Adam step on t
 optimisers of one learning rate. Only recorded actions are ever valued, and the policy clones them weighted by
 their advantage. ``expectile``, ``max_weight``, ``gamma``, ``tau``, ``target_update_interval`` and ``lr`` are the
 shared keys; ``box.beta`` (3.0) is CORL's. Acting greedily takes the policy's mean.
+
+With ``fused`` (MLPs on vector observations) the gradient of the three losses is written by hand on the stacks of
+:mod:`mazerun.fast.stacked_box` (:meth:`ContinuousImplicitQLearning.fused_gradient`); the offline loop holds it to
+autograd of :meth:`ContinuousImplicitQLearning.losses` on the first batch.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from mazerun.algorithms.base import OfflineAlgorithm, frozen_copy, load_matching
 from mazerun.algorithms.iql import IQLConfig, advantage_weights, expectile_loss, weighted_log_likelihood_loss
 from mazerun.algorithms.protocol import AlgorithmSpec
 from mazerun.data.tensors import TransitionBatch
+from mazerun.fast.fused import LOG_SQRT_2PI
 from mazerun.fast.optim import Adam
-from mazerun.nn.models import TanhMeanGaussianPolicy, ValueNetwork
+from mazerun.fast.stacked_box import StackedActor, StackedTwinQ, StackedValue, stackable
+from mazerun.nn.models import LOG_STD_BOUNDS, TanhMeanGaussianPolicy, ValueNetwork
 
 
 class ContinuousImplicitQLearning(OfflineAlgorithm):
@@ -45,6 +51,7 @@ class ContinuousImplicitQLearning(OfflineAlgorithm):
         self.critic = spec.twin_q_network()
         self.critic_target = frozen_copy(self.critic)
         self.value_network = ValueNetwork(spec.model_config, spec.observation_space, spec.vocabulary).to(spec.device)
+        self.stack = self.build_stack() if config.fused else None
         parameters = [*self.network.parameters(), *self.critic.parameters(), *self.value_network.parameters()]
         self.optimizer = Adam(parameters, lr=config.lr)
 
@@ -73,6 +80,57 @@ class ContinuousImplicitQLearning(OfflineAlgorithm):
             "mean_weight": weights.mean(),
         }
         return value_loss + td_loss + policy_loss, metrics
+
+    def build_stack(self) -> tuple[StackedTwinQ, StackedActor, StackedValue] | None:
+        """The critics with their targets, the policy and V in stacked storage (MLPs only)."""
+        if not (stackable(self.network, self.critic, self.network.log_std) and
+                StackedValue.stackable(self.value_network)):
+            return None
+        return (StackedTwinQ(self.critic, self.critic_target), StackedActor(self.network),
+                StackedValue(self.value_network))
+
+    def fused_gradient(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
+        """:meth:`losses`' gradient by hand. With ``u = min_j Q'_j(s, a) - V(s)``, ``w = min(exp(beta u), max_weight)``,
+        the policy's mean ``m = centre + h * tanh(z)`` and std ``sigma``, per row:
+
+            d L / d V(s)      = -2 |expectile - 1(u < 0)| u / B
+            d L / d Q_j(s, a) = 2 (Q_j(s, a) - y) / B
+            d L / d z         = -w / B * (a - m) / sigma^2 * h * (1 - tanh(z)^2)
+            d L / d log sigma = -sum_rows w / B * ((a - m)^2 / sigma^2 - 1)      (0 where the clamp holds it)
+        """
+        config, (critics, actor, value) = self.config, self.stack
+        rows = len(batch.actions)
+        critics.load(batch.observations, batch.observations)  # the targets value the recorded (s, a)
+        target_q = critics.target_q_values(batch.actions).min(dim=0).values
+        q_targets = batch.rewards + config.gamma * (1.0 - batch.dones) * value.next_values(batch.next_observations)
+        values = value.values(batch.observations)
+        advantages = target_q - values
+        expectiles = torch.where(advantages < 0, 1.0 - config.expectile, config.expectile)
+        value.backward(expectiles * advantages * (-2.0 / rows))
+        q_values = critics.q_values(batch.actions)
+        errors = q_values - q_targets
+        critics.critic_backward(errors * (2.0 / rows))
+
+        policy, weights = self.network, advantage_weights(advantages, config.box.beta, config.max_weight)
+        actor.load(batch.observations)
+        squashed = torch.tanh(actor.heads())
+        log_std = policy.log_std.clamp(*LOG_STD_BOUNDS)
+        residuals = batch.actions - policy.to_env(squashed)
+        scaled = residuals * torch.exp(-2.0 * log_std)
+        log_probs = (-0.5 * residuals * scaled - log_std - LOG_SQRT_2PI).sum(dim=-1)
+        row_weights = (weights / rows)[:, None]
+        half_width = (policy.action_high - policy.action_low) / 2
+        actor.backward(-row_weights * scaled * half_width * (1.0 - squashed.square()))
+        in_bounds = (policy.log_std >= LOG_STD_BOUNDS[0]) & (policy.log_std <= LOG_STD_BOUNDS[1])
+        policy.log_std.grad = -(row_weights * (residuals * scaled - 1.0)).sum(dim=0) * in_bounds
+        return {
+            "td_loss": errors.square().mean(dim=1).sum(),
+            "expectile_loss": (expectiles * advantages.square()).mean(),
+            "policy_loss": -(weights * log_probs).mean(),
+            "mean_q": q_values.mean(),
+            "mean_v": values.mean(),
+            "mean_weight": weights.mean(),
+        }
 
     def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
         """Start from an earlier run's policy (a continuous BC clone, a SAC or TD3+BC policy): its matching

@@ -22,7 +22,7 @@ both losses see the alpha of before the step, as SB3's do. Alpha shrinks while t
 entropy is above the target and grows while it is below. ``terminated`` is 1 only where the
 episode ended; an episode cut off by a time limit bootstraps from its final observation.
 
-With ``fused`` (MLPs on vector observations) an update runs on :class:`~mazerun.fast.stacked_sac.StackedSAC`
+With ``fused`` (MLPs on vector observations) an update runs on the stacks of :mod:`mazerun.fast.stacked_box`
 with the gradients of these losses written by hand (:func:`soft_q_gradient`, :func:`soft_actor_gradient`);
 :meth:`SoftActorCritic.check_fast_path` holds them to autograd of the losses on a run's first batch.
 """
@@ -49,9 +49,9 @@ from mazerun.algorithms.protocol import AlgorithmSpec, UpdatePhase, gradient_mis
 from mazerun.config.schemas import check_fields
 from mazerun.core.errors import MazerunError
 from mazerun.data.tensors import TransitionBatch
-from mazerun.fast.fused import FlatAdam
+from mazerun.fast.fused import FlatAdam, bind
 from mazerun.fast.optim import Adam
-from mazerun.fast.stacked_sac import StackedSAC, stackable
+from mazerun.fast.stacked_box import StackedActor, StackedTwinQ, stackable
 from mazerun.nn.models import LOG_STD_BOUNDS, squashed_log_prob
 
 FAST_PATH_TOLERANCE = 1e-4
@@ -104,7 +104,7 @@ class SACConfig(EnvStepBudget):
     """Environment steps between two reports (train metrics, an evaluation, last.pt with the replay buffer);
     the first evaluation is at step 0."""
     fused: bool = True
-    """MLPs on vector observations: both critics evaluated as one (mazerun.fast.stacked_sac), with hand-written
+    """MLPs on vector observations: both critics evaluated as one (mazerun.fast.stacked_box), with hand-written
     gradients of the same losses, checked against autograd on the first batch; false: the plain autograd path."""
 
     def check(self, prefix: str = "algorithm") -> None:
@@ -227,16 +227,23 @@ class SoftActorCritic(BatchAlgorithm):
         self.target_entropy = -float(spec.action_space.shape[0])
         learned = [self.temperature.log_alpha] if self.temperature.log_alpha.requires_grad else []
         self.actor_parameters = [*self.network.parameters(), *learned]
-        self.stacks = (StackedSAC(self.network, self.critic, self.critic_target, *learned or [None])
-                       if config.fused and stackable(self.network, self.critic) else None)
-        """The fast path's networks (:mod:`mazerun.fast.stacked_sac`), or None: the autograd path."""
-        if self.stacks is None:
-            self.critic_optimizer: Adam | FlatAdam = Adam(self.critic.parameters(), lr=config.lr)
-            self.actor_optimizer: Adam | FlatAdam = Adam(self.actor_parameters, lr=config.lr)
+        self.stacks: tuple[StackedTwinQ, StackedActor] | None = None
+        """The fast path's networks (:mod:`mazerun.fast.stacked_box`): the critics, then the policy with ``log
+        alpha`` (where it is learned) in the column after it; None: the autograd path."""
+        self.log_alpha_grad: torch.Tensor | None = None
+        if config.fused and stackable(self.network, self.critic):
+            critics, actor = StackedTwinQ(self.critic, self.critic_target), StackedActor(self.network, extra=len(learned))
+            self.stacks = critics, actor
+            if learned:
+                bind(self.temperature.log_alpha, actor.actor.flat[0, actor.extra_columns][0])
+                self.log_alpha_grad = actor.actor.flat_grad[0, actor.extra_columns][0]
+            self.critic_optimizer: Adam | FlatAdam = FlatAdam(critics.critic.flat, critics.critic.flat_grad,
+                                                              list(self.critic.parameters()), config.lr)
+            self.actor_optimizer: Adam | FlatAdam = FlatAdam(actor.actor.flat, actor.actor.flat_grad,
+                                                             self.actor_parameters, config.lr)
         else:
-            critic, actor = self.stacks.critic, self.stacks.actor
-            self.critic_optimizer = FlatAdam(critic.flat, critic.flat_grad, list(self.critic.parameters()), config.lr)
-            self.actor_optimizer = FlatAdam(actor.flat, actor.flat_grad, self.actor_parameters, config.lr)
+            self.critic_optimizer = Adam(self.critic.parameters(), lr=config.lr)
+            self.actor_optimizer = Adam(self.actor_parameters, lr=config.lr)
 
     def critic_loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
@@ -262,44 +269,56 @@ class SoftActorCritic(BatchAlgorithm):
         if self.stacks is None:
             return super().update(batch)
         with torch.no_grad():
-            self.stacks.load(batch.observations, batch.next_observations)
+            self._load(batch)
             metrics = self._critic_gradient(batch)
             self.critic_optimizer.step()
             metrics.update(self._actor_gradient(batch))
             self.actor_optimizer.step()
             self.updates += 1
             if self.updates % self.config.target_update_interval == 0:
-                self.stacks.follow(self.config.tau)
+                self.stacks[0].follow(self.config.tau)
         return metrics
+
+    def _load(self, batch: TransitionBatch) -> None:
+        """Standardise the batch's observations once for every pass of an update."""
+        critics, actor = self.stacks
+        critics.load(batch.observations, batch.next_observations)
+        actor.load(batch.observations, batch.next_observations)
+
+    def _gaussian(self, next_states: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Gaussian's mean and its log-std before the clamp, ``(B, A)`` each, at the loaded ``s`` (or ``s'``)."""
+        heads = self.stacks[1].heads(next_states)
+        width = heads.shape[1] // 2
+        return heads[:, :width], heads[:, width:]
 
     def _critic_gradient(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
         """:meth:`critic_loss`'s gradient into the stacked critics' ``flat_grad``, ``batch`` loaded; its metrics."""
-        stacks = self.stacks
-        mean, raw_log_std = stacks.policy(next_states=True)
+        critics = self.stacks[0]
+        mean, raw_log_std = self._gaussian(next_states=True)
         noise = torch.randn(mean.shape, generator=self.generator, device=mean.device, dtype=mean.dtype)
         next_actions, next_log_probs = self.network.squash(mean, raw_log_std.clamp(*LOG_STD_BOUNDS), noise)
-        targets = soft_q_target(stacks.target_q_values(next_actions), next_log_probs,
+        targets = soft_q_target(critics.target_q_values(next_actions), next_log_probs,
                                 batch.rewards, batch.dones, self.config.gamma, self.temperature.alpha)
-        q_values = stacks.q_values(batch.actions)
+        q_values = critics.q_values(batch.actions)
         loss, q_grad = soft_q_gradient(q_values, targets)
-        stacks.critic_backward(q_grad)
+        critics.critic_backward(q_grad)
         return {"critic_loss": loss, "mean_q": q_values.mean()}
 
     def _actor_gradient(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
         """:meth:`actor_loss`'s gradient into the stacked actor's ``flat_grad`` (``log alpha``'s included), ``batch``
         loaded; its metrics."""
-        stacks = self.stacks
-        mean, raw_log_std = stacks.policy()
+        critics, actor = self.stacks
+        mean, raw_log_std = self._gaussian()
         noise = torch.randn(mean.shape, generator=self.generator, device=mean.device, dtype=mean.dtype)
         alpha = self.temperature.alpha
         loss, log_probs, mean_grad, log_std_grad = soft_actor_gradient(
-            self.network, mean, raw_log_std, noise, stacks.q_values, stacks.action_gradient,
+            self.network, mean, raw_log_std, noise, critics.q_values, critics.action_gradient,
             alpha)
-        stacks.actor_backward(mean_grad, log_std_grad)
+        actor.backward(torch.cat([mean_grad, log_std_grad], dim=1))
         metrics = {"actor_loss": loss, "entropy": -log_probs.mean(), "alpha": alpha}
-        if stacks.log_alpha_grad is not None:
+        if self.log_alpha_grad is not None:
             log_alpha = self.temperature.log_alpha
-            stacks.log_alpha_grad.copy_(-(log_probs + self.target_entropy).mean())
+            self.log_alpha_grad.copy_(-(log_probs + self.target_entropy).mean())
             metrics["temperature_loss"] = temperature_loss(log_alpha.detach(), log_probs, self.target_entropy)
         return metrics
 
@@ -311,18 +330,19 @@ class SoftActorCritic(BatchAlgorithm):
         if self.stacks is None:
             return None
         critic_parameters = list(self.critic.parameters())
-        drawn = self.generator.get_state() if self.generator is not None else torch.get_rng_state()
+        drawn = self.generator_state()
         expected = [*torch.autograd.grad(self.critic_loss(batch)[0], critic_parameters),
                     *torch.autograd.grad(self.actor_loss(batch)[0], self.actor_parameters)]
-        self._restore(drawn)
+        self.restore_generator(drawn)
         with torch.no_grad():
-            self.stacks.load(batch.observations, batch.next_observations)
+            self._load(batch)
             self._critic_gradient(batch)
             self._actor_gradient(batch)
-        self._restore(drawn)
+        self.restore_generator(drawn)
+        critics, actor = self.stacks
         fast = [flat_grad.as_strided(parameter.shape, parameter.stride(), parameter.storage_offset())
-                for parameters, flat_grad in ((critic_parameters, self.stacks.critic.flat_grad),
-                                              (self.actor_parameters, self.stacks.actor.flat_grad))
+                for parameters, flat_grad in ((critic_parameters, critics.critic.flat_grad),
+                                              (self.actor_parameters, actor.actor.flat_grad))
                 for parameter in parameters]
         mismatch = gradient_mismatch(fast, expected)
         if mismatch <= FAST_PATH_TOLERANCE:
@@ -334,12 +354,6 @@ class SoftActorCritic(BatchAlgorithm):
         self.critic_optimizer.load_state_dict(states[0])
         self.actor_optimizer.load_state_dict(states[1])
         return mismatch_line(self.config.name, "critic_loss() and actor_loss()", mismatch, FAST_PATH_TOLERANCE)
-
-    def _restore(self, drawn: torch.Tensor) -> None:
-        if self.generator is not None:
-            self.generator.set_state(drawn)
-        else:
-            torch.set_rng_state(drawn)
 
     def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
         """Start from an earlier run's policy (a BC clone, a TD3+BC policy, a SAC run's own): its matching weights.

@@ -15,6 +15,10 @@ Dividing by the mean ``|Q|`` makes the Q term's scale independent of the rewards
 cloning. Observations are standardised with the data's statistics, as the paper does (the
 offline loop sets them). ``sigma``, ``c``, ``alpha``, ``tau``, ``gamma``, the learning rate and
 the batch size are the paper's.
+
+With ``fused`` (MLPs on vector observations) both losses' gradients are written by hand on the stacks
+of :mod:`mazerun.fast.stacked_box` (:meth:`TD3BC.fused_gradient`, :meth:`TD3BC.fused_actor_gradient`); the
+offline loop holds them to autograd of :meth:`TD3BC.losses` and :meth:`TD3BC.actor_loss` on the first batch.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from mazerun.algorithms.protocol import AlgorithmSpec, UpdatePhase
 from mazerun.config.schemas import check_fields
 from mazerun.data.tensors import TransitionBatch
 from mazerun.fast.optim import Adam
+from mazerun.fast.stacked_box import StackedActor, StackedTwinQ, stackable
 
 ACTOR_EVERY = 2
 """TD3's delayed policy update: the actor and the targets move on every second update."""
@@ -63,6 +68,9 @@ class TD3BCConfig(OfflineConfig):
     """Std of the noise on the target policy's actions, in the unit box [-1, 1]."""
     noise_clip: float = 0.5
     """That noise is clipped to +-this."""
+    fused: bool = True
+    """MLPs on vector observations: both critics evaluated as one (mazerun.fast.stacked_box), with hand-written
+    gradients of the same losses, checked against autograd on the first batch; false: the plain autograd path."""
 
     def check(self, prefix: str = "algorithm") -> None:
         super().check(prefix)
@@ -97,6 +105,7 @@ class TD3BC(OfflineAlgorithm):
     starts_from = ("actor_critic", "squashed_gaussian")
     phases = (UpdatePhase("losses", "critic_optimizer"), UpdatePhase("actor_loss", "actor_optimizer", ACTOR_EVERY))
     target_networks = {"actor_target": "network", "critic_target": "critic"}
+    fused_phases = {"losses": "fused_gradient", "actor_loss": "fused_actor_gradient"}
 
     def __init__(self, config: TD3BCConfig, spec: AlgorithmSpec, generator: torch.Generator | None = None) -> None:
         super().__init__(config, spec, generator)
@@ -104,6 +113,7 @@ class TD3BC(OfflineAlgorithm):
         self.actor_target = frozen_copy(self.network)
         self.critic = spec.twin_q_network()
         self.critic_target = frozen_copy(self.critic)
+        self.stack = self.build_stack() if config.fused else None
         self.critic_optimizer = Adam(self.critic.parameters(), lr=config.lr)
         self.actor_optimizer = Adam(self.network.parameters(), lr=config.lr)
 
@@ -126,6 +136,49 @@ class TD3BC(OfflineAlgorithm):
         q_term = normalized_q_term(self.critic(batch.observations, actions)[0], self.config.alpha)
         cloning = (actions - batch.actions).square().mean()
         return q_term + cloning, {"q_term": q_term.detach(), "cloning_loss": cloning.detach()}
+
+    def build_stack(self) -> tuple[StackedTwinQ, StackedActor] | None:
+        """The critics with their targets, and the policy with its target, in stacked storage (MLPs only)."""
+        if not stackable(self.network, self.critic):
+            return None
+        return StackedTwinQ(self.critic, self.critic_target), StackedActor(self.network, self.actor_target)
+
+    def fused_gradient(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
+        """:meth:`losses`' gradient by hand: ``d L_critic / d Q_j = 2 (Q_j - y) / B``, through both critics at once."""
+        config, (critics, actor) = self.config, self.stack
+        critics.load(batch.observations, batch.next_observations)
+        actor.load(batch.observations, batch.next_observations)
+        squashed = torch.tanh(actor.heads(next_states=True))
+        noise = standard_normal(squashed.shape, self.generator, squashed.device)
+        next_actions = self.actor_target.to_env(smoothed_target_actions(squashed, noise, config.policy_noise,
+                                                                        config.noise_clip))
+        next_q = critics.target_q_values(next_actions).min(dim=0).values
+        targets = batch.rewards + config.gamma * (1.0 - batch.dones) * next_q
+        q_values = critics.q_values(batch.actions)
+        errors = q_values - targets
+        critics.critic_backward(errors * (2.0 / q_values.shape[1]))
+        return {"critic_loss": errors.square().mean(dim=1).sum(), "mean_q": q_values.mean()}
+
+    def fused_actor_gradient(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
+        """:meth:`actor_loss`' gradient by hand. With ``t = tanh(u)``, ``a = centre + h * t`` and ``lambda`` fixed:
+
+            d L / d a = -lambda / B * d Q_1(s, a) / d a + 2 (a - a_data) / (B * dim(A))
+            d L / d u = d L / d a * h * (1 - t^2)
+
+        the first term through the first critic's action inputs alone (its weights are not trained here)."""
+        critics, actor = self.stack
+        critics.load(batch.observations, batch.next_observations)
+        actor.load(batch.observations)
+        squashed = torch.tanh(actor.heads())
+        actions = self.network.to_env(squashed)
+        q_values = critics.first_q_values(actions)
+        scale = self.config.alpha / q_values.abs().mean()
+        errors = actions - batch.actions
+        action_grad = critics.first_action_gradient((-scale / len(q_values)).expand_as(q_values))
+        action_grad += (2.0 / errors.numel()) * errors
+        half_width = (self.network.action_high - self.network.action_low) / 2
+        actor.backward(action_grad * half_width * (1.0 - squashed.square()))
+        return {"q_term": -scale * q_values.mean(), "cloning_loss": errors.square().mean()}
 
     def after_step(self) -> None:
         """The targets follow right after each actor step (updates 0, 2, 4, ... counted from 0)."""
