@@ -33,7 +33,7 @@ from mazerun.core.errors import MazerunError
 from mazerun.data.records import load_records
 from mazerun.data.tensors import TransitionBatch
 from mazerun.nn.checkpoint import load_checkpoint
-from mazerun.nn.models import ModelConfig, squashed_log_prob
+from mazerun.nn.models import ModelConfig, SquashedGaussianPolicy, squashed_log_prob
 from mazerun.training.loops import offpolicy
 from mazerun.training.metrics import read_metrics_csv
 from mazerun.training.train import train
@@ -77,6 +77,16 @@ def test_the_squashed_log_prob_stays_finite_where_tanh_rounds_to_one() -> None:
     # tanh(20) is 1.0 in float32: the naive log(1 - tanh(u)^2) is -inf; exactly it is 2 (log 2 - 20 - softplus(-40))
     log_prob = squashed_log_prob(torch.zeros(1, 1), torch.zeros(1, 1), torch.full((1, 1), 20.0))
     assert log_prob.item() == pytest.approx(-0.5 * 400 - 0.9189385 - 2 * (math.log(2) - 20), rel=1e-6)
+
+
+def test_acting_samples_what_sample_draws_without_the_log_probability() -> None:
+    policy = SquashedGaussianPolicy(ModelConfig(kind="vector_obs", hidden_sizes=(8,)), gym.spaces.Box(-1, 1, (3,)),
+                                    gym.spaces.Box(-2.0, 0.5, (2,)))
+    observations = torch.randn(5, 3)
+    acted = policy.act(observations, deterministic=False, generator=torch.Generator().manual_seed(7))
+    sampled, _ = policy.sample(observations, torch.Generator().manual_seed(7))
+    assert torch.equal(acted, sampled)
+    assert torch.equal(policy.act(observations, deterministic=True), policy.to_env(torch.tanh(policy.gaussian(observations)[0])))
 
 
 def test_the_temperature_loss_and_its_gradient_by_hand() -> None:

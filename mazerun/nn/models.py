@@ -857,10 +857,13 @@ class SquashedGaussianPolicy(TanhPolicy):
 
     @torch.no_grad()
     def act(self, obs: ModelInput, deterministic: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The squashed mean, or a sample."""
+        """The squashed mean, or a sample: :meth:`sample`'s action from the same draw, without its log-probability
+        (SAC acts once per env step)."""
         if deterministic:
             return super().act(obs, deterministic)
-        return self.sample(obs, generator)[0]
+        mean, log_std = self.gaussian(obs)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return self.to_env(torch.tanh(mean + log_std.exp() * noise))
 
 
 class TanhMeanGaussianPolicy(TanhPolicy):
