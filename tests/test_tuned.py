@@ -94,3 +94,15 @@ def test_dotted_items_names_nested_keys_as_a_command_line_does() -> None:
     nested = {"teacher_forcing": {"steps": 100_000}, "lr": 0.001}
     assert dotted_items(nested, "algorithm") == {"algorithm.teacher_forcing.steps": 100_000, "algorithm.lr": 0.001}
     assert dotted_items(nested, "") == {"teacher_forcing.steps": 100_000, "lr": 0.001}
+
+
+def test_sac_steps_one_env_copy_under_any_env_unless_told_otherwise(workdir: Path) -> None:
+    """conf/algorithm_runner/sac_runner.yaml: SB3's one copy, whatever the env; the command line still wins, and other
+    algorithms keep the runner's own 16."""
+    shown = yaml.safe_load(run_ok("env=LunarLanderContinuous-v3", "algorithm=sac", "--cfg", "job", cwd=workdir).stdout)
+    assert (shown["runner"]["n_envs"], shown["runner"]["vector"]) == (1, "sync")
+    shown = yaml.safe_load(run_ok("env=LunarLanderContinuous-v3", "algorithm=sac", "runner.n_envs=4", "--cfg", "job",
+                                  cwd=workdir).stdout)
+    assert shown["runner"]["n_envs"] == 4
+    shown = yaml.safe_load(run_ok("env=LunarLanderContinuous-v3", "algorithm=ppo", "--cfg", "job", cwd=workdir).stdout)
+    assert (shown["runner"]["n_envs"], shown["runner"]["vector"]) == (16, "auto")

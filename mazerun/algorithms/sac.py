@@ -62,7 +62,7 @@ FAST_PATH_TOLERANCE = 1e-4
 class SACConfig(EnvStepBudget):
     """SAC's settings; the defaults are Stable-Baselines3's.
 
-    From scratch: run algorithm=sac env=Pendulum-v1 (its tuned defaults step one env copy, as SB3);
+    From scratch: run algorithm=sac env=Pendulum-v1 (one env copy, as SB3: conf/algorithm_runner/sac_runner.yaml);
     fine-tune a clone of Box actions: run algorithm=sac input_dir=outputs/<continuous bc run>;
     continue a SAC run: run algorithm=sac env=Pendulum-v1 input_dir=outputs/<sac run> (the same runner.n_envs;
     total_steps is the total). A clone lends its encoder, trunk and mean head; the std head and the critics start
