@@ -16,7 +16,7 @@ from conftest import run_ok
 
 from mazerun.acting.vector import make_vector_env
 from mazerun.algorithms import build_algorithm
-from mazerun.algorithms.base import OfflineAlgorithm
+from mazerun.algorithms.base import BatchAlgorithm, OfflineAlgorithm
 from mazerun.algorithms.bc import BCConfig, BehaviouralCloning
 from mazerun.algorithms.cql import ConservativeQLearning, CQLConfig
 from mazerun.algorithms.iql import IQLConfig
@@ -538,17 +538,30 @@ def _box_transitions(generator: torch.Generator, size: int = 32) -> TransitionBa
                            (torch.rand(size, generator=generator) < 0.2).float(), None)
 
 
-def _assert_same_sac_state(ours: SoftActorCritic, expected: SoftActorCritic) -> None:
-    for attribute in ("network", "critic", "critic_target", "temperature"):
-        ours_state, expected_state = getattr(ours, attribute).state_dict(), getattr(expected, attribute).state_dict()
-        for key, value in expected_state.items():
-            assert torch.allclose(ours_state[key], value, atol=1e-6), f"{attribute}.{key}"
-    for attribute in ("critic_optimizer", "actor_optimizer"):
+def _assert_same_state(ours: BatchAlgorithm, expected: BatchAlgorithm) -> None:
+    """Every network (weights, targets, statistics) and every optimiser's state alike."""
+    for attribute, value in vars(expected).items():
+        if isinstance(value, torch.nn.Module):
+            for key, tensor in value.state_dict().items():
+                assert torch.allclose(getattr(ours, attribute).state_dict()[key], tensor, atol=1e-6), f"{attribute}.{key}"
+    for attribute in expected.optimizers():
         ours_state, expected_state = getattr(ours, attribute).state_dict(), getattr(expected, attribute).state_dict()
         assert ours_state["state"].keys() == expected_state["state"].keys(), attribute
         for index, state in expected_state["state"].items():
             for name, value in state.items():
                 assert torch.allclose(ours_state["state"][index][name], value, atol=1e-6), f"{attribute}.{index}.{name}"
+
+
+def _assert_same_updates(fused: BatchAlgorithm, plain: BatchAlgorithm) -> None:
+    """Five updates on the same batches: the same metrics, then the same state (:func:`_assert_same_state`)."""
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        batch = _box_transitions(generator)
+        ours, expected = fused.update(batch), plain.update(batch)
+        assert ours.keys() == expected.keys()
+        for metric, value in expected.items():
+            assert torch.allclose(ours[metric], value, rtol=1e-5, atol=1e-6), metric
+    _assert_same_state(fused, plain)
 
 
 @pytest.mark.parametrize("activation,ent_coef", [("tanh", "auto_0.3"), ("relu", "auto_0.3"), ("tanh", "0.2")])
@@ -557,14 +570,7 @@ def test_the_stacked_sac_update_gives_the_autograd_update(activation: str, ent_c
     Adam moments as autograd of critic_loss and actor_loss with their Adam steps."""
     fused, plain = _sac(True, activation, ent_coef), _sac(False, activation, ent_coef)
     assert fused.stacks is not None and plain.stacks is None
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(5):
-        batch = _box_transitions(generator)
-        ours, expected = fused.update(batch), plain.update(batch)
-        assert ours.keys() == expected.keys()
-        for name, value in expected.items():
-            assert torch.allclose(ours[name], value, rtol=1e-5, atol=1e-6), name
-    _assert_same_sac_state(fused, plain)
+    _assert_same_updates(fused, plain)
 
 
 def test_the_stacked_sac_gradients_are_autograd_s_where_the_log_std_clamp_holds() -> None:
@@ -591,7 +597,7 @@ def test_optimiser_states_move_between_the_stacked_and_the_plain_sac() -> None:
         target.generator.set_state(source.generator.get_state())
         batch = _box_transitions(generator)
         target.update(batch), reference.update(batch)
-        _assert_same_sac_state(target, reference)
+        _assert_same_state(target, reference)
 
 
 def test_the_sac_check_passes_changes_nothing_and_leaves_the_generator_where_it_was() -> None:
@@ -602,7 +608,7 @@ def test_the_sac_check_passes_changes_nothing_and_leaves_the_generator_where_it_
     for seed in range(3):
         batch = _box_transitions(torch.Generator().manual_seed(seed))
         checked.update(batch), unchecked.update(batch)
-    _assert_same_sac_state(checked, unchecked)
+    _assert_same_state(checked, unchecked)
 
 
 @pytest.mark.parametrize("edit", ["actor", "critic"])
@@ -625,7 +631,7 @@ def test_an_edited_sac_loss_is_caught_at_the_first_batch_and_training_follows_th
     for seed in range(3):  # from here on the edited loss is what trains
         batch = _box_transitions(torch.Generator().manual_seed(seed))
         fused.update(batch), plain.update(batch)
-    _assert_same_sac_state(fused, plain)
+    _assert_same_state(fused, plain)
 
 
 # -------------------------------------------------------------------------------------------- TD3+BC and IQL on Box actions
@@ -647,19 +653,6 @@ def _box_learner(name: str, fused: bool, activation: str = "tanh") -> OfflineAlg
     return algorithm
 
 
-def _assert_same_state(ours: OfflineAlgorithm, expected: OfflineAlgorithm) -> None:
-    for attribute, value in vars(expected).items():
-        if isinstance(value, torch.nn.Module):
-            for key, tensor in value.state_dict().items():
-                assert torch.allclose(getattr(ours, attribute).state_dict()[key], tensor, atol=1e-6), f"{attribute}.{key}"
-    for attribute in expected.optimizers():
-        ours_state, expected_state = getattr(ours, attribute).state_dict(), getattr(expected, attribute).state_dict()
-        assert ours_state["state"].keys() == expected_state["state"].keys(), attribute
-        for index, state in expected_state["state"].items():
-            for name, value in state.items():
-                assert torch.allclose(ours_state["state"][index][name], value, atol=1e-6), f"{attribute}.{index}.{name}"
-
-
 @pytest.mark.parametrize("name,activation", [("td3_bc", "tanh"), ("td3_bc", "relu"), ("iql", "relu")])
 def test_the_stacked_box_update_gives_the_autograd_update(name: str, activation: str) -> None:
     """Five updates (TD3+BC's actor and targets move on updates 0, 2 and 4) on the same batches: the same metrics,
@@ -667,14 +660,7 @@ def test_the_stacked_box_update_gives_the_autograd_update(name: str, activation:
     fused, plain = _box_learner(name, True, activation), _box_learner(name, False, activation)
     assert fused.stack is not None and plain.stack is None
     assert fused.check_fast_path(_box_transitions(torch.Generator().manual_seed(4))) is None
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(5):
-        batch = _box_transitions(generator)
-        ours, expected = fused.update(batch), plain.update(batch)
-        assert ours.keys() == expected.keys()
-        for metric, value in expected.items():
-            assert torch.allclose(ours[metric], value, rtol=1e-5, atol=1e-6), metric
-    _assert_same_state(fused, plain)
+    _assert_same_updates(fused, plain)
 
 
 def test_a_copy_of_a_stacked_td3_bc_learner_trains_its_own_weights() -> None:
