@@ -94,6 +94,14 @@ def test_the_box_iql_losses_are_the_formulas_of_its_docstring() -> None:
     torch.testing.assert_close(metrics["policy_loss"], policy_loss)
 
 
+def test_the_box_iql_policy_starts_at_its_configured_log_std_and_refuses_one_outside_the_clamp() -> None:
+    assert torch.equal(build_algorithm(IQLConfig(), PENDULUM).network.log_std, torch.tensor([-1.5]))
+    assert torch.equal(build_algorithm(IQLConfig(box=IQLBoxConfig(log_std_init=0.0)), PENDULUM).network.log_std,
+                       torch.tensor([0.0]))
+    with pytest.raises(MazerunError, match=r"^algorithm.box.log_std_init=3.0 must lie in \[-20, 2\]"):
+        IQLConfig(box=IQLBoxConfig(log_std_init=3.0)).check()
+
+
 # --------------------------------------------------------------------------------------------- CQL's term
 
 

@@ -16,7 +16,8 @@ As in the discrete variant (:mod:`mazerun.algorithms.iql`), every term reads the
 the update and the three losses train disjoint parameters, so one Adam step on their sum equals CORL's three
 optimisers of one learning rate. Only recorded actions are ever valued, and the policy clones them weighted by
 their advantage. ``expectile``, ``max_weight``, ``gamma``, ``tau``, ``target_update_interval`` and ``lr`` are the
-shared keys; ``box.beta`` (3.0) is CORL's. Acting greedily takes the policy's mean.
+shared keys; ``box.beta`` (3.0) is CORL's, ``box.log_std_init`` (-1.5) d3rlpy's. Acting greedily takes the policy's
+mean.
 
 With ``fused`` (MLPs on vector observations) the gradient of the three losses is written by hand on the stacks of
 :mod:`mazerun.fast.stacked_box` (:meth:`ContinuousImplicitQLearning.fused_gradient`); the offline loop holds it to
@@ -47,7 +48,7 @@ class ContinuousImplicitQLearning(OfflineAlgorithm):
     def __init__(self, config: IQLConfig, spec: AlgorithmSpec, generator: torch.Generator | None = None) -> None:
         super().__init__(config, spec, generator)
         self.network = TanhMeanGaussianPolicy(spec.model_config, spec.observation_space, spec.action_space,
-                                              spec.vocabulary).to(spec.device)
+                                              spec.vocabulary, config.box.log_std_init).to(spec.device)
         self.critic = spec.twin_q_network()
         self.critic_target = frozen_copy(self.critic)
         self.value_network = ValueNetwork(spec.model_config, spec.observation_space, spec.vocabulary).to(spec.device)

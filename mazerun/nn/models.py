@@ -878,10 +878,11 @@ class TanhMeanGaussianPolicy(TanhPolicy):
 
     def __init__(
         self, config: ModelConfig, observation_space: gym.Space, action_space: gym.Space,
-        vocabulary: Vocabulary | None = None,
+        vocabulary: Vocabulary | None = None, log_std_init: float = 0.0,
     ) -> None:
         super().__init__(config, observation_space, action_space, vocabulary)
-        self.log_std = nn.Parameter(torch.zeros(int(action_space.shape[0])))  # ActorCritic's name: a clone's loads
+        # ActorCritic's name: a clone's loads
+        self.log_std = nn.Parameter(torch.full((int(action_space.shape[0]),), float(log_std_init)))
 
     def distribution(self, obs: ModelInput) -> Distribution:
         """A diagonal ``Normal`` (``Independent``) over the env's actions, its log-std clamped as SAC's."""
