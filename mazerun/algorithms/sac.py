@@ -314,7 +314,7 @@ class SoftActorCritic(BatchAlgorithm):
         loss, log_probs, mean_grad, log_std_grad = soft_actor_gradient(
             self.network, mean, raw_log_std, noise, critics.q_values, critics.action_gradient,
             alpha)
-        actor.backward(torch.cat([mean_grad, log_std_grad], dim=1))
+        actor.backward(mean_grad, log_std_grad)
         metrics = {"actor_loss": loss, "entropy": -log_probs.mean(), "alpha": alpha}
         if self.log_alpha_grad is not None:
             log_alpha = self.temperature.log_alpha

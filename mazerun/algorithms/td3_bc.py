@@ -167,7 +167,7 @@ class TD3BC(OfflineAlgorithm):
 
         the first term through the first critic's action inputs alone (its weights are not trained here)."""
         critics, actor = self.stack
-        critics.load(batch.observations, batch.next_observations)
+        critics.load(batch.observations)
         actor.load(batch.observations)
         squashed = torch.tanh(actor.heads())
         actions = self.network.to_env(squashed)

@@ -132,9 +132,10 @@ class StackedTwinQ:
         self._critic_inputs: dict[int, _CriticInputs] = {}
         self._loaded_critic: _CriticInputs | None = None
 
-    def load(self, observations: torch.Tensor, target_observations: torch.Tensor) -> None:
+    def load(self, observations: torch.Tensor, target_observations: torch.Tensor | None = None) -> None:
         """Standardise an update's ``(B, D)`` observations for the critics and ``target_observations`` (``s'`` for a
-        TD target; IQL's targets value ``s``) for their targets, each by its networks' statistics."""
+        TD target; IQL's targets value ``s``; None where no target pass follows) for their targets, each by its
+        networks' statistics."""
         rows = len(observations)
         inputs = self._critic_inputs.get(rows)
         if inputs is None:
@@ -144,7 +145,8 @@ class StackedTwinQ:
         self._loaded_critic = inputs
         columns = slice(None, self.observation_width)
         normalize(observations, self.critic_mean, self.critic_std, out=inputs.critic[:, :, columns])
-        normalize(target_observations, self.target_mean, self.target_std, out=inputs.target[:, :, columns])
+        if target_observations is not None:
+            normalize(target_observations, self.target_mean, self.target_std, out=inputs.target[:, :, columns])
 
     def q_values(self, actions: torch.Tensor) -> torch.Tensor:
         """Both critics' ``(2, B)`` values of the loaded observations and ``(B, A)`` actions."""
@@ -233,12 +235,15 @@ class StackedActor:
         inputs = self._loaded[1 if next_states else 0]
         return network.forward(network.workspace(inputs.shape[1]), inputs)[0]
 
-    def backward(self, head_grad: torch.Tensor) -> None:
-        """The policy's weight gradients into ``actor.flat_grad`` from d loss / d its ``(B, H)`` head outputs, after
-        :meth:`heads` at ``s``."""
+    def backward(self, *head_grads: torch.Tensor) -> None:
+        """The policy's weight gradients into ``actor.flat_grad`` from d loss / d its head outputs, after :meth:`heads`
+        at ``s``: one ``(B, width)`` block per head, in :func:`policy_heads`' order."""
         inputs = self._loaded[0]
         workspace = self.actor.workspace(inputs.shape[1])
-        workspace.out_grad[0] = head_grad
+        start = 0
+        for grad in head_grads:
+            workspace.out_grad[0, :, start:start + grad.shape[1]] = grad
+            start += grad.shape[1]
         self.actor.backward(workspace, inputs)
 
     def follow(self, tau: float) -> None:
