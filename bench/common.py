@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mazerun.acting.evaluation import evaluate
 from mazerun.acting.rollout import rollout
@@ -142,37 +142,39 @@ def d3rlpy_dataset(data_dir: Path, action_size: int | None) -> Any:
         )
 
 
-def d3rlpy_run(algorithm: str, data_dir: Path, budgets: list[int], *, seed: int, threads: int,
-               hidden_units: tuple[int, ...], activation: str, eval_episodes: int = 0, env_id: str = "LunarLander-v3",
-               lr: float = 3e-4, batch_size: int = 256) -> dict[int, tuple[float, float]]:
-    """d3rlpy's DiscreteCQL (alpha 1, double DQN, Huber TD loss, hard target copy every 1000 updates,
-    gamma 0.99) or DiscreteBC fitted up to each of ``budgets`` updates (run it in a worker process).
+def peer_return(act: Callable[[Any], Any], env_id: str, episodes: int) -> float:
+    """A peer's greedy policy (numpy observations -> numpy actions): its mean return on the unseen seeds every
+    clone of ours is scored on (NaN for 0 episodes)."""
+    import torch
+
+    from mazerun.acting.envs import env_spaces
+
+    if not episodes:
+        return float("nan")
+    return evaluate(lambda observations: torch.as_tensor(act(observations.cpu().numpy())), env_id, episodes,
+                    observation_space=env_spaces(env_id)[0], vocabulary=None, device="cpu",
+                    seed_offset=UNSEEN_SEED_OFFSET).metrics()["mean_return"]
+
+
+def d3rlpy_fit(config: Any, data_dir: Path, budgets: list[int], *, env_id: str, eval_episodes: int = 0,
+               threads: int = 0) -> dict[int, tuple[float, float]]:
+    """d3rlpy's learner of ``config`` fitted on our records in ``data_dir`` up to each of ``budgets`` updates
+    (call it in a worker process, after ``d3rlpy.seed``).
 
     Returns, per budget, the seconds ``fit()`` alone took to get there (the dataset is built and
     the networks created before the clock starts) and the mean greedy return over
     ``eval_episodes`` unseen seeds (NaN for 0).
     """
     import d3rlpy
+    import gymnasium as gym
     import torch
 
-    from mazerun.acting.envs import make_env
+    from mazerun.acting.envs import env_spaces
 
     if threads:
         torch.set_num_threads(threads)
-    d3rlpy.seed(seed)
-    env = make_env(env_id)
-    space = env.observation_space
-    dataset = d3rlpy_dataset(data_dir, int(env.action_space.n))
-    env.close()
-    encoder = d3rlpy.models.VectorEncoderFactory(hidden_units=list(hidden_units), activation=activation)
-    scaler = d3rlpy.preprocessing.StandardObservationScaler()
-    if algorithm == "cql":
-        config: Any = d3rlpy.algos.DiscreteCQLConfig(batch_size=batch_size, learning_rate=lr, gamma=0.99, alpha=1.0,
-                                                     target_update_interval=1000, encoder_factory=encoder,
-                                                     observation_scaler=scaler)
-    else:
-        config = d3rlpy.algos.DiscreteBCConfig(batch_size=batch_size, learning_rate=lr, encoder_factory=encoder,
-                                               observation_scaler=scaler)
+    action_space = env_spaces(env_id)[1]
+    dataset = d3rlpy_dataset(data_dir, int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else None)
     learner = config.create(device=False)
     results, done, seconds = {}, 0, 0.0
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -183,15 +185,28 @@ def d3rlpy_run(algorithm: str, data_dir: Path, budgets: list[int], *, seed: int,
                         logger_adapter=d3rlpy.logging.NoopAdapterFactory(), save_interval=10**9)
             seconds += time.perf_counter() - started
             done = budget
-            score = float("nan")
-            if eval_episodes:
-                def act(observations: torch.Tensor) -> torch.Tensor:
-                    return torch.as_tensor(learner.predict(observations.cpu().numpy()))
-
-                score = evaluate(act, env_id, eval_episodes, observation_space=space, vocabulary=None, device="cpu",
-                                 seed_offset=UNSEEN_SEED_OFFSET).metrics()["mean_return"]
-            results[budget] = (seconds, score)
+            results[budget] = (seconds, peer_return(learner.predict, env_id, eval_episodes))
     return results
+
+
+def d3rlpy_run(algorithm: str, data_dir: Path, budgets: list[int], *, seed: int, threads: int,
+               hidden_units: tuple[int, ...], activation: str, eval_episodes: int = 0, env_id: str = "LunarLander-v3",
+               lr: float = 3e-4, batch_size: int = 256) -> dict[int, tuple[float, float]]:
+    """d3rlpy's DiscreteCQL (alpha 1, double DQN, Huber TD loss, hard target copy every 1000 updates,
+    gamma 0.99) or DiscreteBC, as :func:`d3rlpy_fit` fits them (run it in a worker process)."""
+    import d3rlpy
+
+    d3rlpy.seed(seed)
+    encoder = d3rlpy.models.VectorEncoderFactory(hidden_units=list(hidden_units), activation=activation)
+    scaler = d3rlpy.preprocessing.StandardObservationScaler()
+    if algorithm == "cql":
+        config: Any = d3rlpy.algos.DiscreteCQLConfig(batch_size=batch_size, learning_rate=lr, gamma=0.99, alpha=1.0,
+                                                     target_update_interval=1000, encoder_factory=encoder,
+                                                     observation_scaler=scaler)
+    else:
+        config = d3rlpy.algos.DiscreteBCConfig(batch_size=batch_size, learning_rate=lr, encoder_factory=encoder,
+                                               observation_scaler=scaler)
+    return d3rlpy_fit(config, data_dir, budgets, env_id=env_id, eval_episodes=eval_episodes, threads=threads)
 
 
 @dataclass

@@ -36,8 +36,6 @@ The command exits 1 when a target is missed or a peer is missing.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import multiprocessing
 import resource
@@ -52,12 +50,12 @@ from typing import Any, Callable
 
 from common import (
     D3RLPY_INSTALL,
-    UNSEEN_SEED_OFFSET,
     Table,
-    d3rlpy_dataset,
+    d3rlpy_fit,
     evaluate_run,
     labelled_subset,
     load_average,
+    peer_return,
     peer_version,
     run,
 )
@@ -84,18 +82,6 @@ def cached(path: Path, measure: Callable[[], dict[str, Any]], runs: tuple[str, .
     return result
 
 
-def peer_score(act: Callable[[Any], Any], episodes: int) -> float:
-    """A peer's greedy policy (numpy observations -> numpy actions) on the unseen seeds ours is scored on."""
-    import torch
-
-    from mazerun.acting.envs import env_spaces
-    from mazerun.acting.evaluation import evaluate
-
-    return evaluate(lambda observations: torch.as_tensor(act(observations.cpu().numpy())), ENV_ID, episodes,
-                    observation_space=env_spaces(ENV_ID)[0], vocabulary=None, device="cpu",
-                    seed_offset=UNSEEN_SEED_OFFSET).metrics()["mean_return"]
-
-
 def sb3_sac(steps: int, seed: int, eval_episodes: int, learning_starts: int = 100) -> dict[str, float]:
     """SB3's SAC with its defaults: the seconds ``learn()`` alone takes, the final policy's return and the
     process's peak resident memory (run it in a fresh worker)."""
@@ -106,28 +92,20 @@ def sb3_sac(steps: int, seed: int, eval_episodes: int, learning_starts: int = 10
     started = time.perf_counter()
     model.learn(total_timesteps=steps)
     seconds = time.perf_counter() - started
-    score = peer_score(lambda obs: model.predict(obs, deterministic=True)[0], eval_episodes) if eval_episodes else 0.0
+    score = peer_return(lambda obs: model.predict(obs, deterministic=True)[0], ENV_ID, eval_episodes)
     return {"seconds": seconds, "return": score, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def d3rlpy_fit(algorithm: str, data_dir: str, updates: int, seed: int, eval_episodes: int) -> dict[str, float]:
+def d3rlpy_box(algorithm: str, data_dir: str, updates: int, seed: int, eval_episodes: int) -> dict[str, float]:
     """d3rlpy's Box-action ``algorithm`` with its defaults (256-256 ReLU, standardised observations): the
-    seconds ``fit()`` alone takes for ``updates`` steps, its dataset built and networks created before, and
-    the final policy's return (run it in a fresh worker)."""
+    seconds ``fit()`` alone takes for ``updates`` steps and the final policy's return (run it in a fresh worker)."""
     import d3rlpy
 
     d3rlpy.seed(seed)
-    dataset = d3rlpy_dataset(Path(data_dir), action_size=None)
     config = getattr(d3rlpy.algos, f"{OFFLINE_ALGORITHMS[algorithm]}Config")(
         observation_scaler=d3rlpy.preprocessing.StandardObservationScaler())
-    learner = config.create(device=False)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        learner.build_with_dataset(dataset)
-        started = time.perf_counter()
-        learner.fit(dataset, n_steps=updates, n_steps_per_epoch=updates, show_progress=False,
-                    logger_adapter=d3rlpy.logging.NoopAdapterFactory(), save_interval=10**9)
-        seconds = time.perf_counter() - started
-    return {"seconds": seconds, "return": peer_score(learner.predict, eval_episodes)}
+    seconds, score = d3rlpy_fit(config, Path(data_dir), [updates], env_id=ENV_ID, eval_episodes=eval_episodes)[updates]
+    return {"seconds": seconds, "return": score}
 
 
 def peak_rss_mb(*overrides: str, cwd: Path) -> float:
@@ -194,7 +172,7 @@ def offline_part(args: argparse.Namespace, work: Path, expert: Path, pool: Proce
 
                 ours.append(cached(directory / "ours.json", measure_ours, runs=("ours",)))
                 peer.append(cached(directory / "d3rlpy.json", lambda: pool.submit(
-                    d3rlpy_fit, algorithm, str(datasets / dataset / "trajectory_data"), args.offline_updates, seed,
+                    d3rlpy_box, algorithm, str(datasets / dataset / "trajectory_data"), args.offline_updates, seed,
                     args.eval_episodes).result()))
                 print(f"  {algorithm} on {dataset}, seed {seed}: ours {ours[-1]['return']:.0f} in "
                       f"{ours[-1]['seconds']:.0f} s, d3rlpy {peer[-1]['return']:.0f} in {peer[-1]['seconds']:.0f} s",
