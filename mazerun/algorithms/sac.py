@@ -48,6 +48,7 @@ from mazerun.algorithms.base import (
 from mazerun.algorithms.protocol import AlgorithmSpec, UpdatePhase, gradient_mismatch, mismatch_line
 from mazerun.config.schemas import check_fields
 from mazerun.core.errors import MazerunError
+from mazerun.data.replay import STORES
 from mazerun.data.tensors import TransitionBatch
 from mazerun.fast.fused import FlatAdam, bind
 from mazerun.fast.optim import Adam
@@ -80,6 +81,10 @@ class SACConfig(EnvStepBudget):
     A continued run trains up to this many (budgets are totals)."""
     buffer_size: int = 1_000_000
     """Transitions the replay buffer keeps (the oldest are overwritten)."""
+    buffer_store: str = "auto"
+    """Where the replay buffer lives: memory (on the training device), disk (memory-mapped files in
+    <run dir>/replay_buffer/, removed when the run ends; CPU only) or auto (disk where it would take more than
+    half of the memory available). last.pt holds the buffer either way, and a continued run may switch."""
     learning_starts: int = 100
     """Transitions collected with uniformly random actions before the first update."""
     batch_size: int = 256
@@ -114,6 +119,8 @@ class SACConfig(EnvStepBudget):
         if self.gradient_steps == 0 or self.gradient_steps < -1:
             raise MazerunError(f"{prefix}.gradient_steps={self.gradient_steps} must be > 0, or -1 for one per "
                                "transition collected")
+        if self.buffer_store not in STORES:
+            raise MazerunError(f"{prefix}.buffer_store={self.buffer_store!r} is unknown; use {' or '.join(STORES)}")
         check_polyak_tau(self.tau, prefix)
         temperature(self.ent_coef, prefix)
 

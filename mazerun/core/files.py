@@ -7,6 +7,7 @@ import queue
 import tempfile
 import threading
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 from mazerun.core.errors import MazerunError
 
@@ -21,14 +22,14 @@ def _cannot_write(path: Path, error: OSError) -> MazerunError:
     )
 
 
-def _write_temporary(path: Path, data: bytes, *, flush: bool) -> str:
-    """``data`` in a new temporary file beside ``path`` (flushed to disk with ``flush``); returns its name."""
+def _write_temporary(path: Path, write: Callable[[BinaryIO], object], *, flush: bool) -> str:
+    """A new temporary file beside ``path`` that ``write`` fills (flushed to disk with ``flush``); returns its name."""
     tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            write(handle)
             if flush:
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -60,7 +61,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     The bytes go to a temporary file beside ``path``, which is flushed to disk and renamed over
     ``path``; the directory is flushed too, so the rename itself survives a power cut.
     """
-    _publish(_write_temporary(path, data, flush=True), path)
+    atomic_write(path, lambda handle: handle.write(data))
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object],
+                 check: Callable[[Path], object] | None = None) -> None:
+    """:func:`atomic_write_bytes` of what ``write`` streams into the file, which need never be whole in memory.
+
+    ``check`` reads the flushed temporary file before it is renamed over ``path``; what it raises
+    leaves ``path`` as it was, and no temporary file.
+    """
+    tmp_name = _write_temporary(path, write, flush=True)
+    if check is not None:
+        try:
+            check(Path(tmp_name))
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+    _publish(tmp_name, path)
 
 
 class BackgroundFlusher:
@@ -81,7 +99,7 @@ class BackgroundFlusher:
 
     def write(self, path: Path, data: bytes) -> None:
         self._raise_error()
-        tmp_name = _write_temporary(path, data, flush=False)
+        tmp_name = _write_temporary(path, lambda handle: handle.write(data), flush=False)
         if self._thread is None:
             self._thread = threading.Thread(target=self._flush_each, name="mazerun-flusher", daemon=True)
             self._thread.start()

@@ -13,20 +13,19 @@ as a :class:`gymnasium.spaces.Text` placeholder that accepts any printable ASCII
 
 from __future__ import annotations
 
-import io
 import json
 import string
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import gymnasium as gym
 import numpy as np
 import torch
 
 from mazerun.core.errors import MazerunError
-from mazerun.core.files import atomic_write_bytes
+from mazerun.core.files import atomic_write
 from mazerun.nn.models import ModelConfig, Vocabulary, build_network
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -132,7 +131,10 @@ def save_checkpoint(
 
     ``model_config`` and ``extra`` must hold only tensors and plain dicts, lists, tuples,
     str, int, float, bool and None; anything else raises ``TypeError`` here rather than
-    at load time.
+    at load time. The payload streams into a temporary file beside ``path`` (a tensor of a
+    memory-mapped file, such as a replay buffer on disk, is read from the page cache, never
+    copied whole into RAM), is loaded back through a memory map (which reads the structure, not
+    the tensors) and is then renamed over ``path``.
     """
     payload = _compact({
         "format": CHECKPOINT_MARKER,
@@ -146,13 +148,25 @@ def save_checkpoint(
         "vocabulary": None if vocabulary is None else list(vocabulary),
         "extra": {} if extra is None else extra,
     })
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
+    atomic_write(Path(path), lambda handle: _torch_save(payload, handle), _check_loadable)
+
+
+def _torch_save(payload: dict[str, Any], handle: BinaryIO) -> None:
+    """``torch.save``, raising a failed write (a full disk) as the ``OSError`` that torch's writer wraps in a
+    ``RuntimeError``: :func:`atomic_write` says that one in one line."""
     try:
-        torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+        torch.save(payload, handle)
+    except RuntimeError as error:
+        if isinstance(error.__context__, OSError):
+            raise error.__context__ from None
+        raise
+
+
+def _check_loadable(path: Path) -> None:
+    try:
+        torch.load(path, mmap=True, weights_only=True)
     except Exception as error:
         raise TypeError(f"checkpoint content is not loadable with weights_only=True: {error}") from error
-    atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 def _compact(value: Any) -> Any:
@@ -214,10 +228,14 @@ def checkpoint_file(path_or_run_dir: str | Path, prefer: tuple[str, ...] = CHECK
 
 
 def load_checkpoint(path_or_run_dir: str | Path, prefer: tuple[str, ...] = CHECKPOINT_NAMES) -> Checkpoint:
-    """Load a checkpoint file, or the ``best.pt`` (else ``last.pt``) of a run directory."""
+    """Load a checkpoint file, or the ``best.pt`` (else ``last.pt``) of a run directory.
+
+    Its tensors are memory-mapped from the file (checkpoints are replaced by a rename, never rewritten in place),
+    so a continued run copies the replay buffer of ``last.pt`` a page at a time, never holding a second whole copy.
+    """
     path = checkpoint_file(path_or_run_dir, prefer)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:
         raise MazerunError(
             f"cannot read checkpoint {path} ({type(error).__name__}); it is corrupt or not a "

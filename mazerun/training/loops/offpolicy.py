@@ -2,9 +2,11 @@
 
 Each iteration steps ``runner.n_envs`` env copies once: uniformly random actions until
 ``learning_starts`` transitions are in, then the policy's samples. Every transition goes into
-the replay buffer (:class:`~mazerun.data.replay.ReplayBuffer`). Every ``train_freq`` iterations
-the algorithm takes ``gradient_steps`` updates (-1: one per transition collected since), each on
-a batch drawn from the buffer, as Stable-Baselines3's off-policy loop does.
+the replay buffer (:class:`~mazerun.data.replay.ReplayBuffer`: in memory, or where ``buffer_store``
+says so in memory-mapped files under ``<run dir>/replay_buffer/``, removed when the loop ends).
+Every ``train_freq`` iterations the algorithm takes ``gradient_steps`` updates (-1: one per
+transition collected since), each on a batch drawn from the buffer, as Stable-Baselines3's
+off-policy loop does.
 
 Episode boundaries: the vector env resets a finished copy within the step that ends it, so the
 observation it returns is already the next episode's first; the transition keeps the finished
@@ -39,7 +41,7 @@ from mazerun.acting.evaluation import stack_observations
 from mazerun.algorithms import build_algorithm
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
-from mazerun.data.replay import ReplayBuffer
+from mazerun.data.replay import ReplayBuffer, buffer_bytes, choose_store
 from mazerun.nn.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, TRAINING_STATE
 from mazerun.training.loops.vector import VectorEpisodes, open_vector_env
 from mazerun.training.runsetup import RunSetup, TrainResult
@@ -48,9 +50,30 @@ from mazerun.training.session import LoopShell
 log = logging.getLogger(__name__)
 
 
+REPLAY_DIR = "replay_buffer"
+"""In a run directory, while the run trains: the disk store's column files (scratch: last.pt holds the buffer)."""
+
+
 def train_off_policy(setup: RunSetup) -> TrainResult:
     """Train the setup's off-policy algorithm (SAC) up to ``total_steps`` env steps; writes best.pt, last.pt and
     the metrics."""
+    with open_replay_buffer(setup) as buffer:
+        return _train(setup, buffer)
+
+
+def open_replay_buffer(setup: RunSetup) -> ReplayBuffer:
+    """The replay buffer, in the store ``buffer_store`` picks, with one line that says which and why."""
+    config, key = setup.algorithm, f"{setup.prefix}.buffer_store"
+    nbytes = buffer_bytes(config.buffer_size, setup.observation_space, setup.action_space)
+    on_disk, reason = choose_store(config.buffer_store, nbytes, setup.device, key)
+    directory = setup.run_dir / REPLAY_DIR if on_disk else None
+    log.info("a replay buffer of %s transitions (%.1f MiB) %s: %s", f"{config.buffer_size:,}", nbytes / 2**20,
+             f"on disk in {directory}" if on_disk else "in memory", reason)
+    return ReplayBuffer(config.buffer_size, setup.observation_space, setup.action_space, setup.device, directory)
+
+
+def _train(setup: RunSetup, buffer: ReplayBuffer) -> TrainResult:
+    """:func:`train_off_policy` into ``buffer``, which the caller closes however this ends."""
     config, runner, device = setup.algorithm, setup.runner, setup.device
     n_envs = runner.n_envs
     updates_per_training = config.gradient_steps if config.gradient_steps > 0 else config.train_freq * n_envs
@@ -61,7 +84,6 @@ def train_off_policy(setup: RunSetup) -> TrainResult:
     generator = torch.Generator(device=device)
     generator.manual_seed(setup.seed)
     algorithm = build_algorithm(config, setup.spec, generator)
-    buffer = ReplayBuffer(config.buffer_size, setup.observation_space, setup.action_space, device)
     window: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
     window_updates = 0
 
@@ -100,8 +122,7 @@ def train_off_policy(setup: RunSetup) -> TrainResult:
             shell.keeper.save_snapshot(shell.step)  # a dataset of a medium policy picks one of these
 
         with shell.running(total_steps) as bar:
-            log.info("%d copies of %s ready to step; a replay buffer of %d transitions", n_envs, setup.env_id,
-                     buffer.capacity)
+            log.info("%d copies of %s ready to step", n_envs, setup.env_id)
             if not setup.continuing:  # a continued run was evaluated where the last one stopped
                 evaluate()
                 shell.save_last()
