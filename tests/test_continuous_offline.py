@@ -94,12 +94,37 @@ def test_the_box_iql_losses_are_the_formulas_of_its_docstring() -> None:
     torch.testing.assert_close(metrics["policy_loss"], policy_loss)
 
 
-def test_the_box_iql_policy_starts_at_its_configured_log_std_and_refuses_one_outside_the_clamp() -> None:
-    assert torch.equal(build_algorithm(IQLConfig(), PENDULUM).network.log_std, torch.tensor([-1.5]))
-    assert torch.equal(build_algorithm(IQLConfig(box=IQLBoxConfig(log_std_init=0.0)), PENDULUM).network.log_std,
-                       torch.tensor([0.0]))
-    with pytest.raises(MazerunError, match=r"^algorithm.box.log_std_init=3.0 must lie in \[-20, 2\]"):
-        IQLConfig(box=IQLBoxConfig(log_std_init=3.0)).check()
+def test_the_box_iql_policy_starts_at_its_configured_log_std_and_refuses_one_outside_the_sigmoid_s_range() -> None:
+    policy = build_algorithm(IQLConfig(), PENDULUM).network
+    assert torch.equal(policy.log_std_logit.detach(), torch.tensor([0.0]))  # sigmoid 1/2: -5 + 7 / 2 = -1.5
+    assert torch.equal(policy.log_std.detach(), torch.tensor([-1.5]))
+    torch.testing.assert_close(build_algorithm(IQLConfig(box=IQLBoxConfig(log_std_init=0.0)), PENDULUM)
+                               .network.log_std.detach(), torch.tensor([0.0]))
+    for outside in (2.0, -5.0, 3.0):
+        with pytest.raises(MazerunError, match=rf"^algorithm.box.log_std_init={outside} must lie strictly inside "
+                                               r"\(-5, 2\)"):
+            IQLConfig(box=IQLBoxConfig(log_std_init=outside)).check()
+
+
+def test_the_box_iql_log_std_moves_through_a_sigmoid_into_minus_5_to_2() -> None:
+    policy = build_algorithm(IQLConfig(), PENDULUM).network
+    with torch.no_grad():
+        policy.log_std_logit.fill_(math.log(3.0))  # sigmoid 3/4: -5 + 7 * 3/4 = 0.25
+    torch.testing.assert_close(policy.log_std.detach(), torch.tensor([0.25]))
+    policy.log_std.sum().backward()  # d log_std / d logit = 7 * 3/4 * 1/4
+    torch.testing.assert_close(policy.log_std_logit.grad, torch.tensor([21.0 / 16.0]))
+    with torch.no_grad():
+        policy.log_std_logit.fill_(-100.0)
+    assert policy.log_std.item() == -5.0
+
+
+def test_a_box_iql_checkpoint_from_before_the_sigmoid_loads_its_log_std() -> None:
+    policy = build_algorithm(IQLConfig(), PENDULUM).network
+    legacy = {name: value for name, value in policy.state_dict().items() if name != "log_std_logit"}
+    policy.load_state_dict({**legacy, "log_std": torch.tensor([-0.5])})
+    torch.testing.assert_close(policy.log_std.detach(), torch.tensor([-0.5]))
+    policy.load_state_dict({**legacy, "log_std": torch.tensor([-9.0])})  # below the range: its floor, just inside
+    assert -5.0 < policy.log_std.item() < -4.99
 
 
 # --------------------------------------------------------------------------------------------- CQL's term

