@@ -35,6 +35,7 @@ from mazerun.algorithms.protocol import Algorithm
 from mazerun.config.schemas import ExpertConfig
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
+from mazerun.core.numerics import subnormals_flushed
 from mazerun.core.progress import Progress
 from mazerun.data.records import NO_LABEL, TRAJECTORY_DIR, EpisodeBuilder, write_record
 from mazerun.data.tensors import (
@@ -254,7 +255,9 @@ def train_interactive(setup: RunSetup) -> TrainResult:
             due = due_updates(config, shell.step)
             while algorithm.updates < due:
                 interrupts.check()
-                window.add_update(algorithm.update(batches()))
+                batch = batches()
+                with subnormals_flushed():
+                    window.add_update(algorithm.update(batch))
                 updates_bar.update()
 
         def refit_on_the_aggregate() -> None:

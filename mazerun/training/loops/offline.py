@@ -25,6 +25,7 @@ from mazerun.algorithms import build_algorithm
 from mazerun.algorithms.base import OfflineAlgorithm
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
+from mazerun.core.numerics import subnormals_flushed
 from mazerun.data.store import StoreDataset, store_split
 from mazerun.data.tensors import (
     BatchSampler,
@@ -115,7 +116,9 @@ def train_offline(setup: RunSetup) -> TrainResult:
     with shell.running(config.n_updates):
         while shell.step < config.n_updates:
             stop_check()
-            metrics = algorithm.update(sampler.sample())
+            batch = sampler.sample()
+            with subnormals_flushed():
+                metrics = algorithm.update(batch)
             for name, value in metrics.items():
                 window[name] += value
             shell.advance()

@@ -1,0 +1,24 @@
+"""The CPU's floating-point mode around updates (:func:`mazerun.core.numerics.subnormals_flushed`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mazerun.core.numerics import subnormals_flushed
+
+
+def test_subnormals_are_zero_inside_the_block_only() -> None:
+    subnormal = torch.tensor([1e-40])  # below float32's smallest normal number, about 1.18e-38
+    with subnormals_flushed():
+        assert (subnormal * 1.0).item() == 0.0
+        assert (torch.tensor([1e-30]) * 1.0).item() == pytest.approx(1e-30)  # normal numbers are untouched
+    assert (subnormal * 1.0).item() > 0.0
+    assert np.float32(1e-40) * np.float32(1.0) > 0.0  # numpy, in the same thread, sees them again
+
+
+def test_the_mode_is_put_back_when_the_block_raises() -> None:
+    with pytest.raises(RuntimeError), subnormals_flushed():
+        raise RuntimeError("an update failed")
+    assert (torch.tensor([1e-40]) * 1.0).item() > 0.0
