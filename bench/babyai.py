@@ -47,7 +47,7 @@ def main() -> None:
         demos = record(ENV, max(args.demos), work / "bot")
         for count in args.demos:
             scores, times = {}, {}
-            for name, extra in (("feed-forward", []), ("recurrent", recurrent)):
+            for name, extra in (("feed-forward", ["model.memory=none"]), ("recurrent", recurrent)):
                 run_dir = f"{name}_{count}"
                 times[name] = run("-cn", "conf_train", f"env={ENV}", "model=minigrid", *extra, *optimiser,
                                   f"runner.dataset.dir_or_file={demos}", f"runner.dataset.max_episodes={count}",

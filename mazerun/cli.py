@@ -178,6 +178,7 @@ def hydra_main(cfg: DictConfig) -> float:
     sweep = hydra_config.mode == RunMode.MULTIRUN
     try:
         config = validate(cfg)
+        config.command_line = list(hydra_config.overrides.task)
         check_optimized_metric(config)
         check_data_parallel(config, world)
         if sweep:

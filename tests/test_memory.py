@@ -197,7 +197,8 @@ def test_recurrent_dagger_trains(workdir: Path) -> None:
     (["model.memory=gru", "algorithm=dagger", "algorithm.total_steps=64", "runner.n_envs=8", "algorithm.rollout_len=16"],
      "algorithm.total_steps=64 over runner.n_envs=8 copies labels 8 each: nothing could train"),
     (["model.memory=gru", "algorithm.nrollouts=-1"], "algorithm.nrollouts=-1 must be > 0"),
-    (["model.memory=gru", "algorithm.rollout_len=100000"], "algorithm.rollout_len=100000 is longer than the whole"),
+    (["model.memory=gru", "algorithm.rollout_len=100000", "algorithm.validation_percentage=10"],
+     "algorithm.rollout_len=100000 is longer than the whole"),
     (["env=gym_env", "env.name=Acrobot-v1", "wrappers=mask_velocity"], "mask_velocity does not know"),
     (["model.memory=gru", "hpo=evolution"], "hpo=evolution trains agents without memory"),
 ])

@@ -108,13 +108,18 @@ def test_default_model_kind_follows_the_observation_space() -> None:
 
 
 def test_model_auto_builds_what_the_kind_s_own_group_would() -> None:
-    """model=auto leaves kind and activation unset: BabyAI gets model=minigrid's ReLU trunk, LunarLander tanh."""
+    """model=auto leaves kind, activation and memory unset: BabyAI gets model=minigrid's ReLU trunk and GRU,
+    LunarLander tanh and no memory."""
     auto = OmegaConf.load(CONF / "model" / "auto.yaml")
     for env_id, kind in (("BabyAI-GoToLocal-v0", "minigrid"), ("LunarLander-v3", "vector_obs")):
         own = OmegaConf.load(CONF / "model" / f"{kind}.yaml")
         resolved = resolve_model_config(OmegaConf.to_container(auto), make_env(env_id).observation_space)
         assert resolved == resolve_model_config(OmegaConf.to_container(own), make_env(env_id).observation_space)
-    assert resolved.activation == "tanh"
+    assert (resolved.activation, resolved.memory) == ("tanh", "none")
+    grid = make_env("BabyAI-GoToLocal-v0").observation_space
+    assert resolve_model_config(OmegaConf.to_container(auto), grid).memory == "gru"
+    assert resolve_model_config({"memory": "none"}, grid).memory == "none"  # an explicit model.memory wins
+    assert resolve_model_config({"memory": None}, grid, memory_allowed=False).memory == "none"  # hpo=evolution's
     chosen = resolve_model_config({"kind": None, "activation": "tanh"}, make_env("BabyAI-GoToLocal-v0").observation_space)
     assert chosen.activation == "tanh"  # an explicit model.activation wins
     lunar = make_env("LunarLanderContinuous-v3").observation_space

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,12 @@ from conftest import newest_run_dir, run_ok
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from mazerun.algorithms.dagger import DAggerConfig
+from mazerun.algorithms.ppo import PPOConfig
 from mazerun.cli import _config_dir
 from mazerun.compose.validation import validate
-from mazerun.config.tuned import applied_tuned_defaults, dotted_items
+from mazerun.config.schemas import RunnerConfig
+from mazerun.config.tuned import applied_tuned_defaults, dotted_items, with_kind_defaults
 from mazerun.nn.checkpoint import load_checkpoint
 
 TUNED_FILES = sorted(path for group in ("tuned", "tuned_model", "tuned_runner")
@@ -66,16 +70,24 @@ def test_tuned_defaults_apply_an_explicit_override_wins_and_run_log_names_them(w
     assert "the command line overrides algorithm.eval_every, algorithm.lr, algorithm.total_steps" in log
 
 
-def test_cfg_job_shows_the_tuned_values_of_an_algorithm_and_of_a_pipelines_stage(workdir: Path) -> None:
-    shown = yaml.safe_load(run_ok("env=BabyAI-GoToLocal-v0", "algorithm=dagger", "--cfg", "job", cwd=workdir).stdout)
+def test_cfg_job_shows_the_tuned_values_of_an_algorithm_and_of_a_pipelines_stage(workdir: Path, tmp_path: Path) -> None:
+    (tmp_path / "tuned").mkdir()
+    (tmp_path / "tuned" / "CartPole-v1_dagger.yaml").write_text("total_steps: 100000\nlr: 0.001\n")
+    (tmp_path / "tuned" / "CartPole-v1_dagger_ppo.yaml").write_text(
+        "defaults:\n  - /tuned@stages.dagger: CartPole-v1_dagger\n")
+    (tmp_path / "tuned_runner").mkdir()
+    (tmp_path / "tuned_runner" / "CartPole-v1_dagger.yaml").write_text("eval_repeats: 100\n")
+    searchpath = f"hydra.searchpath=[file://{tmp_path}]"
+    shown = yaml.safe_load(run_ok("env=CartPole-v1", "algorithm=dagger", searchpath, "--cfg", "job",
+                                  cwd=workdir).stdout)
     assert shown["algorithm"]["total_steps"] == 100_000 and shown["algorithm"]["lr"] == 0.001
-    assert shown["model"]["memory"] == "gru"  # conf/tuned_model/BabyAI-GoToLocal-v0_dagger.yaml
-    assert shown["runner"]["eval_repeats"] == 100  # conf/tuned_runner/BabyAI-GoToLocal-v0_dagger.yaml
-    shown = yaml.safe_load(run_ok("pipeline=dagger_ppo", "env=BabyAI-GoToLocal-v0", "pipeline.stages.dagger.lr=0.01",
-                                  "--cfg", "job", cwd=workdir).stdout)
+    assert shown["runner"]["eval_repeats"] == 100
+    shown = yaml.safe_load(run_ok("pipeline=dagger_ppo", "env=CartPole-v1", "pipeline.stages.dagger.lr=0.01",
+                                  searchpath, "--cfg", "job", cwd=workdir).stdout)
     assert shown["pipeline"]["stages"]["dagger"]["total_steps"] == 100_000
     assert shown["pipeline"]["stages"]["dagger"]["lr"] == 0.01
-    shown = yaml.safe_load(run_ok("env=LunarLander-v3", "algorithm=dagger", "--cfg", "job", cwd=workdir).stdout)
+    shown = yaml.safe_load(run_ok("env=LunarLander-v3", "algorithm=dagger", searchpath, "--cfg", "job",
+                                  cwd=workdir).stdout)
     assert shown["algorithm"]["total_steps"] == 20_000  # no tuned file: the algorithm's own default
 
 
@@ -106,3 +118,38 @@ def test_sac_steps_one_env_copy_under_any_env_unless_told_otherwise(workdir: Pat
     assert shown["runner"]["n_envs"] == 4
     shown = yaml.safe_load(run_ok("env=LunarLanderContinuous-v3", "algorithm=ppo", "--cfg", "job", cwd=workdir).stdout)
     assert (shown["runner"]["n_envs"], shown["runner"]["vector"]) == (16, "auto")
+
+
+def test_kind_defaults_fill_only_keys_still_at_their_plain_default() -> None:
+    """DAggerConfig.kind_defaults["minigrid"]: a key named on the command line, or changed by a tuned file or a
+    pipeline (its value is no longer the plain default), keeps its value; the runner's keys are the runner's."""
+    plain = DAggerConfig()
+    tuned = replace(plain, n_updates=500)  # as a tuned file or a pipeline would set it
+    algorithm, runner, taken = with_kind_defaults(tuned, RunnerConfig(), "minigrid", "algorithm",
+                                                  ["env.name=BabyAI-GoToRedBallGrey-v0", "algorithm.lr=0.0003"])
+    assert (algorithm.n_updates, algorithm.lr) == (500, 3e-4)  # kept: changed, and named on the command line
+    assert (algorithm.total_steps, algorithm.refit_updates, algorithm.teacher_forcing.steps) == (100_000, 10_000,
+                                                                                                100_000)
+    assert algorithm.teacher_forcing.start == 1.0 and runner.eval_repeats == 100
+    assert "algorithm.teacher_forcing.steps=100000" in taken and "runner.eval_repeats=100" in taken
+    assert not any(item.startswith(("algorithm.lr=", "algorithm.n_updates=")) for item in taken)
+    # a pipeline's stage: its keys are named under its prefix
+    algorithm, runner, _ = with_kind_defaults(plain, RunnerConfig(), "minigrid", "pipeline.stages.dagger",
+                                              ["pipeline.stages.dagger.total_steps=2000", "runner.eval_repeats=5"])
+    assert (algorithm.total_steps, runner.eval_repeats) == (20_000, 10)  # eval_repeats=5 lands in the runner itself
+    # vector observations, and an algorithm without kind defaults, keep everything
+    assert with_kind_defaults(plain, RunnerConfig(), "vector_obs", "algorithm", []) == (plain, RunnerConfig(), [])
+    assert with_kind_defaults(PPOConfig(), RunnerConfig(), "minigrid", "algorithm", [])[2] == []
+
+
+def test_a_grid_task_takes_its_kind_defaults_through_run_and_says_so(workdir: Path) -> None:
+    """DAgger on a BabyAI id named with env.name (no env option, so no tuned file): a GRU learner and the minigrid
+    defaults, except what the command line sets; run.log names what it took."""
+    run_ok("algorithm=dagger", "env.name=BabyAI-GoToRedBallGrey-v0", "algorithm.total_steps=128", "runner.n_envs=4",
+           "algorithm.n_steps=8", "algorithm.n_updates=4", "algorithm.refit_updates=2", "algorithm.eval_every=128",
+           "runner.eval_repeats=2", cwd=workdir)
+    run_dir = newest_run_dir(workdir)
+    log = (run_dir / "run.log").read_text()
+    assert ("dagger defaults for minigrid observations: algorithm.lr=0.001, algorithm.rollout_len=16, "
+            "algorithm.nrollouts=16, algorithm.teacher_forcing.steps=100000\n" in log)
+    assert load_checkpoint(run_dir / "last.pt").model_config["memory"] == "gru"

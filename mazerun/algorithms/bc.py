@@ -15,6 +15,7 @@ steps before each chunk.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch.distributions import Distribution
@@ -34,6 +35,15 @@ from mazerun.nn.models import (
 
 @dataclass
 class BCConfig(OfflineConfig):
+    kind_defaults: ClassVar[dict[str, dict[str, Any]]] = {"minigrid": {
+        "n_updates": 10_000, "lr": 1e-3, "lr_schedule": "linear", "eval_every": 2000, "validation_percentage": 0.0,
+        "rollout_len": 16, "nrollouts": 16, "runner.eval_repeats": 100}}
+    """On MiniGrid and BabyAI (a GRU by default): chunks of 16 steps cover most episodes, and 16 of them make
+    the 256 steps of a feed-forward batch; a rate 3x the plain one decaying to 0 ends on settled weights;
+    success is 0 or 1 per episode, so 100 evaluation episodes (not 10) pick ``best.pt``, and no data is held
+    out. 10k demos: 0.996 success on GoToRedBallGrey (6 min on 2 cores; the plain defaults 0.99 in 12 min),
+    0.976 on GoToLocal (:mod:`bench.ladder`, :mod:`bench.defaults`)."""
+
     name: str = "bc"
     n_updates: int = 3000
     eval_every: int = 500

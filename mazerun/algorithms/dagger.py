@@ -58,6 +58,15 @@ class DAggerConfig(EnvStepBudget):
 
     loop: ClassVar[str] = "interactive"
     imitates: ClassVar[bool] = True
+    kind_defaults: ClassVar[dict[str, dict[str, Any]]] = {"minigrid": {
+        "total_steps": 100_000, "n_updates": 10_000, "lr": 1e-3, "eval_every": 20_000, "rollout_len": 16,
+        "nrollouts": 16, "teacher_forcing.steps": 100_000, "refit_updates": 10_000, "runner.eval_repeats": 100}}
+    """On MiniGrid and BabyAI (a GRU by default), measured with the BabyAI bot on GoToLocal: 100k labels reach
+    0.99. The rate stays constant: a decay to 0 starves the labels that arrive last, the learner's own late
+    states. Teacher forcing decays over 100k steps whatever the budget: a learner of 10k or 30k labels is too weak
+    for its own states to teach more than the expert's (decaying over the budget, DAgger lost to BC at equal
+    labels). The refit, a GRU from fresh weights on all the labels with BC's schedule, is the policy handed over
+    (0.726, 0.960 and 0.992 at 10k, 30k and 100k labels against BC's 0.670, 0.898 and 0.956)."""
 
     name: str = "dagger"
     """Which algorithm this section configures, as chosen by ``algorithm=<name>``."""

@@ -111,6 +111,10 @@ def render(name: str) -> str:
     summary = (module.__doc__ or "").strip().split("\n\n")[0]
     header = [*comment(summary), *comment(class_docstring(config_class) or "")]
     source = f"{config_class.__module__}.{config_class.__qualname__}"
+    for kind, values in getattr(config_class, "kind_defaults", {}).items():
+        taken = ", ".join(f"{key}={yaml_scalar(value)}" for key, value in values.items())
+        header += comment(textwrap.fill(f"On {kind} observations a key left at its default here "
+                                        f"takes instead: {taken}.", width=110))
     header += [f"# Generated from {source} by `{COMMAND}`:",
                "# change a default or its explanation there, then run that again."]
     return "\n".join([*header, "", *field_lines(config_class())]) + "\n"

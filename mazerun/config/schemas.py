@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -130,6 +130,10 @@ class RunConfig:
     model: Any = None
     wrappers: Optional[WrappersConfig] = None
     critic: Any = None
+    command_line: List[str] = field(default_factory=list)
+    """The overrides `run` was given (Hydra's task overrides; set by the CLI, not a key to write): an
+    algorithm's defaults for the observation kind (:func:`mazerun.config.tuned.with_kind_defaults`) never
+    replace a key named there."""
 
     @property
     def trains(self) -> bool:

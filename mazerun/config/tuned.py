@@ -1,6 +1,8 @@
 """Which tuned defaults a run took: ``conf/tuned/<env option>_<algorithm or pipeline>.yaml`` (the
 algorithm's keys), ``conf/tuned_model/<env option>_<algorithm>.yaml`` (the model's) and
-``conf/tuned_runner/<env option>_<algorithm>.yaml`` (the runner's: evaluation episodes, env copies).
+``conf/tuned_runner/<env option>_<algorithm>.yaml`` (the runner's: evaluation episodes, env copies);
+and the defaults an algorithm keeps per observation kind (:func:`with_kind_defaults`), which follow
+the env itself, however it was named or found.
 
 Hydra itself applies them: ``conf_rollout.yaml``'s defaults list names the files that match the
 run's ``env`` and ``algorithm`` (or ``pipeline``) choices, so ``--cfg job`` shows the values,
@@ -15,6 +17,7 @@ model's, ``conf/tuned_runner/...`` for the runner's), in mazerun's conf/, in a d
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -86,3 +89,44 @@ def config_dirs(config_sources: Iterable[Any]) -> list[Path]:
         elif source.schema == "pkg" and source.path:
             dirs += package_dirs(source.path)
     return dirs
+
+
+def _value(section: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        section = getattr(section, part)
+    return section
+
+
+def _replaced(section: Any, dotted: str, value: Any) -> Any:
+    head, _, rest = dotted.partition(".")
+    return dataclasses.replace(section, **{head: _replaced(getattr(section, head), rest, value) if rest else value})
+
+
+def with_kind_defaults(algorithm: Any, runner: Any, kind: str, prefix: str, command_line: Iterable[str]
+                       ) -> tuple[Any, Any, list[str]]:
+    """``algorithm`` and ``runner`` (config dataclasses) with the algorithm's defaults for observations of ``kind``,
+    and the ``key=value`` of each one taken.
+
+    An algorithm's config class may keep ``kind_defaults``: ``{"minigrid": {"n_updates": 10000,
+    "runner.eval_repeats": 100, ...}}`` (dotted keys; ``runner.`` ones are the runner's). They are what its
+    benches found best for that kind of task, where the plain defaults (written for vector tasks) miss. Each
+    replaces a value only while it is the plain default: a key named on the command line (``<prefix>.<key>``,
+    ``runner.<key>``), or changed by a tuned file, a pipeline or a config of one's own, keeps its value.
+    """
+    table = getattr(type(algorithm), "kind_defaults", {}).get(kind, {})
+    explicit = overridden_keys(command_line)
+    plain_algorithm, plain_runner = type(algorithm)(), type(runner)()
+    taken = []
+    for key, value in table.items():
+        in_runner = key.startswith("runner.")
+        name = key.removeprefix("runner.")
+        section, plain = (runner, plain_runner) if in_runner else (algorithm, plain_algorithm)
+        dotted = f"runner.{name}" if in_runner else f"{prefix}.{name}"
+        if dotted in explicit or _value(section, name) != _value(plain, name) or _value(section, name) == value:
+            continue
+        if in_runner:
+            runner = _replaced(runner, name, value)
+        else:
+            algorithm = _replaced(algorithm, name, value)
+        taken.append(f"{dotted}={value}")
+    return algorithm, runner, taken

@@ -116,6 +116,13 @@ KIND_ACTIVATIONS = {"vector_obs": "tanh", "minigrid": "relu"}
 """Each kind's trunk activation where the config leaves it unset (``model=auto``), as in ``conf/model/<kind>.yaml``:
 tanh as SB3's and rl-zoo's PPO MLPs, ReLU as the BabyAI baselines."""
 
+KIND_MEMORY = {"vector_obs": "none", "minigrid": "gru"}
+"""Each kind's memory where the config leaves it unset (``model=auto``), as in ``conf/model/<kind>.yaml``. A
+MiniGrid agent sees a 7x7 patch ahead of it, so what it saw a few steps ago (the ball behind it, the room it
+searched) is gone unless a recurrent core keeps it: cloning the planner or the bot, a GRU scores 0.99 where a
+feed-forward network scores 0.94 (10k demos on GoToRedBallGrey and GoToLocal, README). Vector tasks (LunarLander,
+MuJoCo) observe their whole state."""
+
 
 def default_model_kind(observation_space: gym.Space) -> str:
     """The model kind that reads ``observation_space``."""

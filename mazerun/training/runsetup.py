@@ -28,6 +28,7 @@ from mazerun.acting.evaluation import Stepper, evaluate
 from mazerun.algorithms import algorithm_module
 from mazerun.algorithms.protocol import AlgorithmSpec
 from mazerun.config.schemas import DEFAULT_ENV_ID, ExpertConfig, RunConfig, RunnerConfig, structured
+from mazerun.config.tuned import with_kind_defaults
 from mazerun.core.errors import MazerunError
 from mazerun.core.files import atomic_write_bytes
 from mazerun.core.rundir import RESULT_FILE
@@ -43,7 +44,7 @@ from mazerun.nn.checkpoint import (
     load_checkpoint,
     resolve_run_dir,
 )
-from mazerun.nn.models import KIND_ACTIVATIONS, ModelConfig, Vocabulary, default_model_kind
+from mazerun.nn.models import KIND_ACTIVATIONS, KIND_MEMORY, ModelConfig, Vocabulary, default_model_kind
 from mazerun.training.distributed import SINGLE, World, current_world
 from mazerun.training.metrics import copy_metrics_history
 
@@ -75,16 +76,19 @@ def choose_env_id(explicit: str | None, source_env_id: str | None, source: str) 
     return env_id
 
 
-def resolve_model_config(values: Any, observation_space: gym.Space, algorithm_activation: str | None = None
-                         ) -> ModelConfig:
-    """The model group's values as a :class:`ModelConfig`, its kind picked from the space when unset and its
+def resolve_model_config(values: Any, observation_space: gym.Space, algorithm_activation: str | None = None,
+                         memory_allowed: bool = True) -> ModelConfig:
+    """The model group's values as a :class:`ModelConfig`, its kind picked from the space when unset, its
     activation, when unset, the algorithm's own (``model_activation`` of its config: SAC's ReLU, as SB3's)
-    or else the kind's, so ``model=auto`` builds what ``model=<kind>`` would."""
+    or else the kind's, and its memory, when unset, the kind's (none where ``memory_allowed`` is false: the
+    population search), so ``model=auto`` builds what ``model=<kind>`` would."""
     values = dict(values or {})
     if values.get("kind") is None:
         values["kind"] = default_model_kind(observation_space)
     if values.get("activation") is None:
         values["activation"] = algorithm_activation or KIND_ACTIVATIONS.get(values["kind"], "tanh")
+    if values.get("memory") is None:
+        values["memory"] = KIND_MEMORY.get(values["kind"], "none") if memory_allowed else "none"
     return structured(ModelConfig, values, "model")
 
 
@@ -309,8 +313,15 @@ def prepare(
             vocabulary = None if start.checkpoint.vocabulary is None else Vocabulary.from_list(start.checkpoint.vocabulary)
         else:
             model_config = resolve_model_config(config.model, observation_space,
-                                                getattr(algorithm_config, "model_activation", None))
+                                                getattr(algorithm_config, "model_activation", None),
+                                                memory_allowed=config.hpo is None)
             vocabulary = None
+        algorithm_config, runner, taken = with_kind_defaults(algorithm_config, config.runner, model_config.kind,
+                                                             prefix, config.command_line)
+        if taken:
+            algorithm_config.check(prefix)
+            log.info("%s defaults for %s observations: %s", algorithm_config.name, model_config.kind,
+                     ", ".join(taken))
         if vocabulary is None and isinstance(observation_space, gym.spaces.Dict) and "mission" in observation_space.spaces:
             vocabulary = build_vocabulary(records) if records else sample_mission_vocabulary(env, config.runner.seed)
     finally:
@@ -319,7 +330,7 @@ def prepare(
     setup = RunSetup(
         run_dir=Path(run_dir), algorithm=algorithm_config, prefix=prefix, device=device, env_id=env_id,
         observation_space=observation_space, action_space=action_space, vocabulary=vocabulary,
-        model_config=model_config, runner=config.runner, start=start, records=records, dataset_sources=sources,
+        model_config=model_config, runner=runner, start=start, records=records, dataset_sources=sources,
         step_offset=step_offset, expert=config.expert, continue_hint=continue_hint or Path(run_dir), store=store,
         world=world,
     )
