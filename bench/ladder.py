@@ -6,8 +6,8 @@
 
 Per task, ``policy=heuristic`` (the better of the planner and the bot for the id, by
 bench/experts.py) records the largest number of demos once, on seeds 0, 1, ... Then, through
-the real `run` command with each algorithm's default settings (and the env option's tuned ones,
-where `conf/env/<id>.yaml` exists):
+the real `run` command with each algorithm's default settings (on these grids: a GRU, and BC's and
+DAgger's ``kind_defaults`` for minigrid observations, which run.log lists):
 
 * BC (``run -cn conf_train algorithm=bc``) on the first 1k, 3k and 10k of those demos;
 * DAgger (``run algorithm=dagger``, the same expert labelling every state its learner visits) with

@@ -25,6 +25,7 @@ from mazerun.nn.checkpoint import load_checkpoint
 from mazerun.nn.models import ModelConfig
 from mazerun.training.loops.interactive import LabelledStates, due_updates
 from mazerun.training.metrics import read_metrics_csv
+from mazerun.training.runsetup import RunSetup
 from mazerun.training.train import train
 
 TINY = ["algorithm=dagger", "algorithm.n_steps=16", "runner.n_envs=4", "runner.eval_repeats=2",
@@ -246,8 +247,13 @@ def test_sigterm_in_a_long_update_phase_stops_within_seconds(workdir: Path) -> N
 # -------------------------------------------------------------------------------------- refit
 
 
-def test_the_refit_trains_fresh_weights_on_every_label_and_hands_them_over(tmp_path: Path) -> None:
-    """40 updates as the 256 labels come, then 30 of a fresh network on all of them: that network is the policy."""
+def test_the_refit_trains_fresh_weights_on_every_label_and_hands_them_over(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """40 updates as the 256 labels come, then 30 of a fresh network on all of them: that network is the policy,
+    in last.pt and in best.pt, even where the collector's evaluation scored higher (here every later one scores
+    lower than the one before)."""
+    scores = iter(range(100, 0, -1))
+    monkeypatch.setattr(RunSetup, "evaluate", lambda self, network: {"mean_return": float(next(scores))})
     result = train(dagger_config(refit_updates=30), tmp_path / "run")
     last = load_checkpoint(tmp_path / "run" / "last.pt")
     refit = last.extra["training_state"]["refit"]
@@ -257,7 +263,9 @@ def test_the_refit_trains_fresh_weights_on_every_label_and_hands_them_over(tmp_p
     assert not torch.equal(collector["policy_head.weight"], handed_over["policy_head.weight"])
     rows = read_metrics_csv(tmp_path / "run" / "metrics.csv")
     assert [row["step"] for row in rows if row["metric"] == "labels"] == [128, 256]  # the last report is the refit's
-    assert result.step == 256 and (tmp_path / "run" / "best.pt").exists()
+    assert result.step == 256
+    best = load_checkpoint(tmp_path / "run" / "best.pt").model_state  # the refit's, whatever the collector scored
+    assert all(torch.equal(value, handed_over[name]) for name, value in best.items())
 
 
 def test_the_refit_draws_its_fresh_weights_from_the_seed_alone() -> None:

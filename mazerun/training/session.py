@@ -59,8 +59,14 @@ class LoopShell:
         self.progress: Progress | None = None
 
     def hand_over(self, network: torch.nn.Module) -> None:
-        """Evaluate and checkpoint ``network`` from now on (DAgger's refit trains a new one after the last label)."""
+        """Evaluate and checkpoint ``network`` from now on (DAgger's refit trains a new one after the last label).
+
+        ``best.pt`` becomes its own from here on: the network handed over is the policy the run delivers, and
+        an evaluation of the one before (DAgger's collector, trained as the labels came) that beat it by a
+        few episodes' chance would otherwise stay ``best.pt``.
+        """
         self.network = self.keeper.network = network
+        self.keeper.tracker.best = None
 
     def advance(self, count: int = 1) -> None:
         """``count`` more units of the budget are done."""
