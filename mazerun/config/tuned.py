@@ -114,6 +114,8 @@ def with_kind_defaults(algorithm: Any, runner: Any, kind: str, prefix: str, comm
     ``runner.<key>``), or changed by a tuned file, a pipeline or a config of one's own, keeps its value.
     """
     table = getattr(type(algorithm), "kind_defaults", {}).get(kind, {})
+    if not table:
+        return algorithm, runner, []
     explicit = overridden_keys(command_line)
     plain_algorithm, plain_runner = type(algorithm)(), type(runner)()
     taken = []
