@@ -268,6 +268,43 @@ def test_the_refit_trains_fresh_weights_on_every_label_and_hands_them_over(tmp_p
     assert all(torch.equal(value, handed_over[name]) for name, value in best.items())
 
 
+def test_the_refits_evaluations_pick_best_pt_and_a_continued_refit_keeps_its_best(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With refit_eval_every=10 of 30 refit updates, the refit is evaluated at 10 and 20 (logged as refit_eval
+    against its updates) and after its last: scored 5, 50 and 1, best.pt holds the network of update 20, as
+    BC's best.pt holds its best evaluation. A run stopped after that evaluation and continued keeps 50 as the
+    best to beat (the collector scored 100 before the refit: that is not the refit's)."""
+    def scored(*scores: float) -> None:
+        remaining = iter(scores)
+        monkeypatch.setattr(RunSetup, "evaluate", lambda self, network: {"mean_return": float(next(remaining))})
+
+    scored(100, 5, 50, 1)
+    train(dagger_config(refit_updates=30, refit_eval_every=10), tmp_path / "whole")
+    rows = read_metrics_csv(tmp_path / "whole" / "metrics.csv")
+    assert [(row["step"], row["value"]) for row in rows if row["group"] == "refit_eval"] == [(10, 5.0), (20, 50.0)]
+    assert [(row["step"], row["value"]) for row in rows if row["group"] == "eval"] == [(128, 100.0), (256, 1.0)]
+    best, last = load_checkpoint(tmp_path / "whole" / "best.pt"), load_checkpoint(tmp_path / "whole" / "last.pt")
+    assert best.extra["best"] == last.extra["best"] == {"eval/mean_return": 50.0}
+    assert not torch.equal(best.model_state["policy_head.weight"], last.model_state["policy_head.weight"])
+
+    check, calls = interrupts.check, {"n": 0}
+
+    def stop_after_the_second_refit_evaluation() -> None:  # 4 iterations, 40 updates, then 1 per refit update
+        calls["n"] += 1
+        if calls["n"] == 4 + 40 + 25:
+            raise KeyboardInterrupt
+        check()
+
+    scored(100, 5, 50)
+    monkeypatch.setattr(interrupts, "check", stop_after_the_second_refit_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        train(dagger_config(refit_updates=30, refit_eval_every=10), tmp_path / "stopped")
+    monkeypatch.setattr(interrupts, "check", check)
+    scored(1)
+    train(dagger_config(tmp_path / "stopped", refit_updates=30, refit_eval_every=10), tmp_path / "continued")
+    assert load_checkpoint(tmp_path / "continued" / "last.pt").extra["best"] == {"eval/mean_return": 50.0}
+
+
 def test_the_refit_draws_its_fresh_weights_from_the_seed_alone() -> None:
     """Whatever torch's generator went through (a continued run's differs), the same seed draws the same weights,
     and drawing them leaves that generator where it was."""

@@ -58,15 +58,17 @@ class LoopShell:
         self.logger: MetricsLogger | NullLogger = NullLogger()
         self.progress: Progress | None = None
 
-    def hand_over(self, network: torch.nn.Module) -> None:
+    def hand_over(self, network: torch.nn.Module, *, continuing: bool = False) -> None:
         """Evaluate and checkpoint ``network`` from now on (DAgger's refit trains a new one after the last label).
 
         ``best.pt`` becomes its own from here on: the network handed over is the policy the run delivers, and
         an evaluation of the one before (DAgger's collector, trained as the labels came) that beat it by a
-        few episodes' chance would otherwise stay ``best.pt``.
+        few episodes' chance would otherwise stay ``best.pt``. ``continuing``: it was handed over before the
+        run stopped, so the best so far (restored from ``last.pt``) is already its own.
         """
         self.network = self.keeper.network = network
-        self.keeper.tracker.best = None
+        if not continuing:
+            self.keeper.tracker.best = None
 
     def advance(self, count: int = 1) -> None:
         """``count`` more units of the budget are done."""
@@ -76,13 +78,17 @@ class LoopShell:
     def log(self, metrics: dict[str, float], group: str) -> None:
         self.logger.log(self.step, metrics, group)
 
-    def evaluate(self, others: dict[str, float] | None = None) -> dict[str, float]:
+    def evaluate(self, others: dict[str, float] | None = None, *,
+                 logged_as: tuple[str, int] | None = None) -> dict[str, float]:
         """Greedy episodes of the network, logged as ``eval``; ``best.pt`` when the selection metric improved.
 
         ``others`` (``train/...``, ``validation/...``) are candidates for the selection metric too.
+        ``logged_as``: the group and step to log under instead, for evaluations off the budget's axis (those
+        in DAgger's refit, which spends updates after the last env step); they are candidates all the same.
         """
         evaluation = self.setup.evaluate(self.network)
-        self.log(evaluation, "eval")
+        group, step = logged_as or ("eval", self.step)
+        self.logger.log(step, evaluation, group)
         self.keeper.consider({**(others or {}), **{f"eval/{name}": value for name, value in evaluation.items()}},
                              self.step)
         return evaluation

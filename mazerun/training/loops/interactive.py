@@ -7,7 +7,8 @@ beta the expert's action is executed (teacher forcing), else the learner's sampl
 labelled state joins the aggregate (:class:`LabelledStates`); then the policy takes its share
 of ``n_updates`` gradient steps on batches drawn from all of it. With ``refit_updates``, once the
 last label is in, a network from fresh weights trains on the whole aggregate and is handed over
-instead (:meth:`mazerun.algorithms.dagger.DAgger.refit_learner`); the run's last report is its.
+instead (:meth:`mazerun.algorithms.dagger.DAgger.refit_learner`); the run's last report is its, and with
+``refit_eval_every`` its evaluations along the way compete for ``best.pt`` as behavioural cloning's do.
 
 Finished episodes are written to ``trajectory_data/`` as :class:`StateTrajectoryRecord` with
 an ``expert_actions`` column, so ``algorithm=bc`` can train on them later. ``last.pt`` is
@@ -210,16 +211,16 @@ def train_interactive(setup: RunSetup) -> TrainResult:
         def refit_owed() -> bool:
             return config.refit_updates > 0 and (refit is None or refit.updates < config.refit_updates)
 
-        def begin_refit() -> Any:
+        def begin_refit(continuing: bool = False) -> Any:
             """The refit's learner (``DAgger.refit_learner``), whose network the shell evaluates and saves from now on."""
             learner = algorithm.refit_learner(setup.seed)
-            shell.hand_over(learner.network)
+            shell.hand_over(learner.network, continuing=continuing)
             return learner
 
         refit: Any = None  # the refit's learner, once the last label is in
         shell = LoopShell(setup, algorithm, algorithm.selection_metric(False), training_state)
         if refit_state is not None:
-            refit = begin_refit()
+            refit = begin_refit(continuing=True)
             refit.load_network_state(start.checkpoint.model_state)
             refit.load_training_state(refit_state["algorithm"], start.step)
 
@@ -260,6 +261,11 @@ def train_interactive(setup: RunSetup) -> TrainResult:
                     window.add_update(algorithm.update(batch))
                 updates_bar.update()
 
+        def refit_evaluation_due() -> bool:
+            """Every ``refit_eval_every`` refit updates but the last, whose evaluation is the run's last report."""
+            every = config.refit_eval_every
+            return every > 0 and refit.updates % every == 0 and refit.updates < config.refit_updates
+
         def refit_on_the_aggregate() -> None:
             """A network from fresh weights trains on every label, is handed over, and makes the last report."""
             nonlocal refit
@@ -277,6 +283,8 @@ def train_interactive(setup: RunSetup) -> TrainResult:
                     interrupts.check()
                     window.add_update(refit.update(batches()))
                     refit_bar.update()
+                    if refit_evaluation_due():
+                        shell.evaluate(logged_as=("refit_eval", refit.updates))
             report(refit)
             shell.save_last()
 
