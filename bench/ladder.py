@@ -2,7 +2,7 @@
 
     python bench/ladder.py                                    # the 8 tasks, 500 unseen seeds per score
     python bench/ladder.py --tasks MiniGrid-DoorKey-8x8-v0 --demos 100 300 --eval-episodes 50   # a quick look
-    python bench/ladder.py --work ladder_work                 # keep each task's results; a rerun skips them
+    python bench/ladder.py --work ladder_work                 # keep every run's result; a rerun skips them
 
 Per task, ``policy=heuristic`` (the better of the planner and the bot for the id, by
 bench/experts.py) records the largest number of demos once, on seeds 0, 1, ... Then, through
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -38,6 +39,7 @@ TASKS = ("BabyAI-GoToRedBallGrey-v0", "BabyAI-GoToLocal-v0", "BabyAI-PickupLoc-v
          "MiniGrid-MultiRoom-N4-S5-v0")
 CLONE_TARGET = 0.95
 TASKS_AT_TARGET = 6
+MEASURED = "ladder.json"
 CONF_ENV = Path(__file__).resolve().parents[1] / "conf" / "env"
 
 
@@ -46,25 +48,46 @@ def env_overrides(env_id: str) -> list[str]:
     return [f"env={env_id}"] if (CONF_ENV / f"{env_id}.yaml").is_file() else [f"env.name={env_id}"]
 
 
+def measured(name: str, overrides: list[str], eval_episodes: int, work: Path) -> dict:
+    """One clone trained by ``run <overrides>`` into ``work/name``, its success and wall time.
+
+    Kept in ``work/name/ladder.json``, so a ladder stopped part-way goes on from the next run (another
+    ``eval_episodes`` scores the kept clone again); a run that left no such file starts again from nothing.
+    """
+    run_dir, saved = work / name, work / name / MEASURED
+    if saved.is_file():
+        score = json.loads(saved.read_text())
+        if score["episodes"] == eval_episodes:
+            return score
+        score["success"] = evaluate_run(run_dir, eval_episodes)["success_rate"]
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        seconds = run(*overrides, f"hydra.run.dir={name}", cwd=work)
+        score = {"success": evaluate_run(run_dir, eval_episodes)["success_rate"], "seconds": seconds}
+    score["episodes"] = eval_episodes
+    saved.write_text(json.dumps(score))
+    return score
+
+
 def climb(env_id: str, demos: list[int], eval_episodes: int, work: Path) -> dict:
     """One task's ladder: the recording, then BC and DAgger at each rung; every score and wall time."""
-    started = time.perf_counter()
-    records_dir = record(env_id, max(demos), work / "demos")
-    result = {"env_id": env_id, "record_seconds": time.perf_counter() - started, "rungs": {}}
+    records_dir, recorded = work / "demos" / "trajectory_data", work / "demos" / MEASURED
+    if not recorded.is_file():
+        shutil.rmtree(work / "demos", ignore_errors=True)
+        started = time.perf_counter()
+        record(env_id, max(demos), work / "demos")
+        recorded.write_text(json.dumps({"seconds": time.perf_counter() - started}))
+    result = {"env_id": env_id, "record_seconds": json.loads(recorded.read_text())["seconds"], "rungs": {}}
     lengths = [len(episode) for episode in load_records(records_dir)]
     env = env_overrides(env_id)
     for count in demos:
         labels = sum(lengths[:count])
-        bc_seconds = run("-cn", "conf_train", "algorithm=bc", *env, f"runner.dataset.dir_or_file={records_dir}",
-                         f"runner.dataset.max_episodes={count}", f"hydra.run.dir=bc_{count}", cwd=work)
-        dagger_seconds = run("algorithm=dagger", *env, f"algorithm.total_steps={labels}",
-                             f"hydra.run.dir=dagger_{count}", cwd=work)
-        result["rungs"][str(count)] = {
-            "labels": labels,
-            "bc": {"success": evaluate_run(work / f"bc_{count}", eval_episodes)["success_rate"], "seconds": bc_seconds},
-            "dagger": {"success": evaluate_run(work / f"dagger_{count}", eval_episodes)["success_rate"],
-                       "seconds": dagger_seconds},
-        }
+        bc = measured(f"bc_{count}", ["-cn", "conf_train", "algorithm=bc", *env,
+                                      f"runner.dataset.dir_or_file={records_dir}",
+                                      f"runner.dataset.max_episodes={count}"], eval_episodes, work)
+        dagger = measured(f"dagger_{count}", ["algorithm=dagger", *env, f"algorithm.total_steps={labels}"],
+                          eval_episodes, work)
+        result["rungs"][str(count)] = {"labels": labels, "bc": bc, "dagger": dagger}
         print(f"  {env_id} {count} demos ({labels} labels): BC {result['rungs'][str(count)]['bc']}, "
               f"DAgger {result['rungs'][str(count)]['dagger']} ({load_average()})", file=sys.stderr, flush=True)
     return result
@@ -76,20 +99,16 @@ def main() -> None:
     parser.add_argument("--demos", type=int, nargs="+", default=[1000, 3000, 10000])
     parser.add_argument("--eval-episodes", type=int, default=500, help="unseen seeds per score")
     parser.add_argument("--work", type=Path, default=None,
-                        help="keep each task's runs and result.json here; a task with a result.json is not run again")
+                        help="keep the runs here, each with its score in ladder.json: a rerun skips what is measured")
     args = parser.parse_args()
     demos = sorted(args.demos)
     results = []
     with tempfile.TemporaryDirectory(prefix="mazerun-ladder-") as scratch:
         for env_id in args.tasks:
             work = (args.work or Path(scratch)) / env_id
-            saved = work / "result.json"
-            if saved.is_file():
-                results.append(json.loads(saved.read_text()))
-                continue
             work.mkdir(parents=True, exist_ok=True)
             results.append(climb(env_id, demos, args.eval_episodes, work))
-            saved.write_text(json.dumps(results[-1], indent=2))
+            (work / "result.json").write_text(json.dumps(results[-1], indent=2))
 
     top = str(demos[-1])
     table = Table(f"Ladder of clones: success on {args.eval_episodes} unseen seeds; BC from k demos, DAgger at the "
