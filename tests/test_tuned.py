@@ -129,8 +129,9 @@ def test_kind_defaults_fill_only_keys_still_at_their_plain_default() -> None:
                                                   ["env.name=BabyAI-GoToRedBallGrey-v0", "algorithm.lr=0.0003"])
     assert (algorithm.n_updates, algorithm.lr) == (500, 3e-4)  # kept: changed, and named on the command line
     assert (algorithm.total_steps, algorithm.refit_updates, algorithm.refit_eval_every) == (100_000, 10_000, 2000)
-    assert algorithm.teacher_forcing == plain.teacher_forcing and runner.eval_repeats == 100  # decays over the budget
-    assert "algorithm.refit_eval_every=2000" in taken and "runner.eval_repeats=100" in taken
+    assert (algorithm.teacher_forcing.start, algorithm.teacher_forcing.steps) == (1.0, 100_000)  # a nested key
+    assert runner.eval_repeats == 100
+    assert "algorithm.teacher_forcing.steps=100000" in taken and "runner.eval_repeats=100" in taken
     assert not any(item.startswith(("algorithm.lr=", "algorithm.n_updates=")) for item in taken)
     # a pipeline's stage: its keys are named under its prefix
     algorithm, runner, _ = with_kind_defaults(plain, RunnerConfig(), "minigrid", "pipeline.stages.dagger",
@@ -150,5 +151,5 @@ def test_a_grid_task_takes_its_kind_defaults_through_run_and_says_so(workdir: Pa
     run_dir = newest_run_dir(workdir)
     log = (run_dir / "run.log").read_text()
     assert ("dagger defaults for minigrid observations: algorithm.lr=0.001, algorithm.rollout_len=16, "
-            "algorithm.nrollouts=16, algorithm.refit_eval_every=2000\n" in log)
+            "algorithm.nrollouts=16, algorithm.teacher_forcing.steps=100000, algorithm.refit_eval_every=2000\n" in log)
     assert load_checkpoint(run_dir / "last.pt").model_config["memory"] == "gru"
