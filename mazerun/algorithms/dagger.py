@@ -114,8 +114,8 @@ class DAggerConfig(EnvStepBudget):
 
     def check(self, prefix: str = "algorithm") -> None:
         check_fields(self, prefix, positive=("total_steps", "n_steps", "n_updates", "batch_size", "lr", "eval_every",
-                                             "rollout_len", "nrollouts"), non_negative=("burn_in", "refit_updates", "refit_eval_every"),
-                     schedules=("lr_schedule",))
+                                             "rollout_len", "nrollouts"),
+                     non_negative=("burn_in", "refit_updates", "refit_eval_every"), schedules=("lr_schedule",))
         if self.learner_actions not in ("sample", "greedy"):
             raise MazerunError(f"{prefix}.learner_actions={self.learner_actions!r} is unknown; use sample or greedy")
         forcing = self.teacher_forcing

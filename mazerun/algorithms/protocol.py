@@ -32,6 +32,7 @@ import gymnasium as gym
 import torch
 from torch import nn
 
+from mazerun.core.numerics import subnormals_flushed
 from mazerun.nn.models import (
     ActorCritic,
     ModelConfig,
@@ -150,6 +151,15 @@ class Algorithm(ABC):
     @abstractmethod
     def update(self, batch: Any) -> dict[str, Any]:
         """Learn from one batch of what the loop feeds; returns scalar metrics (tensors or floats)."""
+
+    def learn(self, batch: Any) -> dict[str, Any]:
+        """What every loop calls: :meth:`update` with subnormal floats read and written as zero.
+
+        Trained networks drift into subnormals, which x86 cores compute many times slower
+        (:func:`mazerun.core.numerics.subnormals_flushed`); an algorithm writes ``update`` and gets this for free.
+        """
+        with subnormals_flushed():
+            return self.update(batch)
 
     def networks(self) -> dict[str, nn.Module]:
         """Every network of the algorithm by attribute name, the acting one first."""

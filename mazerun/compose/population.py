@@ -50,7 +50,6 @@ from mazerun.config.schemas import RunConfig
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
 from mazerun.core.files import atomic_write_bytes
-from mazerun.core.numerics import subnormals_flushed
 from mazerun.core.progress import Progress
 from mazerun.data.tensors import TransitionDataset, observation_stats, records_to_dataset, transitions_at
 from mazerun.nn.checkpoint import (
@@ -368,8 +367,7 @@ class Population:
             for _ in range(steps):
                 interrupts.check()
                 batch = sample_batch(self.data, int(config.batch_size), agent.generator)
-                with subnormals_flushed():
-                    metrics = agent.algorithm.update(batch)
+                metrics = agent.algorithm.learn(batch)
                 for name, value in metrics.items():
                     sums[name] = sums[name] + value if name in sums else value.clone()
                 taken += 1

@@ -36,7 +36,6 @@ from mazerun.algorithms.protocol import Algorithm
 from mazerun.config.schemas import ExpertConfig
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
-from mazerun.core.numerics import subnormals_flushed
 from mazerun.core.progress import Progress
 from mazerun.data.records import NO_LABEL, TRAJECTORY_DIR, EpisodeBuilder, write_record
 from mazerun.data.tensors import (
@@ -257,8 +256,7 @@ def train_interactive(setup: RunSetup) -> TrainResult:
             while algorithm.updates < due:
                 interrupts.check()
                 batch = batches()
-                with subnormals_flushed():
-                    window.add_update(algorithm.update(batch))
+                window.add_update(algorithm.learn(batch))
                 updates_bar.update()
 
         def refit_evaluation_due() -> bool:
@@ -281,7 +279,7 @@ def train_interactive(setup: RunSetup) -> TrainResult:
                           leave=False) as refit_bar:
                 while refit.updates < config.refit_updates:
                     interrupts.check()
-                    window.add_update(refit.update(batches()))
+                    window.add_update(refit.learn(batches()))
                     refit_bar.update()
                     if refit_evaluation_due():
                         shell.evaluate(logged_as=("refit_eval", refit.updates))

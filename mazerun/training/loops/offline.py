@@ -25,7 +25,6 @@ from mazerun.algorithms import build_algorithm
 from mazerun.algorithms.base import OfflineAlgorithm
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
-from mazerun.core.numerics import subnormals_flushed
 from mazerun.data.store import StoreDataset, store_split
 from mazerun.data.tensors import (
     BatchSampler,
@@ -117,8 +116,7 @@ def train_offline(setup: RunSetup) -> TrainResult:
         while shell.step < config.n_updates:
             stop_check()
             batch = sampler.sample()
-            with subnormals_flushed():
-                metrics = algorithm.update(batch)
+            metrics = algorithm.learn(batch)
             for name, value in metrics.items():
                 window[name] += value
             shell.advance()

@@ -41,7 +41,6 @@ from mazerun.acting.evaluation import stack_observations
 from mazerun.algorithms import build_algorithm
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
-from mazerun.core.numerics import subnormals_flushed
 from mazerun.data.replay import ReplayBuffer, buffer_bytes, choose_store
 from mazerun.nn.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, TRAINING_STATE
 from mazerun.training.loops.vector import VectorEpisodes, open_vector_env
@@ -144,8 +143,7 @@ def _train(setup: RunSetup, buffer: ReplayBuffer) -> TrainResult:
                             problem = algorithm.check_fast_path(batch)
                             if problem is not None:
                                 log.warning(problem)
-                        with subnormals_flushed():
-                            metrics = algorithm.update(batch)
+                        metrics = algorithm.learn(batch)
                         for name, value in metrics.items():
                             window[name] += value
                         window_updates += 1

@@ -41,7 +41,6 @@ from mazerun.algorithms import build_algorithm
 from mazerun.algorithms.rollouts import RolloutBatch, compute_gae
 from mazerun.core import interrupts
 from mazerun.core.errors import MazerunError
-from mazerun.core.numerics import subnormals_flushed
 from mazerun.data.tensors import (
     BatchSampler,
     SequenceSampler,
@@ -147,8 +146,7 @@ def train_on_policy(setup: RunSetup) -> TrainResult:
                     problem = algorithm.check_fast_path(batch)
                     if problem is not None:
                         log.warning(problem)
-                with subnormals_flushed():
-                    metrics = algorithm.update(batch)
+                metrics = algorithm.learn(batch)
                 updated = time.perf_counter()
                 shell.advance(rollout_size)
                 iteration += 1
