@@ -88,8 +88,8 @@ def climb(env_id: str, demos: list[int], eval_episodes: int, work: Path) -> dict
         dagger = measured(f"dagger_{count}", ["algorithm=dagger", *env, f"algorithm.total_steps={labels}"],
                           eval_episodes, work)
         result["rungs"][str(count)] = {"labels": labels, "bc": bc, "dagger": dagger}
-        print(f"  {env_id} {count} demos ({labels} labels): BC {result['rungs'][str(count)]['bc']}, "
-              f"DAgger {result['rungs'][str(count)]['dagger']} ({load_average()})", file=sys.stderr, flush=True)
+        print(f"  {env_id} {count} demos ({labels} labels): BC {bc}, DAgger {dagger} ({load_average()})",
+              file=sys.stderr, flush=True)
     return result
 
 
