@@ -3,6 +3,7 @@
     python bench/experts.py                      # 200 seeds per id (0..199, as `run` seeds its episodes)
     python bench/experts.py --smoke              # 5 seeds per id
     python bench/experts.py --ids 'BabyAI-Unlock*' 'MiniGrid-DoorKey-*' --seeds 50
+    python bench/experts.py --sees agent --ids 'MiniGrid-*'   # the heuristic's planner: on what the agent sees
 
 Per id: the planner's success, the bot's (BabyAI ids only: it reads a level's ``instrs``), the
 planner's mean steps and the mean length of its plan at reset. The plan at reset is the number
@@ -13,6 +14,11 @@ taken unless replanning goes astray). Means are over the successful episodes. Ea
 through mazerun's own env (its time limit) and counts as a success when it terminates with a
 positive reward, as `run` counts. An episode that runs past 30 s has hung (the bot loops forever
 on a few states): it counts as failed and the row says how many.
+
+``--sees all`` (the default) measures ``policy=planner``, which plans on the full state;
+``--sees agent`` the planner of ``policy=heuristic`` and DAgger's default teacher, which plans
+on the cells the agent has seen and explores for the rest (its steps above the plan at reset
+are the price of looking).
 
 A seed where the planner reports that no plan exists (``NoPlan``) is listed with the reason and
 left out of its success rate; every other seed counts. A row fails when the planner's success
@@ -110,9 +116,9 @@ def plan_at_reset(env: gym.Env, seed: int) -> int:
     return world.max_steps
 
 
-def measure(job: tuple[str, str, list[int]]) -> Coverage:
-    """One expert on one id over ``seeds`` (runs in a worker process)."""
-    env_id, expert, seeds = job
+def measure(job: tuple[str, str, list[int], str]) -> Coverage:
+    """One expert on one id over ``seeds``, the planner planning on what ``sees`` says (runs in a worker process)."""
+    env_id, expert, seeds, sees = job
     from mazerun.acting.envs import make_env
     from mazerun.acting.policies.heuristic import BabyAIBotPolicy
     from mazerun.acting.policies.planner import NoPlan, PlannerPolicy
@@ -124,7 +130,7 @@ def measure(job: tuple[str, str, list[int]]) -> Coverage:
     except Exception as error:  # noqa: BLE001 - an id minigrid registers but cannot build is reported, not fatal
         coverage.cannot_run = f"the env cannot reset: {type(error).__name__}: {str(error)[:120]}"
         return coverage
-    policy = PlannerPolicy(env_id) if expert == "planner" else BabyAIBotPolicy()
+    policy = PlannerPolicy(env_id, sees) if expert == "planner" else BabyAIBotPolicy()
     signal.signal(signal.SIGALRM, _hang_up)
     for seed in seeds:
         coverage.episodes += 1
@@ -161,12 +167,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=200, help="episodes per id and expert: seeds 0, 1, ...")
     parser.add_argument("--smoke", action="store_true", help="5 seeds per id")
     parser.add_argument("--ids", nargs="+", default=["*"], help="shell patterns of the ids to measure")
+    parser.add_argument("--sees", choices=("all", "agent"), default="all",
+                        help="the planner plans on the full state (policy=planner) or on what the agent has seen "
+                             "(policy=heuristic's)")
     parser.add_argument("--workers", type=int, default=2, help="processes (the machine may be shared: keep it small)")
     args = parser.parse_args()
     seeds = list(range(5 if args.smoke else args.seeds))
     ids = [env_id for env_id in registered_ids() if any(fnmatch.fnmatch(env_id, pattern) for pattern in args.ids)]
-    jobs = [(env_id, "planner", seeds) for env_id in ids]
-    jobs += [(env_id, "bot", seeds) for env_id in ids if env_id.startswith("BabyAI-")]
+    jobs = [(env_id, "planner", seeds, args.sees) for env_id in ids]
+    jobs += [(env_id, "bot", seeds, args.sees) for env_id in ids if env_id.startswith("BabyAI-")]
     print(f"bench/experts.py: {len(ids)} ids, {len(seeds)} seeds, {args.workers} workers, {load_average()}",
           file=sys.stderr)
     started = time.perf_counter()
@@ -180,8 +189,8 @@ def main() -> None:
                   f"({time.perf_counter() - started:.0f} s)",
                   file=sys.stderr, flush=True)
 
-    table = Table(f"Expert coverage: success over seeds 0..{len(seeds) - 1} with a plan; planner steps / its "
-                  "plan at reset; bot steps", peer_name="bot")
+    table = Table(f"Expert coverage: success over seeds 0..{len(seeds) - 1} with a plan; planner (sees {args.sees}) "
+                  "steps / its plan at reset; bot steps", peer_name="bot")
     without_plan = []
     for env_id in ids:
         planner, bot = results[env_id, "planner"], results.get((env_id, "bot"))

@@ -15,20 +15,32 @@ from minigrid.core.world_object import Ball, Box, Door, Goal, Key, Lava
 from minigrid.minigrid_env import MiniGridEnv
 
 from mazerun.acting.envs import make_env
+from mazerun.acting.policies import build_expert
 from mazerun.acting.policies.heuristic import PLANNER_FIRST_IDS, BabyAIBotPolicy, heuristic_for
-from mazerun.acting.policies.planner import FORWARD, PlannerPolicy, front
+from mazerun.acting.policies.planner import (
+    FORWARD,
+    LEFT,
+    RIGHT,
+    TOGGLE,
+    PlannerPolicy,
+    front,
+    planner_for,
+    seen_from,
+)
+from mazerun.config.schemas import ExpertConfig
 from mazerun.data.records import load_records
 
 
 class HandBuiltGrid(MiniGridEnv):
     """A fixed grid drawn as text: W wall, A agent (facing east), G goal, V lava, L locked yellow
-    door, B box holding the yellow key, O a ball that patrols its column one cell a step."""
+    door, D closed yellow door, B box holding the yellow key, O a ball that patrols its column one cell a step."""
 
-    def __init__(self, rows: list[str], mission: str = "get to the green goal square") -> None:
+    def __init__(self, rows: list[str], mission: str = "get to the green goal square",
+                 see_through_walls: bool = True) -> None:
         self.rows, self.text = rows, mission
         self.patrol_step = 1
         super().__init__(mission_space=MissionSpace(mission_func=lambda: mission), width=len(rows[0]),
-                         height=len(rows), max_steps=200, see_through_walls=True)
+                         height=len(rows), max_steps=200, see_through_walls=see_through_walls)
         if any("O" in row for row in rows):
             self.action_space = gym.spaces.Discrete(3)  # as Dynamic-Obstacles: turn and walk only
 
@@ -46,6 +58,8 @@ class HandBuiltGrid(MiniGridEnv):
                     self.grid.set(x, y, Lava())
                 elif mark == "L":
                     self.grid.set(x, y, Door("yellow", is_locked=True))
+                elif mark == "D":
+                    self.grid.set(x, y, Door("yellow"))
                 elif mark == "B":
                     self.grid.set(x, y, Box("grey", contains=Key("yellow")))
                 elif mark == "O":
@@ -148,8 +162,9 @@ def test_the_planner_takes_the_shortest_plan_on_hand_built_grids(rows: list[str]
     env = HandBuiltGrid(rows, mission)
     env.reset(seed=0)
     shortest = shortest_plan(env)
-    succeeded, steps = play(env, PlannerPolicy("hand-built"), seed=0)
+    succeeded, steps = play(env, PlannerPolicy("hand-built", sees="all"), seed=0)
     assert succeeded and steps == shortest
+    assert play(env, PlannerPolicy("hand-built", sees="agent"), seed=0)[0]  # on what the agent sees: there too
 
 
 def test_the_key_in_a_box_plan_is_the_nine_actions_worked_out_by_hand() -> None:
@@ -157,6 +172,55 @@ def test_the_key_in_a_box_plan_is_the_nine_actions_worked_out_by_hand() -> None:
     env.reset(seed=0)
     # forward, left, toggle the box, pick up the key, right, forward, toggle the door, forward, forward
     assert shortest_plan(env) == 9
+
+
+TWO_CLOSED_ROOMS = ["WWWWWWWWWWW",
+                    "W..W...W..W",
+                    "W..D.A.D.GW",
+                    "W..W...W..W",
+                    "WWWWWWWWWWW"]
+
+
+def test_the_agents_view_is_the_cells_minigrid_shows_it() -> None:
+    """Facing east from (5, 2), the 7x7 view spans x 5..11 and y -1..5: every cell of the grid from x 5 on, except
+    what the closed door at (7, 2) hides (the right room), and the door itself is seen."""
+    env = HandBuiltGrid(TWO_CLOSED_ROOMS, see_through_walls=False)
+    env.reset(seed=0)
+    seen = seen_from(env).reshape(5, 11)
+    assert not seen[:, :5].any()
+    assert seen[:, 5:8].all()  # the middle room's right half, its wall and the door
+    assert not seen[1:4, 8:10].any()  # the room behind the door
+    for steps in range(12):  # and against minigrid's own map of world cells to view cells, pose after pose
+        _, visible = env.gen_obs_grid()
+        seen = seen_from(env)
+        for index in range(env.grid.width * env.grid.height):
+            x, y = index % env.grid.width, index // env.grid.width
+            view = env.get_view_coords(x, y)
+            in_view = 0 <= view[0] < env.agent_view_size and 0 <= view[1] < env.agent_view_size
+            assert seen[index] == (in_view and visible[view]), (steps, x, y)
+        env.step((LEFT, FORWARD, RIGHT)[steps % 3])
+
+
+def test_on_what_the_agent_sees_it_looks_for_a_goal_it_has_not_seen() -> None:
+    """The full state's plan walks straight at the goal behind the right door; planning on what the agent has seen,
+    it first turns to the cells behind it (two turns: the nearest unseen cell), opens the left door it finds there,
+    and only then looks behind the right one."""
+    env = HandBuiltGrid(TWO_CLOSED_ROOMS, see_through_walls=False)
+    actions = {}
+    for sees in ("all", "agent"):
+        env.reset(seed=0)
+        policy, taken = PlannerPolicy("hand-built", sees=sees), []
+        policy.reset(env, 0)
+        for _ in range(4):
+            taken.append(policy.act(None))
+            env.step(taken[-1])
+        actions[sees] = taken
+    assert actions["all"] == [FORWARD, TOGGLE, FORWARD, FORWARD]
+    assert actions["agent"] == [RIGHT, RIGHT, FORWARD, TOGGLE]
+    env.reset(seed=0)
+    shortest = shortest_plan(env)
+    succeeded, steps = play(env, PlannerPolicy("hand-built", sees="agent"), seed=0)
+    assert succeeded and steps > shortest
 
 
 REAL_ENVS = ["MiniGrid-LavaCrossingS9N2-v0", "MiniGrid-LavaGapS7-v0", "MiniGrid-DistShift2-v0",
@@ -167,9 +231,10 @@ REAL_ENVS = ["MiniGrid-LavaCrossingS9N2-v0", "MiniGrid-LavaGapS7-v0", "MiniGrid-
              "BabyAI-KeyInBox-v0", "BabyAI-UnlockToUnlock-v0", "BabyAI-PutNextS6N3-v0", "BabyAI-BossLevel-v0"]
 
 
+@pytest.mark.parametrize("sees", ["all", "agent"])
 @pytest.mark.parametrize("env_id", REAL_ENVS)
-def test_legal_actions_never_into_lava_or_walls_and_success_on_real_envs(env_id: str) -> None:
-    env, policy = make_env(env_id), PlannerPolicy(env_id)
+def test_legal_actions_never_into_lava_or_walls_and_success_on_real_envs(env_id: str, sees: str) -> None:
+    env, policy = make_env(env_id), PlannerPolicy(env_id, sees)
     for seed in range(4):
         succeeded, _ = play(env, policy, seed)
         assert succeeded, f"{env_id} seed {seed}"
@@ -188,7 +253,9 @@ def test_it_recovers_from_actions_it_did_not_choose() -> None:
      "error: policy=planner plans on MiniGrid and BabyAI envs only, not CartPole-v1"),
     (["env.name=MiniGrid-Playground-v0", "policy=planner"], "the planner cannot read the mission ''"),
     (["env.name=MiniGrid-Empty-5x5-v0", "policy=bot"], "error: policy=bot solves BabyAI levels only"),
-], ids=["not-a-grid", "unreadable-mission", "bot-off-babyai"])
+    (["env.name=MiniGrid-Empty-5x5-v0", "policy=planner", "policy.sees=everything"],
+     "error: policy.sees='everything' is unknown; use agent or all"),
+], ids=["not-a-grid", "unreadable-mission", "bot-off-babyai", "unknown-view"])
 def test_refusals_are_one_line(workdir: Path, overrides: list[str], message: str) -> None:
     result = run_cli(*overrides, "runner.n_episodes=2", cwd=workdir)
     assert result.returncode == 2, result.stderr
@@ -214,8 +281,15 @@ def test_heuristic_on_a_minigrid_id_is_the_planner(workdir: Path) -> None:
 
 
 def test_the_heuristic_is_the_better_grid_expert_per_id() -> None:
-    assert isinstance(heuristic_for("MiniGrid-DoorKey-5x5-v0"), PlannerPolicy)
+    """The planner where it is the better grid expert, planning on what the agent sees (what a clone can imitate);
+    ``policy=planner`` plans on the full state unless told otherwise."""
+    assert heuristic_for("MiniGrid-DoorKey-5x5-v0").sees == "agent"
+    assert planner_for("MiniGrid-DoorKey-5x5-v0").sees == "all"
     for env_id in PLANNER_FIRST_IDS:
-        assert isinstance(heuristic_for(env_id), PlannerPolicy), env_id
+        assert isinstance(heuristic_for(env_id), PlannerPolicy) and heuristic_for(env_id).sees == "agent", env_id
+    env = make_env("MiniGrid-DoorKey-5x5-v0")  # DAgger's teacher alike
+    assert build_expert(ExpertConfig(), "MiniGrid-DoorKey-5x5-v0", env).sees == "agent"
+    assert build_expert(ExpertConfig(name="planner"), "MiniGrid-DoorKey-5x5-v0", env).sees == "all"
+    assert build_expert(ExpertConfig(name="planner", sees="agent"), "MiniGrid-DoorKey-5x5-v0", env).sees == "agent"
     assert "BabyAI-GoToLocal-v0" not in PLANNER_FIRST_IDS
     assert isinstance(heuristic_for("BabyAI-GoToLocal-v0"), BabyAIBotPolicy)

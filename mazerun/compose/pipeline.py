@@ -156,7 +156,7 @@ def _record(config: RunConfig, stage: RecordStageConfig, stage_dir: Path) -> int
     """A record stage: the expert's episodes into ``stage_dir/trajectory_data``; returns how many."""
     expert = config.expert
     policy = PolicyConfig(name=expert.name if expert else "heuristic", epsilon=stage.epsilon,
-                          deterministic=expert.deterministic if expert else True)
+                          deterministic=expert.deterministic if expert else True, sees=expert.sees if expert else None)
     runner = dataclasses.replace(config.runner, n_episodes=stage.n_episodes)
     env_id = config.env.name or _expert_env(config)
     stats = rollout(env_id, policy, runner, stage_dir, input_dir=expert.input_dir if expert else None)

@@ -25,6 +25,10 @@ from mazerun.core.schedules import SCHEDULE_KINDS
 
 DEFAULT_ENV_ID = "LunarLander-v3"
 
+PLANNER_SEES = ("agent", "all")
+"""What the planner plans on: the cells the agent has seen this episode (demonstrations a clone with the agent's
+view can imitate), or the full state (the shortest plan)."""
+
 
 @dataclass
 class EnvConfig:
@@ -44,6 +48,10 @@ class PolicyConfig:
     """torch_policy and onnx: greedy actions (argmax / mean); false samples from the policy."""
     path: Optional[str] = None
     """onnx: the file ``python -m mazerun.export <run> --format onnx`` wrote (its ``.json`` lies beside it)."""
+    sees: Optional[str] = None
+    """planner, and heuristic where it is the planner: plan on the cells the agent has seen this episode (agent:
+    demonstrations a clone with the agent's view can imitate) or on the full state (all: the shortest plan);
+    null: the policy's own, agent for heuristic, all for planner."""
 
 
 @dataclass
@@ -57,6 +65,9 @@ class ExpertConfig:
     """torch_policy: the trained run (or checkpoint file) that teaches."""
     deterministic: bool = True
     """torch_policy: greedy labels; false samples them from the teacher's policy."""
+    sees: Optional[str] = None
+    """planner, and heuristic where it is the planner: label from the cells the agent has seen (agent) or from the
+    full state (all); null: agent for heuristic, all for planner (see ``PolicyConfig.sees``)."""
 
 
 @dataclass
@@ -233,6 +244,10 @@ def check_rollout(config: RunConfig) -> None:
         raise MazerunError(f"policy.name={policy.name!r} is unknown; choose one of {', '.join(names)}")
     if not 0.0 <= policy.epsilon <= 1.0:
         raise MazerunError(f"policy.epsilon={policy.epsilon} must lie in [0, 1]")
+    for section in (policy, config.expert):
+        if section is not None and section.sees not in (None, *PLANNER_SEES):
+            key = "policy" if section is policy else "expert"
+            raise MazerunError(f"{key}.sees={section.sees!r} is unknown; use {' or '.join(PLANNER_SEES)}")
     if policy.name == "onnx" and not policy.path:
         raise MazerunError("policy=onnx needs policy.path=<an .onnx file written by python -m mazerun.export>")
     expert = config.expert

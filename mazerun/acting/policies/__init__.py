@@ -26,9 +26,9 @@ def build_policy(
 ) -> Policy:
     """The policy named by ``config`` for ``env_id``, with epsilon-greedy noise when asked."""
     if config.name in HEURISTIC_ALIASES:
-        policy = heuristic_for(env_id)
+        policy = heuristic_for(env_id, config.sees or "agent")
     elif config.name == "planner":
-        policy = planner_for(env_id)
+        policy = planner_for(env_id, config.sees or "all")
     elif config.name == "bot":
         policy = bot_for(env_id)
     elif config.name == "random":
@@ -53,7 +53,7 @@ def build_policy(
 def build_expert(expert: ExpertConfig, env_id: str, env: gym.Env) -> Policy:
     """The teacher beside one env copy (DAgger's). Here, not in the loop: an env worker builds it, and imports no
     more than it needs (a scripted expert needs no torch)."""
-    policy = PolicyConfig(name=expert.name, deterministic=expert.deterministic)
+    policy = PolicyConfig(name=expert.name, deterministic=expert.deterministic, sees=expert.sees)
     return build_policy(policy, env_id, env.observation_space, env.action_space, input_dir=expert.input_dir)
 
 

@@ -94,15 +94,16 @@ def bot_for(env_id: str) -> Policy:
     return BabyAIBotPolicy()
 
 
-def heuristic_for(env_id: str) -> Policy:
+def heuristic_for(env_id: str, sees: str = "agent") -> Policy:
     """The scripted expert for ``env_id``, or an error that lists the envs that have one.
 
     On a MiniGrid id it is the planner (the bot reads only BabyAI levels); on a BabyAI level, the
-    better of the two for that level (:data:`PLANNER_FIRST_IDS`).
+    better of the two for that level (:data:`PLANNER_FIRST_IDS`). Its planner plans on what the
+    agent has seen (``sees``), so the clones of its demonstrations can do what it does.
     """
     if is_minigrid(env_id):
         return bot_for(env_id) if env_id.startswith("BabyAI-") and env_id not in PLANNER_FIRST_IDS \
-            else planner_for(env_id)
+            else planner_for(env_id, sees)
     family = env_id.split("-")[0]
     if family not in HEURISTICS_BY_ENV_PREFIX:
         known = ", ".join(f"{prefix}-*" for prefix in [*HEURISTICS_BY_ENV_PREFIX, "MiniGrid", "BabyAI"])
