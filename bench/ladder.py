@@ -5,7 +5,8 @@
     python bench/ladder.py --work ladder_work                 # keep every run's result; a rerun skips them
 
 Per task, ``policy=heuristic`` (the better of the planner and the bot for the id, by
-bench/experts.py) records the largest number of demos once, on seeds 0, 1, ... Then, through
+bench/experts.py; the planner plans on what the agent has seen, so its demos can be imitated)
+records the largest number of demos once, on seeds 0, 1, ... Then, through
 the real `run` command with each algorithm's default settings (on these grids: a GRU, and BC's and
 DAgger's ``kind_defaults`` for minigrid observations, which run.log lists):
 
