@@ -94,10 +94,13 @@ class World:
     """One step's view of the env's full state, with the rules of moving through it."""
 
     def __init__(self, env: Any, *, forbidden: frozenset[Cell] = frozenset(), may_move_objects: bool = True,
-                 drop_cell: Cell | None = None, seen: np.ndarray | None = None) -> None:
+                 drop_cell: Cell | None = None, seen: np.ndarray | None = None,
+                 explore_cell: Cell | None = None) -> None:
         self.env = env
         self.seen = seen
         """Per cell (row-major, as ``grid.grid``), whether the agent has seen it; None: every cell is known."""
+        self.explore_cell = explore_cell
+        """The unseen cell that exploration behind a locked door or an object is heading for (see :func:`explore`)."""
         self.grid = env.grid
         self.width = env.grid.width
         self.pose: Pose = (int(env.agent_pos[0]), int(env.agent_pos[1]), int(env.agent_dir))
@@ -399,11 +402,30 @@ def carry_aside(world: World, cell: Cell, depth: int, is_goal: Callable[[Pose], 
 
 def explore(world: World) -> int:
     """The next action toward a pose that faces a cell the agent has not seen, the nearest through the cells it
-    knows (doors opened, a locked door's key fetched, as any way); no such pose: no plan."""
+    knows; no such pose: no plan.
+
+    Where every such cell lies behind a locked door or an object, the cell that the cheapest relaxed
+    way reaches is kept (``world.explore_cell``) until it is seen: two locked doors whose keys lie on
+    either side of the agent would otherwise trade places as the cheaper subgoal at each turn it takes.
+    """
     unseen = world.unseen()
     if not unseen:
         raise NoPlan("every cell is seen")
-    return go(world, facing(unseen), lambda pose: LEFT, 0)
+    path = search(world, facing(unseen))
+    if path is not None:
+        return first_action(world, path) if path else LEFT
+    for fresh in (world.explore_cell not in unseen, True):
+        if fresh:
+            relaxed = search(world, facing(unseen), relaxed=True)
+            if relaxed is None:
+                raise NoPlan("no way leads to the cells not seen yet")
+            world.explore_cell = front(relaxed[-1].pose)
+        try:
+            return go(world, facing({world.explore_cell}), lambda pose: LEFT, 0)
+        except NoPlan:
+            if fresh:
+                raise
+    raise AssertionError("unreachable: the second pass is fresh")
 
 
 def seen_from(env: Any) -> np.ndarray:
@@ -515,6 +537,7 @@ class Task:
     def __init__(self, env: Any) -> None:
         self.env = env
         self.drop_cell: Cell | None = None
+        self.explore_cell: Cell | None = None
         self.seen: np.ndarray | None = None
         """The cells the agent has seen this episode (see :meth:`plan_on_what_the_agent_sees`); None: all known."""
 
@@ -526,7 +549,7 @@ class Task:
         if self.seen is not None:
             self.seen |= seen_from(self.env)
         world = World(self.env, forbidden=self.forbidden, may_move_objects=self.may_move_objects,
-                      drop_cell=self.drop_cell, seen=self.seen)
+                      drop_cell=self.drop_cell, seen=self.seen, explore_cell=self.explore_cell)
         try:
             action = self.objective(world)
         except NoPlan as unknown:  # on what the agent has seen: look further before giving up
@@ -536,7 +559,7 @@ class Task:
                 action = explore(world)
             except NoPlan:
                 raise unknown from None
-        self.drop_cell = world.drop_cell
+        self.drop_cell, self.explore_cell = world.drop_cell, world.explore_cell
         return action
 
     def objective(self, world: World) -> int:
@@ -588,6 +611,8 @@ class OpenDoors(Task):
         for color in self.colors:
             wanted = [door for door in doors if color is None or door.color == color]
             if not any(door.is_open for door in wanted):
+                if not wanted:  # not seen yet: look for it without opening another (red before blue fails)
+                    world.may_move_objects = False
                 return open_door(world, wanted)
         raise NoPlan("every door of the mission is open already")
 
