@@ -33,6 +33,7 @@ from pathlib import Path
 
 from common import Table, evaluate_run, load_average, record, run
 
+from mazerun.core.rundir import is_locked
 from mazerun.data.records import load_records
 
 TASKS = ("BabyAI-GoToRedBallGrey-v0", "BabyAI-GoToLocal-v0", "BabyAI-PickupLoc-v0", "BabyAI-PutNextLocal-v0",
@@ -63,6 +64,9 @@ def measured(name: str, overrides: list[str], eval_episodes: int, work: Path) ->
             return score
         score["success"] = evaluate_run(run_dir, eval_episodes)["success_rate"]
     else:
+        if is_locked(run_dir):  # a second ladder on this task: its rmtree would pull the directory from under the run
+            sys.exit(f"error: {run_dir} is being trained by another run (a second ladder on this task?); "
+                     "let it finish, or stop it, and run the ladder again")
         shutil.rmtree(run_dir, ignore_errors=True)
         seconds = run(*overrides, f"hydra.run.dir={name}", cwd=work)
         score = {"success": evaluate_run(run_dir, eval_episodes)["success_rate"], "seconds": seconds}
