@@ -146,16 +146,18 @@ class World:
     def holds_key(self, color: str) -> bool:
         return self.carrying is not None and self.carrying.type == "key" and self.carrying.color == color
 
-    def knows_a_key(self, color: str) -> bool:
-        """Whether a key of ``color`` is carried or seen (in a box, too): a locked door worth a detour. Planning on
-        the full state, every door is (a door whose key is nowhere then fails as no plan, by name)."""
-        if self.seen is None:
-            return True
+    def has_a_key(self, color: str) -> bool:
+        """Whether a key of ``color`` is carried or lies in the grid the planner reads (in a box, too)."""
         if color not in self._known_keys:
             key = key_of(color)
             self._known_keys[color] = self.holds_key(color) or holds(self.carrying, key) or any(
                 key(obj) or holds(obj, key) for _, obj in self.objects())
         return self._known_keys[color]
+
+    def knows_a_key(self, color: str) -> bool:
+        """Whether a locked door of ``color`` is worth a detour: its key is carried or seen. Planning on the full
+        state, every door is (a door whose key is nowhere then fails as no plan, by name: :func:`fetch_key`)."""
+        return self.seen is None or self.has_a_key(color)
 
     def entry_cost(self, cell: Cell, relaxed: bool) -> int | None:
         """Actions to step into ``cell`` (two through a closed door); None where the agent must not go.
@@ -289,10 +291,9 @@ def go(world: World, is_goal: Callable[[Pose], bool], arrive: Callable[[Pose], i
 
 def fetch_key(world: World, color: str, depth: int) -> int:
     """The next action toward holding a key of ``color``; no such key in the grid: no plan."""
-    key = key_of(color)
-    if not holds(world.carrying, key) and not any(key(obj) or holds(obj, key) for _, obj in world.objects()):
+    if not world.has_a_key(color):
         raise NoPlan(f"the locked {color} door on the way has no {color} key in the grid")
-    return pick_up(world, key, depth)
+    return pick_up(world, key_of(color), depth)
 
 
 def way_that_needs_the_key(world: World, is_goal: Callable[[Pose], bool]) -> list[Step] | None:
@@ -414,18 +415,16 @@ def explore(world: World) -> int:
     path = search(world, facing(unseen))
     if path is not None:
         return first_action(world, path) if path else LEFT
-    for fresh in (world.explore_cell not in unseen, True):
-        if fresh:
-            relaxed = search(world, facing(unseen), relaxed=True)
-            if relaxed is None:
-                raise NoPlan("no way leads to the cells not seen yet")
-            world.explore_cell = front(relaxed[-1].pose)
+    if world.explore_cell in unseen:
         try:
             return go(world, facing({world.explore_cell}), lambda pose: LEFT, 0)
         except NoPlan:
-            if fresh:
-                raise
-    raise AssertionError("unreachable: the second pass is fresh")
+            pass  # the kept way has shut: choose again
+    relaxed = search(world, facing(unseen), relaxed=True)
+    if relaxed is None:
+        raise NoPlan("no way leads to the cells not seen yet")
+    world.explore_cell = front(relaxed[-1].pose)
+    return go(world, facing({world.explore_cell}), lambda pose: LEFT, 0)
 
 
 def seen_from(env: Any) -> np.ndarray:
