@@ -154,10 +154,11 @@ def train_interactive(setup: RunSetup) -> TrainResult:
     finally:
         probe.close()
     steps_per_copy = config.total_steps // runner.n_envs
-    if setup.model_config.recurrent and steps_per_copy < config.rollout_len + config.burn_in:
+    # burn-in needs no rows of its own: before a copy's first row it repeats that row, an episode start
+    if setup.model_config.recurrent and steps_per_copy < config.rollout_len:
         raise MazerunError(
-            f"algorithm.rollout_len={config.rollout_len} (+ burn_in={config.burn_in}) steps of one env copy make a "
-            f"chunk, but algorithm.total_steps={config.total_steps} over runner.n_envs={runner.n_envs} copies labels "
+            f"algorithm.rollout_len={config.rollout_len} steps of one env copy make a chunk, but "
+            f"algorithm.total_steps={config.total_steps} over runner.n_envs={runner.n_envs} copies labels "
             f"{steps_per_copy} each: nothing could train; raise algorithm.total_steps or lower algorithm.rollout_len")
     generator = torch.Generator(device=device)
     generator.manual_seed(setup.seed)
