@@ -151,5 +151,6 @@ def test_a_grid_task_takes_its_kind_defaults_through_run_and_says_so(workdir: Pa
     run_dir = newest_run_dir(workdir)
     log = (run_dir / "run.log").read_text()
     assert ("dagger defaults for minigrid observations: algorithm.lr=0.001, algorithm.rollout_len=16, "
-            "algorithm.nrollouts=16, algorithm.teacher_forcing.steps=100000, algorithm.refit_eval_every=2000\n" in log)
+            "algorithm.nrollouts=16, algorithm.burn_in=32, algorithm.teacher_forcing.steps=100000, "
+            "algorithm.refit_eval_every=2000\n" in log)
     assert load_checkpoint(run_dir / "last.pt").model_config["memory"] == "gru"
