@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 from conftest import newest_run_dir, run_cli, run_ok
@@ -77,6 +78,83 @@ def test_the_squashed_log_prob_stays_finite_where_tanh_rounds_to_one() -> None:
     # tanh(20) is 1.0 in float32: the naive log(1 - tanh(u)^2) is -inf; exactly it is 2 (log 2 - 20 - softplus(-40))
     log_prob = squashed_log_prob(torch.zeros(1, 1), torch.zeros(1, 1), torch.full((1, 1), 20.0))
     assert log_prob.item() == pytest.approx(-0.5 * 400 - 0.9189385 - 2 * (math.log(2) - 20), rel=1e-6)
+
+
+def test_sb3_s_epsilon_caps_the_correction_where_tanh_rounds_to_one() -> None:
+    # tanh(20) is 1.0 in float32: log(1 - 1 + 1e-6) = -13.815511; log N(20; 0, 1) = -200 - 0.9189385
+    log_prob = squashed_log_prob(torch.zeros(1, 1), torch.zeros(1, 1), torch.full((1, 1), 20.0), epsilon=1e-6)
+    assert log_prob.item() == pytest.approx(-200.9189385 + 13.815511, rel=1e-6)
+    # where 1 - tanh(u)^2 is far above epsilon the two forms agree: u = 0.5, 1 - tanh^2 = 0.7864477
+    u = torch.tensor([[0.5]])
+    assert squashed_log_prob(torch.zeros(1, 1), torch.zeros(1, 1), u, epsilon=1e-6).item() == pytest.approx(
+        squashed_log_prob(torch.zeros(1, 1), torch.zeros(1, 1), u).item(), abs=2e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_update_is_sb3_s_sac_train_on_the_same_weights_batches_and_noise(fused: bool, monkeypatch) -> None:
+    """SB3's ``SAC.train`` and our update, from the same weights, on the same batches and Gaussian draws, end at the
+    same weights; with the exact tanh correction (``log_prob_epsilon=0``) they part."""
+    sb3 = pytest.importorskip("stable_baselines3")
+    from stable_baselines3.common.logger import configure
+    from stable_baselines3.common.type_aliases import ReplayBufferSamples
+
+    steps, rows = 30, 64
+    env = gym.wrappers.RescaleAction(gym.make("Pendulum-v1"), np.float32(-1.0), np.float32(1.0))  # SB3's critics
+    # see actions scaled into [-1, 1], ours the env's: on a [-1, 1] box the two are the same
+    data = torch.Generator().manual_seed(1)
+    batches = [TransitionBatch(torch.rand(rows, 3, generator=data) * 2 - 1,
+                               torch.rand(rows, 1, generator=data) * 2 - 1, torch.randn(rows, generator=data),
+                               torch.rand(rows, 3, generator=data) * 2 - 1,
+                               (torch.rand(rows, generator=data) < 0.2).float()) for _ in range(steps)]
+
+    def trained(epsilon: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Our weights and SB3's after ``steps`` updates from SB3's start, ours with ``log_prob_epsilon``."""
+        peer = sb3.SAC("MlpPolicy", env, seed=0, batch_size=rows, buffer_size=rows,
+                       policy_kwargs={"net_arch": [16, 16]})
+        peer.set_logger(configure(None, []))
+        with torch.no_grad():  # a wide Gaussian (sigma e^1.5): many draws land where tanh saturates and the forms part
+            peer.actor.log_std.bias.fill_(1.5)
+        spec = AlgorithmSpec(env.observation_space, env.action_space,
+                             ModelConfig(kind="vector_obs", hidden_sizes=(16, 16), activation="relu"))
+        ours = build_algorithm(SACConfig(fused=fused, log_prob_epsilon=epsilon, batch_size=rows), spec,
+                               torch.Generator().manual_seed(2))
+        actor = ours.network
+        pairs = [(actor.actor_trunk[0], peer.actor.latent_pi[0]), (actor.actor_trunk[2], peer.actor.latent_pi[2]),
+                 (actor.policy_head, peer.actor.mu), (actor.log_std_head, peer.actor.log_std)]
+        for critic, peer_critic in ((ours.critic, peer.critic), (ours.critic_target, peer.critic_target)):
+            for j, q in enumerate((peer_critic.qf0, peer_critic.qf1)):
+                pairs += [(critic.trunks[j][0], q[0]), (critic.trunks[j][2], q[2]), (critic.heads[j], q[4])]
+        with torch.no_grad():  # in place: on the fused path the parameters are views of the stacks' storage
+            for layer, peer_layer in pairs:
+                layer.weight.copy_(peer_layer.weight)
+                layer.bias.copy_(peer_layer.bias)
+
+        # our update draws the next states' noise, then the states'; SB3's actor samples the states' first
+        replay = torch.Generator().manual_seed(2)  # our generator's draws, in their order
+        ours_noise = [torch.randn(rows, 1, generator=replay) for _ in range(2 * steps)]
+        peer_noise = [ours_noise[k + 1 - 2 * (k % 2)] for k in range(2 * steps)]
+        monkeypatch.setattr(torch.distributions.Normal, "rsample",
+                            lambda self, sample_shape=torch.Size(): self.loc + self.scale * peer_noise.pop(0))
+        peer_batches = iter(batches)
+
+        def peer_sample(batch_size: int, env: object = None) -> ReplayBufferSamples:
+            batch = next(peer_batches)
+            return ReplayBufferSamples(batch.observations, batch.actions, batch.next_observations,
+                                       batch.dones[:, None], batch.rewards[:, None])
+
+        monkeypatch.setattr(peer.replay_buffer, "sample", peer_sample)
+        for batch in batches:
+            ours.update(batch)
+        peer.train(gradient_steps=steps, batch_size=rows)
+        assert peer_noise == []
+        ours_weights = [layer.weight.detach().clone() for layer, _ in pairs] + [ours.temperature.log_alpha.detach()]
+        return ours_weights, [peer_layer.weight.detach() for _, peer_layer in pairs] + [peer.log_ent_coef.detach()[0]]
+
+    ours_weights, peer_weights = trained(1e-6)
+    for ours_weight, peer_weight in zip(ours_weights, peer_weights):
+        torch.testing.assert_close(ours_weight, peer_weight, rtol=1e-5, atol=1e-6)
+    exact, peer_weights = trained(0.0)
+    assert max((a - b).abs().max().item() for a, b in zip(exact, peer_weights)) > 1e-4
 
 
 def test_acting_samples_what_sample_draws_without_the_log_probability() -> None:

@@ -5,7 +5,7 @@ into a replay buffer and hands this algorithm batches of its transitions. The po
 Gaussian over ``u`` squashed into the action box (:class:`~mazerun.nn.models.SquashedGaussianPolicy`):
 
     u = mu(s) + sigma(s) * eps,  eps ~ N(0, I)        a = centre + half_width * tanh(u)
-    log pi(a | s) = log N(u; mu(s), sigma(s)) - sum_i log(1 - tanh(u_i)^2)
+    log pi(a | s) = log N(u; mu(s), sigma(s)) - sum_i log(1 - tanh(u_i)^2 + epsilon)      (epsilon = 1e-6, SB3's)
 
 Each update takes, on one batch of transitions ``(s, a, r, s', terminated)``:
 
@@ -105,6 +105,10 @@ class SACConfig(EnvStepBudget):
     from <start>, e.g. auto_0.1) or a number (fixed)."""
     target_update_interval: int = 1
     """Updates between two target updates."""
+    log_prob_epsilon: float = 1e-6
+    """Added inside the log of tanh's correction, log pi = log N(u) - sum log(1 - tanh(u)^2 + epsilon), as SB3's
+    SAC does, so that an update is SB3's step for step; 0: the exact correction (d3rlpy's). The two differ where
+    |u| passes about 7: there epsilon caps the correction at log(epsilon) per dimension."""
     eval_every: int = 10_000
     """Environment steps between two reports (train metrics, an evaluation, last.pt with the replay buffer);
     the first evaluation is at step 0."""
@@ -115,7 +119,7 @@ class SACConfig(EnvStepBudget):
     def check(self, prefix: str = "algorithm") -> None:
         check_fields(self, prefix, positive=("total_steps", "buffer_size", "batch_size", "lr", "train_freq",
                                              "target_update_interval", "eval_every"),
-                     non_negative=("learning_starts",), unit_interval=("gamma",))
+                     non_negative=("learning_starts", "log_prob_epsilon"), unit_interval=("gamma",))
         if self.gradient_steps == 0 or self.gradient_steps < -1:
             raise MazerunError(f"{prefix}.gradient_steps={self.gradient_steps} must be > 0, or -1 for one per "
                                "transition collected")
@@ -170,16 +174,19 @@ def soft_q_gradient(q_values: torch.Tensor, targets: torch.Tensor) -> tuple[torc
 
 def soft_actor_gradient(policy: nn.Module, mean: torch.Tensor, raw_log_std: torch.Tensor, noise: torch.Tensor,
                         q_of: Callable[[torch.Tensor], torch.Tensor],
-                        action_gradient: Callable[[torch.Tensor], torch.Tensor], alpha: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        action_gradient: Callable[[torch.Tensor], torch.Tensor], alpha: torch.Tensor,
+                        epsilon: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`soft_actor_loss` of the squashed Gaussian (``mean``, log-std before its clamp) and its gradient in
     them, by hand; returns the loss, the log-probabilities, d loss / d mean and d loss / d the raw log-std.
 
     With ``u = mean + sigma * eps``, ``t = tanh(u)``, ``a = centre + h * t`` and ``c = alpha / B``,
-    ``log pi = sum_i [log N(eps) - log sigma_i - log(1 - t_i^2)]``, so per row and action dimension:
+    ``log pi = sum_i [log N(eps) - log sigma_i - log(1 - t_i^2 + epsilon)]``, so per row and action dimension:
 
-        d L / d mean      = g_a * h * (1 - t^2) + 2 c t,      g_a = -1/B * d min_j Q_j(s, a) / d a
+        d L / d mean      = g_a * h * (1 - t^2) + 2 c t (1 - t^2) / (1 - t^2 + epsilon),
+                            g_a = -1/B * d min_j Q_j(s, a) / d a
         d L / d log sigma = (d L / d mean) * sigma * eps - c       (0 where the clamp holds log sigma)
+
+    (with ``epsilon`` 0 the correction's term is ``2 c t``, computed so where ``1 - t^2`` rounds to 0).
 
     ``q_of(actions)`` gives both critics' ``(2, B)`` values, ``action_gradient(d L / d Q)`` the ``(B, A)``
     gradient in the actions through them (the critic of the smaller value takes each row's)."""
@@ -187,14 +194,18 @@ def soft_actor_gradient(policy: nn.Module, mean: torch.Tensor, raw_log_std: torc
     std = log_std.exp()
     pre_squash = mean + std * noise
     squashed = torch.tanh(pre_squash)
-    log_probs = squashed_log_prob(mean, log_std, pre_squash)
+    log_probs = squashed_log_prob(mean, log_std, pre_squash, epsilon)
     min_q, chosen = q_of(policy.to_env(squashed)).min(dim=0)
     rows = len(mean)
     loss = (alpha * log_probs - min_q).mean()
     q_grad = torch.zeros(2, rows, device=mean.device).scatter_(0, chosen[None], -1.0 / rows)
     half_width = (policy.action_high - policy.action_low) / 2
     weight = alpha / rows
-    mean_grad = action_gradient(q_grad) * half_width * (1.0 - squashed.square()) + 2.0 * weight * squashed
+    tanh_slope = 1.0 - squashed.square()
+    correction_grad = 2.0 * weight * squashed
+    if epsilon > 0.0:
+        correction_grad = correction_grad * tanh_slope / (tanh_slope + epsilon)
+    mean_grad = action_gradient(q_grad) * half_width * tanh_slope + correction_grad
     in_bounds = (raw_log_std >= LOG_STD_BOUNDS[0]) & (raw_log_std <= LOG_STD_BOUNDS[1])
     log_std_grad = (mean_grad * std * noise - weight) * in_bounds
     return loss, log_probs, mean_grad, log_std_grad
@@ -254,7 +265,8 @@ class SoftActorCritic(BatchAlgorithm):
 
     def critic_loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
-            next_actions, next_log_probs = self.network.sample(batch.next_observations, self.generator)
+            next_actions, next_log_probs = self.network.sample(batch.next_observations, self.generator,
+                                                                 self.config.log_prob_epsilon)
             next_q = self.critic_target(batch.next_observations, next_actions)
             targets = soft_q_target(next_q, next_log_probs, batch.rewards, batch.dones, self.config.gamma,
                                     self.temperature.alpha)
@@ -263,7 +275,7 @@ class SoftActorCritic(BatchAlgorithm):
         return loss, {"critic_loss": loss.detach(), "mean_q": q_values.detach().mean()}
 
     def actor_loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        actions, log_probs = self.network.sample(batch.observations, self.generator)
+        actions, log_probs = self.network.sample(batch.observations, self.generator, self.config.log_prob_epsilon)
         alpha = self.temperature.alpha
         actor_loss = soft_actor_loss(self.critic, batch.observations, actions, log_probs, alpha)
         metrics = {"actor_loss": actor_loss.detach(), "entropy": -log_probs.detach().mean(), "alpha": alpha}
@@ -303,7 +315,8 @@ class SoftActorCritic(BatchAlgorithm):
         critics = self.stacks[0]
         mean, raw_log_std = self._gaussian(next_states=True)
         noise = torch.randn(mean.shape, generator=self.generator, device=mean.device, dtype=mean.dtype)
-        next_actions, next_log_probs = self.network.squash(mean, raw_log_std.clamp(*LOG_STD_BOUNDS), noise)
+        next_actions, next_log_probs = self.network.squash(mean, raw_log_std.clamp(*LOG_STD_BOUNDS), noise,
+                                                           self.config.log_prob_epsilon)
         targets = soft_q_target(critics.target_q_values(next_actions), next_log_probs,
                                 batch.rewards, batch.dones, self.config.gamma, self.temperature.alpha)
         q_values = critics.q_values(batch.actions)
@@ -320,7 +333,7 @@ class SoftActorCritic(BatchAlgorithm):
         alpha = self.temperature.alpha
         loss, log_probs, mean_grad, log_std_grad = soft_actor_gradient(
             self.network, mean, raw_log_std, noise, critics.q_values, critics.action_gradient,
-            alpha)
+            alpha, self.config.log_prob_epsilon)
         actor.backward(mean_grad, log_std_grad)
         metrics = {"actor_loss": loss, "entropy": -log_probs.mean(), "alpha": alpha}
         if self.log_alpha_grad is not None:

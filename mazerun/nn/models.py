@@ -758,15 +758,20 @@ LOG_STD_BOUNDS = (-20.0, 2.0)
 """The squashed Gaussian's log-std is clamped to this range, as in SB3's and CleanRL's SAC."""
 
 
-def squashed_log_prob(mean: torch.Tensor, log_std: torch.Tensor, pre_squash: torch.Tensor) -> torch.Tensor:
+def squashed_log_prob(mean: torch.Tensor, log_std: torch.Tensor, pre_squash: torch.Tensor,
+                      epsilon: float = 0.0) -> torch.Tensor:
     """``log pi(tanh(u))`` of ``u ~ N(mean, exp(log_std))``, summed over the action dimensions: the Gaussian's
-    log-density of ``u`` minus ``sum log(1 - tanh(u)^2)``, the change of variables through tanh.
+    log-density of ``u`` minus ``sum log(1 - tanh(u)^2 + epsilon)``, the change of variables through tanh.
 
-    ``log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u))`` is exact and finite where ``tanh(u)`` rounds to +-1
-    (SB3 adds 1e-6 inside the log instead).
+    ``epsilon`` 0 (d3rlpy's form): ``log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u))``, exact and finite where
+    ``tanh(u)`` rounds to +-1. SB3's SAC adds ``epsilon`` = 1e-6 inside the log instead, which caps the correction
+    at ``log(epsilon)`` per dimension: past ``|u|`` of about 7 a wider Gaussian then counts as more entropy.
     """
     gaussian = Normal(mean, log_std.exp(), validate_args=False).log_prob(pre_squash)
-    correction = 2.0 * (math.log(2.0) - pre_squash - nn.functional.softplus(-2.0 * pre_squash))
+    if epsilon > 0.0:
+        correction = torch.log(1.0 - torch.tanh(pre_squash).square() + epsilon)
+    else:
+        correction = 2.0 * (math.log(2.0) - pre_squash - nn.functional.softplus(-2.0 * pre_squash))
     return (gaussian - correction).sum(-1)
 
 
@@ -847,20 +852,21 @@ class SquashedGaussianPolicy(TanhPolicy):
         features = self.features(obs)
         return self.policy_head(features), self.log_std_head(features).clamp(*LOG_STD_BOUNDS)
 
-    def sample(self, obs: ModelInput, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, obs: ModelInput, generator: torch.Generator | None = None,
+               epsilon: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Reparameterised actions in the env's box (gradients flow through the noise) and their log-probabilities
-        ``(B,)``; the noise is drawn from ``generator``."""
+        ``(B,)`` (:func:`squashed_log_prob` with ``epsilon``); the noise is drawn from ``generator``."""
         mean, log_std = self.gaussian(obs)
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return self.squash(mean, log_std, noise)
+        return self.squash(mean, log_std, noise, epsilon)
 
-    def squash(self, mean: torch.Tensor, log_std: torch.Tensor,
-               noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def squash(self, mean: torch.Tensor, log_std: torch.Tensor, noise: torch.Tensor,
+               epsilon: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """``u = mean + std * noise`` squashed into the env's box, and its log-probabilities: :meth:`sample` from
         standard normal ``noise`` drawn beforehand (of any leading shape that broadcasts against ``mean``, e.g.
         ``(N, B, A)`` for N actions per state)."""
         pre_squash = mean + log_std.exp() * noise
-        return self.to_env(torch.tanh(pre_squash)), squashed_log_prob(mean, log_std, pre_squash)
+        return self.to_env(torch.tanh(pre_squash)), squashed_log_prob(mean, log_std, pre_squash, epsilon)
 
     @torch.no_grad()
     def act(self, obs: ModelInput, deterministic: bool, generator: torch.Generator | None = None) -> torch.Tensor:
