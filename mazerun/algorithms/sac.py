@@ -107,8 +107,9 @@ class SACConfig(EnvStepBudget):
     """Updates between two target updates."""
     log_prob_epsilon: float = 1e-6
     """Added inside the log of tanh's correction, log pi = log N(u) - sum log(1 - tanh(u)^2 + epsilon), as SB3's
-    SAC does, so that an update is SB3's step for step; 0: the exact correction (d3rlpy's). The two differ where
-    |u| passes about 7: there epsilon caps the correction at log(epsilon) per dimension."""
+    SAC does, so that an update is SB3's step for step; 0: the exact correction (d3rlpy's). They differ by about
+    epsilon / (1 - tanh(u)^2): 1e-4 at |u| = 3, 1% past |u| of about 5.3; beyond about 7 epsilon caps the correction
+    at log(epsilon) per dimension."""
     eval_every: int = 10_000
     """Environment steps between two reports (train metrics, an evaluation, last.pt with the replay buffer);
     the first evaluation is at step 0."""

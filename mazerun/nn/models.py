@@ -764,8 +764,9 @@ def squashed_log_prob(mean: torch.Tensor, log_std: torch.Tensor, pre_squash: tor
     log-density of ``u`` minus ``sum log(1 - tanh(u)^2 + epsilon)``, the change of variables through tanh.
 
     ``epsilon`` 0 (d3rlpy's form): ``log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u))``, exact and finite where
-    ``tanh(u)`` rounds to +-1. SB3's SAC adds ``epsilon`` = 1e-6 inside the log instead, which caps the correction
-    at ``log(epsilon)`` per dimension: past ``|u|`` of about 7 a wider Gaussian then counts as more entropy.
+    ``tanh(u)`` rounds to +-1. SB3's SAC adds ``epsilon`` = 1e-6 inside the log instead: about
+    ``epsilon / (1 - tanh(u)^2)`` more, which caps the correction at ``log(epsilon)`` per dimension past ``|u|`` of
+    about 7, where a wider Gaussian then counts as more entropy.
     """
     gaussian = Normal(mean, log_std.exp(), validate_args=False).log_prob(pre_squash)
     if epsilon > 0.0:
