@@ -62,20 +62,14 @@ class DAggerConfig(EnvStepBudget):
         "total_steps": 100_000, "n_updates": 10_000, "lr": 1e-3, "eval_every": 20_000, "rollout_len": 16,
         "nrollouts": 16, "burn_in": 32, "teacher_forcing.steps": 100_000, "refit_updates": 10_000,
         "refit_eval_every": 2000, "runner.eval_repeats": 100}}
-    """On MiniGrid and BabyAI (a GRU by default), measured with the BabyAI bot on GoToLocal: 100k labels reach
-    0.99. The rate stays constant: a decay to 0 starves the labels that arrive last, the learner's own late
-    states. Teacher forcing decays over 100k steps whatever the budget: a smaller budget keeps the expert at the
-    wheel for most steps and the learner's few actions perturb its path, so the labels hold recoveries (as
-    DART's noise does) without a weak learner's wandering spending the budget on few layouts (decaying over the
-    budget, GoToLocal at 5.3k labels: 0.51 against BC's 0.55). The refit, a GRU from fresh weights on all the
-    labels with BC's schedule and BC's evaluations every 2000 updates (the best is handed over, as BC's is), is
-    the policy delivered (0.726, 0.960 and 0.992 at 10k, 30k and 100k labels against BC's 0.670, 0.898 and
-    0.956). Each chunk's state is warmed by the 32 steps before it: after the learner's own action the expert's
-    label depends on what came before, and a chunk that starts from a blank state mid-episode cannot know it.
-    On KeyCorridorS3R3 at 43.6k labels, BC on DAgger's records scores 0.936 without and 0.98 with it, BC on the
-    planner's demos 0.97 and 0.988; DAgger itself 0.922 and 0.946 (two seeds) without and 0.982 with it, for
-    1.6x the wall time. On GoToLocal DAgger went from 0.968 to 0.98 at 53.6k labels and stayed at 0.834 (0.838)
-    at 15.9k (bench/ladder.py's 500 unseen seeds)."""
+    """On MiniGrid and BabyAI (a GRU by default). The rate stays constant: a decay to 0 starves the labels that
+    arrive last, the learner's own late states. Teacher forcing decays over 100k steps whatever the budget: a
+    smaller budget keeps the expert at the wheel for most steps, so the labels hold recoveries from the learner's
+    few actions (as DART's noise does) without a weak learner's wandering spending the budget on few layouts. The
+    refit, a GRU from fresh weights on all the labels with BC's schedule and evaluations (the best is handed over,
+    as BC's is), is the policy delivered. Each chunk's state is warmed by the 32 steps before it: after the
+    learner's own action the expert's label depends on what came before, and a chunk that starts from a blank
+    state mid-episode cannot know it. The README's DAgger section gives what each choice measured."""
 
     name: str = "dagger"
     """Which algorithm this section configures, as chosen by ``algorithm=<name>``."""
