@@ -518,12 +518,13 @@ def test_an_edited_ppo_loss_is_caught_in_a_real_run_and_said_in_one_line(workdir
 # -------------------------------------------------------------------------------------------- SAC
 
 
-def _sac(fused: bool, activation: str = "tanh", ent_coef: str = "auto_0.3") -> SoftActorCritic:
+def _sac(fused: bool, activation: str = "tanh", ent_coef: str = "auto_0.3", matmul_dtype: str = "float32"
+         ) -> SoftActorCritic:
     """A tiny SAC learner (asymmetric action box) whose networks standardise observations with fixed statistics."""
     torch.manual_seed(0)
     actions = gym.spaces.Box(np.array([-1.0, -2.0], np.float32), np.array([1.0, 0.5], np.float32))
     model = ModelConfig(kind="vector_obs", hidden_sizes=(16, 16), activation=activation)
-    algorithm = SoftActorCritic(SACConfig(fused=fused, ent_coef=ent_coef, gamma=0.9, tau=0.1),
+    algorithm = SoftActorCritic(SACConfig(fused=fused, ent_coef=ent_coef, gamma=0.9, tau=0.1, matmul_dtype=matmul_dtype),
                                 AlgorithmSpec(OBSERVATIONS, actions, model), torch.Generator().manual_seed(3))
     mean, std = torch.randn(5) * 0.1, torch.rand(5) + 0.5
     for network in (algorithm.network, algorithm.critic, algorithm.critic_target):
@@ -637,7 +638,7 @@ def test_an_edited_sac_loss_is_caught_at_the_first_batch_and_training_follows_th
 # -------------------------------------------------------------------------------------------- TD3+BC and IQL on Box actions
 
 
-def _box_learner(name: str, fused: bool, activation: str = "tanh") -> OfflineAlgorithm:
+def _box_learner(name: str, fused: bool, activation: str = "tanh", matmul_dtype: str = "float32") -> OfflineAlgorithm:
     """A tiny TD3+BC or continuous IQL learner (asymmetric action box), its networks standardising observations
     with fixed statistics, as the offline loop sets them."""
     torch.manual_seed(0)
@@ -645,10 +646,11 @@ def _box_learner(name: str, fused: bool, activation: str = "tanh") -> OfflineAlg
     spec = AlgorithmSpec(OBSERVATIONS, actions, ModelConfig(kind="vector_obs", hidden_sizes=(16, 16),
                                                             activation=activation))
     if name == "td3_bc":
-        algorithm = TD3BC(TD3BCConfig(fused=fused, gamma=0.9, tau=0.1, lr=1e-3), spec, torch.Generator().manual_seed(3))
+        algorithm = TD3BC(TD3BCConfig(fused=fused, gamma=0.9, tau=0.1, lr=1e-3, matmul_dtype=matmul_dtype), spec,
+                          torch.Generator().manual_seed(3))
     else:
-        algorithm = build_algorithm(IQLConfig(fused=fused, gamma=0.9, tau=0.1, lr=1e-3), spec,
-                                    torch.Generator().manual_seed(3))
+        algorithm = build_algorithm(IQLConfig(fused=fused, gamma=0.9, tau=0.1, lr=1e-3, matmul_dtype=matmul_dtype),
+                                    spec, torch.Generator().manual_seed(3))
     algorithm.set_normalization(torch.randn(5) * 0.1, torch.rand(5) + 0.5)
     return algorithm
 
@@ -687,3 +689,100 @@ def test_an_edited_box_loss_is_caught_at_the_first_batch_and_training_follows_th
     batch = _box_transitions(torch.Generator().manual_seed(5))
     fused.update(batch), plain.update(batch)
     _assert_same_state(fused, plain)
+
+
+# ------------------------------------------------------------------- bfloat16 products in the Box learners' stacks
+
+
+def _low_precision_box(name: str, matmul_dtype: str = "float32", activation: str = "relu") -> BatchAlgorithm:
+    """A tiny SAC, TD3+BC or IQL learner: on its stacks with bfloat16 products, or on the float32 autograd path."""
+    low = matmul_dtype != "float32"
+    if name == "sac":
+        return _sac(low, activation, matmul_dtype=matmul_dtype)
+    return _box_learner(name, low, activation, matmul_dtype)
+
+
+def _autograd_gradients(algorithm: BatchAlgorithm, batch: TransitionBatch) -> torch.Tensor:
+    """Autograd of every phase's readable loss at the current weights, one vector, drawn as the fast path's check
+    draws (SAC's two losses one after the other, each offline phase from the same state); the generator is left
+    where it was."""
+    drawn, gradients = algorithm.generator_state(), []
+    for phase in algorithm.phases:
+        if not isinstance(algorithm, SoftActorCritic):
+            algorithm.restore_generator(drawn)
+        parameters = [parameter for group in getattr(algorithm, phase.optimizer).param_groups
+                      for parameter in group["params"]]
+        loss, _ = getattr(algorithm, phase.loss)(batch)
+        gradients += [torch.zeros_like(parameter) if grad is None else grad for parameter, grad in
+                      zip(parameters, torch.autograd.grad(loss, parameters, allow_unused=True))]
+    algorithm.restore_generator(drawn)
+    return torch.cat([gradient.flatten() for gradient in gradients])
+
+
+def _fast_gradients(algorithm: BatchAlgorithm, batch: TransitionBatch) -> torch.Tensor:
+    """The stacks' hand-written gradients of every phase, in :func:`_autograd_gradients`' order."""
+    if isinstance(algorithm, SoftActorCritic):
+        fast = algorithm.fast_path_gradients(batch)[0]
+    else:
+        fast = [gradient for phase in algorithm.phases for gradient in algorithm.phase_gradients(phase, batch)[0]]
+    return torch.cat([gradient.flatten() for gradient in fast])
+
+
+@pytest.mark.parametrize("name", ["sac", "td3_bc", "iql"])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_a_bfloat16_box_step_errs_from_float32_no_more_than_torch_autocast(name: str, activation: str) -> None:
+    """On 256 transitions, every phase's hand-written gradient with bfloat16 products is off autograd's float32 one by
+    no more than autograd under torch.autocast's bfloat16 is; weights and Adam stay float32, and an update's metrics
+    stay within 2% of the float32 ones."""
+    low, plain = _low_precision_box(name, "bfloat16", activation), _low_precision_box(name, "float32", activation)
+    stacks = low.stacks if name == "sac" else low.stack
+    assert stacks[0].critic.hidden_dtype == torch.bfloat16 and stacks[1].actor.hidden_dtype == torch.bfloat16
+    batch = _box_transitions(torch.Generator().manual_seed(3), size=256)
+    exact, fast = _autograd_gradients(plain, batch), _fast_gradients(low, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = _autograd_gradients(plain, batch)
+    error, autocast_error = ((gradient - exact).norm() / exact.norm() for gradient in (fast, autocast))
+    assert 0 < error <= 1.25 * autocast_error and error < 0.1
+    ours, expected = low.update(batch), plain.update(batch)
+    for metric, value in expected.items():
+        assert torch.allclose(ours[metric], value, rtol=2e-2, atol=2e-2), metric
+    assert all(parameter.dtype == torch.float32 for parameter in [*low.network.parameters(), *low.critic.parameters()])
+
+
+@pytest.mark.parametrize("name", ["sac", "td3_bc", "iql"])
+def test_a_faithful_bfloat16_box_step_passes_its_check_through_a_float32_twin(name: str) -> None:
+    """The twin's float32 hand-written gradients are held to autograd; the learner keeps its bfloat16 stacks and its
+    generator, and trains on as the unchecked one does."""
+    checked, unchecked = _low_precision_box(name, "bfloat16"), _low_precision_box(name, "bfloat16")
+    assert checked.check_fast_path(_box_transitions(torch.Generator().manual_seed(4))) is None
+    stacks = checked.stacks if name == "sac" else checked.stack
+    assert stacks is not None and stacks[0].critic.hidden_dtype == torch.bfloat16
+    assert torch.equal(checked.generator.get_state(), unchecked.generator.get_state())
+    for seed in range(2):
+        batch = _box_transitions(torch.Generator().manual_seed(seed))
+        checked.update(batch), unchecked.update(batch)
+    _assert_same_state(checked, unchecked)
+
+
+@pytest.mark.parametrize("name,loss", [("sac", "critic_loss"), ("td3_bc", "actor_loss"), ("iql", "losses")])
+def test_an_edited_box_loss_is_caught_under_bfloat16_products(name: str, loss: str, monkeypatch) -> None:
+    """bfloat16's rounding (percents of a gradient) would hide a small edit; the float32 twin does not."""
+    algorithm = _low_precision_box(name, "bfloat16")
+    readable = getattr(type(algorithm), loss)
+    monkeypatch.setattr(type(algorithm), loss,
+                        lambda self, batch: (lambda value, metrics: (1.05 * value, metrics))(*readable(self, batch)))
+    line = algorithm.check_fast_path(_box_transitions(torch.Generator().manual_seed(4)))
+    assert line is not None and "\n" not in line and "differs from autograd of its loss" in line
+    assert (algorithm.stacks if name == "sac" else algorithm.stack) is None
+
+
+def test_bfloat16_box_products_are_refused_where_they_cannot_run() -> None:
+    for config in (SACConfig(fused=False, matmul_dtype="bfloat16"), TD3BCConfig(fused=False, matmul_dtype="bfloat16"),
+                   IQLConfig(fused=False, matmul_dtype="bfloat16")):
+        with pytest.raises(MazerunError, match=r"^algorithm.matmul_dtype=bfloat16 needs the fused step; set "
+                                               r"algorithm.fused=true or algorithm.matmul_dtype=float32$"):
+            config.check()
+    with pytest.raises(MazerunError, match=r"algorithm.matmul_dtype='half' is unknown; use float32 or bfloat16"):
+        TD3BCConfig(matmul_dtype="half").check()
+    with pytest.raises(MazerunError, match=r"applies to IQL's 1-D Box variant only"):
+        IQLConfig(matmul_dtype="bfloat16").check_spaces(OBSERVATIONS, gym.spaces.Discrete(3))

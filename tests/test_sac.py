@@ -324,6 +324,15 @@ def test_run_trains_sac_on_pendulum_and_torch_policy_rolls_it_out(workdir: Path)
     assert all(len(record.actions) == 10 and (abs(record.actions) <= 2).all() for record in records)
 
 
+def test_run_trains_sac_with_bfloat16_products_past_the_fast_path_s_check(workdir: Path) -> None:
+    """``algorithm.matmul_dtype=bfloat16`` through `run`: the check of its float32 twin passes, so the run keeps its
+    stacks (no line about autograd), and what it saves stays float32."""
+    result = run_ok(*TINY, "algorithm.matmul_dtype=bfloat16", cwd=workdir)
+    assert "differs from autograd" not in result.stderr
+    payload = torch.load(newest_run_dir(workdir) / "last.pt", weights_only=True)
+    assert {value.dtype for value in payload["model_state"].values()} == {torch.float32}
+
+
 def test_sac_in_a_discrete_env_is_refused_in_one_line(workdir: Path) -> None:
     result = run_cli("algorithm=sac", "env=CartPole-v1", cwd=workdir)
     assert result.returncode == 2

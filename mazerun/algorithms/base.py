@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 from abc import abstractmethod
 from dataclasses import dataclass
@@ -143,6 +144,33 @@ def check_polyak_tau(tau: float, prefix: str) -> None:
     if not 0.0 < tau <= 1.0:
         raise MazerunError(f"{prefix}.tau={tau} must lie in (0, 1]: e.g. 0.005 averages the online networks into "
                            "their targets slowly, 1 copies them")
+
+
+MATMUL_DTYPES = ("float32", "bfloat16")
+"""What a fused step's hidden layers may multiply in (``algorithm.matmul_dtype``)."""
+
+
+def check_matmul_dtype(config: Any, prefix: str) -> None:
+    """``config.matmul_dtype`` must be one of :data:`MATMUL_DTYPES`, and a low one needs ``config.fused``."""
+    if config.matmul_dtype not in MATMUL_DTYPES:
+        raise MazerunError(f"{prefix}.matmul_dtype={config.matmul_dtype!r} is unknown; use {' or '.join(MATMUL_DTYPES)}")
+    if config.matmul_dtype != "float32" and not config.fused:
+        raise MazerunError(f"{prefix}.matmul_dtype={config.matmul_dtype} needs the fused step; "
+                           f"set {prefix}.fused=true or {prefix}.matmul_dtype=float32")
+
+
+def product_dtype(config: Any) -> torch.dtype:
+    """What the fused step multiplies in: ``config.matmul_dtype``, float32 where the config has none."""
+    return getattr(torch, getattr(config, "matmul_dtype", "float32"))
+
+
+def require_stack(stack: Any, config: Any) -> Any:
+    """``stack``, refused in one line where it is None and ``config`` asks for low-precision products: the fused
+    step is the only one that multiplies in them."""
+    if stack is None and product_dtype(config) != torch.float32:
+        raise MazerunError(f"algorithm.matmul_dtype={config.matmul_dtype} needs the fused step, which runs MLPs on "
+                           "vector observations without memory; use algorithm.matmul_dtype=float32")
+    return stack
 
 
 def standard_normal(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -367,19 +395,29 @@ class OfflineAlgorithm(BatchAlgorithm):
         """
         if self.stack is None or not isinstance(batch, TransitionBatch):
             return None
+        if product_dtype(self.config) != torch.float32:
+            # Low-precision products round by up to several percent of a parameter's gradient, which would hide
+            # an edited loss: a float32 twin of the same hand-written gradient is held to autograd instead.
+            twin = copy.deepcopy(self)
+            twin.config = dataclasses.replace(self.config, matmul_dtype="float32")
+            twin.stack = twin.build_stack()
+            problem = twin.check_fast_path(batch)
+            if problem is not None:
+                self.stack = None
+            return problem
         for phase in self.phases:
             if phase.loss not in self.fused_phases:
                 continue
-            mismatch = self._phase_mismatch(phase, batch)
+            mismatch = gradient_mismatch(*self.phase_gradients(phase, batch), self.fast_path_tolerance()[1])
             tolerance, _ = self.fast_path_tolerance()
             if mismatch > tolerance:
                 self.stack = None
                 return mismatch_line(self.config.name, f"{phase.loss}()", mismatch, tolerance)
         return None
 
-    def _phase_mismatch(self, phase: UpdatePhase, batch: TransitionBatch) -> float:
-        """:func:`gradient_mismatch` of the phase's hand-written gradient against autograd of its loss; the
-        parameters' gradients and the generator are left as they were."""
+    def phase_gradients(self, phase: UpdatePhase, batch: TransitionBatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The phase's hand-written gradient and autograd's of its loss, parameter by parameter, from the same
+        draws; the parameters' gradients and the generator are left as they were."""
         optimizer = getattr(self, phase.optimizer)
         parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
         drawn = self.generator_state()
@@ -395,8 +433,7 @@ class OfflineAlgorithm(BatchAlgorithm):
                 if parameter.grad is not None:
                     parameter.grad.copy_(grad) if grad is not None else parameter.grad.zero_()
         self.restore_generator(drawn)
-        reference = [torch.zeros_like(parameter) if grad is None else grad for parameter, grad in zip(parameters, expected)]
-        return gradient_mismatch(fast, reference, self.fast_path_tolerance()[1])
+        return fast, [torch.zeros_like(parameter) if grad is None else grad for parameter, grad in zip(parameters, expected)]
 
     def fused_gradient(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
         """The fast path's part of :meth:`update` (with :attr:`stack`): write the gradient of the loss on ``batch``

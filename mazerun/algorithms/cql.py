@@ -20,8 +20,6 @@ For a 1-D Box of actions ``algorithm=cql`` builds :mod:`mazerun.algorithms.cql_c
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -33,10 +31,13 @@ from mazerun.algorithms.base import (
     BoxVariant,
     OfflineAlgorithm,
     ValueLearningConfig,
+    check_matmul_dtype,
     check_polyak_tau,
     flat,
     flat_transitions,
     frozen_copy,
+    product_dtype,
+    require_stack,
     warm_state,
 )
 from mazerun.algorithms.protocol import AlgorithmSpec
@@ -47,7 +48,6 @@ from mazerun.fast.fused import HeadGradient, StackedQLearner
 from mazerun.fast.optim import Adam
 
 TD_LOSSES = ("huber", "mse")
-MATMUL_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -97,12 +97,7 @@ class CQLConfig(ValueLearningConfig):
             raise MazerunError(f"{prefix}.alpha={self.alpha} must be >= 0 (0 is double DQN without the conservative term)")
         if self.td_loss not in TD_LOSSES:
             raise MazerunError(f"{prefix}.td_loss={self.td_loss!r} is unknown; use {' or '.join(TD_LOSSES)}")
-        if self.matmul_dtype not in MATMUL_DTYPES:
-            raise MazerunError(f"{prefix}.matmul_dtype={self.matmul_dtype!r} is unknown; use "
-                               f"{' or '.join(MATMUL_DTYPES)}")
-        if self.matmul_dtype != "float32" and not self.fused:
-            raise MazerunError(f"{prefix}.matmul_dtype={self.matmul_dtype} needs the fused step; "
-                               f"set {prefix}.fused=true or {prefix}.matmul_dtype=float32")
+        check_matmul_dtype(self, prefix)
 
 
 def double_dqn_target(
@@ -177,24 +172,8 @@ class ConservativeQLearning(BoxVariant, OfflineAlgorithm):
         self.optimizer = Adam(self.network.parameters(), lr=config.lr)
 
     def build_stack(self) -> StackedQLearner | None:
-        stack = StackedQLearner.of_networks(self.network, self.target_network, getattr(torch, self.config.matmul_dtype))
-        if stack is None and self.config.matmul_dtype != "float32":
-            raise MazerunError(f"algorithm.matmul_dtype={self.config.matmul_dtype} needs the fused step, which runs "
-                               "MLPs on vector observations without memory; use algorithm.matmul_dtype=float32")
-        return stack
-
-    def check_fast_path(self, batch: Batch) -> str | None:
-        """With bfloat16 products the kernel's rounding (up to several percent of a parameter's gradient) would
-        hide an edit to the loss, so a float32 twin of the same hand-written gradient is held to autograd."""
-        if self.stack is None or self.config.matmul_dtype == "float32":
-            return super().check_fast_path(batch)
-        twin = copy.deepcopy(self)
-        twin.config = dataclasses.replace(self.config, matmul_dtype="float32")
-        twin.stack = twin.build_stack()
-        problem = twin.check_fast_path(batch)
-        if problem is not None:
-            self.stack = None
-        return problem
+        return require_stack(StackedQLearner.of_networks(self.network, self.target_network,
+                                                         product_dtype(self.config)), self.config)
 
     def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
         super().load_network_state(state)

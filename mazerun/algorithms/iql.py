@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import gymnasium as gym
 import torch
 import torch.nn.functional as F
 from torch.distributions import Distribution
@@ -37,9 +38,11 @@ from mazerun.algorithms.base import (
     BoxVariant,
     OfflineAlgorithm,
     ValueLearningConfig,
+    check_matmul_dtype,
     flat,
     flat_transitions,
     frozen_copy,
+    is_box_of_actions,
     warm_state,
 )
 from mazerun.algorithms.bc import policy_of
@@ -81,6 +84,10 @@ class IQLConfig(ValueLearningConfig):
     """1-D Box actions with MLPs on vector observations: the losses' gradient written by hand on stacked networks
     (mazerun.fast.stacked_box), checked against autograd on the first batch; false: the plain autograd path. The
     discrete variant has no hand-written step."""
+    matmul_dtype: str = "float32"
+    """float32, or bfloat16 (1-D Box actions): the fused step's hidden layers multiply in bfloat16 with float32
+    accumulation (mazerun.fast.fused.LowPrecisionMLP); weights, gradients, Adam and checkpoints stay float32. Needs
+    the fused step, and a CPU with AVX512-BF16 or AMX to be faster (many times slower without; a warning says so)."""
     box: IQLBoxConfig = field(default_factory=IQLBoxConfig)
     """1-D Box actions (mazerun.algorithms.iql_continuous): the settings whose defaults differ from the discrete
     ones (beta above is the discrete variant's only); every other key applies to both."""
@@ -89,6 +96,7 @@ class IQLConfig(ValueLearningConfig):
         super().check(prefix)
         check_fields(self, prefix, positive=("beta", "max_weight"))
         check_fields(self.box, f"{prefix}.box", positive=("beta",))
+        check_matmul_dtype(self, prefix)
         low, high = IQL_LOG_STD_RANGE
         if not low < self.box.log_std_init < high:
             raise MazerunError(f"{prefix}.box.log_std_init={self.box.log_std_init} must lie strictly inside "
@@ -98,6 +106,12 @@ class IQLConfig(ValueLearningConfig):
                 f"{prefix}.expectile={self.expectile} must lie in (0, 1): 0.5 regresses V to the mean of Q, "
                 "0.7-0.9 towards the best recorded actions"
             )
+
+    def check_spaces(self, observation_space: gym.Space, action_space: gym.Space) -> None:
+        super().check_spaces(observation_space, action_space)
+        if self.matmul_dtype != "float32" and not is_box_of_actions(action_space):
+            raise MazerunError(f"algorithm.matmul_dtype={self.matmul_dtype} applies to IQL's 1-D Box variant only "
+                               "(the discrete one has no fused step); use algorithm.matmul_dtype=float32")
 
 
 def expectile_loss(differences: torch.Tensor, expectile: float) -> torch.Tensor:

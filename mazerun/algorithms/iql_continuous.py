@@ -28,7 +28,13 @@ from __future__ import annotations
 
 import torch
 
-from mazerun.algorithms.base import OfflineAlgorithm, frozen_copy, load_matching_weights
+from mazerun.algorithms.base import (
+    OfflineAlgorithm,
+    frozen_copy,
+    load_matching_weights,
+    product_dtype,
+    require_stack,
+)
 from mazerun.algorithms.iql import IQLConfig, advantage_weights, expectile_loss, weighted_log_likelihood_loss
 from mazerun.algorithms.protocol import AlgorithmSpec
 from mazerun.data.tensors import TransitionBatch
@@ -52,7 +58,7 @@ class ContinuousImplicitQLearning(OfflineAlgorithm):
         self.critic = spec.twin_q_network()
         self.critic_target = frozen_copy(self.critic)
         self.value_network = ValueNetwork(spec.model_config, spec.observation_space, spec.vocabulary).to(spec.device)
-        self.stack = self.build_stack() if config.fused else None
+        self.stack = require_stack(self.build_stack(), config) if config.fused else None
         parameters = [*self.network.parameters(), *self.critic.parameters(), *self.value_network.parameters()]
         self.optimizer = Adam(parameters, lr=config.lr)
 
@@ -87,8 +93,9 @@ class ContinuousImplicitQLearning(OfflineAlgorithm):
         if not (stackable(self.network, self.critic, self.network.log_std_logit) and
                 StackedValue.stackable(self.value_network)):
             return None
-        return (StackedTwinQ(self.critic, self.critic_target), StackedActor(self.network),
-                StackedValue(self.value_network))
+        dtype = product_dtype(self.config)
+        return (StackedTwinQ(self.critic, self.critic_target, dtype), StackedActor(self.network, matmul_dtype=dtype),
+                StackedValue(self.value_network, dtype))
 
     def fused_gradient(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
         """:meth:`losses`' gradient by hand. With ``u = min_j Q'_j(s, a) - V(s)``, ``w = min(exp(beta u), max_weight)``,

@@ -29,6 +29,8 @@ with the gradients of these losses written by hand (:func:`soft_q_gradient`, :fu
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar
@@ -41,9 +43,12 @@ from mazerun.algorithms.base import (
     BatchAlgorithm,
     EnvStepBudget,
     check_box_actions,
+    check_matmul_dtype,
     check_polyak_tau,
     frozen_copy,
     load_matching_weights,
+    product_dtype,
+    require_stack,
 )
 from mazerun.algorithms.protocol import AlgorithmSpec, UpdatePhase, gradient_mismatch, mismatch_line
 from mazerun.config.schemas import check_fields
@@ -116,6 +121,10 @@ class SACConfig(EnvStepBudget):
     fused: bool = True
     """MLPs on vector observations: both critics evaluated as one (mazerun.fast.stacked_box), with hand-written
     gradients of the same losses, checked against autograd on the first batch; false: the plain autograd path."""
+    matmul_dtype: str = "float32"
+    """float32, or bfloat16: the fused step's hidden layers multiply in bfloat16 with float32 accumulation
+    (mazerun.fast.fused.LowPrecisionMLP); weights, gradients, Adam, acting and checkpoints stay float32. Needs the
+    fused step, and a CPU with AVX512-BF16 or AMX to be faster (many times slower without; a warning says so)."""
 
     def check(self, prefix: str = "algorithm") -> None:
         check_fields(self, prefix, positive=("total_steps", "buffer_size", "batch_size", "lr", "train_freq",
@@ -127,6 +136,7 @@ class SACConfig(EnvStepBudget):
         if self.buffer_store not in STORES:
             raise MazerunError(f"{prefix}.buffer_store={self.buffer_store!r} is unknown; use {' or '.join(STORES)}")
         check_polyak_tau(self.tau, prefix)
+        check_matmul_dtype(self, prefix)
         temperature(self.ent_coef, prefix)
 
     def check_spaces(self, observation_space: gym.Space, action_space: gym.Space) -> None:
@@ -250,12 +260,10 @@ class SoftActorCritic(BatchAlgorithm):
         """The fast path's networks (:mod:`mazerun.fast.stacked_box`): the critics, then the policy with ``log
         alpha`` (where it is learned) in the column after it; None: the autograd path."""
         self.log_alpha_grad: torch.Tensor | None = None
-        if config.fused and stackable(self.network, self.critic):
-            critics, actor = StackedTwinQ(self.critic, self.critic_target), StackedActor(self.network, extra=len(learned))
-            self.stacks = critics, actor
-            if learned:
-                bind(self.temperature.log_alpha, actor.actor.flat[0, actor.extra_columns][0])
-                self.log_alpha_grad = actor.actor.flat_grad[0, actor.extra_columns][0]
+        if config.fused:
+            self.build_stacks()
+        if self.stacks is not None:
+            critics, actor = self.stacks
             self.critic_optimizer: Adam | FlatAdam = FlatAdam(critics.critic.flat, critics.critic.flat_grad,
                                                               list(self.critic.parameters()), config.lr)
             self.actor_optimizer: Adam | FlatAdam = FlatAdam(actor.actor.flat, actor.actor.flat_grad,
@@ -263,6 +271,21 @@ class SoftActorCritic(BatchAlgorithm):
         else:
             self.critic_optimizer = Adam(self.critic.parameters(), lr=config.lr)
             self.actor_optimizer = Adam(self.actor_parameters, lr=config.lr)
+
+    def build_stacks(self) -> None:
+        """Move the critics, and the policy with ``log alpha`` where it is learned, into :attr:`stacks` (their
+        hidden layers multiplying in ``matmul_dtype``); :attr:`stacks` stays None where they are not MLPs."""
+        self.stacks, self.log_alpha_grad = None, None
+        if not stackable(self.network, self.critic):
+            require_stack(None, self.config)
+            return
+        dtype, log_alpha = product_dtype(self.config), self.temperature.log_alpha
+        critics = StackedTwinQ(self.critic, self.critic_target, dtype)
+        actor = StackedActor(self.network, extra=int(log_alpha.requires_grad), matmul_dtype=dtype)
+        self.stacks = critics, actor
+        if log_alpha.requires_grad:
+            bind(log_alpha, actor.actor.flat[0, actor.extra_columns][0])
+            self.log_alpha_grad = actor.actor.flat_grad[0, actor.extra_columns][0]
 
     def critic_loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
@@ -350,6 +373,26 @@ class SoftActorCritic(BatchAlgorithm):
         (the optimisers' states carry over), training follows the readable losses, and the line says so."""
         if self.stacks is None:
             return None
+        if product_dtype(self.config) != torch.float32:
+            # Low-precision products round by up to several percent of a parameter's gradient, which would hide
+            # an edited loss: a float32 twin of the same hand-written gradients is held to autograd instead.
+            twin = copy.deepcopy(self)
+            twin.config = dataclasses.replace(self.config, matmul_dtype="float32")
+            twin.build_stacks()
+            problem = twin.check_fast_path(batch)
+            if problem is not None:
+                self.drop_stacks()
+            return problem
+        mismatch = gradient_mismatch(*self.fast_path_gradients(batch))
+        if mismatch <= FAST_PATH_TOLERANCE:
+            return None
+        self.drop_stacks()
+        return mismatch_line(self.config.name, "critic_loss() and actor_loss()", mismatch, FAST_PATH_TOLERANCE)
+
+    def fast_path_gradients(self, batch: TransitionBatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The stacks' hand-written gradients of :meth:`critic_loss` and :meth:`actor_loss` and autograd's, parameter
+        by parameter (the critics', then the actor's), at the current weights and from the same noise; the generator
+        is left where it was."""
         critic_parameters = list(self.critic.parameters())
         drawn = self.generator_state()
         expected = [*torch.autograd.grad(self.critic_loss(batch)[0], critic_parameters),
@@ -365,16 +408,16 @@ class SoftActorCritic(BatchAlgorithm):
                 for parameters, flat_grad in ((critic_parameters, critics.critic.flat_grad),
                                               (self.actor_parameters, actor.actor.flat_grad))
                 for parameter in parameters]
-        mismatch = gradient_mismatch(fast, expected)
-        if mismatch <= FAST_PATH_TOLERANCE:
-            return None
+        return fast, expected
+
+    def drop_stacks(self) -> None:
+        """Train on the readable losses from here: the stacks go, the optimisers' states carry over."""
         states = self.critic_optimizer.state_dict(), self.actor_optimizer.state_dict()
         self.stacks = None
-        self.critic_optimizer = Adam(critic_parameters, lr=self.config.lr)
+        self.critic_optimizer = Adam(self.critic.parameters(), lr=self.config.lr)
         self.actor_optimizer = Adam(self.actor_parameters, lr=self.config.lr)
         self.critic_optimizer.load_state_dict(states[0])
         self.actor_optimizer.load_state_dict(states[1])
-        return mismatch_line(self.config.name, "critic_loss() and actor_loss()", mismatch, FAST_PATH_TOLERANCE)
 
     def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
         """Start from an earlier run's policy (a BC clone, a TD3+BC policy, a SAC run's own): its matching weights.

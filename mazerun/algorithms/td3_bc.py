@@ -32,9 +32,12 @@ from mazerun.algorithms.base import (
     OfflineAlgorithm,
     OfflineConfig,
     check_box_actions,
+    check_matmul_dtype,
     check_polyak_tau,
     frozen_copy,
     load_matching_weights,
+    product_dtype,
+    require_stack,
     standard_normal,
     update_target,
 )
@@ -71,11 +74,16 @@ class TD3BCConfig(OfflineConfig):
     fused: bool = True
     """MLPs on vector observations: both critics evaluated as one (mazerun.fast.stacked_box), with hand-written
     gradients of the same losses, checked against autograd on the first batch; false: the plain autograd path."""
+    matmul_dtype: str = "float32"
+    """float32, or bfloat16: the fused step's hidden layers multiply in bfloat16 with float32 accumulation
+    (mazerun.fast.fused.LowPrecisionMLP); weights, gradients, Adam and checkpoints stay float32. Needs the fused
+    step, and a CPU with AVX512-BF16 or AMX to be faster (many times slower without; a warning says so)."""
 
     def check(self, prefix: str = "algorithm") -> None:
         super().check(prefix)
         check_fields(self, prefix, unit_interval=("gamma",), non_negative=("alpha", "policy_noise", "noise_clip"))
         check_polyak_tau(self.tau, prefix)
+        check_matmul_dtype(self, prefix)
 
     def check_spaces(self, observation_space: gym.Space, action_space: gym.Space) -> None:
         check_box_actions(self.name, action_space)
@@ -113,7 +121,7 @@ class TD3BC(OfflineAlgorithm):
         self.actor_target = frozen_copy(self.network)
         self.critic = spec.twin_q_network()
         self.critic_target = frozen_copy(self.critic)
-        self.stack = self.build_stack() if config.fused else None
+        self.stack = require_stack(self.build_stack(), config) if config.fused else None
         self.critic_optimizer = Adam(self.critic.parameters(), lr=config.lr)
         self.actor_optimizer = Adam(self.network.parameters(), lr=config.lr)
 
@@ -141,7 +149,9 @@ class TD3BC(OfflineAlgorithm):
         """The critics with their targets, and the policy with its target, in stacked storage (MLPs only)."""
         if not stackable(self.network, self.critic):
             return None
-        return StackedTwinQ(self.critic, self.critic_target), StackedActor(self.network, self.actor_target)
+        dtype = product_dtype(self.config)
+        return (StackedTwinQ(self.critic, self.critic_target, dtype),
+                StackedActor(self.network, self.actor_target, matmul_dtype=dtype))
 
     def fused_gradient(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
         """:meth:`losses`' gradient by hand: ``d L_critic / d Q_j = 2 (Q_j - y) / B``, through both critics at once."""

@@ -259,10 +259,7 @@ class LowPrecisionMLP(StackedMLP):
         head = self.head
         torch.bmm(workspace.out_grad_t, workspace.head_inputs, out=head.weight_grad)
         torch.sum(workspace.out_grad, 1, keepdim=True, out=head.bias_grad)
-        head_inputs_grad = workspace.head_inputs_grad
-        torch.bmm(workspace.out_grad, head.weight, out=head_inputs_grad)
-        self._activation_backward(head_inputs_grad, workspace.head_inputs, grad_input=head_inputs_grad)
-        grad = workspace.hidden_grad[-1].copy_(head_inputs_grad)
+        grad = self._head_input_gradient(workspace)
         for index in range(len(self.hidden) - 1, -1, -1):
             layer, low = self.hidden[index], self.low_layers[index]
             layer_input = workspace.hidden[index - 1] if index else workspace.low_inputs
@@ -274,6 +271,25 @@ class LowPrecisionMLP(StackedMLP):
                 torch.bmm(grad, low.weight, out=previous)
                 self._activation_backward(previous, layer_input, grad_input=previous)
                 grad = previous
+
+    def input_gradient(self, workspace: LowPrecisionWorkspace, columns: slice) -> torch.Tensor:
+        if not self.hidden:
+            return super().input_gradient(workspace, columns)
+        grad = self._head_input_gradient(workspace)
+        for index in range(len(self.hidden) - 1, 0, -1):
+            previous = workspace.hidden_grad[index - 1]
+            torch.bmm(grad, self.low_layers[index].weight, out=previous)
+            self._activation_backward(previous, workspace.hidden[index - 1], grad_input=previous)
+            grad = previous
+        return torch.bmm(grad, self.low_layers[0].weight[:, :, columns]).float()
+
+    def _head_input_gradient(self, workspace: LowPrecisionWorkspace) -> torch.Tensor:
+        """d loss / d the last hidden layer's pre-activations from ``workspace.out_grad``, through the float32 head,
+        rounded into ``hidden_grad[-1]`` (returned) for the low products before it."""
+        head_inputs_grad = workspace.head_inputs_grad
+        torch.bmm(workspace.out_grad, self.head.weight, out=head_inputs_grad)
+        self._activation_backward(head_inputs_grad, workspace.head_inputs, grad_input=head_inputs_grad)
+        return workspace.hidden_grad[-1].copy_(head_inputs_grad)
 
 
 def native_low_precision(dtype: torch.dtype, device: torch.device) -> bool:
@@ -287,6 +303,21 @@ def native_low_precision(dtype: torch.dtype, device: torch.device) -> bool:
         return False
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported() and (
         torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
+
+
+def stacked_mlp(flat: torch.Tensor, flat_grad: torch.Tensor | None, shapes: list[tuple[int, int]], activation: str,
+                matmul_dtype: torch.dtype = torch.float32) -> StackedMLP:
+    """A :class:`StackedMLP` over ``flat``, or a :class:`LowPrecisionMLP` for a ``matmul_dtype`` other than float32
+    (with one warning per process where the device has no native products of that dtype)."""
+    if matmul_dtype == torch.float32:
+        return StackedMLP(flat, flat_grad, shapes, activation)
+    if not native_low_precision(matmul_dtype, flat.device) and matmul_dtype not in _warned_slow_dtypes:
+        _warned_slow_dtypes.add(matmul_dtype)
+        name = str(matmul_dtype).removeprefix("torch.")
+        log.warning("algorithm.matmul_dtype=%s: this %s has no native %s matrix products%s, so they run "
+                    "many times slower than float32's; set algorithm.matmul_dtype=float32", name,
+                    flat.device.type, name, " (AVX512-BF16 or AMX)" if flat.device.type == "cpu" else "")
+    return LowPrecisionMLP(flat, flat_grad, shapes, activation, matmul_dtype)
 
 
 def mlp_layers(encoder: nn.Module, memory: nn.Module | None, trunk: nn.Sequential, head: nn.Linear
@@ -316,12 +347,13 @@ def bind_row(stack: StackedMLP, row: int, layers: list[nn.Linear], gradients: bo
             layer.weight.grad, layer.bias.grad = slot.weight_grad[row, :rows], slot.bias_grad[row, 0, :rows]
 
 
-def single_stack(layers: list[nn.Linear], activation: str) -> StackedMLP:
-    """A one-row :class:`StackedMLP` in new storage that ``layers``' parameters (values kept) and their
-    ``.grad`` now live in: an optimiser over those parameters steps what its backward writes."""
+def single_stack(layers: list[nn.Linear], activation: str, matmul_dtype: torch.dtype = torch.float32) -> StackedMLP:
+    """A one-row :class:`StackedMLP` (see :func:`stacked_mlp` for ``matmul_dtype``) in new storage that ``layers``'
+    parameters (values kept) and their ``.grad`` now live in: an optimiser over those parameters steps what its
+    backward writes."""
     size = sum(layer.weight.numel() + layer.bias.numel() for layer in layers)
     flat, flat_grad = torch.zeros(2, 1, size, device=layers[0].weight.device)
-    stack = StackedMLP(flat, flat_grad, [tuple(layer.weight.shape) for layer in layers], activation)
+    stack = stacked_mlp(flat, flat_grad, [tuple(layer.weight.shape) for layer in layers], activation, matmul_dtype)
     bind_row(stack, 0, layers, gradients=True)
     return stack
 
@@ -353,18 +385,8 @@ class StackedQLearner:
     def __init__(self, flat: torch.Tensor, flat_grad: torch.Tensor, target_flat: torch.Tensor,
                  shapes: list[tuple[int, int]], activation: str, matmul_dtype: torch.dtype = torch.float32) -> None:
         self.matmul_dtype = matmul_dtype
-        if matmul_dtype == torch.float32:
-            self.online = StackedMLP(flat, flat_grad, shapes, activation)
-            self.target = StackedMLP(target_flat, None, shapes, activation)
-        else:
-            if not native_low_precision(matmul_dtype, flat.device) and matmul_dtype not in _warned_slow_dtypes:
-                _warned_slow_dtypes.add(matmul_dtype)
-                name = str(matmul_dtype).removeprefix("torch.")
-                log.warning("algorithm.matmul_dtype=%s: this %s has no native %s matrix products%s, so they run "
-                            "many times slower than float32's; set algorithm.matmul_dtype=float32", name,
-                            flat.device.type, name, " (AVX512-BF16 or AMX)" if flat.device.type == "cpu" else "")
-            self.online = LowPrecisionMLP(flat, flat_grad, shapes, activation, matmul_dtype)
-            self.target = LowPrecisionMLP(target_flat, None, shapes, activation, matmul_dtype)
+        self.online = stacked_mlp(flat, flat_grad, shapes, activation, matmul_dtype)
+        self.target = stacked_mlp(target_flat, None, shapes, activation, matmul_dtype)
         self._workspaces: dict[int, tuple[Workspace, Workspace]] = {}
         """The online network's two workspaces per batch size: on s (trained through) and on s'."""
 

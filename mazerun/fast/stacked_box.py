@@ -9,6 +9,9 @@ every critic weight, which the actor's optimiser never reads), and the target up
 of the storage. The algorithms (:mod:`mazerun.algorithms.sac`, :mod:`mazerun.algorithms.td3_bc`,
 :mod:`mazerun.algorithms.iql_continuous`) turn these passes into the gradients of their losses.
 
+With ``matmul_dtype`` bfloat16 (``algorithm.matmul_dtype``) each stack is a
+:class:`~mazerun.fast.fused.LowPrecisionMLP`: the hidden layers multiply in bfloat16, the storage stays float32.
+
 The modules' parameters and observation statistics become views of this storage, and each trained
 parameter's ``.grad`` a view of the stack's ``flat_grad``, so the modules, their checkpoints, the
 readable losses and an optimiser over the parameters all see what is trained here.
@@ -30,6 +33,7 @@ from mazerun.fast.fused import (
     mlp_layers,
     normalize,
     single_stack,
+    stacked_mlp,
 )
 from mazerun.nn.models import SquashedGaussianPolicy, TanhPolicy, TwinQNetwork, ValueNetwork
 
@@ -65,20 +69,21 @@ def bind_gradients(stack: StackedMLP, row: int, layers: list[nn.Linear]) -> None
     bind_row(stack, row, layers, gradients=stack.flat_grad is not None)
 
 
-def critic_stack(critic: TwinQNetwork, gradients: bool) -> StackedMLP:
+def critic_stack(critic: TwinQNetwork, gradients: bool, matmul_dtype: torch.dtype = torch.float32) -> StackedMLP:
     """The two critics of ``critic`` as the rows of a new :class:`StackedMLP` their parameters now live in."""
     (first, activation), (second, _) = [mlp_layers(encoder, None, trunk, head)
                                          for encoder, trunk, head in zip(critic.encoders, critic.trunks, critic.heads)]
     size = sum(layer.weight.numel() + layer.bias.numel() for layer in first)
     flat = torch.zeros(2, size, device=first[0].weight.device)
-    stack = StackedMLP(flat, torch.zeros_like(flat) if gradients else None,
-                       [tuple(layer.weight.shape) for layer in first], activation)
+    stack = stacked_mlp(flat, torch.zeros_like(flat) if gradients else None,
+                        [tuple(layer.weight.shape) for layer in first], activation, matmul_dtype)
     for row, row_layers in enumerate((first, second)):
         bind_gradients(stack, row, row_layers)
     return stack
 
 
-def actor_stack(policy: TanhPolicy, gradients: bool, extra: int = 0) -> StackedMLP:
+def actor_stack(policy: TanhPolicy, gradients: bool, extra: int = 0,
+                matmul_dtype: torch.dtype = torch.float32) -> StackedMLP:
     """A one-row :class:`StackedMLP` the policy's trunk and heads (side by side, :func:`policy_heads`) now live in,
     with ``extra`` columns after them for the caller (SAC's ``log alpha``)."""
     trunk, activation = mlp_layers(policy.actor_encoder, None, policy.actor_trunk, policy.policy_head)
@@ -87,8 +92,8 @@ def actor_stack(policy: TanhPolicy, gradients: bool, extra: int = 0) -> StackedM
                                                                  policy.features_dim)]
     size = sum(out * inp + out for out, inp in shapes) + extra
     device = policy.policy_head.weight.device
-    stack = StackedMLP(torch.zeros(1, size, device=device), torch.zeros(1, size, device=device) if gradients else None,
-                       shapes, activation)
+    stack = stacked_mlp(torch.zeros(1, size, device=device), torch.zeros(1, size, device=device) if gradients else None,
+                        shapes, activation, matmul_dtype)
     bind_gradients(stack, 0, trunk)
     start, head = 0, stack.head
     for layer in heads:
@@ -119,11 +124,11 @@ class StackedTwinQ:
     write into workspaces of their batch size, valid until the next pass of the same network.
     """
 
-    def __init__(self, critic: TwinQNetwork, target: TwinQNetwork) -> None:
-        self.critic = critic_stack(critic, gradients=True)
-        self.target = critic_stack(target, gradients=False)
-        self.first = StackedMLP(self.critic.flat[:1], self.critic.flat_grad[:1], self.critic.shapes,
-                                self.critic.activation)
+    def __init__(self, critic: TwinQNetwork, target: TwinQNetwork, matmul_dtype: torch.dtype = torch.float32) -> None:
+        self.critic = critic_stack(critic, gradients=True, matmul_dtype=matmul_dtype)
+        self.target = critic_stack(target, gradients=False, matmul_dtype=matmul_dtype)
+        self.first = stacked_mlp(self.critic.flat[:1], self.critic.flat_grad[:1], self.critic.shapes,
+                                 self.critic.activation, matmul_dtype)
         """The first critic alone (its row of the same storage): TD3+BC's actor reads ``Q_1`` only."""
         self.critic_mean, self.critic_std = bind_statistics(list(critic.encoders))
         self.target_mean, self.target_std = bind_statistics(list(target.encoders))
@@ -202,9 +207,11 @@ class StackedActor:
     """A policy (and, for TD3, its target) in one-row stacks beside :class:`StackedTwinQ`: its trunk, then its heads
     side by side (:func:`policy_heads`), then ``extra`` columns (SAC's ``log alpha``)."""
 
-    def __init__(self, policy: TanhPolicy, target: TanhPolicy | None = None, extra: int = 0) -> None:
-        self.actor = actor_stack(policy, gradients=True, extra=extra)
-        self.actor_target = None if target is None else actor_stack(target, gradients=False, extra=extra)
+    def __init__(self, policy: TanhPolicy, target: TanhPolicy | None = None, extra: int = 0,
+                 matmul_dtype: torch.dtype = torch.float32) -> None:
+        self.actor = actor_stack(policy, gradients=True, extra=extra, matmul_dtype=matmul_dtype)
+        self.actor_target = None if target is None else actor_stack(target, gradients=False, extra=extra,
+                                                                    matmul_dtype=matmul_dtype)
         self.mean, self.std = bind_statistics([policy.actor_encoder])
         self.target_mean, self.target_std = (self.mean, self.std) if target is None else bind_statistics(
             [target.actor_encoder])
@@ -255,8 +262,9 @@ class StackedValue:
     """A state-value network ``V(s)`` (IQL's) in a one-row stack: its values of ``s``, trained through, and of
     ``s'``, read only."""
 
-    def __init__(self, value: ValueNetwork) -> None:
-        self.stack = single_stack(*mlp_layers(value.encoder, value.memory, value.trunk, value.head))
+    def __init__(self, value: ValueNetwork, matmul_dtype: torch.dtype = torch.float32) -> None:
+        self.stack = single_stack(*mlp_layers(value.encoder, value.memory, value.trunk, value.head),
+                                  matmul_dtype=matmul_dtype)
         self.mean, self.std = bind_statistics([value.encoder])
         self._next: dict[int, Workspace] = {}
         self._inputs: torch.Tensor | None = None
