@@ -164,6 +164,15 @@ def product_dtype(config: Any) -> torch.dtype:
     return getattr(torch, getattr(config, "matmul_dtype", "float32"))
 
 
+def float32_twin(algorithm: Any) -> Any:
+    """A copy of ``algorithm`` whose config multiplies in float32, its fast path still to rebuild. Low-precision
+    products round by up to several percent of a parameter's gradient, which would hide an edited loss, so the
+    fast-path check holds this twin's float32 kernel to autograd instead."""
+    twin = copy.deepcopy(algorithm)
+    twin.config = dataclasses.replace(algorithm.config, matmul_dtype="float32")
+    return twin
+
+
 def require_stack(stack: Any, config: Any) -> Any:
     """``stack``, refused in one line where it is None and ``config`` asks for low-precision products: the fused
     step is the only one that multiplies in them."""
@@ -396,20 +405,17 @@ class OfflineAlgorithm(BatchAlgorithm):
         if self.stack is None or not isinstance(batch, TransitionBatch):
             return None
         if product_dtype(self.config) != torch.float32:
-            # Low-precision products round by up to several percent of a parameter's gradient, which would hide
-            # an edited loss: a float32 twin of the same hand-written gradient is held to autograd instead.
-            twin = copy.deepcopy(self)
-            twin.config = dataclasses.replace(self.config, matmul_dtype="float32")
+            twin = float32_twin(self)
             twin.stack = twin.build_stack()
             problem = twin.check_fast_path(batch)
             if problem is not None:
                 self.stack = None
             return problem
+        tolerance, floor = self.fast_path_tolerance()
         for phase in self.phases:
             if phase.loss not in self.fused_phases:
                 continue
-            mismatch = gradient_mismatch(*self.phase_gradients(phase, batch), self.fast_path_tolerance()[1])
-            tolerance, _ = self.fast_path_tolerance()
+            mismatch = gradient_mismatch(*self.phase_gradients(phase, batch), floor)
             if mismatch > tolerance:
                 self.stack = None
                 return mismatch_line(self.config.name, f"{phase.loss}()", mismatch, tolerance)

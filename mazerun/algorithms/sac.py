@@ -29,8 +29,6 @@ with the gradients of these losses written by hand (:func:`soft_q_gradient`, :fu
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar
@@ -45,6 +43,7 @@ from mazerun.algorithms.base import (
     check_box_actions,
     check_matmul_dtype,
     check_polyak_tau,
+    float32_twin,
     frozen_copy,
     load_matching_weights,
     product_dtype,
@@ -374,10 +373,7 @@ class SoftActorCritic(BatchAlgorithm):
         if self.stacks is None:
             return None
         if product_dtype(self.config) != torch.float32:
-            # Low-precision products round by up to several percent of a parameter's gradient, which would hide
-            # an edited loss: a float32 twin of the same hand-written gradients is held to autograd instead.
-            twin = copy.deepcopy(self)
-            twin.config = dataclasses.replace(self.config, matmul_dtype="float32")
+            twin = float32_twin(self)
             twin.build_stacks()
             problem = twin.check_fast_path(batch)
             if problem is not None:
