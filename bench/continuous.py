@@ -19,9 +19,8 @@ seeds no run has seen (2,000,000 + i), the same seeds for every learner.
 2. ``offline``: ``python -m mazerun.datasets d4rl`` on the best of part 1's runs (the bench's expert: a
    100k-step one, where the README's pipeline trains 1M) gives Hopper ``medium`` and ``medium-replay``.
    On each, ``run -cn conf_train env=Hopper-v5 algorithm=td3_bc|iql|cql algorithm.n_updates=N`` against
-   d3rlpy's TD3PlusBC, IQL and CQL ``fit()`` for the same N updates, each library with its own defaults
-   on the same 256-256 ReLU networks (d3rlpy's encoder; ``model.activation=relu`` on our side) and
-   observations standardised by the dataset. Targets: return >= d3rlpy's (mean over seeds); whole
+   d3rlpy's TD3PlusBC, IQL and CQL ``fit()`` for the same N updates, each library with its own defaults,
+   which give both the same 256-256 ReLU networks and observations standardised by the dataset. Targets: return >= d3rlpy's (mean over seeds); whole
    command >= 3x faster (median).
 3. ``dagger``: ``run algorithm=dagger env=Hopper-v5 expert=torch_policy expert.input_dir=<the expert>
    algorithm.total_steps=25000``; target >= 0.9x the teacher's return. BC on 25k of the teacher's own
@@ -66,7 +65,6 @@ ENV_ID = "Hopper-v5"
 SB3_INSTALL = 'pip install -e ".[bench,mujoco]"'
 OFFLINE_ALGORITHMS = {"td3_bc": "TD3PlusBC", "iql": "IQL", "cql": "CQL"}
 DATASETS = ("medium", "medium-replay")
-RELU = "model.activation=relu"
 
 
 def cached(path: Path, measure: Callable[[], dict[str, Any]], runs: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -163,7 +161,7 @@ def offline_part(args: argparse.Namespace, work: Path, expert: Path, pool: Proce
 
                 def measure_ours() -> dict[str, float]:
                     directory.mkdir(parents=True, exist_ok=True)
-                    seconds = run("-cn", "conf_train", f"env={ENV_ID}", f"algorithm={algorithm}", RELU,
+                    seconds = run("-cn", "conf_train", f"env={ENV_ID}", f"algorithm={algorithm}",
                                   f"algorithm.n_updates={args.offline_updates}", f"runner.seed={seed}",
                                   f"runner.dataset.dir_or_file={datasets / dataset}", "hydra.run.dir=ours",
                                   cwd=directory)

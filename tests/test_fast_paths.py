@@ -784,5 +784,10 @@ def test_bfloat16_box_products_are_refused_where_they_cannot_run() -> None:
             config.check()
     with pytest.raises(MazerunError, match=r"algorithm.matmul_dtype='half' is unknown; use float32 or bfloat16"):
         TD3BCConfig(matmul_dtype="half").check()
-    with pytest.raises(MazerunError, match=r"applies to IQL's 1-D Box variant only"):
+    with pytest.raises(MazerunError, match=r"^algorithm.matmul_dtype=bfloat16 applies to IQL's 1-D Box variant "
+                                           r"only \(the discrete-action one has no fused step\); use "
+                                           r"algorithm.matmul_dtype=float32$"):
         IQLConfig(matmul_dtype="bfloat16").check_spaces(OBSERVATIONS, gym.spaces.Discrete(3))
+    with pytest.raises(MazerunError, match=r"^algorithm.matmul_dtype=bfloat16 applies to CQL's discrete-action variant "
+                                           r"only \(the 1-D Box one has no fused step\)"):
+        CQLConfig(matmul_dtype="bfloat16").check_spaces(OBSERVATIONS, gym.spaces.Box(-1.0, 1.0, (2,)))

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from torch.distributions import Categorical, Independent
 
 from mazerun.acting.envs import make_env
+from mazerun.algorithms import algorithm_config
 from mazerun.core.errors import MazerunError
 from mazerun.nn.models import (
     ActorCritic,
@@ -23,7 +24,7 @@ from mazerun.nn.models import (
     default_model_kind,
     obs_to_tensor,
 )
-from mazerun.training.runsetup import resolve_model_config
+from mazerun.training.runsetup import algorithm_activation, resolve_model_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -125,6 +126,16 @@ def test_model_auto_builds_what_the_kind_s_own_group_would() -> None:
     lunar = make_env("LunarLanderContinuous-v3").observation_space
     assert resolve_model_config(OmegaConf.to_container(auto), lunar, "relu").activation == "relu"  # SAC's own
     assert resolve_model_config({"kind": None, "activation": "tanh"}, lunar, "relu").activation == "tanh"
+
+
+def test_each_algorithm_names_its_reference_activation_for_its_actions() -> None:
+    """SAC, TD3+BC and the Box variants of CQL and IQL take ReLU where model=auto leaves it unset (SB3's, d3rlpy's and
+    CORL's networks); PPO, BC and the discrete CQL and IQL keep the model kind's own (tanh for vectors)."""
+    box, discrete = make_env("Pendulum-v1").action_space, make_env("CartPole-v1").action_space
+    for name in ("sac", "td3_bc", "cql", "iql"):
+        assert algorithm_activation(algorithm_config({"name": name}), box) == "relu", name
+    for name, actions in (("cql", discrete), ("iql", discrete), ("ppo", box), ("bc", box), ("dagger", box)):
+        assert algorithm_activation(algorithm_config({"name": name}), actions) is None, name
 
 
 def test_config_errors_name_the_choices() -> None:

@@ -95,10 +95,17 @@ class OfflineConfig:
         """Without runner.dataset.dir_or_file, offline algorithms train on the newest finished recording."""
 
 
+ACTION_KINDS = {"discrete": "discrete-action", "box": "1-D Box"}
+"""The two kinds of actions the value learners (CQL, IQL) have a variant for, as their messages name them."""
+
+
 @dataclass
 class ValueLearningConfig(OfflineConfig):
     """Settings of the offline algorithms that learn Q-values (CQL, IQL): of discrete actions, or of a 1-D Box's
     in their continuous variants (:class:`BoxVariant`)."""
+
+    fused_actions: ClassVar[str]
+    """Which variant, ``discrete`` or ``box``, has the fused step that ``matmul_dtype`` applies to."""
 
     gamma: float = 0.99
     """Discount of the TD targets."""
@@ -125,6 +132,16 @@ class ValueLearningConfig(OfflineConfig):
                 f"{action_space}; wrap the env so that its actions are one of those (flatten a Box of several "
                 "dimensions into one)"
             )
+        actions = "box" if is_box_of_actions(action_space) else "discrete"
+        if self.matmul_dtype != "float32" and actions != self.fused_actions:
+            raise MazerunError(f"algorithm.matmul_dtype={self.matmul_dtype} applies to {self.name.upper()}'s "
+                               f"{ACTION_KINDS[self.fused_actions]} variant only (the {ACTION_KINDS[actions]} one "
+                               "has no fused step); use algorithm.matmul_dtype=float32")
+
+    def model_activation(self, action_space: gym.Space) -> str | None:
+        """The MLP activation where the model config leaves it unset (``model=auto``): for 1-D Box actions ReLU, as
+        d3rlpy's and CORL's; for discrete ones the model kind's own."""
+        return "relu" if is_box_of_actions(action_space) else None
 
 
 def is_box_of_actions(action_space: gym.Space) -> bool:

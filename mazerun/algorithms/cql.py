@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,8 @@ class CQLBoxConfig:
 
 @dataclass
 class CQLConfig(ValueLearningConfig):
+    fused_actions: ClassVar[str] = "discrete"
+
     name: str = "cql"
     n_updates: int = 20000
     eval_every: int = 2000

@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
-import gymnasium as gym
 import torch
 import torch.nn.functional as F
 from torch.distributions import Distribution
@@ -42,7 +41,6 @@ from mazerun.algorithms.base import (
     flat,
     flat_transitions,
     frozen_copy,
-    is_box_of_actions,
     warm_state,
 )
 from mazerun.algorithms.bc import policy_of
@@ -69,6 +67,8 @@ class IQLBoxConfig:
 
 @dataclass
 class IQLConfig(ValueLearningConfig):
+    fused_actions: ClassVar[str] = "box"
+
     name: str = "iql"
     n_updates: int = 20000
     eval_every: int = 2000
@@ -106,12 +106,6 @@ class IQLConfig(ValueLearningConfig):
                 f"{prefix}.expectile={self.expectile} must lie in (0, 1): 0.5 regresses V to the mean of Q, "
                 "0.7-0.9 towards the best recorded actions"
             )
-
-    def check_spaces(self, observation_space: gym.Space, action_space: gym.Space) -> None:
-        super().check_spaces(observation_space, action_space)
-        if self.matmul_dtype != "float32" and not is_box_of_actions(action_space):
-            raise MazerunError(f"algorithm.matmul_dtype={self.matmul_dtype} applies to IQL's 1-D Box variant only "
-                               "(the discrete one has no fused step); use algorithm.matmul_dtype=float32")
 
 
 def expectile_loss(differences: torch.Tensor, expectile: float) -> torch.Tensor:

@@ -5,8 +5,9 @@ An algorithm module (found through :mod:`mazerun.algorithms`, or a plugin's entr
 - ``Config``: a dataclass of its settings, with ``check(prefix)`` and the class attributes
   ``loop`` (what feeds it: ``offline`` batches of records, ``on_policy`` rollouts of its own
   policy, ``interactive`` states an expert labelled), ``budget_key`` and ``step_unit``, and
-  optionally ``model_activation``, the MLP activation its reference implementation uses where
-  ``model=auto`` leaves it unset (SAC: ReLU, as SB3's; otherwise the model kind's own);
+  optionally ``model_activation(action_space)``, the MLP activation its reference implementation
+  uses where ``model=auto`` leaves it unset (SAC and the Box-action offline learners: ReLU, as SB3's
+  and d3rlpy's; None: the model kind's own);
 - ``Algorithm``: a subclass of :class:`Algorithm`, built as ``Algorithm(config, spec, generator)``.
 
 The class declares, as plain attributes:

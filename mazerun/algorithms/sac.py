@@ -75,8 +75,6 @@ class SACConfig(EnvStepBudget):
     """
 
     loop: ClassVar[str] = "off_policy"
-    model_activation: ClassVar[str] = "relu"
-    """The MLP activation where the model config leaves it unset (``model=auto``): ReLU, as SB3's SAC."""
 
     name: str = "sac"
     """Which algorithm this section configures, as chosen by ``algorithm=<name>``."""
@@ -124,6 +122,10 @@ class SACConfig(EnvStepBudget):
     """float32, or bfloat16: the fused step's hidden layers multiply in bfloat16 with float32 accumulation
     (mazerun.fast.fused.LowPrecisionMLP); weights, gradients, Adam, acting and checkpoints stay float32. Needs the
     fused step, and a CPU with AVX512-BF16 or AMX to be faster (many times slower without; a warning says so)."""
+
+    def model_activation(self, action_space: gym.Space) -> str:
+        """The MLP activation where the model config leaves it unset (``model=auto``): ReLU, as SB3's SAC."""
+        return "relu"
 
     def check(self, prefix: str = "algorithm") -> None:
         check_fields(self, prefix, positive=("total_steps", "buffer_size", "batch_size", "lr", "train_freq",

@@ -88,6 +88,11 @@ class TD3BCConfig(OfflineConfig):
     def check_spaces(self, observation_space: gym.Space, action_space: gym.Space) -> None:
         check_box_actions(self.name, action_space)
 
+    def model_activation(self, action_space: gym.Space) -> str:
+        """The MLP activation where the model config leaves it unset (``model=auto``): ReLU, as the paper's, d3rlpy's
+        and CORL's."""
+        return "relu"
+
 
 def smoothed_target_actions(squashed: torch.Tensor, noise: torch.Tensor, policy_noise: float,
                             noise_clip: float) -> torch.Tensor:

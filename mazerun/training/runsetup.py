@@ -76,10 +76,17 @@ def choose_env_id(explicit: str | None, source_env_id: str | None, source: str) 
     return env_id
 
 
+def algorithm_activation(algorithm_config: Any, action_space: gym.Space) -> str | None:
+    """The MLP activation the algorithm's reference implementation uses for these actions (its config's optional
+    ``model_activation``), or None: the model kind's own."""
+    choose = getattr(algorithm_config, "model_activation", None)
+    return None if choose is None else choose(action_space)
+
+
 def resolve_model_config(values: Any, observation_space: gym.Space, algorithm_activation: str | None = None,
                          memory_allowed: bool = True) -> ModelConfig:
     """The model group's values as a :class:`ModelConfig`, its kind picked from the space when unset, its
-    activation, when unset, the algorithm's own (``model_activation`` of its config: SAC's ReLU, as SB3's)
+    activation, when unset, the algorithm's own (:func:`algorithm_activation`: ReLU for SAC, as SB3's)
     or else the kind's, and its memory, when unset, the kind's (none where ``memory_allowed`` is false: the
     population search), so ``model=auto`` builds what ``model=<kind>`` would."""
     values = dict(values or {})
@@ -313,7 +320,7 @@ def prepare(
             vocabulary = None if start.checkpoint.vocabulary is None else Vocabulary.from_list(start.checkpoint.vocabulary)
         else:
             model_config = resolve_model_config(config.model, observation_space,
-                                                getattr(algorithm_config, "model_activation", None),
+                                                algorithm_activation(algorithm_config, action_space),
                                                 memory_allowed=config.hpo is None)
             vocabulary = None
         algorithm_config, runner, taken = with_kind_defaults(algorithm_config, config.runner, model_config.kind,
