@@ -222,6 +222,7 @@ def test_run_learns_from_pendulum_records_continues_and_rolls_out(
     first = newest_run_dir(workdir)
     payload = torch.load(first / "last.pt", weights_only=True)
     assert payload["algorithm"] == name and payload["model_config"]["network"] == network
+    assert payload["model_config"]["activation"] == "relu"  # model=auto: d3rlpy's and CORL's networks
 
     run_ok("-cn", "conf_train", f"algorithm={name}", f"input_dir={first}", "algorithm.n_updates=4", *tiny,
            cwd=workdir)
@@ -234,6 +235,17 @@ def test_run_learns_from_pendulum_records_continues_and_rolls_out(
            "runner.max_episode_steps=10", cwd=workdir)
     (record,) = load_records(newest_run_dir(workdir) / "trajectory_data")
     assert record.policy == f"torch_policy:{name}" and (abs(record.actions) <= 2).all()
+
+
+@pytest.mark.parametrize("name", ["iql", "cql"])
+def test_run_learns_with_bfloat16_products_past_the_fast_path_s_check(name: str, records: Path, workdir: Path) -> None:
+    result = run_ok("-cn", "conf_train", f"algorithm={name}", f"runner.dataset.dir_or_file={records}",
+                    "algorithm.n_updates=4", "algorithm.eval_every=4", "algorithm.batch_size=16",
+                    "algorithm.matmul_dtype=bfloat16", "runner.eval_repeats=1", "runner.max_episode_steps=10",
+                    "model.hidden_sizes=[16,16]", "device=cpu", cwd=workdir)
+    assert "differs from autograd" not in result.stderr
+    payload = torch.load(newest_run_dir(workdir) / "last.pt", weights_only=True)
+    assert {value.dtype for value in payload["model_state"].values()} == {torch.float32}
 
 
 @pytest.mark.parametrize("name", ["iql", "cql"])

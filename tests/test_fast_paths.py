@@ -18,7 +18,7 @@ from mazerun.acting.vector import make_vector_env
 from mazerun.algorithms import build_algorithm
 from mazerun.algorithms.base import BatchAlgorithm, OfflineAlgorithm
 from mazerun.algorithms.bc import BCConfig, BehaviouralCloning
-from mazerun.algorithms.cql import ConservativeQLearning, CQLConfig
+from mazerun.algorithms.cql import ConservativeQLearning, CQLBoxConfig, CQLConfig
 from mazerun.algorithms.iql import IQLConfig
 from mazerun.algorithms.ppo import PPO, PPOConfig
 from mazerun.algorithms.protocol import AlgorithmSpec
@@ -635,12 +635,12 @@ def test_an_edited_sac_loss_is_caught_at_the_first_batch_and_training_follows_th
     _assert_same_state(fused, plain)
 
 
-# -------------------------------------------------------------------------------------------- TD3+BC and IQL on Box actions
+# -------------------------------------------------------------------------------------- TD3+BC, IQL and CQL on Box actions
 
 
 def _box_learner(name: str, fused: bool, activation: str = "tanh", matmul_dtype: str = "float32") -> OfflineAlgorithm:
-    """A tiny TD3+BC or continuous IQL learner (asymmetric action box), its networks standardising observations
-    with fixed statistics, as the offline loop sets them."""
+    """A tiny TD3+BC, continuous IQL or continuous CQL learner (asymmetric action box), its networks standardising
+    observations with fixed statistics, as the offline loop sets them."""
     torch.manual_seed(0)
     actions = gym.spaces.Box(np.array([-1.0, -2.0], np.float32), np.array([1.0, 0.5], np.float32))
     spec = AlgorithmSpec(OBSERVATIONS, actions, ModelConfig(kind="vector_obs", hidden_sizes=(16, 16),
@@ -648,14 +648,19 @@ def _box_learner(name: str, fused: bool, activation: str = "tanh", matmul_dtype:
     if name == "td3_bc":
         algorithm = TD3BC(TD3BCConfig(fused=fused, gamma=0.9, tau=0.1, lr=1e-3, matmul_dtype=matmul_dtype), spec,
                           torch.Generator().manual_seed(3))
-    else:
+    elif name == "iql":
         algorithm = build_algorithm(IQLConfig(fused=fused, gamma=0.9, tau=0.1, lr=1e-3, matmul_dtype=matmul_dtype),
+                                    spec, torch.Generator().manual_seed(3))
+    else:
+        box = CQLBoxConfig(alpha=2.0, actor_lr=1e-3, tau=0.1, n_action_samples=3)
+        algorithm = build_algorithm(CQLConfig(fused=fused, gamma=0.9, lr=1e-3, matmul_dtype=matmul_dtype, box=box),
                                     spec, torch.Generator().manual_seed(3))
     algorithm.set_normalization(torch.randn(5) * 0.1, torch.rand(5) + 0.5)
     return algorithm
 
 
-@pytest.mark.parametrize("name,activation", [("td3_bc", "tanh"), ("td3_bc", "relu"), ("iql", "relu")])
+@pytest.mark.parametrize("name,activation", [("td3_bc", "tanh"), ("td3_bc", "relu"), ("iql", "relu"), ("cql", "tanh"),
+                                             ("cql", "relu")])
 def test_the_stacked_box_update_gives_the_autograd_update(name: str, activation: str) -> None:
     """Five updates (TD3+BC's actor and targets move on updates 0, 2 and 4) on the same batches: the same metrics,
     weights, targets and Adam moments as autograd of the readable losses."""
@@ -674,7 +679,8 @@ def test_a_copy_of_a_stacked_td3_bc_learner_trains_its_own_weights() -> None:
     assert not all(torch.equal(before[key], value) for key, value in clone.network.state_dict().items())
 
 
-@pytest.mark.parametrize("name,edit", [("td3_bc", "losses"), ("td3_bc", "actor_loss"), ("iql", "losses")])
+@pytest.mark.parametrize("name,edit", [("td3_bc", "losses"), ("td3_bc", "actor_loss"), ("iql", "losses"),
+                                       ("cql", "losses")])
 def test_an_edited_box_loss_is_caught_at_the_first_batch_and_training_follows_the_edit(name: str, edit: str) -> None:
     """A researcher scales one phase's loss (or, in TD3+BC's actor, its cloning term) and leaves the fast path."""
     fused = _box_learner(name, True)
@@ -695,7 +701,8 @@ def test_an_edited_box_loss_is_caught_at_the_first_batch_and_training_follows_th
 
 
 def _low_precision_box(name: str, matmul_dtype: str = "float32", activation: str = "relu") -> BatchAlgorithm:
-    """A tiny SAC, TD3+BC or IQL learner: on its stacks with bfloat16 products, or on the float32 autograd path."""
+    """A tiny SAC, TD3+BC, IQL or CQL learner: on its stacks with bfloat16 products, or on the float32 autograd
+    path."""
     low = matmul_dtype != "float32"
     if name == "sac":
         return _sac(low, activation, matmul_dtype=matmul_dtype)
@@ -707,7 +714,7 @@ def _autograd_gradients(algorithm: BatchAlgorithm, batch: TransitionBatch) -> to
     draws (SAC's two losses one after the other, each offline phase from the same state); the generator is left
     where it was."""
     drawn, gradients = algorithm.generator_state(), []
-    for phase in algorithm.phases:
+    for phase in _fast_phases(algorithm):
         if not isinstance(algorithm, SoftActorCritic):
             algorithm.restore_generator(drawn)
         parameters = [parameter for group in getattr(algorithm, phase.optimizer).param_groups
@@ -719,24 +726,39 @@ def _autograd_gradients(algorithm: BatchAlgorithm, batch: TransitionBatch) -> to
     return torch.cat([gradient.flatten() for gradient in gradients])
 
 
+def _fast_phases(algorithm: BatchAlgorithm) -> list:
+    """The phases with a hand-written gradient: SAC's all, an offline learner's :attr:`fused_phases` (continuous CQL's
+    actor step stays on autograd)."""
+    if isinstance(algorithm, SoftActorCritic):
+        return list(algorithm.phases)
+    return [phase for phase in algorithm.phases if phase.loss in algorithm.fused_phases]
+
+
+def _stacks(algorithm: BatchAlgorithm) -> list:
+    """The learner's stacked networks, critics first."""
+    stacks = algorithm.stacks if isinstance(algorithm, SoftActorCritic) else algorithm.stack
+    return [stacks] if stacks is None or not isinstance(stacks, tuple) else list(stacks)
+
+
 def _fast_gradients(algorithm: BatchAlgorithm, batch: TransitionBatch) -> torch.Tensor:
     """The stacks' hand-written gradients of every phase, in :func:`_autograd_gradients`' order."""
     if isinstance(algorithm, SoftActorCritic):
         fast = algorithm.fast_path_gradients(batch)[0]
     else:
-        fast = [gradient for phase in algorithm.phases for gradient in algorithm.phase_gradients(phase, batch)[0]]
+        fast = [gradient for phase in _fast_phases(algorithm) for gradient in algorithm.phase_gradients(phase, batch)[0]]
     return torch.cat([gradient.flatten() for gradient in fast])
 
 
-@pytest.mark.parametrize("name", ["sac", "td3_bc", "iql"])
+@pytest.mark.parametrize("name", ["sac", "td3_bc", "iql", "cql"])
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 def test_a_bfloat16_box_step_errs_from_float32_no_more_than_torch_autocast(name: str, activation: str) -> None:
     """On 256 transitions, every phase's hand-written gradient with bfloat16 products is off autograd's float32 one by
     no more than autograd under torch.autocast's bfloat16 is; weights and Adam stay float32, and an update's metrics
     stay within 2% of the float32 ones."""
     low, plain = _low_precision_box(name, "bfloat16", activation), _low_precision_box(name, "float32", activation)
-    stacks = low.stacks if name == "sac" else low.stack
-    assert stacks[0].critic.hidden_dtype == torch.bfloat16 and stacks[1].actor.hidden_dtype == torch.bfloat16
+    stacks = _stacks(low)  # the critics', then the actor's where the learner stacks it (continuous CQL does not)
+    assert stacks[0].critic.hidden_dtype == torch.bfloat16
+    assert all(stack.actor.hidden_dtype == torch.bfloat16 for stack in stacks[1:2])
     batch = _box_transitions(torch.Generator().manual_seed(3), size=256)
     exact, fast = _autograd_gradients(plain, batch), _fast_gradients(low, batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -749,14 +771,14 @@ def test_a_bfloat16_box_step_errs_from_float32_no_more_than_torch_autocast(name:
     assert all(parameter.dtype == torch.float32 for parameter in [*low.network.parameters(), *low.critic.parameters()])
 
 
-@pytest.mark.parametrize("name", ["sac", "td3_bc", "iql"])
+@pytest.mark.parametrize("name", ["sac", "td3_bc", "iql", "cql"])
 def test_a_faithful_bfloat16_box_step_passes_its_check_through_a_float32_twin(name: str) -> None:
     """The twin's float32 hand-written gradients are held to autograd; the learner keeps its bfloat16 stacks and its
     generator, and trains on as the unchecked one does."""
     checked, unchecked = _low_precision_box(name, "bfloat16"), _low_precision_box(name, "bfloat16")
     assert checked.check_fast_path(_box_transitions(torch.Generator().manual_seed(4))) is None
-    stacks = checked.stacks if name == "sac" else checked.stack
-    assert stacks is not None and stacks[0].critic.hidden_dtype == torch.bfloat16
+    stacks = _stacks(checked)
+    assert stacks[0] is not None and stacks[0].critic.hidden_dtype == torch.bfloat16
     assert torch.equal(checked.generator.get_state(), unchecked.generator.get_state())
     for seed in range(2):
         batch = _box_transitions(torch.Generator().manual_seed(seed))
@@ -764,7 +786,8 @@ def test_a_faithful_bfloat16_box_step_passes_its_check_through_a_float32_twin(na
     _assert_same_state(checked, unchecked)
 
 
-@pytest.mark.parametrize("name,loss", [("sac", "critic_loss"), ("td3_bc", "actor_loss"), ("iql", "losses")])
+@pytest.mark.parametrize("name,loss", [("sac", "critic_loss"), ("td3_bc", "actor_loss"), ("iql", "losses"),
+                                       ("cql", "losses")])
 def test_an_edited_box_loss_is_caught_under_bfloat16_products(name: str, loss: str, monkeypatch) -> None:
     """bfloat16's rounding (percents of a gradient) would hide a small edit; the float32 twin does not."""
     algorithm = _low_precision_box(name, "bfloat16")
@@ -773,7 +796,7 @@ def test_an_edited_box_loss_is_caught_under_bfloat16_products(name: str, loss: s
                         lambda self, batch: (lambda value, metrics: (1.05 * value, metrics))(*readable(self, batch)))
     line = algorithm.check_fast_path(_box_transitions(torch.Generator().manual_seed(4)))
     assert line is not None and "\n" not in line and "differs from autograd of its loss" in line
-    assert (algorithm.stacks if name == "sac" else algorithm.stack) is None
+    assert _stacks(algorithm) == [None]
 
 
 def test_bfloat16_box_products_are_refused_where_they_cannot_run() -> None:
@@ -788,6 +811,3 @@ def test_bfloat16_box_products_are_refused_where_they_cannot_run() -> None:
                                            r"only \(the discrete-action one has no fused step\); use "
                                            r"algorithm.matmul_dtype=float32$"):
         IQLConfig(matmul_dtype="bfloat16").check_spaces(OBSERVATIONS, gym.spaces.Discrete(3))
-    with pytest.raises(MazerunError, match=r"^algorithm.matmul_dtype=bfloat16 applies to CQL's discrete-action variant "
-                                           r"only \(the 1-D Box one has no fused step\)"):
-        CQLConfig(matmul_dtype="bfloat16").check_spaces(OBSERVATIONS, gym.spaces.Box(-1.0, 1.0, (2,)))

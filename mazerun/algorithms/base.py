@@ -104,8 +104,8 @@ class ValueLearningConfig(OfflineConfig):
     """Settings of the offline algorithms that learn Q-values (CQL, IQL): of discrete actions, or of a 1-D Box's
     in their continuous variants (:class:`BoxVariant`)."""
 
-    fused_actions: ClassVar[str]
-    """Which variant, ``discrete`` or ``box``, has the fused step that ``matmul_dtype`` applies to."""
+    fused_actions: ClassVar[tuple[str, ...]]
+    """The variants, ``discrete`` and/or ``box``, with the fused step that ``matmul_dtype`` applies to."""
 
     gamma: float = 0.99
     """Discount of the TD targets."""
@@ -133,10 +133,11 @@ class ValueLearningConfig(OfflineConfig):
                 "dimensions into one)"
             )
         actions = "box" if is_box_of_actions(action_space) else "discrete"
-        if self.matmul_dtype != "float32" and actions != self.fused_actions:
-            raise MazerunError(f"algorithm.matmul_dtype={self.matmul_dtype} applies to {self.name.upper()}'s "
-                               f"{ACTION_KINDS[self.fused_actions]} variant only (the {ACTION_KINDS[actions]} one "
-                               "has no fused step); use algorithm.matmul_dtype=float32")
+        if self.matmul_dtype != "float32" and actions not in self.fused_actions:
+            fused = " and ".join(ACTION_KINDS[kind] for kind in self.fused_actions)
+            raise MazerunError(f"algorithm.matmul_dtype={self.matmul_dtype} applies to {self.name.upper()}'s {fused} "
+                               f"variant only (the {ACTION_KINDS[actions]} one has no fused step); use "
+                               "algorithm.matmul_dtype=float32")
 
     def model_activation(self, action_space: gym.Space) -> str | None:
         """The MLP activation where the model config leaves it unset (``model=auto``): for 1-D Box actions ReLU, as

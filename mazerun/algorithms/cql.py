@@ -54,8 +54,8 @@ TD_LOSSES = ("huber", "mse")
 @dataclass
 class CQLBoxConfig:
     """Settings of CQL for 1-D Box actions (d3rlpy's defaults) that the discrete variant has not, or whose defaults
-    differ from its; ``lr`` (the critics'), ``gamma`` and ``batch_size`` mean the same for both, and the discrete
-    variant's ``tau``, ``target_update_interval``, ``td_loss``, ``fused`` and ``matmul_dtype`` do not apply."""
+    differ from its; ``lr`` (the critics'), ``gamma``, ``batch_size``, ``fused`` and ``matmul_dtype`` mean the same
+    for both, and the discrete variant's ``tau``, ``target_update_interval`` and ``td_loss`` do not apply."""
 
     alpha: float = 5.0
     """Weight of the conservative term (d3rlpy's conservative_weight); 0 is SAC without the entropy backup."""
@@ -69,7 +69,7 @@ class CQLBoxConfig:
 
 @dataclass
 class CQLConfig(ValueLearningConfig):
-    fused_actions: ClassVar[str] = "discrete"
+    fused_actions: ClassVar[tuple[str, ...]] = ("discrete", "box")
 
     name: str = "cql"
     n_updates: int = 20000
@@ -82,7 +82,8 @@ class CQLConfig(ValueLearningConfig):
     """huber (robust to the large rewards of crashes and landings) or mse."""
     fused: bool = True
     """An MLP on vector observations learns through :class:`mazerun.fast.fused.StackedQLearner` (the same
-    loss and Adam, the gradient by hand: :func:`conservative_q_gradient`); false: the autograd path."""
+    loss and Adam, the gradient by hand: :func:`conservative_q_gradient`; 1-D Box actions: the critics' step on
+    mazerun.fast.stacked_box), checked against autograd on the first batch; false: the autograd path."""
     matmul_dtype: str = "float32"
     """float32, or bfloat16: the fused step's hidden layers multiply in bfloat16 with float32 accumulation
     (:class:`mazerun.fast.fused.LowPrecisionMLP`), 2-4x faster on CPUs with AVX512-BF16 or AMX, about 20x
@@ -90,7 +91,7 @@ class CQLConfig(ValueLearningConfig):
     stay float32. Needs the fused step."""
     box: CQLBoxConfig = field(default_factory=CQLBoxConfig)
     """1-D Box actions (mazerun.algorithms.cql_continuous): the settings that differ from the discrete ones;
-    alpha, tau, target_update_interval, td_loss, fused and matmul_dtype above are the discrete variant's only."""
+    alpha, tau, target_update_interval and td_loss above are the discrete variant's only."""
 
     def check(self, prefix: str = "algorithm") -> None:
         super().check(prefix)

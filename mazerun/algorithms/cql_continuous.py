@@ -26,6 +26,13 @@ loss, as in SAC; the policy and ``log alpha`` share one Adam of ``box.actor_lr``
 
 Every draw (target actions, the 3N proposals, the actor's actions) comes from the loop's generator, which the
 checkpoint keeps, so a continued run draws what the uninterrupted one would.
+
+The critics' pass over ``3N + 1`` actions of every state is almost all of an update's cost. With ``fused`` (MLPs
+on vector observations) that step runs on the stacked critics of :mod:`mazerun.fast.stacked_box`, one pass of
+both critics over the data's and the sampled actions, with the loss's gradient in the Q-values written by hand
+(:meth:`ContinuousConservativeQLearning.fused_gradient`); ``matmul_dtype=bfloat16`` multiplies its hidden layers
+in bfloat16. The offline loop holds it to autograd of :meth:`ContinuousConservativeQLearning.losses` on the first
+batch. The actor's step, over one action per state, stays on autograd.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ from mazerun.algorithms.base import (
     OfflineAlgorithm,
     frozen_copy,
     load_matching_weights,
+    product_dtype,
+    require_stack,
     standard_normal,
     uniform_in_unit_box,
     update_target,
@@ -47,6 +56,7 @@ from mazerun.algorithms.protocol import AlgorithmSpec, UpdatePhase
 from mazerun.algorithms.sac import Temperature, soft_actor_loss, temperature_loss
 from mazerun.data.tensors import TransitionBatch
 from mazerun.fast.optim import Adam
+from mazerun.fast.stacked_box import StackedTwinQ, stackable
 
 
 def conservative_term(sampled_q: torch.Tensor, log_densities: torch.Tensor, data_q: torch.Tensor) -> torch.Tensor:
@@ -54,6 +64,19 @@ def conservative_term(sampled_q: torch.Tensor, log_densities: torch.Tensor, data
     sampled actions ``(2, B, K)``, those actions' log-densities ``(B, K)`` and the critics' values of the data's
     actions ``(2, B)``."""
     return (torch.logsumexp(sampled_q - log_densities, dim=-1) - data_q).mean(dim=-1).sum()
+
+
+def conservative_gradient(sampled_q: torch.Tensor, log_densities: torch.Tensor,
+                          data_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`conservative_term` and its gradient in the sampled and the data's Q-values: the log-sum-exp's is its
+    softmax, so with ``B`` states
+
+        d C / d Q_j(s, a_k)    = softmax_k (Q_j(s, a_k) - log q(a_k)) / B
+        d C / d Q_j(s, a_data) = -1 / B"""
+    shifted = sampled_q - log_densities
+    rows = data_q.shape[-1]
+    term = (torch.logsumexp(shifted, dim=-1) - data_q).mean(dim=-1).sum()
+    return term, torch.softmax(shifted, dim=-1) / rows, torch.full_like(data_q, -1.0 / rows)
 
 
 class ContinuousConservativeQLearning(OfflineAlgorithm):
@@ -64,6 +87,7 @@ class ContinuousConservativeQLearning(OfflineAlgorithm):
     starts_from = ("tanh_deterministic",)
     phases = (UpdatePhase("losses", "critic_optimizer"), UpdatePhase("actor_loss", "actor_optimizer"))
     target_networks = {"critic_target": "critic"}
+    fused_phases = {"losses": "fused_gradient"}
 
     def __init__(self, config: CQLConfig, spec: AlgorithmSpec, generator: torch.Generator | None = None) -> None:
         super().__init__(config, spec, generator)
@@ -75,6 +99,7 @@ class ContinuousConservativeQLearning(OfflineAlgorithm):
         self.target_entropy = -float(action_dim)
         self.uniform_log_density = -action_dim * math.log(2.0)
         """``log(1 / volume)`` of the unit box [-1, 1]^dim(A), where the policy's densities are measured."""
+        self.stack = require_stack(self.build_stack(), config) if config.fused else None
         self.critic_optimizer = Adam(self.critic.parameters(), lr=config.lr)
         self.actor_optimizer = Adam([*self.network.parameters(), self.temperature.log_alpha], lr=config.box.actor_lr)
 
@@ -113,6 +138,37 @@ class ContinuousConservativeQLearning(OfflineAlgorithm):
         uniform_log_densities = torch.full_like(here_log_probs, self.uniform_log_density)
         return (torch.cat([self.network.to_env(unit), here, there]),
                 torch.cat([uniform_log_densities, here_log_probs, there_log_probs]))
+
+    def build_stack(self) -> StackedTwinQ | None:
+        """The critics and their targets in stacked storage (MLPs only)."""
+        if not stackable(self.network, self.critic):
+            return None
+        return StackedTwinQ(self.critic, self.critic_target, product_dtype(self.config))
+
+    def fused_gradient(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
+        """:meth:`losses`' gradient by hand, from the same draws in the same order. Both critics value the data's
+        action and the ``3n`` proposals of every state in one pass; with ``e_j = Q_j(s, a) - y``:
+
+            d L / d Q_j(s, a_data) = (2 e_j - alpha_cql) / B
+            d L / d Q_j(s, a_k)    = alpha_cql * softmax_k (Q_j(s, a_k) - log q(a_k)) / B"""
+        config, critics, n = self.config, self.stack, self.config.box.n_action_samples
+        observations, rows = batch.observations, batch.observations.shape[0]
+        next_actions, _ = self.policy_samples(batch.next_observations, 1)
+        critics.load(observations, batch.next_observations)
+        next_q = critics.target_q_values(next_actions[0]).min(dim=0).values
+        targets = batch.rewards + config.gamma * (1.0 - batch.dones) * next_q
+        sampled_actions, log_densities = self.proposals(batch, n)
+        critics.load(observations.repeat(3 * n + 1, 1))
+        q = critics.q_values(torch.cat([batch.actions, sampled_actions.reshape(3 * n * rows, -1)]))
+        q_values, sampled_q = q[:, :rows], q[:, rows:].view(2, 3 * n, rows).transpose(1, 2)
+        errors = q_values - targets
+        conservative, sampled_grad, data_grad = conservative_gradient(sampled_q, log_densities.T, q_values)
+        alpha = config.box.alpha
+        q_grad = torch.cat([errors * (2.0 / rows) + alpha * data_grad,
+                            (alpha * sampled_grad).transpose(1, 2).reshape(2, 3 * n * rows)], dim=1)
+        critics.critic_backward(q_grad)
+        td_loss = errors.square().mean(dim=1).sum()
+        return {"td_loss": td_loss, "conservative_loss": conservative, "mean_q": q_values.mean()}
 
     def actor_loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """SAC's actor loss and the temperature's."""

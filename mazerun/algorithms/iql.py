@@ -67,7 +67,7 @@ class IQLBoxConfig:
 
 @dataclass
 class IQLConfig(ValueLearningConfig):
-    fused_actions: ClassVar[str] = "box"
+    fused_actions: ClassVar[tuple[str, ...]] = ("box",)
 
     name: str = "iql"
     n_updates: int = 20000
