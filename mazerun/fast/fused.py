@@ -265,7 +265,9 @@ class LowPrecisionMLP(StackedMLP):
             layer_input = workspace.hidden[index - 1] if index else workspace.low_inputs
             torch.bmm(workspace.hidden_grad_t[index], layer_input, out=workspace.weight_grads[index])
             layer.weight_grad.copy_(workspace.weight_grads[index])
-            torch.sum(grad, 1, keepdim=True, dtype=torch.float32, out=layer.bias_grad)
+            # summed in the low dtype with float32 accumulation, rounded once, as the weight gradient is: asking the
+            # sum for float32 would first copy the whole (rows, width) gradient into float32
+            layer.bias_grad.copy_(grad.sum(1, keepdim=True))
             if index:
                 previous = workspace.hidden_grad[index - 1]
                 torch.bmm(grad, low.weight, out=previous)
