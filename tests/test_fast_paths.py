@@ -4,6 +4,7 @@ CQL and BC updates against autograd on the same batches, fused rollouts against 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -15,8 +16,8 @@ import torch
 from conftest import run_ok
 
 from mazerun.acting.vector import make_vector_env
-from mazerun.algorithms import build_algorithm
-from mazerun.algorithms.base import BatchAlgorithm, OfflineAlgorithm
+from mazerun.algorithms import base, build_algorithm
+from mazerun.algorithms.base import BatchAlgorithm, OfflineAlgorithm, resolve_matmul_dtype
 from mazerun.algorithms.bc import BCConfig, BehaviouralCloning
 from mazerun.algorithms.cql import ConservativeQLearning, CQLBoxConfig, CQLConfig
 from mazerun.algorithms.iql import IQLConfig
@@ -336,7 +337,7 @@ def test_the_bfloat16_cql_step_errs_from_float32_no_more_than_torch_autocast(act
 def test_bfloat16_products_need_the_fused_step() -> None:
     with pytest.raises(MazerunError, match=r"algorithm.matmul_dtype=bfloat16 needs the fused step"):
         CQLConfig(fused=False, matmul_dtype="bfloat16").check()
-    with pytest.raises(MazerunError, match=r"algorithm.matmul_dtype='float16' is unknown; use float32 or bfloat16"):
+    with pytest.raises(MazerunError, match=r"algorithm.matmul_dtype='float16' is unknown; use auto, float32, bfloat16"):
         CQLConfig(matmul_dtype="float16").check()
 
 
@@ -799,13 +800,36 @@ def test_an_edited_box_loss_is_caught_under_bfloat16_products(name: str, loss: s
     assert _stacks(algorithm) == [None]
 
 
+def test_auto_products_are_bfloat16_only_in_a_box_learner_s_fused_step_on_a_cpu_that_has_them(monkeypatch) -> None:
+    box, discrete, cpu = gym.spaces.Box(-1.0, 1.0, (2,)), gym.spaces.Discrete(3), torch.device("cpu")
+    vector = ModelConfig(kind="vector_obs")
+    for native in (True, False):
+        monkeypatch.setattr(base, "native_low_precision", lambda dtype, device, native=native: native)
+        for config in (SACConfig(), TD3BCConfig(), IQLConfig(), CQLConfig()):
+            assert config.matmul_dtype == "auto"
+            resolved = resolve_matmul_dtype(config, box, vector, cpu)
+            assert resolved.matmul_dtype == ("bfloat16" if native else "float32"), config.name
+            assert dataclasses.replace(resolved, matmul_dtype="auto") == config  # every other setting kept
+    # where the CPU has them: float32 for the discrete variants (returns not measured), the autograd path, a network
+    # with memory and a GPU; an explicit choice is kept as it is
+    for config, actions, model, device in ((CQLConfig(), discrete, vector, cpu), (IQLConfig(), discrete, vector, cpu),
+                                           (TD3BCConfig(fused=False), box, vector, cpu),
+                                           (CQLConfig(), box, ModelConfig(kind="vector_obs", memory="gru"), cpu),
+                                           (SACConfig(), box, vector, torch.device("cuda"))):
+        assert resolve_matmul_dtype(config, actions, model, device).matmul_dtype == "float32"
+    explicit = TD3BCConfig(matmul_dtype="float32")
+    assert resolve_matmul_dtype(explicit, box, vector, cpu) is explicit
+    assert base.product_dtype(TD3BCConfig()) == torch.float32  # a learner built without run: auto unresolved
+    TD3BCConfig(fused=False).check()  # auto needs no fused step
+
+
 def test_bfloat16_box_products_are_refused_where_they_cannot_run() -> None:
     for config in (SACConfig(fused=False, matmul_dtype="bfloat16"), TD3BCConfig(fused=False, matmul_dtype="bfloat16"),
                    IQLConfig(fused=False, matmul_dtype="bfloat16")):
         with pytest.raises(MazerunError, match=r"^algorithm.matmul_dtype=bfloat16 needs the fused step; set "
                                                r"algorithm.fused=true or algorithm.matmul_dtype=float32$"):
             config.check()
-    with pytest.raises(MazerunError, match=r"algorithm.matmul_dtype='half' is unknown; use float32 or bfloat16"):
+    with pytest.raises(MazerunError, match=r"algorithm.matmul_dtype='half' is unknown; use auto, float32, bfloat16"):
         TD3BCConfig(matmul_dtype="half").check()
     with pytest.raises(MazerunError, match=r"^algorithm.matmul_dtype=bfloat16 applies to IQL's 1-D Box variant "
                                            r"only \(the discrete-action one has no fused step\); use "

@@ -13,6 +13,7 @@ from mazerun.acting.rollout import rollout
 from mazerun.algorithms.td3_bc import TD3BCConfig, normalized_q_term, smoothed_target_actions
 from mazerun.config.schemas import DatasetConfig, PolicyConfig, RunConfig, RunnerConfig
 from mazerun.data.records import load_records
+from mazerun.fast.fused import native_low_precision
 from mazerun.nn.checkpoint import load_checkpoint
 from mazerun.training.metrics import read_metrics_csv
 from mazerun.training.train import train
@@ -115,6 +116,17 @@ def test_run_learns_with_bfloat16_products_past_the_fast_path_s_check(records: P
     assert "differs from autograd" not in result.stderr
     payload = torch.load(newest_run_dir(workdir) / "last.pt", weights_only=True)
     assert {value.dtype for value in payload["model_state"].values()} == {torch.float32}
+
+
+def test_run_log_says_what_auto_products_ran_in_on_this_cpu(records: Path, workdir: Path) -> None:
+    """The default matmul_dtype=auto is bfloat16 where this CPU multiplies it natively, else float32."""
+    result = run_ok("-cn", "conf_train", "algorithm=td3_bc", f"runner.dataset.dir_or_file={records}",
+                    "algorithm.n_updates=2", "algorithm.eval_every=2", "algorithm.batch_size=16",
+                    "runner.eval_repeats=1", "runner.max_episode_steps=10", "model.hidden_sizes=[16,16]", "device=cpu",
+                    cwd=workdir)
+    expected = "bfloat16" if native_low_precision(torch.bfloat16, torch.device("cpu")) else "float32"
+    assert f"algorithm.matmul_dtype=auto: {expected}" in (newest_run_dir(workdir) / "run.log").read_text()
+    assert "differs from autograd" not in result.stderr
 
 
 def test_td3_bc_in_a_discrete_env_is_refused_in_one_line(workdir: Path) -> None:

@@ -84,11 +84,12 @@ class CQLConfig(ValueLearningConfig):
     """An MLP on vector observations learns through :class:`mazerun.fast.fused.StackedQLearner` (the same
     loss and Adam, the gradient by hand: :func:`conservative_q_gradient`; 1-D Box actions: the critics' step on
     mazerun.fast.stacked_box), checked against autograd on the first batch; false: the autograd path."""
-    matmul_dtype: str = "float32"
+    matmul_dtype: str = "auto"
     """float32, or bfloat16: the fused step's hidden layers multiply in bfloat16 with float32 accumulation
     (:class:`mazerun.fast.fused.LowPrecisionMLP`), 2-4x faster on CPUs with AVX512-BF16 or AMX, about 20x
     slower on those without (a warning says so); weights, gradients, Adam, evaluation and checkpoints
-    stay float32. Needs the fused step."""
+    stay float32. Needs the fused step. auto: bfloat16 for 1-D Box actions on a CPU with AVX512-BF16 or AMX,
+    float32 elsewhere and for discrete actions (run.log says which)."""
     box: CQLBoxConfig = field(default_factory=CQLBoxConfig)
     """1-D Box actions (mazerun.algorithms.cql_continuous): the settings that differ from the discrete ones;
     alpha, tau, target_update_interval and td_loss above are the discrete variant's only."""

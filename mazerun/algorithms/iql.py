@@ -84,10 +84,11 @@ class IQLConfig(ValueLearningConfig):
     """1-D Box actions with MLPs on vector observations: the losses' gradient written by hand on stacked networks
     (mazerun.fast.stacked_box), checked against autograd on the first batch; false: the plain autograd path. The
     discrete variant has no hand-written step."""
-    matmul_dtype: str = "float32"
+    matmul_dtype: str = "auto"
     """float32, or bfloat16 (1-D Box actions): the fused step's hidden layers multiply in bfloat16 with float32
     accumulation (mazerun.fast.fused.LowPrecisionMLP); weights, gradients, Adam and checkpoints stay float32. Needs
-    the fused step, and a CPU with AVX512-BF16 or AMX to be faster (many times slower without; a warning says so)."""
+    the fused step, and a CPU with AVX512-BF16 or AMX to be faster (many times slower without; a warning says so).
+    auto: bfloat16 for 1-D Box actions on such a CPU, float32 elsewhere (run.log says which)."""
     box: IQLBoxConfig = field(default_factory=IQLBoxConfig)
     """1-D Box actions (mazerun.algorithms.iql_continuous): the settings whose defaults differ from the discrete
     ones (beta above is the discrete variant's only); every other key applies to both."""

@@ -118,10 +118,11 @@ class SACConfig(EnvStepBudget):
     fused: bool = True
     """MLPs on vector observations: both critics evaluated as one (mazerun.fast.stacked_box), with hand-written
     gradients of the same losses, checked against autograd on the first batch; false: the plain autograd path."""
-    matmul_dtype: str = "float32"
+    matmul_dtype: str = "auto"
     """float32, or bfloat16: the fused step's hidden layers multiply in bfloat16 with float32 accumulation
     (mazerun.fast.fused.LowPrecisionMLP); weights, gradients, Adam, acting and checkpoints stay float32. Needs the
-    fused step, and a CPU with AVX512-BF16 or AMX to be faster (many times slower without; a warning says so)."""
+    fused step, and a CPU with AVX512-BF16 or AMX to be faster (many times slower without; a warning says so).
+    auto: bfloat16 on such a CPU, float32 elsewhere (run.log says which)."""
 
     def model_activation(self, action_space: gym.Space) -> str:
         """The MLP activation where the model config leaves it unset (``model=auto``): ReLU, as SB3's SAC."""

@@ -74,10 +74,11 @@ class TD3BCConfig(OfflineConfig):
     fused: bool = True
     """MLPs on vector observations: both critics evaluated as one (mazerun.fast.stacked_box), with hand-written
     gradients of the same losses, checked against autograd on the first batch; false: the plain autograd path."""
-    matmul_dtype: str = "float32"
+    matmul_dtype: str = "auto"
     """float32, or bfloat16: the fused step's hidden layers multiply in bfloat16 with float32 accumulation
     (mazerun.fast.fused.LowPrecisionMLP); weights, gradients, Adam and checkpoints stay float32. Needs the fused
-    step, and a CPU with AVX512-BF16 or AMX to be faster (many times slower without; a warning says so)."""
+    step, and a CPU with AVX512-BF16 or AMX to be faster (many times slower without; a warning says so).
+    auto: bfloat16 on such a CPU, float32 elsewhere (run.log says which)."""
 
     def check(self, prefix: str = "algorithm") -> None:
         super().check(prefix)

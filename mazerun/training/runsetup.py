@@ -26,6 +26,7 @@ import torch
 from mazerun.acting.envs import make_env, resolve_env_id
 from mazerun.acting.evaluation import Stepper, evaluate
 from mazerun.algorithms import algorithm_module
+from mazerun.algorithms.base import resolve_matmul_dtype
 from mazerun.algorithms.protocol import AlgorithmSpec
 from mazerun.config.schemas import DEFAULT_ENV_ID, ExpertConfig, RunConfig, RunnerConfig, structured
 from mazerun.config.tuned import with_kind_defaults
@@ -81,6 +82,16 @@ def algorithm_activation(algorithm_config: Any, action_space: gym.Space) -> str 
     ``model_activation``), or None: the model kind's own."""
     choose = getattr(algorithm_config, "model_activation", None)
     return None if choose is None else choose(action_space)
+
+
+def resolved_matmul_dtype(algorithm_config: Any, action_space: gym.Space, model_config: ModelConfig,
+                          device: torch.device, prefix: str) -> Any:
+    """The config with ``matmul_dtype=auto`` made concrete (:func:`mazerun.algorithms.base.resolve_matmul_dtype`),
+    logged so that run.log says what the products ran in."""
+    resolved = resolve_matmul_dtype(algorithm_config, action_space, model_config, device)
+    if resolved is not algorithm_config:
+        log.info("%s.matmul_dtype=auto: %s", prefix, resolved.matmul_dtype)
+    return resolved
 
 
 def resolve_model_config(values: Any, observation_space: gym.Space, algorithm_activation: str | None = None,
@@ -325,6 +336,7 @@ def prepare(
             vocabulary = None
         algorithm_config, runner, taken = with_kind_defaults(algorithm_config, config.runner, model_config.kind,
                                                              prefix, config.command_line)
+        algorithm_config = resolved_matmul_dtype(algorithm_config, action_space, model_config, device, prefix)
         if taken:
             algorithm_config.check(prefix)
             log.info("%s defaults for %s observations: %s", algorithm_config.name, model_config.kind,
