@@ -237,7 +237,7 @@ def test_run_learns_from_pendulum_records_continues_and_rolls_out(
     assert record.policy == f"torch_policy:{name}" and (abs(record.actions) <= 2).all()
 
 
-@pytest.mark.parametrize("name", ["iql", "cql"])
+@pytest.mark.parametrize("name", ["td3_bc", "iql", "cql"])
 def test_run_learns_with_bfloat16_products_past_the_fast_path_s_check(name: str, records: Path, workdir: Path) -> None:
     result = run_ok("-cn", "conf_train", f"algorithm={name}", f"runner.dataset.dir_or_file={records}",
                     "algorithm.n_updates=4", "algorithm.eval_every=4", "algorithm.batch_size=16",
