@@ -183,9 +183,9 @@ def check_matmul_dtype(config: Any, prefix: str) -> None:
 def resolve_matmul_dtype(config: Any, action_space: gym.Space, model_config: ModelConfig, device: torch.device) -> Any:
     """``config`` with ``matmul_dtype=auto`` made concrete for this run. bfloat16 for the fused step of a Box-action
     learner (SAC, TD3+BC, the Box IQL and CQL: MLPs on vector observations) on a CPU that multiplies bfloat16
-    natively (AVX512-BF16 or AMX): on Hopper their returns with it were level with float32's over 4 to 5 seeds,
-    at 1.3 to 3.5 times the speed. float32 everywhere else: discrete actions (their bfloat16 returns are not
-    measured), a CPU without those products (there they run many times slower), a GPU, ``fused=false``."""
+    natively (AVX512-BF16 or AMX): on Hopper their returns with it were level with float32's, their whole runs
+    faster (the README's "bfloat16 products"). float32 everywhere else: discrete actions (their bfloat16 returns
+    are not measured), a CPU without those products (there they run many times slower), a GPU, ``fused=false``."""
     if getattr(config, "matmul_dtype", None) != "auto":
         return config
     low = (config.fused and is_box_of_actions(action_space) and model_config.kind == "vector_obs"
