@@ -73,10 +73,9 @@ def conservative_gradient(sampled_q: torch.Tensor, log_densities: torch.Tensor,
 
         d C / d Q_j(s, a_k)    = softmax_k (Q_j(s, a_k) - log q(a_k)) / B
         d C / d Q_j(s, a_data) = -1 / B"""
-    shifted = sampled_q - log_densities
     rows = data_q.shape[-1]
-    term = (torch.logsumexp(shifted, dim=-1) - data_q).mean(dim=-1).sum()
-    return term, torch.softmax(shifted, dim=-1) / rows, torch.full_like(data_q, -1.0 / rows)
+    return (conservative_term(sampled_q, log_densities, data_q),
+            torch.softmax(sampled_q - log_densities, dim=-1) / rows, torch.full_like(data_q, -1.0 / rows))
 
 
 class ContinuousConservativeQLearning(OfflineAlgorithm):
