@@ -681,7 +681,7 @@ def test_a_copy_of_a_stacked_td3_bc_learner_trains_its_own_weights() -> None:
 
 
 @pytest.mark.parametrize("name,edit", [("td3_bc", "losses"), ("td3_bc", "actor_loss"), ("iql", "losses"),
-                                       ("cql", "losses")])
+                                       ("cql", "losses"), ("cql", "actor_loss")])
 def test_an_edited_box_loss_is_caught_at_the_first_batch_and_training_follows_the_edit(name: str, edit: str) -> None:
     """A researcher scales one phase's loss (or, in TD3+BC's actor, its cloning term) and leaves the fast path."""
     fused = _box_learner(name, True)
@@ -728,8 +728,7 @@ def _autograd_gradients(algorithm: BatchAlgorithm, batch: TransitionBatch) -> to
 
 
 def _fast_phases(algorithm: BatchAlgorithm) -> list:
-    """The phases with a hand-written gradient: SAC's all, an offline learner's :attr:`fused_phases` (continuous CQL's
-    actor step stays on autograd)."""
+    """The phases with a hand-written gradient: SAC's all, an offline learner's :attr:`fused_phases`."""
     if isinstance(algorithm, SoftActorCritic):
         return list(algorithm.phases)
     return [phase for phase in algorithm.phases if phase.loss in algorithm.fused_phases]
@@ -757,7 +756,7 @@ def test_a_bfloat16_box_step_errs_from_float32_no_more_than_torch_autocast(name:
     no more than autograd under torch.autocast's bfloat16 is; weights and Adam stay float32, and an update's metrics
     stay within 2% of the float32 ones."""
     low, plain = _low_precision_box(name, "bfloat16", activation), _low_precision_box(name, "float32", activation)
-    stacks = _stacks(low)  # the critics', then the actor's where the learner stacks it (continuous CQL does not)
+    stacks = _stacks(low)  # the critics', then the actor's where the learner stacks it
     assert stacks[0].critic.hidden_dtype == torch.bfloat16
     assert all(stack.actor.hidden_dtype == torch.bfloat16 for stack in stacks[1:2])
     batch = _box_transitions(torch.Generator().manual_seed(3), size=256)
@@ -788,7 +787,7 @@ def test_a_faithful_bfloat16_box_step_passes_its_check_through_a_float32_twin(na
 
 
 @pytest.mark.parametrize("name,loss", [("sac", "critic_loss"), ("td3_bc", "actor_loss"), ("iql", "losses"),
-                                       ("cql", "losses")])
+                                       ("cql", "losses"), ("cql", "actor_loss")])
 def test_an_edited_box_loss_is_caught_under_bfloat16_products(name: str, loss: str, monkeypatch) -> None:
     """bfloat16's rounding (percents of a gradient) would hide a small edit; the float32 twin does not."""
     algorithm = _low_precision_box(name, "bfloat16")

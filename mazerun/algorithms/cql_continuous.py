@@ -30,9 +30,11 @@ checkpoint keeps, so a continued run draws what the uninterrupted one would.
 The critics' pass over ``3N + 1`` actions of every state is almost all of an update's cost. With ``fused`` (MLPs
 on vector observations) that step runs on the stacked critics of :mod:`mazerun.fast.stacked_box`, one pass of
 both critics over the data's and the sampled actions, with the loss's gradient in the Q-values written by hand
-(:meth:`ContinuousConservativeQLearning.fused_gradient`); ``matmul_dtype=bfloat16`` multiplies its hidden layers
-in bfloat16. The offline loop holds it to autograd of :meth:`ContinuousConservativeQLearning.losses` on the first
-batch. The actor's step, over one action per state, stays on autograd.
+(:meth:`ContinuousConservativeQLearning.fused_gradient`). The actor's step is SAC's, by SAC's hand-written gradient
+(:func:`~mazerun.algorithms.sac.soft_actor_gradient`) through the stacked policy and critics. ``matmul_dtype=bfloat16``
+multiplies both steps' hidden layers in bfloat16. The offline loop holds both to autograd of
+:meth:`ContinuousConservativeQLearning.losses` and :meth:`ContinuousConservativeQLearning.actor_loss` on the first
+batch.
 """
 
 from __future__ import annotations
@@ -53,10 +55,10 @@ from mazerun.algorithms.base import (
 )
 from mazerun.algorithms.cql import CQLConfig
 from mazerun.algorithms.protocol import AlgorithmSpec, UpdatePhase
-from mazerun.algorithms.sac import Temperature, soft_actor_loss, temperature_loss
+from mazerun.algorithms.sac import Temperature, soft_actor_gradient, soft_actor_loss, temperature_loss
 from mazerun.data.tensors import TransitionBatch
 from mazerun.fast.optim import Adam
-from mazerun.fast.stacked_box import StackedTwinQ, stackable
+from mazerun.fast.stacked_box import StackedActor, StackedTwinQ, stackable
 
 
 def conservative_term(sampled_q: torch.Tensor, log_densities: torch.Tensor, data_q: torch.Tensor) -> torch.Tensor:
@@ -86,7 +88,7 @@ class ContinuousConservativeQLearning(OfflineAlgorithm):
     starts_from = ("tanh_deterministic",)
     phases = (UpdatePhase("losses", "critic_optimizer"), UpdatePhase("actor_loss", "actor_optimizer"))
     target_networks = {"critic_target": "critic"}
-    fused_phases = {"losses": "fused_gradient"}
+    fused_phases = {"losses": "fused_gradient", "actor_loss": "fused_actor_gradient"}
 
     def __init__(self, config: CQLConfig, spec: AlgorithmSpec, generator: torch.Generator | None = None) -> None:
         super().__init__(config, spec, generator)
@@ -138,11 +140,12 @@ class ContinuousConservativeQLearning(OfflineAlgorithm):
         return (torch.cat([self.network.to_env(unit), here, there]),
                 torch.cat([uniform_log_densities, here_log_probs, there_log_probs]))
 
-    def build_stack(self) -> StackedTwinQ | None:
-        """The critics and their targets in stacked storage (MLPs only)."""
+    def build_stack(self) -> tuple[StackedTwinQ, StackedActor] | None:
+        """The critics with their targets, and the policy, in stacked storage (MLPs only)."""
         if not stackable(self.network, self.critic):
             return None
-        return StackedTwinQ(self.critic, self.critic_target, product_dtype(self.config))
+        dtype = product_dtype(self.config)
+        return StackedTwinQ(self.critic, self.critic_target, dtype), StackedActor(self.network, matmul_dtype=dtype)
 
     def fused_gradient(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
         """:meth:`losses`' gradient by hand, from the same draws in the same order. Both critics value the data's
@@ -150,7 +153,7 @@ class ContinuousConservativeQLearning(OfflineAlgorithm):
 
             d L / d Q_j(s, a_data) = (2 e_j - alpha_cql) / B
             d L / d Q_j(s, a_k)    = alpha_cql * softmax_k (Q_j(s, a_k) - log q(a_k)) / B"""
-        config, critics, n = self.config, self.stack, self.config.box.n_action_samples
+        config, critics, n = self.config, self.stack[0], self.config.box.n_action_samples
         observations, rows = batch.observations, batch.observations.shape[0]
         next_actions, _ = self.policy_samples(batch.next_observations, 1)
         critics.load(observations, batch.next_observations)
@@ -178,6 +181,26 @@ class ContinuousConservativeQLearning(OfflineAlgorithm):
         alpha_loss = temperature_loss(self.temperature.log_alpha, log_probs, self.target_entropy)
         return actor_loss + alpha_loss, {"actor_loss": actor_loss.detach(), "entropy": -log_probs.detach().mean(),
                                          "alpha": alpha, "temperature_loss": alpha_loss.detach()}
+
+    def fused_actor_gradient(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
+        """:meth:`actor_loss`' gradient by hand, from the same draw: SAC's (:func:`soft_actor_gradient`) for the
+        policy, through both critics' action inputs alone (their weights are not trained here), and
+        ``d L_alpha / d log alpha = -E[log pi(a~ | s) + target_entropy]``."""
+        critics, actor = self.stack
+        critics.load(batch.observations)
+        actor.load(batch.observations)
+        heads = actor.heads()
+        width = heads.shape[1] // 2
+        mean, raw_log_std = heads[:, :width], heads[:, width:]
+        noise = standard_normal((1, *mean.shape), self.generator, mean.device)[0]
+        alpha = self.temperature.alpha
+        actor_loss, log_probs, mean_grad, log_std_grad = soft_actor_gradient(
+            self.network, mean, raw_log_std, noise, critics.q_values, critics.action_gradient, alpha)
+        actor.backward(mean_grad, log_std_grad)
+        log_alpha = self.temperature.log_alpha
+        log_alpha.grad = -(log_probs + self.target_entropy).mean()
+        return {"actor_loss": actor_loss, "entropy": -log_probs.mean(), "alpha": alpha,
+                "temperature_loss": temperature_loss(log_alpha.detach(), log_probs, self.target_entropy)}
 
     def before_step(self, optimizer: Adam) -> None:
         """A linear schedule decays each optimiser from its own learning rate (the actor's and the critics'
