@@ -73,6 +73,9 @@ class Coverage:
     """Exceptions other than NoPlan that ended an episode (failed), by message."""
     cannot_run: str | None = None
     """Why the env could not be played at all."""
+    unplanned_at_reset: Counter = field(default_factory=Counter)
+    """Seeds the expert solved where the full-state plan from reset found none, by reason: a planner fault that
+    fails the row."""
 
     @property
     def planned(self) -> int:
@@ -153,7 +156,10 @@ def measure(job: tuple[str, str, list[int], str]) -> Coverage:
             coverage.steps.append(steps)
         if expert == "planner" and succeeded:
             env.reset(seed=seed)
-            coverage.plan_steps.append(plan_at_reset(env, seed))
+            try:
+                coverage.plan_steps.append(plan_at_reset(env, seed))
+            except NoPlan as error:
+                coverage.unplanned_at_reset[str(error)[:120]] += 1
     env.close()
     return coverage
 
@@ -186,7 +192,8 @@ def main() -> None:
             results[coverage.env_id, coverage.expert] = coverage
             print(f"  [{done}/{len(jobs)}] {coverage.env_id} {coverage.expert}: {coverage.successes}/"
                   f"{coverage.planned} in {mean(coverage.steps):.1f} steps, plan {mean(coverage.plan_steps):.1f}, "
-                  f"hung {coverage.hung}, errors {dict(coverage.errors)}, no plan {dict(coverage.no_plan)} "
+                  f"hung {coverage.hung}, errors {dict(coverage.errors)}, no plan {dict(coverage.no_plan)}, "
+                  f"no plan at reset {dict(coverage.unplanned_at_reset)} "
                   f"({time.perf_counter() - started:.0f} s)",
                   file=sys.stderr, flush=True)
 
@@ -204,13 +211,16 @@ def main() -> None:
         hung = [f"{coverage.expert} hung {coverage.hung}x" for coverage in (planner, bot) if coverage and coverage.hung]
         hung += [f"{coverage.expert} raised {sum(coverage.errors.values())}x" for coverage in (planner, bot)
                  if coverage and coverage.errors]
+        if planner.unplanned_at_reset:
+            hung.append(f"no plan at reset on {sum(planner.unplanned_at_reset.values())} solved seeds: "
+                        f"{'; '.join(planner.unplanned_at_reset)}")
         if hung:
             label += f" ({', '.join(hung)})"
         if planner.no_plan:
             label += f" ({sum(planner.no_plan.values())} seeds no plan)"
             without_plan += [f"{env_id}: {count} seeds: {reason}" for reason, count in planner.no_plan.items()]
         table.add(label, planner.success, bot.success if bot else None, f">= {TARGET_SUCCESS}",
-                  planner.success >= TARGET_SUCCESS)
+                  planner.success >= TARGET_SUCCESS and not planner.unplanned_at_reset)
     print(table.render())
     print("\nNo plan exists (the planner's reason):")
     print("\n".join(f"  {line}" for line in without_plan) or "  none")

@@ -22,6 +22,7 @@ from mazerun.acting.policies.planner import (
     LEFT,
     RIGHT,
     TOGGLE,
+    NoPlan,
     PlannerPolicy,
     front,
     planner_for,
@@ -33,7 +34,8 @@ from mazerun.data.records import load_records
 
 class HandBuiltGrid(MiniGridEnv):
     """A fixed grid drawn as text: W wall, A agent (facing east), G goal, V lava, L locked yellow
-    door, D closed yellow door, B box holding the yellow key, O a ball that patrols its column one cell a step."""
+    door, D closed yellow door, B box holding the yellow key, b a ball that stays put, O a ball that patrols its
+    column one cell a step."""
 
     def __init__(self, rows: list[str], mission: str = "get to the green goal square",
                  see_through_walls: bool = True) -> None:
@@ -62,6 +64,8 @@ class HandBuiltGrid(MiniGridEnv):
                     self.grid.set(x, y, Door("yellow"))
                 elif mark == "B":
                     self.grid.set(x, y, Box("grey", contains=Key("yellow")))
+                elif mark == "b":
+                    self.grid.set(x, y, Ball("purple"))
                 elif mark == "O":
                     self.obstacles.append(Ball("blue"))
                     self.put_obj(self.obstacles[-1], x, y)
@@ -221,6 +225,36 @@ def test_on_what_the_agent_sees_it_looks_for_a_goal_it_has_not_seen() -> None:
     shortest = shortest_plan(env)
     succeeded, steps = play(env, PlannerPolicy("hand-built", sees="agent"), seed=0)
     assert succeeded and steps > shortest
+
+
+A_KEYLESS_DOOR_AND_A_BALL_IN_THE_WAY_ROUND = ["WWWWWWWW",
+                                             "WALG...W",
+                                             "WbWWW.WW",
+                                             "W......W",
+                                             "WWWWWWWW"]
+
+
+def test_a_locked_door_whose_key_is_nowhere_is_not_a_way_when_another_exists() -> None:
+    """The cheapest way that clears an obstacle crosses the locked door (22 actions' worth against the ball's 24),
+    but its key is nowhere, so that way is shut for good: the planner carries the ball aside and walks round.
+    (It named the door as no plan before: MiniGrid-ObstructedMaze-Full-v0 seeds 51, 56, 92 and 138, which lose a
+    door's key, were counted as having none.)"""
+    env = HandBuiltGrid(A_KEYLESS_DOOR_AND_A_BALL_IN_THE_WAY_ROUND)
+    for sees in ("all", "agent"):
+        assert play(env, PlannerPolicy("hand-built", sees=sees), seed=0)[0], sees
+    maze = "MiniGrid-ObstructedMaze-Full-v0"
+    assert play(make_env(maze), PlannerPolicy(maze, sees="all"), seed=51)[0]
+
+
+def test_a_locked_door_whose_key_is_nowhere_on_the_only_way_is_no_plan_by_name() -> None:
+    env = HandBuiltGrid(["WWWWW",
+                         "WALGW",
+                         "WWWWW"])
+    env.reset(seed=0)
+    policy = PlannerPolicy("hand-built", sees="all")
+    policy.reset(env, 0)
+    with pytest.raises(NoPlan, match="the locked yellow door on the way has no yellow key in the grid"):
+        policy.act(None)
 
 
 @pytest.mark.parametrize("env_id, seed", [("MiniGrid-ObstructedMaze-2Dl-v0", 28), ("MiniGrid-RedBlueDoors-8x8-v0", 8)],

@@ -154,16 +154,13 @@ class World:
                 key(obj) or holds(obj, key) for _, obj in self.objects())
         return self._known_keys[color]
 
-    def knows_a_key(self, color: str) -> bool:
-        """Whether a locked door of ``color`` is worth a detour: its key is carried or seen. Planning on the full
-        state, every door is (a door whose key is nowhere then fails as no plan, by name: :func:`fetch_key`)."""
-        return self.seen is None or self.has_a_key(color)
-
-    def entry_cost(self, cell: Cell, relaxed: bool) -> int | None:
+    def entry_cost(self, cell: Cell, relaxed: bool, keyless: bool = False) -> int | None:
         """Actions to step into ``cell`` (two through a closed door); None where the agent must not go.
 
-        ``relaxed`` also lets the way cross a locked door without its key and a movable object,
-        at the prices above, so that the cheapest such way names what to clear first.
+        ``relaxed`` also lets the way cross a movable object and a locked door whose key is carried or lies in
+        the grid the planner reads, at the prices above, so that the cheapest such way names what to clear
+        first. A locked door whose key is nowhere stays shut even then (the v0 ObstructedMazes lose keys, and
+        another way may exist); ``keyless`` lets the way cross it too, to name it where no other way does.
         """
         if cell in self.forbidden or not self.inside(cell):
             return None
@@ -179,7 +176,7 @@ class World:
                 return None
             if not obj.is_locked or self.holds_key(obj.color):
                 return 2
-            return 1 + LOCKED_DOOR_PRICE if relaxed and self.knows_a_key(obj.color) else None
+            return 1 + LOCKED_DOOR_PRICE if relaxed and (keyless or self.has_a_key(obj.color)) else None
         if relaxed and self.may_move_objects and obj.type in MOVABLE_TYPES:
             return 1 + BLOCKER_PRICE
         return None  # walls, lava, and objects the agent may not move
@@ -219,8 +216,10 @@ class World:
         return runs_with_a_side <= 1
 
 
-def search(world: World, is_goal: Callable[[Pose], bool], *, relaxed: bool = False) -> list[Step] | None:
-    """The cheapest actions from the agent's pose to one where ``is_goal`` holds (Dijkstra over poses)."""
+def search(world: World, is_goal: Callable[[Pose], bool], *, relaxed: bool = False,
+           keyless: bool = False) -> list[Step] | None:
+    """The cheapest actions from the agent's pose to one where ``is_goal`` holds (Dijkstra over poses), entering
+    cells as :meth:`World.entry_cost` allows."""
     start = world.pose
     best = {start: 0}
     came_from: dict[Pose, tuple[Pose, Step]] = {}
@@ -238,7 +237,7 @@ def search(world: World, is_goal: Callable[[Pose], bool], *, relaxed: bool = Fal
         x, y, direction = pose
         moves = [(LEFT, (x, y, (direction - 1) % 4), 1), (RIGHT, (x, y, (direction + 1) % 4), 1)]
         ahead = front(pose)
-        entry = world.entry_cost(ahead, relaxed)
+        entry = world.entry_cost(ahead, relaxed, keyless)
         if entry is not None:
             moves.append((FORWARD, (ahead[0], ahead[1], direction), entry))
         for action, next_pose, step_cost in moves:
@@ -275,7 +274,7 @@ def go(world: World, is_goal: Callable[[Pose], bool], arrive: Callable[[Pose], i
                      f"the planner follows ({MAX_SUBGOAL_DEPTH})")
     relaxed = search(world, is_goal, relaxed=True)
     if relaxed is None:
-        raise NoPlan("no way leads there")
+        raise NoPlan(why_shut(world, is_goal))
     obstacles = [step.pose[:2] for step in relaxed if step.action == FORWARD and world.is_obstacle(step.pose[:2])]
     first = obstacles[0]
     if first in world.moving:
@@ -287,6 +286,16 @@ def go(world: World, is_goal: Callable[[Pose], bool], arrive: Callable[[Pose], i
     if later_doors and holds(obstacle, key_of(later_doors[0].color)):
         return fetch_key(world, later_doors[0].color, depth + 1)  # opening the box clears the way too
     return carry_aside(world, first, depth + 1, is_goal)
+
+
+def why_shut(world: World, is_goal: Callable[[Pose], bool]) -> str:
+    """Why no way leads to ``is_goal``, even clearing obstacles: the first locked door whose key is nowhere on the
+    cheapest way that crosses such doors too, else no way at all."""
+    for step in search(world, is_goal, relaxed=True, keyless=True) or []:
+        obj = world.at(step.pose[:2]) if step.action == FORWARD else None
+        if obj is not None and obj.type == "door" and obj.is_locked and not world.has_a_key(obj.color):
+            return f"the locked {obj.color} door on the way has no {obj.color} key in the grid"
+    return "no way leads there"
 
 
 def fetch_key(world: World, color: str, depth: int) -> int:
