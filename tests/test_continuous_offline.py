@@ -17,7 +17,7 @@ from conftest import newest_run_dir, run_cli, run_ok
 
 from mazerun.acting.rollout import rollout
 from mazerun.algorithms import build_algorithm
-from mazerun.algorithms.cql import CQLConfig
+from mazerun.algorithms.cql import CQLBoxConfig, CQLConfig
 from mazerun.algorithms.cql_continuous import ContinuousConservativeQLearning, conservative_term
 from mazerun.algorithms.iql import IQLBoxConfig, IQLConfig, advantage_weights, expectile_loss
 from mazerun.algorithms.iql_continuous import ContinuousImplicitQLearning
@@ -145,6 +145,31 @@ def test_the_conservative_term_by_hand() -> None:
     term.backward()
     torch.testing.assert_close(sampled_q.grad[1, 0], torch.tensor([0.534447, 0.072329, 0.393224]))
     torch.testing.assert_close(data_q.grad, torch.full((2, 1), -1.0))
+
+
+@pytest.mark.parametrize("threshold, moves", [(1e6, -0.1), (-1e6, 0.1)], ids=["gap-below", "gap-above"])
+def test_the_conservative_multiplier_steps_against_the_gap_to_its_threshold(threshold: float, moves: float) -> None:
+    """d3rlpy's Lagrangian CQL: L_lambda = -lambda * alpha_cql * (gap - threshold). Its gradient in log lambda is
+    -lambda * alpha_cql * (gap - threshold), and Adam's first step moves log lambda by its learning rate against
+    that gradient's sign: down by 0.1 where the gap lies below the threshold, up where above. The critics' loss
+    of that update read lambda = 1, so it is the fixed-weight loss; the next one reads exp(-+0.1)."""
+    box = CQLBoxConfig(multiplier_lr=0.1, gap_threshold=threshold)
+    algorithm = build_algorithm(CQLConfig(box=box, fused=False), PENDULUM, torch.Generator().manual_seed(0))
+    loss, metrics = algorithm.losses(random_batch())
+    expected_loss = metrics["td_loss"] + 5.0 * metrics["conservative_loss"]
+    torch.testing.assert_close(loss.detach(), expected_loss)
+    assert metrics["conservative_gap"] == pytest.approx(metrics["conservative_loss"].item() / 2)
+    algorithm.update(random_batch())
+    assert algorithm.multiplier.log_alpha.item() == pytest.approx(moves, abs=1e-6)
+    _, metrics = algorithm.losses(random_batch())
+    assert metrics["multiplier"].item() == pytest.approx(math.exp(moves), rel=1e-6)
+
+
+def test_without_its_learning_rate_the_conservative_multiplier_holds_at_one() -> None:
+    algorithm = build_algorithm(CQLConfig(box=CQLBoxConfig(multiplier_lr=0.0)), PENDULUM, torch.Generator().manual_seed(0))
+    for _ in range(3):
+        algorithm.update(random_batch())
+    assert algorithm.multiplier.log_alpha.item() == 0.0
 
 
 def test_the_proposals_lie_in_the_box_with_the_uniform_density_of_the_unit_box() -> None:

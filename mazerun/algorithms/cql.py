@@ -58,7 +58,14 @@ class CQLBoxConfig:
     for both, and the discrete variant's ``tau``, ``target_update_interval`` and ``td_loss`` do not apply."""
 
     alpha: float = 5.0
-    """Weight of the conservative term (d3rlpy's conservative_weight); 0 is SAC without the entropy backup."""
+    """Weight of the conservative term (d3rlpy's conservative_weight), times the learned multiplier below; 0 is SAC
+    without the entropy backup."""
+    multiplier_lr: float = 1e-4
+    """Adam's learning rate of ``log`` of the multiplier of ``alpha`` (d3rlpy's alpha_learning_rate; it starts at
+    1): the multiplier grows while the critics' conservative gap exceeds ``gap_threshold`` and shrinks while it
+    stays below, the Lagrangian form of CQL. 0 holds it at 1 (a fixed weight)."""
+    gap_threshold: float = 10.0
+    """The conservative gap the multiplier steers towards (d3rlpy's alpha_threshold)."""
     actor_lr: float = 1e-4
     """Adam's learning rate of the policy and of its entropy temperature."""
     tau: float = 0.005
@@ -96,7 +103,8 @@ class CQLConfig(ValueLearningConfig):
 
     def check(self, prefix: str = "algorithm") -> None:
         super().check(prefix)
-        check_fields(self.box, f"{prefix}.box", positive=("actor_lr", "n_action_samples"), non_negative=("alpha",))
+        check_fields(self.box, f"{prefix}.box", positive=("actor_lr", "n_action_samples"),
+                     non_negative=("alpha", "multiplier_lr"))
         check_polyak_tau(self.box.tau, f"{prefix}.box")
         if self.alpha < 0:
             raise MazerunError(f"{prefix}.alpha={self.alpha} must be >= 0 (0 is double DQN without the conservative term)")

@@ -11,10 +11,17 @@ each critic's TD loss joined by a conservative term that pushes Q down on action
                    a_pi   ~ pi(. | s),    log q = log pi(a_pi | s)
                    a_pi'  ~ pi(. | s'),   log q = log pi(a_pi' | s')
     C_j        = E_s[ logsumexp_{3N sampled a} (Q_j(s, a) - log q(a))  -  Q_j(s, a_data) ]
-    L_critic   = sum_j ( E[(Q_j(s, a) - y)^2] + alpha_cql * C_j )                    (then a critic step)
+    L_critic   = sum_j ( E[(Q_j(s, a) - y)^2] + lambda * alpha_cql * C_j )           (then a critic step)
+    L_lambda   = -lambda * alpha_cql * (mean_j C_j - threshold),   lambda = exp(log lambda), from 1
     L_actor    = E[alpha * log pi(a~ | s) - min_j Q_j(s, a~)],   a~ ~ pi(. | s), reparameterised
     L_alpha    = -E[log alpha * (log pi(a~ | s) + target_entropy)],   target_entropy = -dim(A)
     Q'_j      <- tau * Q_j + (1 - tau) * Q'_j                                         (after every update)
+
+``lambda`` is d3rlpy's Lagrange multiplier (its ``log_alpha``): after the critics' backward, one Adam step of
+``box.multiplier_lr`` on ``log lambda`` with the gap just measured raises it while the gap exceeds
+``box.gap_threshold`` and lowers it below, so the penalty weakens once the critics are conservative enough.
+d3rlpy steps it just before the critic loss reads it; here the critic loss reads the value before that step,
+one update's lag of a scalar that moves about ``multiplier_lr`` per update.
 
 The log-sum-exp is an importance-sampled estimate of ``log integral exp Q_j(s, a) da``, the soft maximum of
 Q over all actions, so ``C_j`` is the discrete term ``logsumexp_a Q(s, a) - Q(s, a_data)`` with the sum over
@@ -40,6 +47,7 @@ batch.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -96,6 +104,8 @@ class ContinuousConservativeQLearning(OfflineAlgorithm):
         self.critic = spec.twin_q_network()
         self.critic_target = frozen_copy(self.critic)
         self.temperature = Temperature(1.0, learned=True).to(spec.device)
+        self.multiplier = Temperature(1.0, learned=config.box.multiplier_lr > 0).to(spec.device)
+        """``lambda``, the conservative term's Lagrange multiplier (positive: kept as its log)."""
         action_dim = int(spec.action_space.shape[0])
         self.target_entropy = -float(action_dim)
         self.uniform_log_density = -action_dim * math.log(2.0)
@@ -103,6 +113,7 @@ class ContinuousConservativeQLearning(OfflineAlgorithm):
         self.stack = require_stack(self.build_stack(), config) if config.fused else None
         self.critic_optimizer = Adam(self.critic.parameters(), lr=config.lr)
         self.actor_optimizer = Adam([*self.network.parameters(), self.temperature.log_alpha], lr=config.box.actor_lr)
+        self.multiplier_optimizer = Adam([self.multiplier.log_alpha], lr=config.box.multiplier_lr)
 
     def policy_samples(self, observations: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` reparameterised actions of the policy per state, ``(n, B, A)``, and their log-probabilities
@@ -126,9 +137,27 @@ class ContinuousConservativeQLearning(OfflineAlgorithm):
         repeated = observations.expand(3 * n, *observations.shape).reshape(3 * n * rows, *observations.shape[1:])
         sampled_q = self.critic(repeated, sampled_actions.reshape(3 * n * rows, -1)).view(2, 3 * n, rows)
         conservative = conservative_term(sampled_q.transpose(1, 2), log_densities.T, q_values)
-        loss = td_loss + config.box.alpha * conservative
-        return loss, {"td_loss": td_loss.detach(), "conservative_loss": conservative.detach(),
-                      "mean_q": q_values.detach().mean()}
+        loss = td_loss + self.multiplier.alpha * config.box.alpha * conservative
+        return loss, self.critic_metrics(td_loss.detach(), conservative.detach(), q_values.detach())
+
+    def critic_metrics(self, td_loss: torch.Tensor, conservative: torch.Tensor,
+                       q_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The critic step's metrics; ``conservative_gap`` (``mean_j C_j``) is what :meth:`after_backward` steps
+        ``lambda`` on."""
+        return {"td_loss": td_loss, "conservative_loss": conservative, "conservative_gap": conservative / len(q_values),
+                "multiplier": self.multiplier.alpha, "mean_q": q_values.mean()}
+
+    def multiplier_loss(self, gap: torch.Tensor) -> torch.Tensor:
+        """``L_lambda`` of the critics' conservative gap ``mean_j C_j`` (held fixed)."""
+        return -self.multiplier.log_alpha.exp() * self.config.box.alpha * (gap.detach() - self.config.box.gap_threshold)
+
+    def after_backward(self, metrics: dict[str, torch.Tensor]) -> None:
+        """After the critics' backward: one step of ``lambda`` on the gap their loss measured (none with
+        ``box.multiplier_lr`` 0)."""
+        if "conservative_gap" in metrics and self.multiplier.log_alpha.requires_grad:
+            self.multiplier_optimizer.zero_grad()
+            self.multiplier_loss(metrics["conservative_gap"]).backward()
+            self.multiplier_optimizer.step()
 
     def proposals(self, batch: TransitionBatch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The conservative term's ``3n`` actions per state, ``(3n, B, A)``, and their log-densities ``(3n, B)``:
@@ -151,8 +180,8 @@ class ContinuousConservativeQLearning(OfflineAlgorithm):
         """:meth:`losses`' gradient by hand, from the same draws in the same order. Both critics value the data's
         action and the ``3n`` proposals of every state in one pass; with ``e_j = Q_j(s, a) - y``:
 
-            d L / d Q_j(s, a_data) = (2 e_j - alpha_cql) / B
-            d L / d Q_j(s, a_k)    = alpha_cql * softmax_k (Q_j(s, a_k) - log q(a_k)) / B"""
+            d L / d Q_j(s, a_data) = (2 e_j - lambda * alpha_cql) / B
+            d L / d Q_j(s, a_k)    = lambda * alpha_cql * softmax_k (Q_j(s, a_k) - log q(a_k)) / B"""
         config, critics, n = self.config, self.stack[0], self.config.box.n_action_samples
         observations, rows = batch.observations, batch.observations.shape[0]
         next_actions, _ = self.policy_samples(batch.next_observations, 1)
@@ -165,12 +194,11 @@ class ContinuousConservativeQLearning(OfflineAlgorithm):
         q_values, sampled_q = q[:, :rows], q[:, rows:].view(2, 3 * n, rows).transpose(1, 2)
         errors = q_values - targets
         conservative, sampled_grad, data_grad = conservative_gradient(sampled_q, log_densities.T, q_values)
-        alpha = config.box.alpha
+        alpha = self.multiplier.alpha * config.box.alpha
         q_grad = torch.cat([errors * (2.0 / rows) + alpha * data_grad,
                             (alpha * sampled_grad).transpose(1, 2).reshape(2, 3 * n * rows)], dim=1)
         critics.critic_backward(q_grad)
-        td_loss = errors.square().mean(dim=1).sum()
-        return {"td_loss": td_loss, "conservative_loss": conservative, "mean_q": q_values.mean()}
+        return self.critic_metrics(errors.square().mean(dim=1).sum(), conservative, q_values)
 
     def actor_loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """SAC's actor loss and the temperature's."""
@@ -213,6 +241,12 @@ class ContinuousConservativeQLearning(OfflineAlgorithm):
     def after_step(self) -> None:
         """The target critics follow after every update, by ``box.tau``."""
         update_target(self.critic_target, self.critic, self.config.box.tau)
+
+    def load_training_state(self, state: dict[str, Any], progress: int | None = None) -> None:
+        """A run saved before ``lambda`` was learned goes on from ``lambda`` = 1, where its fixed weight stood."""
+        fresh = {"multiplier": self.multiplier.state_dict(),
+                 "multiplier_optimizer": self.multiplier_optimizer.state_dict()}
+        super().load_training_state({**fresh, **state}, progress)
 
     def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
         """Start from an earlier run's policy (a SAC policy, a TD3+BC one): its matching weights."""
