@@ -349,8 +349,9 @@ def bad_values(annotation: Any) -> list[Any]:
     raise AssertionError(f"no bad value known for a setting of type {annotation}")
 
 
-SIGNED_SETTINGS = {"box.log_std_init": [3.0, math.nan]}
-"""Settings whose range holds negative numbers, and values outside it (IQL's log-std starts in [-20, 2])."""
+SIGNED_SETTINGS = {"box.log_std_init": [3.0, math.nan], "box.gap_threshold": [math.nan, math.inf]}
+"""Settings whose range holds negative numbers, and values outside it (IQL's log-std starts in [-20, 2], Box CQL's
+gap threshold is any finite number)."""
 
 
 def settings(config_class: type, prefix: str = "") -> list[tuple[str, Any]]:

@@ -20,6 +20,7 @@ For a 1-D Box of actions ``algorithm=cql`` builds :mod:`mazerun.algorithms.cql_c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from typing import ClassVar
@@ -106,6 +107,9 @@ class CQLConfig(ValueLearningConfig):
         check_fields(self.box, f"{prefix}.box", positive=("actor_lr", "n_action_samples"),
                      non_negative=("alpha", "multiplier_lr"))
         check_polyak_tau(self.box.tau, f"{prefix}.box")
+        if not math.isfinite(self.box.gap_threshold):
+            raise MazerunError(f"{prefix}.box.gap_threshold={self.box.gap_threshold} must be a finite number "
+                               "(d3rlpy's alpha_threshold is 10)")
         if self.alpha < 0:
             raise MazerunError(f"{prefix}.alpha={self.alpha} must be >= 0 (0 is double DQN without the conservative term)")
         if self.td_loss not in TD_LOSSES:
