@@ -63,7 +63,13 @@ from mazerun.algorithms.base import (
 )
 from mazerun.algorithms.cql import CQLConfig
 from mazerun.algorithms.protocol import AlgorithmSpec, UpdatePhase
-from mazerun.algorithms.sac import Temperature, soft_actor_gradient, soft_actor_loss, temperature_loss
+from mazerun.algorithms.sac import (
+    Temperature,
+    soft_actor_gradient,
+    soft_actor_loss,
+    temperature_gradient,
+    temperature_loss,
+)
 from mazerun.data.tensors import TransitionBatch
 from mazerun.fast.optim import Adam
 from mazerun.fast.stacked_box import StackedActor, StackedTwinQ, stackable
@@ -217,16 +223,14 @@ class ContinuousConservativeQLearning(OfflineAlgorithm):
         critics, actor = self.stack
         critics.load(batch.observations)
         actor.load(batch.observations)
-        heads = actor.heads()
-        width = heads.shape[1] // 2
-        mean, raw_log_std = heads[:, :width], heads[:, width:]
+        mean, raw_log_std = actor.gaussian()
         noise = standard_normal((1, *mean.shape), self.generator, mean.device)[0]
         alpha = self.temperature.alpha
         actor_loss, log_probs, mean_grad, log_std_grad = soft_actor_gradient(
             self.network, mean, raw_log_std, noise, critics.q_values, critics.action_gradient, alpha)
         actor.backward(mean_grad, log_std_grad)
         log_alpha = self.temperature.log_alpha
-        log_alpha.grad = -(log_probs + self.target_entropy).mean()
+        log_alpha.grad = temperature_gradient(log_probs, self.target_entropy)
         return {"actor_loss": actor_loss, "entropy": -log_probs.mean(), "alpha": alpha,
                 "temperature_loss": temperature_loss(log_alpha.detach(), log_probs, self.target_entropy)}
 

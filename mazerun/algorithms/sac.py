@@ -178,6 +178,12 @@ def temperature_loss(log_alpha: torch.Tensor, log_probs: torch.Tensor, target_en
     return -(log_alpha * (log_probs.detach() + target_entropy)).mean()
 
 
+def temperature_gradient(log_probs: torch.Tensor, target_entropy: float) -> torch.Tensor:
+    """:func:`temperature_loss`' gradient in ``log alpha``, ``-E[log pi(a | s) + target_entropy]``: the policy's
+    entropy minus the target."""
+    return -(log_probs + target_entropy).mean()
+
+
 def soft_q_gradient(q_values: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The critics' loss ``1/2 * sum_j E[(Q_j - y)^2]`` of their ``(2, B)`` values and its gradient in them,
     ``(Q_j - y) / B``."""
@@ -330,16 +336,10 @@ class SoftActorCritic(BatchAlgorithm):
         critics.load(batch.observations, batch.next_observations)
         actor.load(batch.observations, batch.next_observations)
 
-    def _gaussian(self, next_states: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """The Gaussian's mean and its log-std before the clamp, ``(B, A)`` each, at the loaded ``s`` (or ``s'``)."""
-        heads = self.stacks[1].heads(next_states)
-        width = heads.shape[1] // 2
-        return heads[:, :width], heads[:, width:]
-
     def _critic_gradient(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
         """:meth:`critic_loss`'s gradient into the stacked critics' ``flat_grad``, ``batch`` loaded; its metrics."""
         critics = self.stacks[0]
-        mean, raw_log_std = self._gaussian(next_states=True)
+        mean, raw_log_std = self.stacks[1].gaussian(next_states=True)
         noise = torch.randn(mean.shape, generator=self.generator, device=mean.device, dtype=mean.dtype)
         next_actions, next_log_probs = self.network.squash(mean, raw_log_std.clamp(*LOG_STD_BOUNDS), noise,
                                                            self.config.log_prob_epsilon)
@@ -354,7 +354,7 @@ class SoftActorCritic(BatchAlgorithm):
         """:meth:`actor_loss`'s gradient into the stacked actor's ``flat_grad`` (``log alpha``'s included), ``batch``
         loaded; its metrics."""
         critics, actor = self.stacks
-        mean, raw_log_std = self._gaussian()
+        mean, raw_log_std = actor.gaussian()
         noise = torch.randn(mean.shape, generator=self.generator, device=mean.device, dtype=mean.dtype)
         alpha = self.temperature.alpha
         loss, log_probs, mean_grad, log_std_grad = soft_actor_gradient(
@@ -364,7 +364,7 @@ class SoftActorCritic(BatchAlgorithm):
         metrics = {"actor_loss": loss, "entropy": -log_probs.mean(), "alpha": alpha}
         if self.log_alpha_grad is not None:
             log_alpha = self.temperature.log_alpha
-            self.log_alpha_grad.copy_(-(log_probs + self.target_entropy).mean())
+            self.log_alpha_grad.copy_(temperature_gradient(log_probs, self.target_entropy))
             metrics["temperature_loss"] = temperature_loss(log_alpha.detach(), log_probs, self.target_entropy)
         return metrics
 

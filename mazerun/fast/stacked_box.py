@@ -242,6 +242,13 @@ class StackedActor:
         inputs = self._loaded[1 if next_states else 0]
         return network.forward(network.workspace(inputs.shape[1]), inputs)[0]
 
+    def gaussian(self, next_states: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """A Gaussian policy's mean and its log-std before any clamp, ``(B, A)`` each, from its two heads (mean first,
+        as :func:`policy_heads` orders them) at the loaded ``s`` (or ``s'``)."""
+        heads = self.heads(next_states)
+        width = heads.shape[1] // 2
+        return heads[:, :width], heads[:, width:]
+
     def backward(self, *head_grads: torch.Tensor) -> None:
         """The policy's weight gradients into ``actor.flat_grad`` from d loss / d its head outputs, after :meth:`heads`
         at ``s``: one ``(B, width)`` block per head, in :func:`policy_heads`' order."""
