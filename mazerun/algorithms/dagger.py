@@ -66,10 +66,12 @@ class DAggerConfig(EnvStepBudget):
     arrive last, the learner's own late states. Teacher forcing decays over 100k steps whatever the budget: a
     smaller budget keeps the expert at the wheel for most steps, so the labels hold recoveries from the learner's
     few actions (as DART's noise does) without a weak learner's wandering spending the budget on few layouts. The
-    refit, a GRU from fresh weights on all the labels with BC's schedule and evaluations (the best is handed over,
-    as BC's is), is the policy delivered. Each chunk's state is warmed by the 32 steps before it: after the
-    learner's own action the expert's label depends on what came before, and a chunk that starts from a blank
-    state mid-episode cannot know it. The README's DAgger section gives what each choice measured."""
+    refit, a GRU from fresh weights on all the labels with BC's schedule, chunks and evaluations (the best is handed
+    over, as BC's is), is the policy delivered. While the labels come in, each chunk's state is warmed by the 32
+    steps before it: after the learner's own action the expert's label depends on what came before, and a chunk
+    that starts from a blank state mid-episode cannot know it. The refit has no warm-up: BC on DAgger's own 15.9k
+    GoToLocal labels scored 0.894 without it and 0.812 with it. The README's DAgger section gives what each choice
+    measured."""
 
     name: str = "dagger"
     """Which algorithm this section configures, as chosen by ``algorithm=<name>``."""
@@ -100,7 +102,8 @@ class DAggerConfig(EnvStepBudget):
     nrollouts: int = 64
     """Models with memory: chunks per batch (batch_size is for models without memory)."""
     burn_in: int = 0
-    """Models with memory: steps before each chunk that only warm the state."""
+    """Models with memory: steps before each chunk that only warm the state, while the labels come in. The refit
+    trains as behavioural cloning does, on chunks that start from a blank state."""
     learner_actions: str = "sample"
     """sample from the learner's policy, or greedy: its most likely action (what evaluation executes)."""
     eval_every: int = 5000
@@ -134,12 +137,14 @@ class DAgger(BehaviouralCloning):
     """Behavioural cloning of the expert's labels; the interactive loop feeds it the aggregate."""
 
     def refit_learner(self, seed: int) -> DAgger:
-        """A learner from fresh weights for the refit: ``refit_updates`` updates, the learning rate decaying to 0.
+        """A learner from fresh weights for the refit, trained as behavioural cloning is: ``refit_updates`` updates,
+        the learning rate decaying to 0, chunks without burn-in (with it, BC on DAgger's own GoToLocal labels fell
+        from 0.894 to 0.812).
 
         The weights are drawn from torch's generator seeded with ``seed`` alone (and restored after), so a
         run stopped before the refit and continued draws the same ones.
         """
-        config = replace(self.config, n_updates=self.config.refit_updates, lr_schedule="linear")
+        config = replace(self.config, n_updates=self.config.refit_updates, lr_schedule="linear", burn_in=0)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return DAgger(config, self.spec, self.generator)
