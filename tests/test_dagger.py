@@ -349,8 +349,7 @@ def test_a_stop_inside_the_refit_continues_exactly(tmp_path: Path, monkeypatch: 
 
 
 def test_the_refit_clones_as_bc_does_without_the_collectors_burn_in() -> None:
-    """The collector's chunks are warmed by burn_in steps; the refit's are not, as behavioural cloning's are not
-    (with the warm-up, BC on DAgger's own GoToLocal labels fell from 0.894 to 0.812)."""
+    """The collector's chunks are warmed by burn_in steps; the refit's are not, as behavioural cloning's are not."""
     spec = AlgorithmSpec(gym.spaces.Box(-1.0, 1.0, (8,)), gym.spaces.Discrete(4),
                          ModelConfig(kind="vector_obs", hidden_sizes=(16, 16)))
     learner = DAgger(DAggerConfig(refit_updates=30, burn_in=32, lr_schedule="constant"), spec)

@@ -138,8 +138,7 @@ class DAgger(BehaviouralCloning):
 
     def refit_learner(self, seed: int) -> DAgger:
         """A learner from fresh weights for the refit, trained as behavioural cloning is: ``refit_updates`` updates,
-        the learning rate decaying to 0, chunks without burn-in (with it, BC on DAgger's own GoToLocal labels fell
-        from 0.894 to 0.812).
+        the learning rate decaying to 0, chunks without burn-in (why: ``DAggerConfig.kind_defaults``).
 
         The weights are drawn from torch's generator seeded with ``seed`` alone (and restored after), so a
         run stopped before the refit and continued draws the same ones.
