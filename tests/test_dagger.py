@@ -144,8 +144,11 @@ def test_dagger_on_lunar_lander_labels_every_step_and_records_them(workdir: Path
 
 
 def test_dagger_with_the_babyai_bot_reports_success(workdir: Path) -> None:
-    run_ok(*TINY, "env=BabyAI-GoToLocal-v0", "algorithm.total_steps=128", "algorithm.n_updates=10",
-           "algorithm.refit_updates=5", "algorithm.eval_every=128", cwd=workdir)
+    result = run_ok(*TINY, "env=BabyAI-GoToLocal-v0", "algorithm.total_steps=128", "algorithm.n_updates=10",
+                    "algorithm.refit_updates=5", "algorithm.eval_every=128", cwd=workdir)
+    # the bot's GoToLocal episodes are shorter than a chunk (16 steps): the refit's chunks start blank
+    assert ("refit: 0% of the labels lie 16 or more steps into their episode, so its chunks are not warmed"
+            in result.stderr)
     rows = read_metrics_csv(newest_run_dir(workdir) / "metrics.csv")
     assert ("eval", "success_rate") in {(row["group"], row["metric"]) for row in rows}
 
@@ -348,11 +351,25 @@ def test_a_stop_inside_the_refit_continues_exactly(tmp_path: Path, monkeypatch: 
     assert read_metrics_csv(tmp_path / "continued" / "metrics.csv") == read_metrics_csv(tmp_path / "whole" / "metrics.csv")
 
 
-def test_the_refit_clones_as_bc_does_without_the_collectors_burn_in() -> None:
-    """The collector's chunks are warmed by burn_in steps; the refit's are not, as behavioural cloning's are not."""
+def test_the_refit_keeps_the_collectors_burn_in_only_where_most_labels_lie_beyond_a_chunk() -> None:
+    """The collector's chunks are warmed by burn_in steps; the refit's only where more than half of the labels lie
+    too deep into their episode for a blank chunk to hold their history."""
     spec = AlgorithmSpec(gym.spaces.Box(-1.0, 1.0, (8,)), gym.spaces.Discrete(4),
                          ModelConfig(kind="vector_obs", hidden_sizes=(16, 16)))
     learner = DAgger(DAggerConfig(refit_updates=30, burn_in=32, lr_schedule="constant"), spec)
-    refit = learner.refit_learner(seed=7).config
-    assert (refit.burn_in, refit.lr_schedule, refit.n_updates) == (0, "linear", 30)
+    shallow, deep = learner.refit_learner(seed=7, deep_share=0.5).config, learner.refit_learner(7, 0.51).config
+    assert (shallow.burn_in, shallow.lr_schedule, shallow.n_updates) == (0, "linear", 30)
+    assert (deep.burn_in, deep.lr_schedule, deep.n_updates) == (32, "linear", 30)
     assert learner.config.burn_in == 32
+
+
+def test_the_share_of_labels_beyond_a_chunk_follows_each_copy_by_hand() -> None:
+    # two copies interleaved (rows 0, 2, 4, ... copy 0; rows 1, 3, 5, ... copy 1), 5 steps each
+    # copy 0: one episode of 5 steps, positions 0 1 2 3 4; copy 1: episodes of 2 and 3, positions 0 1 0 1 2
+    aggregate = LabelledStates(10, gym.spaces.Box(-1.0, 1.0, (1,)), gym.spaces.Discrete(2), stride=2,
+                               device=torch.device("cpu"))
+    for step_starts in ([True, True], [False, False], [False, True], [False, False], [False, False]):
+        aggregate.add(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), torch.tensor(step_starts))
+    assert aggregate.share_beyond(2) == 4 / 10  # copy 0's positions 2, 3, 4 and copy 1's last 2
+    assert aggregate.share_beyond(4) == 1 / 10
+    assert aggregate.share_beyond(0) == 1.0

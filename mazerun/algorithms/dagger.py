@@ -39,6 +39,9 @@ from mazerun.config.schemas import check_fields
 from mazerun.core.errors import MazerunError
 from mazerun.core.schedules import LinearSchedule
 
+WARM_REFIT_SHARE = 0.5
+"""The refit warms its chunks (``burn_in``) where more than this share of the labels lie beyond a chunk's reach."""
+
 
 @dataclass
 class TeacherForcingConfig:
@@ -69,9 +72,11 @@ class DAggerConfig(EnvStepBudget):
     refit, a GRU from fresh weights on all the labels with BC's schedule, chunks and evaluations (the best is handed
     over, as BC's is), is the policy delivered. While the labels come in, each chunk's state is warmed by the 32
     steps before it: after the learner's own action the expert's label depends on what came before, and a chunk
-    that starts from a blank state mid-episode cannot know it. The refit has no warm-up: BC on DAgger's own 15.9k
-    GoToLocal labels scored 0.894 without it and 0.812 with it. The README's DAgger section gives what each choice
-    measured."""
+    that starts from a blank state mid-episode cannot know it. The refit keeps the warm-up only where most labels
+    lie a chunk's length or more into their episode, out of a blank chunk's reach: BC on DAgger's own labels
+    scored, without the warm-up and with it, 0.894 and 0.812 on GoToLocal's 15.9k and 0.406 and 0.292 on
+    PickupLoc's 6.1k (short episodes: none of their labels that deep), but 0.960 and 0.992 on KeyCorridorS3R3's
+    437k (66% that deep). The README's DAgger section gives what each choice measured."""
 
     name: str = "dagger"
     """Which algorithm this section configures, as chosen by ``algorithm=<name>``."""
@@ -103,7 +108,8 @@ class DAggerConfig(EnvStepBudget):
     """Models with memory: chunks per batch (batch_size is for models without memory)."""
     burn_in: int = 0
     """Models with memory: steps before each chunk that only warm the state, while the labels come in. The refit
-    trains as behavioural cloning does, on chunks that start from a blank state."""
+    keeps them only where most labels lie rollout_len or more steps into their episode; elsewhere it trains as
+    behavioural cloning does, on chunks that start from a blank state."""
     learner_actions: str = "sample"
     """sample from the learner's policy, or greedy: its most likely action (what evaluation executes)."""
     eval_every: int = 5000
@@ -136,14 +142,17 @@ class DAggerConfig(EnvStepBudget):
 class DAgger(BehaviouralCloning):
     """Behavioural cloning of the expert's labels; the interactive loop feeds it the aggregate."""
 
-    def refit_learner(self, seed: int) -> DAgger:
+    def refit_learner(self, seed: int, deep_share: float = 0.0) -> DAgger:
         """A learner from fresh weights for the refit, trained as behavioural cloning is: ``refit_updates`` updates,
-        the learning rate decaying to 0, chunks without burn-in (why: ``DAggerConfig.kind_defaults``).
+        the learning rate decaying to 0. Its chunks keep the collector's ``burn_in`` only where ``deep_share``, the
+        share of the labels that lie ``rollout_len`` or more steps into their episode, passes
+        :data:`WARM_REFIT_SHARE` (why: ``DAggerConfig.kind_defaults``).
 
         The weights are drawn from torch's generator seeded with ``seed`` alone (and restored after), so a
         run stopped before the refit and continued draws the same ones.
         """
-        config = replace(self.config, n_updates=self.config.refit_updates, lr_schedule="linear", burn_in=0)
+        burn_in = self.config.burn_in if deep_share > WARM_REFIT_SHARE else 0
+        config = replace(self.config, n_updates=self.config.refit_updates, lr_schedule="linear", burn_in=burn_in)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return DAgger(config, self.spec, self.generator)

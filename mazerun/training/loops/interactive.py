@@ -85,6 +85,15 @@ class LabelledStates:
         self.starts[rows] = starts
         self.size += len(labels)
 
+    def share_beyond(self, steps: int) -> float:
+        """The share of the labelled states that lie ``steps`` or more steps into their episode (0 when empty)."""
+        if self.size == 0:
+            return 0.0
+        starts = self.starts[: self.size].view(-1, self.stride).cpu()  # (steps of each copy, copies)
+        index = torch.arange(len(starts))[:, None].expand_as(starts)
+        last_start = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=0).values
+        return float(((index - last_start) >= steps).double().mean())
+
     def sample(self, batch_size: int, generator: torch.Generator) -> TransitionBatch:
         return self.rows(torch.randint(self.size, (batch_size,), generator=generator, device=self.labels.device))
 
@@ -213,7 +222,12 @@ def train_interactive(setup: RunSetup) -> TrainResult:
 
         def begin_refit(continuing: bool = False) -> Any:
             """The refit's learner (``DAgger.refit_learner``), whose network the shell evaluates and saves from now on."""
-            learner = algorithm.refit_learner(setup.seed)
+            deep = aggregate.share_beyond(config.rollout_len) if setup.model_config.recurrent else 0.0
+            learner = algorithm.refit_learner(setup.seed, deep)
+            if config.burn_in and setup.model_config.recurrent:
+                log.info("refit: %.0f%% of the labels lie %d or more steps into their episode, so its chunks are %s",
+                         100 * deep, config.rollout_len,
+                         f"warmed by {config.burn_in} steps" if learner.config.burn_in else "not warmed")
             shell.hand_over(learner.network, continuing=continuing)
             return learner
 
