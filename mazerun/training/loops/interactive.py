@@ -222,9 +222,10 @@ def train_interactive(setup: RunSetup) -> TrainResult:
 
         def begin_refit(continuing: bool = False) -> Any:
             """The refit's learner (``DAgger.refit_learner``), whose network the shell evaluates and saves from now on."""
-            deep = aggregate.share_beyond(config.rollout_len) if setup.model_config.recurrent else 0.0
+            warmable = config.burn_in > 0 and setup.model_config.recurrent
+            deep = aggregate.share_beyond(config.rollout_len) if warmable else 0.0
             learner = algorithm.refit_learner(setup.seed, deep)
-            if config.burn_in and setup.model_config.recurrent:
+            if warmable:
                 log.info("refit: %.0f%% of the labels lie %d or more steps into their episode, so its chunks are %s",
                          100 * deep, config.rollout_len,
                          f"warmed by {config.burn_in} steps" if learner.config.burn_in else "not warmed")
