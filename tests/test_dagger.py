@@ -134,6 +134,10 @@ def test_dagger_on_lunar_lander_labels_every_step_and_records_them(workdir: Path
     records = load_records(run_dir / "trajectory_data")
     assert records and all(len(record.expert_actions) == len(record) for record in records)
     assert sum(len(record) for record in records) <= 256  # finished episodes; the rest were still running
+    heuristic = LunarLanderHeuristic()  # a function of the observation alone: each label is the one of its own state
+    heuristic.reset(make_env("LunarLander-v3"), None)
+    assert all(label == heuristic.act(observation) for record in records
+               for observation, label in zip(record.observations, record.expert_actions))
     last = load_checkpoint(run_dir / "last.pt")
     assert last.algorithm == "dagger" and last.extra["step"] == 256
 

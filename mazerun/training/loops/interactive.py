@@ -390,7 +390,7 @@ class LabelCollector:
         """One step of every env copy: label, choose who acts, step, record; returns the step's metrics."""
         episodes, device = self.episodes, self.generator.device
         observations = episodes.tensor(episodes.observations)
-        labels = np.asarray(episodes.infos["expert_action"])
+        labels = np.array(episodes.infos["expert_action"])  # a copy: the step below overwrites the shared array
         valid = _labelled(labels)
         learner, self.memory = self.network.act_step(observations, self.memory, self.starts, self.greedy,
                                                      self.generator)
