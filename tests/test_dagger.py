@@ -19,6 +19,7 @@ from mazerun.algorithms.dagger import DAgger, DAggerConfig, TeacherForcingConfig
 from mazerun.algorithms.protocol import AlgorithmSpec
 from mazerun.config.schemas import EnvConfig, RunConfig, RunnerConfig
 from mazerun.core import interrupts
+from mazerun.core.errors import MazerunError
 from mazerun.core.schedules import LinearSchedule
 from mazerun.data.records import load_records
 from mazerun.nn.checkpoint import load_checkpoint
@@ -147,6 +148,31 @@ def test_dagger_on_lunar_lander_labels_every_step_and_records_them(workdir: Path
            "runner.max_episode_steps=20", cwd=workdir)
 
 
+@pytest.mark.parametrize("takeover", [True, False])
+def test_once_the_learner_errs_the_expert_drives_the_rest_of_the_episode(workdir: Path, takeover: bool) -> None:
+    """With no teacher forcing the untrained learner errs early; taken over, it never acts again in that episode."""
+    run_ok(*TINY, "algorithm.total_steps=256", "algorithm.n_updates=4", "algorithm.eval_every=256",
+           "algorithm.teacher_forcing.start=0", "algorithm.teacher_forcing.end=0", "runner.max_episode_steps=40",
+           f"algorithm.expert_takes_over={str(takeover).lower()}", cwd=workdir)
+    run_dir = newest_run_dir(workdir)
+    mistakes = [np.flatnonzero(np.asarray(record.actions) != np.asarray(record.expert_actions))
+                for record in load_records(run_dir / "trajectory_data")]
+    assert sum(len(found) > 0 for found in mistakes) >= 2
+    if takeover:
+        assert all(len(found) <= 1 for found in mistakes)  # the first mistake is the last
+        train = {row["metric"] for row in read_metrics_csv(run_dir / "metrics.csv") if row["group"] == "train"}
+        assert "expert_driving" in train
+    else:
+        assert any(len(found) > 1 for found in mistakes)
+
+
+def test_a_takeover_is_refused_where_actions_are_continuous() -> None:
+    box = gym.spaces.Box(-1, 1, (2,))
+    with pytest.raises(MazerunError, match="algorithm.expert_takes_over=true needs discrete actions"):
+        DAggerConfig(expert_takes_over=True).check_spaces(box, box)
+    DAggerConfig(expert_takes_over=True).check_spaces(box, gym.spaces.Discrete(3))
+
+
 def test_dagger_with_the_babyai_bot_reports_success(workdir: Path) -> None:
     result = run_ok(*TINY, "env=BabyAI-GoToLocal-v0", "algorithm.total_steps=128", "algorithm.n_updates=10",
                     "algorithm.refit_updates=5", "algorithm.eval_every=128", cwd=workdir)
@@ -209,9 +235,13 @@ def test_labels_and_updates_are_spread_in_proportion() -> None:
                                                                                              10_000]
 
 
-def test_a_stop_inside_an_update_phase_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """4 iterations of 64 labels, 10 updates each; the stop lands in the second phase, before the report at 128."""
-    train(dagger_config(), tmp_path / "whole")
+@pytest.mark.parametrize("takeover", [False, True])
+def test_a_stop_inside_an_update_phase_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         takeover: bool) -> None:
+    """4 iterations of 64 labels, 10 updates each; the stop lands in the second phase, before the report at 128
+    (mid-episode, so with a takeover the copies the expert drives must travel in last.pt)."""
+    settings = {"expert_takes_over": True} if takeover else {}
+    train(dagger_config(**settings), tmp_path / "whole")
     check, calls = interrupts.check, {"n": 0}
 
     def stop_in_the_second_update_phase() -> None:  # checks: 1 per iteration, then 1 per update
@@ -222,11 +252,11 @@ def test_a_stop_inside_an_update_phase_continues_exactly(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(interrupts, "check", stop_in_the_second_update_phase)
     with pytest.raises(KeyboardInterrupt):
-        train(dagger_config(), tmp_path / "stopped")
+        train(dagger_config(**settings), tmp_path / "stopped")
     monkeypatch.setattr(interrupts, "check", check)
     stopped = load_checkpoint(tmp_path / "stopped" / "last.pt")
     assert stopped.extra["step"] == 128 and stopped.extra["training_state"]["algorithm"]["updates"] == 15
-    train(dagger_config(input_dir=tmp_path / "stopped"), tmp_path / "continued")
+    train(dagger_config(input_dir=tmp_path / "stopped", **settings), tmp_path / "continued")
 
     whole, continued = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(tmp_path / "continued" / "last.pt")
     for name, value in whole.model_state.items():

@@ -10,7 +10,9 @@ policy is then trained on batches drawn uniformly from everything labelled so fa
 beta decays linearly from ``teacher_forcing.start`` to ``teacher_forcing.end`` over
 ``teacher_forcing.steps`` env steps (AllenAct's ``LinearDecay``), so the learner is first shown
 the expert's own trajectories and then the states its own mistakes lead to, which plain
-behavioural cloning never sees (Ross et al., 2011). ``n_updates`` gradient steps are spread
+behavioural cloning never sees (Ross et al., 2011). With ``expert_takes_over`` the learner's first
+executed mistake in an episode hands the rest of it to the expert, so its labels hold that mistake's
+recovery and no wandering after it. ``n_updates`` gradient steps are spread
 over the iterations in proportion to the labels collected, so DAgger and BC with the same
 ``n_updates`` do the same amount of optimisation.
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Optional
 
+import gymnasium as gym
 import torch
 
 from mazerun.algorithms.base import EnvStepBudget
@@ -112,13 +115,23 @@ class DAggerConfig(EnvStepBudget):
     behavioural cloning does, on chunks that start from a blank state."""
     learner_actions: str = "sample"
     """sample from the learner's policy, or greedy: its most likely action (what evaluation executes)."""
+    expert_takes_over: bool = False
+    """Discrete actions: once the learner has executed an action other than the expert's label, the expert drives
+    the rest of that episode. Each episode then holds at most one of the learner's mistakes and the expert's
+    recovery from it, and costs about a demo's labels, so at equal labels DAgger sees about as many layouts as
+    behavioural cloning (as DART's single perturbations do); false: the learner keeps acting with probability
+    1 - beta at every step."""
     eval_every: int = 5000
     """Env steps between evaluations and checkpoints; the first one is after the first iteration."""
     fused: bool = True
     """Behavioural cloning's hand-written step where the policy allows it (see ``BCConfig.fused``)."""
 
     def check_spaces(self, observation_space: Any, action_space: Any) -> None:
-        """DAgger learns in any env the models read and the expert acts in."""
+        """DAgger learns in any env the models read and the expert acts in; a takeover needs actions that can
+        equal the label."""
+        if self.expert_takes_over and not isinstance(action_space, gym.spaces.Discrete):
+            raise MazerunError("algorithm.expert_takes_over=true needs discrete actions: a continuous learner's action "
+                               "never equals the expert's exactly; set it to false")
 
     def check(self, prefix: str = "algorithm") -> None:
         check_fields(self, prefix, positive=("total_steps", "n_steps", "n_updates", "batch_size", "lr", "eval_every",

@@ -200,7 +200,7 @@ def train_interactive(setup: RunSetup) -> TrainResult:
     envs = open_vector_env(setup, make_expert=partial(build_expert, expert_config, setup.env_id))
     try:
         collector = LabelCollector(envs, network, setup, aggregate, generator, greedy=config.learner_actions == "greedy",
-                                   state=None if state is None else state["envs"])
+                                   takeover=config.expert_takes_over, state=None if state is None else state["envs"])
         episodes = collector.episodes
         recorder = EpisodeRecorder(setup, episodes, f"dagger:{expert_name}", records_written)
         collector.recorder = recorder
@@ -366,24 +366,30 @@ class LabelCollector:
     """Steps the vector env: the expert labels each state, teacher forcing picks who acts, the aggregate grows.
 
     A learner with memory acts from one state per env copy, restarted where an episode starts;
-    that state travels in ``last.pt`` with the env copies' running episodes.
+    that state travels in ``last.pt`` with the env copies' running episodes, as does which copies the
+    expert has taken over (``takeover``: from the learner's first executed mistake to the episode's end).
     """
 
     recorder: EpisodeRecorder
 
     def __init__(self, envs: VectorSteps, network: torch.nn.Module, setup: RunSetup,
-                 aggregate: LabelledStates, generator: torch.Generator, greedy: bool,
+                 aggregate: LabelledStates, generator: torch.Generator, greedy: bool, takeover: bool,
                  state: dict[str, Any] | None) -> None:
         self.network, self.aggregate, self.generator, self.greedy = network, aggregate, generator, greedy
+        self.takeover = takeover
         device = setup.device
         self.episodes = VectorEpisodes(envs, setup.observation_space, setup.vocabulary, device, state)
         self.memory = network.initial_state(envs.num_envs, device)
         self.starts = torch.ones(envs.num_envs, dtype=torch.bool, device=device)
+        self.taken_over = np.zeros(envs.num_envs, dtype=bool)
         if state is not None:
             self.memory, self.starts = state["memory"].to(device), state["starts"].to(device)
+            if "taken_over" in state:  # absent from a last.pt written before the takeover existed
+                self.taken_over = state["taken_over"].numpy().astype(bool)
 
     def state(self) -> dict[str, Any]:
-        return {**self.episodes.state(), "memory": self.memory.cpu(), "starts": self.starts.cpu()}
+        return {**self.episodes.state(), "memory": self.memory.cpu(), "starts": self.starts.cpu(),
+                "taken_over": torch.as_tensor(self.taken_over)}
 
     @torch.no_grad()
     def step(self, beta: float) -> dict[str, float]:
@@ -396,6 +402,7 @@ class LabelCollector:
                                                      self.generator)
         learner = learner.cpu().numpy()
         forced = torch.rand(len(labels), generator=self.generator, device=device).cpu().numpy() < beta
+        forced |= self.taken_over
         executes_expert = (forced & valid).reshape((-1,) + (1,) * (learner.ndim - 1))
         actions = np.where(executes_expert, labels, learner).astype(learner.dtype)
         self.aggregate.add(observations, torch.as_tensor(labels, device=device), self.starts)
@@ -405,9 +412,13 @@ class LabelCollector:
                 metrics["expert_agreement"] = float(np.mean(learner[valid] == labels[valid]))
             else:
                 metrics["action_error"] = float(np.mean(np.linalg.norm(learner[valid] - labels[valid], axis=-1)))
+        if self.takeover:  # discrete actions (DAggerConfig.check_spaces): a mistake is an action other than the label
+            self.taken_over |= valid & (actions != labels)
+            metrics["expert_driving"] = float(np.mean(self.taken_over))  # share of copies the expert now drives
         rewards, terminated, truncated, infos = episodes.step(actions)
         self.recorder.add(actions, rewards, terminated, truncated, infos, labels)
         self.starts = torch.as_tensor(terminated | truncated, device=device)
+        self.taken_over &= ~(terminated | truncated)
         return metrics
 
 
