@@ -117,10 +117,10 @@ class DAggerConfig(EnvStepBudget):
     """sample from the learner's policy, or greedy: its most likely action (what evaluation executes)."""
     expert_takes_over: bool = False
     """Discrete actions: once the learner has executed an action other than the expert's label, the expert drives
-    the rest of that episode. Each episode then holds at most one of the learner's mistakes and the expert's
-    recovery from it, and costs about a demo's labels, so at equal labels DAgger sees about as many layouts as
-    behavioural cloning (as DART's single perturbations do); false: the learner keeps acting with probability
-    1 - beta at every step."""
+    the rest of that episode, which then holds one of the learner's mistakes and the expert's recovery from it (as
+    DART's single perturbations do) and no wandering after it; false: the learner keeps acting with probability
+    1 - beta at every step. At GoToLocal's 53.6k labels it saw 9,424 layouts where the default saw 9,085 (BC's
+    demos: 10,000), since the way back from a wrong turn is itself a detour (README, DAgger)."""
     eval_every: int = 5000
     """Env steps between evaluations and checkpoints; the first one is after the first iteration."""
     fused: bool = True
