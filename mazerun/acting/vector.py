@@ -74,7 +74,9 @@ class VectorSteps(Protocol):
     observations: Any
     """Every copy's current observation (the next episode's first where one just ended)."""
     infos: dict[str, Any]
-    """``final_obs`` (per copy, read where an episode just ended) and, with an expert, ``expert_action``."""
+    """``final_obs`` (per copy, read where an episode just ended) and, with an expert, ``expert_action``.
+    Where the copies step in shared arrays these, like ``observations``, are the arrays themselves, which the
+    next step overwrites: copy what must outlive it."""
 
     def reset(self) -> None:
         """Start every copy's first episode; :attr:`observations` waits for it where a worker still resets."""
