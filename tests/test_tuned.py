@@ -133,6 +133,10 @@ def test_kind_defaults_fill_only_keys_still_at_their_plain_default() -> None:
     assert runner.eval_repeats == 100
     assert "algorithm.teacher_forcing.steps=100000" in taken and "runner.eval_repeats=100" in taken
     assert not any(item.startswith(("algorithm.lr=", "algorithm.n_updates=")) for item in taken)
+    assert algorithm.expert_takes_over and "algorithm.expert_takes_over=true" in taken  # written as one types it
+    algorithm, _, _ = with_kind_defaults(plain, RunnerConfig(), "minigrid", "algorithm",
+                                         ["algorithm.expert_takes_over=false"])
+    assert not algorithm.expert_takes_over  # named on the command line: kept, though it is the plain default
     # a pipeline's stage: its keys are named under its prefix
     algorithm, runner, _ = with_kind_defaults(plain, RunnerConfig(), "minigrid", "pipeline.stages.dagger",
                                               ["pipeline.stages.dagger.total_steps=2000", "runner.eval_repeats=5"])
@@ -152,5 +156,5 @@ def test_a_grid_task_takes_its_kind_defaults_through_run_and_says_so(workdir: Pa
     log = (run_dir / "run.log").read_text()
     assert ("dagger defaults for minigrid observations: algorithm.lr=0.001, algorithm.rollout_len=16, "
             "algorithm.nrollouts=16, algorithm.burn_in=32, algorithm.teacher_forcing.steps=100000, "
-            "algorithm.refit_eval_every=2000\n" in log)
+            "algorithm.refit_eval_every=2000, algorithm.expert_takes_over=true\n" in log)
     assert load_checkpoint(run_dir / "last.pt").model_config["memory"] == "gru"

@@ -130,5 +130,5 @@ def with_kind_defaults(algorithm: Any, runner: Any, kind: str, prefix: str, comm
             runner = _replaced(runner, name, value)
         else:
             algorithm = _replaced(algorithm, name, value)
-        taken.append(f"{dotted}={value}")
+        taken.append(f"{dotted}={str(value).lower() if isinstance(value, bool) else value}")  # as one would type it
     return algorithm, runner, taken
