@@ -26,10 +26,9 @@ import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
 from mazerun.algorithms import ALGORITHMS, algorithm_module
 from mazerun.config.plugins import config_dir
+from mazerun.config.tuned import yaml_scalar
 from mazerun.core.errors import MazerunError
 from mazerun.core.files import atomic_write_bytes
 
@@ -80,11 +79,6 @@ def plain(text: str) -> str:
 
 def comment(text: str, indent: str = "") -> list[str]:
     return [f"{indent}# {line}".rstrip() for line in plain(text).splitlines()]
-
-
-def yaml_scalar(value: Any) -> str:
-    """``value`` as YAML writes it on one line (``1.0e-05``, ``null``, ``true``, a quoted string where needed)."""
-    return yaml.safe_dump(value, default_flow_style=True, width=sys.maxsize).removesuffix("...\n").strip()
 
 
 def field_lines(config: Any, indent: str = "") -> list[str]:

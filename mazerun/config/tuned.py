@@ -18,14 +18,22 @@ model's, ``conf/tuned_runner/...`` for the runner's), in mazerun's conf/, in a d
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import yaml
 from omegaconf import OmegaConf
 
 from mazerun.config.plugins import package_dirs
 
 TUNED_GROUPS = ("tuned", "tuned_model", "tuned_runner")
+
+
+def yaml_scalar(value: Any) -> str:
+    """``value`` as YAML writes it on one line (``1.0e-05``, ``null``, ``true``, a quoted string where needed):
+    how a Hydra override types it, and how conf/algorithm/ (written by ``mazerun.compose.algorithm_yaml``) shows it."""
+    return yaml.safe_dump(value, default_flow_style=True, width=sys.maxsize).removesuffix("...\n").strip()
 
 
 def dotted_items(values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -130,5 +138,5 @@ def with_kind_defaults(algorithm: Any, runner: Any, kind: str, prefix: str, comm
             runner = _replaced(runner, name, value)
         else:
             algorithm = _replaced(algorithm, name, value)
-        taken.append(f"{dotted}={str(value).lower() if isinstance(value, bool) else value}")  # as one would type it
+        taken.append(f"{dotted}={yaml_scalar(value)}")  # as one would type it
     return algorithm, runner, taken
